@@ -1,0 +1,48 @@
+"""prune-repair: repair networks after weight surgery.
+
+Measure per-channel activation statistics of a reference network on one
+calibration batch, correct the operated (pruned or merged) network toward them
+with a per-channel affine, and fold the correction into the weights.
+
+Example:
+    >>> import torch, torch.nn.utils.prune, prune_repair as pr
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    >>> batch = torch.randn(64, 8)
+    >>> ref = pr.collect_stats(model, batch)
+    >>> _ = torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.9)
+    >>> report = pr.repair_(model, ref, batch)
+    >>> [s.fqn for s in report.sites]
+    ['0']
+"""
+
+from .fuse import Correction, fold_affine, fold_affine_into_bn, fold_batchnorm, fold_bn, fuse, fuse_
+from .renorm import RepairMode, Variant
+from .repair import RepairReport, SiteReport, check_finite, preserve_statistics, repair_
+from .sites import Site, find_sites, make_filter
+from .stats import ActivationStats, ChannelStats, collect_stats
+
+__all__ = [
+    "ActivationStats",
+    "ChannelStats",
+    "Correction",
+    "RepairMode",
+    "RepairReport",
+    "Site",
+    "SiteReport",
+    "Variant",
+    "check_finite",
+    "collect_stats",
+    "find_sites",
+    "fold_affine",
+    "fold_affine_into_bn",
+    "fold_batchnorm",
+    "fold_bn",
+    "fuse",
+    "fuse_",
+    "make_filter",
+    "preserve_statistics",
+    "repair_",
+]
+
+__version__ = "0.1.0"

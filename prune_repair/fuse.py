@@ -1,0 +1,183 @@
+"""Folding per-channel affine corrections into weights, and BatchNorm into convs.
+
+Two levels, like ``torch.nn.utils.fusion``: pure tensor functions
+(:func:`fold_affine`, :func:`fold_affine_into_bn`, :func:`fold_bn`) and module-level
+wrappers (:func:`fold_correction_`, :func:`fuse_`, :func:`fuse`, :func:`fold_batchnorm`).
+Folding scales weight rows, so zeros stay zeros and sparsity is preserved exactly.
+
+Example:
+    >>> import torch
+    >>> w, b = torch.ones(2, 3), torch.zeros(2)
+    >>> fold_affine(w, b, torch.tensor([2.0, 0.5]), torch.tensor([1.0, 0.0]))
+    (tensor([[2.0000, 2.0000, 2.0000],
+            [0.5000, 0.5000, 0.5000]]), tensor([1., 0.]))
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .sites import Site, find_sites
+
+
+@dataclass
+class Correction:
+    """Per-channel affine ``y -> scale * y + shift`` for one site (float64)."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+def fold_affine(
+    weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``scale * (W x + b) + shift`` as one layer: ``W' = scale[:, None] * W``,
+    ``b' = scale * b + shift``. Output channels are dim 0 of ``weight``.
+
+    With ``bias=None`` the new bias is ``shift`` (``None`` when there is no shift).
+    Computed in float64, returned in the weight's dtype.
+    """
+    view = (-1,) + (1,) * (weight.dim() - 1)
+    s = scale.to(torch.float64)
+    new_w = (weight.to(torch.float64) * s.view(view)).to(weight.dtype)
+    if bias is None:
+        new_b = None if shift is None else shift.to(torch.float64)
+    else:
+        new_b = bias.to(torch.float64) * s + (0 if shift is None else shift.to(torch.float64))
+    dtype = bias.dtype if bias is not None else weight.dtype
+    return new_w, (None if new_b is None else new_b.to(dtype))
+
+
+def fold_affine_into_bn(
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """``scale * BN(x) + shift`` as one eval-mode BatchNorm.
+
+    Returns ``(weight, bias, running_mean, running_var)``. An affine BN takes the
+    correction in its weight and bias; a BN without affine parameters takes it in
+    its running statistics, which needs ``scale > 0``.
+    """
+    s, t = scale.to(torch.float64), shift.to(torch.float64)
+    if weight is not None and bias is not None:
+        new_w = (weight.to(torch.float64) * s).to(weight.dtype)
+        new_b = (bias.to(torch.float64) * s + t).to(bias.dtype)
+        return new_w, new_b, running_mean, running_var
+    if (s <= 0).any():
+        raise ValueError("a BatchNorm without affine parameters can only take positive scales")
+    sigma = (running_var.to(torch.float64) + eps).sqrt()
+    new_mean = running_mean.to(torch.float64) - t * sigma / s
+    new_var = (sigma / s).square() - eps
+    return weight, bias, new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
+
+
+def fold_bn(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bn_mean: torch.Tensor,
+    bn_var: torch.Tensor,
+    bn_eps: float,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conv/linear followed by eval-mode BN as one layer:
+    ``W' = W * g / sqrt(var + eps)``, ``b' = beta + g / sqrt(var + eps) * (b - mean)``."""
+    inv = (bn_var.to(torch.float64) + bn_eps).rsqrt()
+    g = inv if bn_weight is None else bn_weight.to(torch.float64) * inv
+    beta = torch.zeros_like(g) if bn_bias is None else bn_bias.to(torch.float64)
+    b = torch.zeros_like(g) if bias is None else bias.to(torch.float64)
+    new_w, _ = fold_affine(weight, None, g, None)
+    return new_w, (beta + g * (b - bn_mean.to(torch.float64))).to(weight.dtype)
+
+
+def _weight_param(module: nn.Module) -> torch.Tensor:
+    """The stored weight: ``weight_orig`` when torch.nn.utils.prune reparametrized it."""
+    return module.weight_orig if hasattr(module, "weight_orig") else module.weight
+
+
+def can_shift(model: nn.Module, site: Site) -> bool:
+    """Whether the architecture can hold a per-channel shift at ``site``."""
+    module = model.get_submodule(site.fqn)
+    if isinstance(module, _BatchNorm):
+        return True
+    return getattr(module, "bias", None) is not None
+
+
+def fold_correction_(model: nn.Module, site: Site, correction: Correction) -> None:
+    """Fold one site's correction into the model, in place.
+
+    The shift is folded only where the architecture holds one (see :func:`can_shift`);
+    callers decide beforehand and pass a zero shift otherwise.
+    """
+    module = model.get_submodule(site.fqn)
+    with torch.no_grad():
+        if isinstance(module, _BatchNorm):
+            w, b, rm, rv = fold_affine_into_bn(
+                module.weight, module.bias, module.running_mean, module.running_var, module.eps,
+                correction.scale, correction.shift,
+            )
+            for name, value in (("weight", w), ("bias", b), ("running_mean", rm), ("running_var", rv)):
+                target = getattr(module, name)
+                if target is not None and value is not target:
+                    target.copy_(value)
+            return
+        weight = _weight_param(module)
+        bias = module.bias
+        if bias is None and bool((correction.shift != 0).any()):
+            raise ValueError(f"layer '{site.fqn}' has no bias to hold a shift: apply the scale only")
+        new_w, new_b = fold_affine(weight, bias, correction.scale, correction.shift if bias is not None else None)
+        weight.copy_(new_w)
+        if bias is not None:
+            bias.copy_(new_b)
+
+
+def fuse_(model: nn.Module, corrections: dict[str, Correction], sites: list[Site]) -> nn.Module:
+    """Fold every correction into ``model`` in place and return it."""
+    by_fqn = {s.fqn: s for s in sites}
+    for fqn, correction in corrections.items():
+        fold_correction_(model, by_fqn[fqn], correction)
+    return model
+
+
+def fuse(model: nn.Module, corrections: dict[str, Correction], sites: list[Site]) -> nn.Module:
+    """Like :func:`fuse_` but returns a corrected copy; ``model`` is left unchanged."""
+    return fuse_(copy.deepcopy(model), corrections, sites)
+
+
+def fold_batchnorm(model: nn.Module, example_inputs: Any, forward_fn=None) -> nn.Module:
+    """A copy of ``model`` with every BatchNorm that directly follows a conv/linear
+    folded into it and replaced by ``nn.Identity`` (state_dict keys change).
+
+    >>> m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).eval()
+    >>> fused = fold_batchnorm(m, torch.randn(2, 1, 5, 5))
+    >>> type(fused[1]).__name__
+    'Identity'
+    """
+    fused = copy.deepcopy(model)
+    for site in find_sites(fused, example_inputs, include_classifier=True, forward_fn=forward_fn):
+        if site.norm is None:
+            continue
+        layer, bn = fused.get_submodule(site.producer), fused.get_submodule(site.norm)
+        if bn.running_mean is None:
+            continue  # batch statistics at eval time: nothing fixed to fold
+        w, b = fold_bn(_weight_param(layer), layer.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        with torch.no_grad():
+            _weight_param(layer).copy_(w)
+            if layer.bias is None:
+                layer.bias = nn.Parameter(b)
+            else:
+                layer.bias.copy_(b)
+        parent_name, _, child = site.norm.rpartition(".")
+        setattr(fused.get_submodule(parent_name) if parent_name else fused, child, nn.Identity())
+    return fused

@@ -1,0 +1,108 @@
+"""Correction modes: from measured and goal statistics to a per-channel affine.
+
+Pure functions on float64 tensors; the passes over the model live in
+:mod:`prune_repair.repair`.
+
+Example:
+    >>> import torch
+    >>> now = (torch.tensor([1.0, 0.0]), torch.tensor([2.0, 0.0]))   # mean, std (2nd is dead)
+    >>> goal = (torch.tensor([0.0, 5.0]), torch.tensor([1.0, 1.0]))
+    >>> c = channel_affine(RepairMode.REPAIR, *now, *goal)
+    >>> c.scale.tolist(), c.shift.tolist(), c.dead.tolist()
+    ([0.5, 1.0], [-0.5, 0.0], [False, True])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+
+class RepairMode(str, Enum):
+    """How each site is corrected (the same strings work in Python, CLI and JSON)."""
+
+    AUTO = "auto"  # reset at BatchNorm sites, repair elsewhere
+    REPAIR = "repair"  # (x - mean_now) / std_now * goal_std + goal_mean
+    RESCALE = "rescale"  # x / std_now * goal_std
+    RESCALE_LAYER = "rescale-layer"  # like rescale with goal_std averaged over the layer
+    RESHIFT = "reshift"  # x - mean_now + goal_mean
+    RESET = "reset"  # recompute BatchNorm running statistics
+    NONE = "none"  # measure nothing, change nothing
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Variant(str, Enum):
+    """How the operated network's statistics are measured."""
+
+    EXACT = "exact"  # each site measured with its upstream sites already corrected
+    ALL_AT_ONCE = "all-at-once"  # all sites measured in one uncorrected pass
+
+    def __str__(self) -> str:
+        return self.value
+
+
+AFFINE_MODES = (RepairMode.REPAIR, RepairMode.RESCALE, RepairMode.RESCALE_LAYER, RepairMode.RESHIFT)
+
+
+def site_mode(mode: RepairMode, has_batchnorm: bool) -> RepairMode:
+    """The mode a site actually gets: ``auto`` resets BatchNorm sites and repairs the rest;
+    ``reset`` leaves sites without a BatchNorm as they are."""
+    if mode is RepairMode.AUTO:
+        return RepairMode.RESET if has_batchnorm else RepairMode.REPAIR
+    if mode is RepairMode.RESET and not has_batchnorm:
+        return RepairMode.NONE
+    return mode
+
+
+@dataclass
+class ChannelAffine:
+    """``y -> scale * y + shift`` per channel, and which channels were left alone."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+    dead: torch.Tensor  # bool: zero or non-finite spread, or non-finite statistics
+
+
+def dead_channels(mean: torch.Tensor, std: torch.Tensor, rel_tol: float) -> torch.Tensor:
+    """Channels whose spread is zero up to rounding (``std <= rel_tol * |mean|``) or non-finite."""
+    finite = torch.isfinite(mean) & torch.isfinite(std)
+    return ~finite | (std <= rel_tol * mean.abs()) | (std == 0)
+
+
+def channel_affine(
+    mode: RepairMode,
+    mean_now: torch.Tensor,
+    std_now: torch.Tensor,
+    goal_mean: torch.Tensor,
+    goal_std: torch.Tensor,
+    rel_tol: float = 1e-12,
+) -> ChannelAffine:
+    """Per-channel scale/shift that moves (mean_now, std_now) to the goal under ``mode``.
+
+    Dead channels (see :func:`dead_channels`) and channels with a non-finite goal get
+    the identity: they are never divided by zero and are reported by the caller.
+    ``rel_tol`` should be a few ulps of the activations' dtype.
+    """
+    mean_now, std_now = mean_now.to(torch.float64), std_now.to(torch.float64)
+    goal_mean, goal_std = goal_mean.to(torch.float64), goal_std.to(torch.float64)
+    dead = dead_channels(mean_now, std_now, rel_tol) | ~(torch.isfinite(goal_mean) & torch.isfinite(goal_std))
+    safe_std = torch.where(dead, torch.ones_like(std_now), std_now)
+    if mode is RepairMode.REPAIR:
+        scale = goal_std / safe_std
+        shift = goal_mean - scale * mean_now
+    elif mode is RepairMode.RESCALE:
+        scale, shift = goal_std / safe_std, torch.zeros_like(mean_now)
+    elif mode is RepairMode.RESCALE_LAYER:
+        layer_std = goal_std[~dead].mean() if bool((~dead).any()) else goal_std.new_tensor(1.0)
+        scale, shift = layer_std / safe_std, torch.zeros_like(mean_now)
+    elif mode is RepairMode.RESHIFT:
+        scale, shift = torch.ones_like(mean_now), goal_mean - mean_now
+    else:
+        raise ValueError(f"mode '{mode}' is not an affine correction")
+    scale = torch.where(dead, torch.ones_like(scale), scale)
+    shift = torch.where(dead, torch.zeros_like(shift), shift)
+    return ChannelAffine(scale, shift, dead)

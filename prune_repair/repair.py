@@ -1,0 +1,308 @@
+"""The renormalization engine: correct an operated network toward goal statistics.
+
+:func:`repair_` measures each site of the operated model, computes a per-channel
+affine (or recomputes BatchNorm statistics), and folds it into the weights, so the
+result is a plain model of the original architecture.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> batch = torch.randn(64, 8)
+    >>> reference = collect_stats(model, batch)
+    >>> with torch.no_grad():
+    ...     _ = model[0].weight.mul_(3.0)             # some weight surgery
+    >>> report = repair_(model, reference, batch)
+    >>> after = collect_stats(model, batch)["0"]
+    >>> torch.allclose(after.std, reference["0"].std, rtol=1e-4)
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ._forward import ForwardFn, StopForward, as_batches, batch_size_of, hooked_pass
+from .fuse import Correction, can_shift, fold_correction_
+from .renorm import AFFINE_MODES, ChannelAffine, RepairMode, Variant, channel_affine, site_mode
+from .sites import Site
+from .stats import ActivationStats, ChannelStats, collect_stats
+
+
+@dataclass
+class SiteReport:
+    """What happened at one site."""
+
+    fqn: str
+    mode: str
+    channels: int
+    dead_channels: list[int] = field(default_factory=list)
+    shift_dropped: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RepairReport:
+    """Result of :func:`repair_`; ``corrections`` holds the folded affine of each site."""
+
+    mode: str
+    variant: str
+    passes: int
+    seconds: float
+    sites: list[SiteReport]
+    corrections: dict[str, Correction] = field(default_factory=dict, repr=False)
+
+    @property
+    def dead_channels(self) -> dict[str, list[int]]:
+        """Channels left alone because their spread was zero or non-finite, per site."""
+        return {s.fqn: s.dead_channels for s in self.sites if s.dead_channels}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "variant": self.variant,
+            "passes": self.passes,
+            "seconds": self.seconds,
+            "sites": [s.to_dict() for s in self.sites],
+        }
+
+
+class _SitePlan:
+    """Measurement, correction and bookkeeping of one site during a repair."""
+
+    def __init__(self, model: nn.Module, site: Site, mode: RepairMode, goal: ChannelStats):
+        self.site, self.mode, self.goal = site, mode, goal
+        self.module = model.get_submodule(site.fqn)
+        self.shift_ok = can_shift(model, site)
+        self.acc: ChannelStats | None = None
+        self.affine: ChannelAffine | None = None
+        self.report = SiteReport(site.fqn, mode.value, site.channels)
+
+    @property
+    def is_reset(self) -> bool:
+        return self.mode is RepairMode.RESET
+
+    def measure(self, y: torch.Tensor) -> None:
+        cdim = 1 if self.is_reset else self.site.channel_dim
+        if y.shape[cdim] != self.site.channels:
+            raise ValueError(
+                f"site '{self.site.fqn}' has {y.shape[cdim]} channels but its goal statistics have "
+                f"{self.site.channels}: after structured pruning, map the statistics with select_channels()"
+            )
+        s = ChannelStats.of(y, cdim)
+        self.acc = s if self.acc is None else self.acc.merge(s)
+        self.rel_tol = 4 * torch.finfo(y.dtype).eps if y.dtype.is_floating_point else 1e-12
+
+    def finalize(self) -> None:
+        acc = self.acc
+        if self.is_reset:
+            bn = self.module
+            dead = ~torch.isfinite(acc.mean) | ~torch.isfinite(acc.var) | (acc.var == 0)
+            self.report.dead_channels = dead.nonzero().flatten().tolist()
+            if bn.running_mean is not None:
+                ok = ~(~torch.isfinite(acc.mean) | ~torch.isfinite(acc.var))
+                with torch.no_grad():
+                    bn.running_mean.copy_(torch.where(ok, acc.mean, bn.running_mean.double()))
+                    bn.running_var.copy_(torch.where(ok, acc.var, bn.running_var.double()))
+            return
+        affine = channel_affine(self.mode, acc.mean, acc.std, self.goal.mean, self.goal.std, self.rel_tol)
+        if not self.shift_ok and bool((affine.shift != 0).any()):
+            affine.shift = torch.zeros_like(affine.shift)
+            self.report.shift_dropped = True
+        self.affine = affine
+        self.report.dead_channels = affine.dead.nonzero().flatten().tolist()
+
+    def apply(self, y: torch.Tensor) -> torch.Tensor:
+        view = [1] * y.dim()
+        view[self.site.channel_dim] = -1
+        scale = self.affine.scale.to(y.dtype).view(view)
+        shift = self.affine.shift.to(y.dtype).view(view)
+        return y * scale + shift
+
+
+def _plans(model: nn.Module, reference: ActivationStats, mode: RepairMode, add_bias: bool) -> list[_SitePlan]:
+    modules = dict(model.named_modules())
+    plans = []
+    for site in reference.sites:
+        for name in (site.fqn, site.producer):
+            if name not in modules:
+                raise ValueError(
+                    f"the reference statistics name layer '{name}', which the model does not have: "
+                    "collect them on a model of the same architecture"
+                )
+        producer = modules[site.producer]
+        out = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+        if out != site.channels:
+            raise ValueError(
+                f"layer '{site.producer}' has {out} output channels but the reference statistics have "
+                f"{site.channels}: after structured pruning, map them with ActivationStats.select_channels()"
+            )
+        m = site_mode(mode, isinstance(modules[site.fqn], _BatchNorm))
+        if m is RepairMode.NONE:
+            continue
+        if add_bias and m in (RepairMode.REPAIR, RepairMode.RESHIFT) and not can_shift(model, site):
+            weight = producer.weight
+            producer.bias = nn.Parameter(torch.zeros(out, dtype=weight.dtype, device=weight.device))
+        plans.append(_SitePlan(model, site, m, reference[site.fqn]))
+    return plans
+
+
+def _hooks(plans: list[_SitePlan], measuring: set, inline: bool, applying: set, stop_after: _SitePlan | None):
+    """Forward hooks (affine sites) and pre-hooks (reset sites) for one kind of pass."""
+    forward_hooks, pre_hooks = {}, {}
+    for plan in plans:
+        if plan.is_reset:
+
+            def pre(module, inputs, plan=plan):
+                if plan in measuring:
+                    plan.measure(inputs[0])
+                    if inline:
+                        plan.finalize()
+                if plan is stop_after:
+                    raise StopForward
+
+            pre_hooks[plan.module] = pre
+        else:
+
+            def post(module, inputs, output, plan=plan):
+                if plan in measuring:
+                    plan.measure(output)
+                    if inline:
+                        plan.finalize()
+                if plan is stop_after:
+                    raise StopForward
+                if plan in applying or (inline and plan in measuring):
+                    return plan.apply(output)
+                return None
+
+            forward_hooks[plan.module] = post
+    return forward_hooks, pre_hooks
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise ``ValueError`` naming every parameter/buffer that holds NaN or Inf."""
+    bad = [
+        f"{name} ({int((~torch.isfinite(t)).sum())} values)"
+        for name, t in model.state_dict().items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise ValueError(f"the model holds NaN/Inf in {', '.join(bad)}: repair needs finite weights")
+
+
+def repair_(
+    model: nn.Module,
+    reference: ActivationStats,
+    data: Any,
+    *,
+    mode: RepairMode | str = RepairMode.AUTO,
+    variant: Variant | str = Variant.EXACT,
+    forward_fn: ForwardFn | None = None,
+    add_bias: bool = False,
+) -> RepairReport:
+    """Correct ``model`` in place so its site statistics match ``reference``, and fold.
+
+    Args:
+        model: the operated network (pruned, merged, ...), same sites as the reference.
+        reference: goal statistics: :func:`collect_stats` of the unpruned model, or
+            ``stats_a.interpolate(stats_b, alpha)`` for a merge.
+        data: calibration data (one batch = one pass; several batches are exact too,
+            with one pass per site).
+        mode: a :class:`RepairMode` (``auto`` resets BatchNorm sites and repairs others).
+        variant: ``exact`` (upstream corrections applied while measuring) or ``all-at-once``.
+        forward_fn: ``forward_fn(model, batch)`` for batches that are not plain tensors.
+        add_bias: give layers without bias a bias to hold the shift (changes state_dict
+            keys); by default such sites get the scale only, reported as ``shift_dropped``.
+
+    Returns:
+        a :class:`RepairReport`; the model keeps its train/eval mode.
+    """
+    start = time.perf_counter()
+    mode, variant = RepairMode(mode), Variant(variant)
+    batches = as_batches(data)
+    if sum(batch_size_of(b) for b in batches) < 2:
+        raise ValueError("calibration needs at least 2 samples to measure a spread: pass a larger batch")
+    check_finite(model)
+    plans = [] if mode is RepairMode.NONE else _plans(model, reference, mode, add_bias)
+    saved = {id(p): (p.module.running_mean.clone(), p.module.running_var.clone())
+             for p in plans if p.is_reset and p.module.running_mean is not None}
+    passes = 0
+
+    def run(measuring: set, inline: bool, applying: set, stop_after: _SitePlan | None = None) -> None:
+        nonlocal passes
+        fwd, pre = _hooks(plans, measuring, inline, applying, stop_after)
+        with hooked_pass(model, forward_hooks=fwd, pre_hooks=pre, forward_fn=forward_fn) as forward:
+            for batch in batches:
+                forward(batch)
+        passes += 1
+
+    try:
+        if plans and variant is Variant.EXACT and len(batches) == 1:
+            run(set(plans), inline=True, applying=set())
+        elif variant is Variant.EXACT:
+            for k, plan in enumerate(plans):
+                run({plan}, inline=False, applying=set(plans[:k]), stop_after=plan)
+                plan.finalize()
+        elif plans:
+            run(set(plans), inline=False, applying=set())
+            for plan in plans:
+                plan.finalize()
+    except BaseException:
+        for plan in plans:
+            if id(plan) in saved:
+                with torch.no_grad():
+                    plan.module.running_mean.copy_(saved[id(plan)][0])
+                    plan.module.running_var.copy_(saved[id(plan)][1])
+        raise
+
+    corrections = {}
+    for plan in plans:
+        if plan.affine is not None:
+            corrections[plan.site.fqn] = Correction(plan.affine.scale, plan.affine.shift)
+            fold_correction_(model, plan.site, corrections[plan.site.fqn])
+    return RepairReport(mode.value, variant.value, passes, time.perf_counter() - start,
+                        [p.report for p in plans], corrections)
+
+
+class preserve_statistics(contextlib.AbstractContextManager):
+    """Record statistics on enter, repair toward them on exit (when no error was raised).
+
+    >>> import torch, torch.nn.utils.prune
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> batch = torch.randn(32, 8)
+    >>> with preserve_statistics(model, batch) as kept:
+    ...     torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.9) and None
+    >>> kept.report.mode
+    'auto'
+    """
+
+    def __init__(self, model: nn.Module, data: Any, **repair_kwargs: Any):
+        self.model, self.data = model, data
+        self.select = repair_kwargs.pop("select", None)
+        self.include_classifier = repair_kwargs.pop("include_classifier", False)
+        self.repair_kwargs = repair_kwargs
+        self.report: RepairReport | None = None
+
+    def __enter__(self) -> "preserve_statistics":
+        self.reference = collect_stats(
+            self.model, self.data, select=self.select, include_classifier=self.include_classifier,
+            forward_fn=self.repair_kwargs.get("forward_fn"),
+        )
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.report = repair_(self.model, self.reference, self.data, **self.repair_kwargs)
+        return None
+

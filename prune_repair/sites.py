@@ -1,0 +1,169 @@
+"""Which outputs get corrected: the *sites* of a model.
+
+A site is the output of a conv/linear layer, taken after its BatchNorm when one
+consumes that output directly. Sites are found for any model that runs forward:
+a walk over the modules plus one hooked forward pass that records the order in
+which modules run and which tensor each one consumed. No per-architecture tables.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+    ...                       nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    >>> [s.fqn for s in find_sites(model, torch.randn(2, 1, 8, 8))]
+    ['1']
+    >>> [s.fqn for s in find_sites(model, torch.randn(2, 1, 8, 8), include_classifier=True)]
+    ['1', '4']
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ._forward import ForwardFn, as_batches, first_tensor, hooked_pass
+
+PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+"""Layers whose output channels are weight rows a correction can be folded into."""
+
+FilterFn = Callable[[nn.Module, str], bool]
+Selector = FilterFn | Sequence[str] | str | None
+
+
+@dataclass(frozen=True)
+class Site:
+    """One corrected output.
+
+    Attributes:
+        fqn: module whose output is corrected (the BatchNorm when one follows).
+        producer: the conv/linear layer that produced the channels.
+        norm: the BatchNorm between producer and output, or None.
+        channel_dim: 1 for (N, C, ...) outputs, -1 for linear outputs (N, ..., C).
+        channels: number of channels.
+    """
+
+    fqn: str
+    producer: str
+    norm: str | None
+    channel_dim: int
+    channels: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Site":
+        return cls(**d)
+
+
+def make_filter(select: Selector) -> FilterFn | None:
+    r"""Turn FQN strings / ``re:`` patterns (or a callable) into ``filter_fn(module, fqn)``.
+
+    >>> f = make_filter(["fc1", r"re:^features\.\d+$"])
+    >>> f(None, "fc1"), f(None, "features.3"), f(None, "fc2")
+    (True, True, False)
+    """
+    if select is None or callable(select):
+        return select
+    patterns = [select] if isinstance(select, str) else list(select)
+    exact = {p for p in patterns if not p.startswith("re:")}
+    regexes = [re.compile(p[3:]) for p in patterns if p.startswith("re:")]
+
+    def filter_fn(module: nn.Module, fqn: str) -> bool:
+        return fqn in exact or any(r.search(fqn) for r in regexes)
+
+    return filter_fn
+
+
+def find_sites(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    select: Selector = None,
+    include_classifier: bool = False,
+    forward_fn: ForwardFn | None = None,
+) -> list[Site]:
+    """Sites of ``model`` in execution order, found with one hooked forward pass.
+
+    Args:
+        model: any module that runs forward on ``example_inputs``.
+        example_inputs: one batch (tensor, ``(x, y)`` tuple or dict; see ``forward_fn``).
+        select: ``filter_fn(module, fqn) -> bool``, or FQN strings / ``re:`` regexes,
+            matched against the producer's or the site's FQN. Default: every site.
+        include_classifier: also correct the last conv/linear layer (off by default).
+        forward_fn: ``forward_fn(model, batch)`` for batches that are not plain tensors.
+
+    Layers called more than once per forward (weight sharing) are skipped: one
+    per-channel affine cannot be folded into a layer that serves two call sites.
+    """
+    calls = trace_calls(model, as_batches(example_inputs)[0], forward_fn=forward_fn)
+    return sites_from_calls(calls, select=select, include_classifier=include_classifier)
+
+
+Call = tuple[str, nn.Module, "torch.Tensor | None", "torch.Tensor | None"]
+"""(fqn, module, input tensor, output tensor) of one module call."""
+
+
+def trace_calls(
+    model: nn.Module,
+    batch: Any,
+    *,
+    forward_fn: ForwardFn | None = None,
+    observe: Callable[[str, nn.Module, torch.Tensor], None] | None = None,
+) -> list[Call]:
+    """Run one batch and record every conv/linear/BatchNorm call in execution order.
+
+    ``observe(fqn, module, output)`` is called on each recorded output, so a caller
+    can measure statistics in the same pass.
+    """
+    names = {module: name for name, module in model.named_modules()}
+    calls: list[Call] = []
+
+    def record(module: nn.Module, inputs: tuple, output: Any) -> None:
+        x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+        y = first_tensor(output)
+        calls.append((names[module], module, x, y))  # holding the tensors keeps their ids unique
+        if observe is not None and y is not None:
+            observe(names[module], module, y)
+
+    watched = [m for m in model.modules() if isinstance(m, PRODUCER_TYPES + (_BatchNorm,))]
+    with hooked_pass(model, forward_hooks={m: record for m in watched}, forward_fn=forward_fn) as run:
+        run(batch)
+    return calls
+
+
+def sites_from_calls(calls: list[Call], *, select: Selector = None, include_classifier: bool = False) -> list[Site]:
+    """Sites from a trace made by :func:`trace_calls` (see :func:`find_sites`)."""
+    filter_fn = make_filter(select)
+    call_counts: dict[str, int] = {}
+    for fqn, *_ in calls:
+        call_counts[fqn] = call_counts.get(fqn, 0) + 1
+    consumer_bn = {id(x): (fqn, m) for fqn, m, x, _ in calls if isinstance(m, _BatchNorm) and x is not None}
+
+    producers = [(fqn, m, y) for fqn, m, _, y in calls if isinstance(m, PRODUCER_TYPES) and y is not None]
+    if producers and not include_classifier:
+        producers = producers[:-1]
+    sites: list[Site] = []
+    for fqn, module, y in producers:
+        if call_counts[fqn] > 1 or fqn in {s.producer for s in sites}:
+            continue
+        bn = consumer_bn.get(id(y))
+        if bn is not None and call_counts[bn[0]] == 1:
+            site = Site(fqn=bn[0], producer=fqn, norm=bn[0], channel_dim=1, channels=_out_channels(module))
+        else:
+            channel_dim = 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else -1
+            site = Site(fqn=fqn, producer=fqn, norm=None, channel_dim=channel_dim, channels=_out_channels(module))
+        if filter_fn is None or filter_fn(module, site.producer) or filter_fn(module, site.fqn):
+            sites.append(site)
+    return sites
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+

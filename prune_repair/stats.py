@@ -1,0 +1,222 @@
+"""Per-channel activation statistics: float64, streaming, mergeable, serializable.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> stats = collect_stats(model, torch.randn(32, 4))
+    >>> list(stats.keys()), stats["0"].mean.dtype, stats["0"].std.shape
+    (['0'], torch.float64, torch.Size([8]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._forward import ForwardFn, as_batches, hooked_pass
+from .sites import Selector, Site, sites_from_calls, trace_calls
+
+
+@dataclass
+class ChannelStats:
+    """Mean and variance of each channel over ``count`` values per channel (float64).
+
+    Batches merge with Chan's parallel update, which gives the exact pooled
+    mean/variance of everything seen, without float32 global sums.
+    """
+
+    count: int
+    mean: torch.Tensor
+    m2: torch.Tensor  # sum of squared deviations from the mean
+
+    @classmethod
+    def of(cls, y: torch.Tensor, channel_dim: int) -> "ChannelStats":
+        """Statistics of one output tensor; ``channel_dim`` is 1 or -1."""
+        y64 = y.detach().to(torch.float64)
+        cdim = channel_dim % y64.dim()
+        dims = [d for d in range(y64.dim()) if d != cdim]
+        count = y64.numel() // max(y64.shape[cdim], 1)
+        if not dims:  # a (C,) output: one value per channel
+            return cls(1, y64.clone(), torch.zeros_like(y64))
+        var, mean = torch.var_mean(y64, dim=dims, correction=0)
+        return cls(count, mean, var * count)
+
+    def merge(self, other: "ChannelStats") -> "ChannelStats":
+        """Pooled statistics of both (order does not matter)."""
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + delta.square() * (self.count * other.count / n)
+        return ChannelStats(n, mean, m2)
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance (divides by count)."""
+        return self.m2 / self.count
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.var.clamp_min(0).sqrt()
+
+    @classmethod
+    def from_moments(cls, mean: torch.Tensor, std: torch.Tensor, count: int = 1) -> "ChannelStats":
+        mean = mean.to(torch.float64)
+        return cls(count, mean, std.to(torch.float64).square() * count)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ChannelStats":
+        return cls(int(d["count"]), d["mean"].to(torch.float64), d["m2"].to(torch.float64))
+
+
+class ActivationStats(Mapping[str, ChannelStats]):
+    """Statistics of every site of a model, keyed by the site's FQN.
+
+    Carries the :class:`~prune_repair.sites.Site` list it was measured on, so a
+    repair can reuse it without tracing the model again. Saves with
+    :meth:`save` and loads with ``weights_only=True``.
+    """
+
+    def __init__(self, sites: list[Site], stats: dict[str, ChannelStats]):
+        self.sites = list(sites)
+        self._stats = dict(stats)
+
+    def __getitem__(self, fqn: str) -> ChannelStats:
+        return self._stats[fqn]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stats)
+
+    def __len__(self) -> int:
+        return len(self._stats)
+
+    def __repr__(self) -> str:
+        return f"ActivationStats({len(self)} sites, {sum(s.channels for s in self.sites)} channels)"
+
+    def site(self, fqn: str) -> Site:
+        return next(s for s in self.sites if s.fqn == fqn)
+
+    def interpolate(self, other: "ActivationStats", alpha: float) -> "ActivationStats":
+        """Goal statistics for a merge at ``alpha``: means and STDs lerped (REPAIR eq. 3-4).
+
+        >>> a = ActivationStats([], {"l": ChannelStats.from_moments(torch.zeros(1), torch.ones(1))})
+        >>> b = ActivationStats([], {"l": ChannelStats.from_moments(torch.ones(1), 3 * torch.ones(1))})
+        >>> a.interpolate(b, 0.5)["l"].std
+        tensor([2.], dtype=torch.float64)
+        """
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        missing = [k for k in self if k not in other]
+        if missing:
+            raise ValueError(f"cannot interpolate statistics: site '{missing[0]}' is missing from the second set")
+        goal = {}
+        for fqn, a in self.items():
+            b = other[fqn]
+            if a.mean.shape != b.mean.shape:
+                raise ValueError(
+                    f"cannot interpolate statistics of site '{fqn}': {a.mean.numel()} vs {b.mean.numel()} channels"
+                )
+            goal[fqn] = ChannelStats.from_moments(
+                (1 - alpha) * a.mean + alpha * b.mean, (1 - alpha) * a.std + alpha * b.std
+            )
+        return ActivationStats(self.sites, goal)
+
+    def select_channels(self, kept: Mapping[str, torch.Tensor]) -> "ActivationStats":
+        """Statistics restricted to kept channels, e.g. after structured pruning.
+
+        ``kept`` maps a site FQN (or its producer's FQN) to the indices of the
+        channels that survive; sites not named keep all their channels.
+        """
+        sites, stats = [], {}
+        for site in self.sites:
+            idx = kept.get(site.fqn, kept.get(site.producer))
+            s = self._stats[site.fqn]
+            if idx is not None:
+                idx = torch.as_tensor(idx, dtype=torch.long)
+                s = ChannelStats(s.count, s.mean[idx], s.m2[idx])
+                site = Site(site.fqn, site.producer, site.norm, site.channel_dim, int(idx.numel()))
+            sites.append(site)
+            stats[site.fqn] = s
+        return ActivationStats(sites, stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sites": [s.to_dict() for s in self.sites], "stats": {k: v.to_dict() for k, v in self.items()}}
+
+    @classmethod
+    def from_state_dict(cls, d: Mapping[str, Any]) -> "ActivationStats":
+        return cls([Site.from_dict(s) for s in d["sites"]], {k: ChannelStats.from_dict(v) for k, v in d["stats"].items()})
+
+    def save(self, path: str | Path) -> None:
+        torch.save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ActivationStats":
+        return cls.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def collect_stats(
+    model: nn.Module,
+    data: Any,
+    *,
+    sites: list[Site] | None = None,
+    select: Selector = None,
+    include_classifier: bool = False,
+    forward_fn: ForwardFn | None = None,
+) -> ActivationStats:
+    """Measure per-channel mean/std at every site of ``model`` over ``data``.
+
+    Args:
+        model: the reference network (left unchanged; train/eval mode restored).
+        data: one batch, or an iterable of batches (a DataLoader).
+        sites: sites to measure; found from the first batch when omitted (in the
+            same pass that measures it: no extra forward).
+        select, include_classifier: site selection, see :func:`~prune_repair.sites.find_sites`.
+        forward_fn: ``forward_fn(model, batch)`` for batches that are not tensors.
+    """
+    batches = as_batches(data)
+    stats: dict[str, ChannelStats] = {}
+
+    def add(fqn: str, s: ChannelStats) -> None:
+        stats[fqn] = stats[fqn].merge(s) if fqn in stats else s
+
+    rest = batches
+    if sites is None:
+        seen: dict[str, ChannelStats] = {}
+
+        def observe(fqn: str, module: nn.Module, y: torch.Tensor) -> None:
+            cdim = -1 if isinstance(module, nn.Linear) else 1
+            seen[fqn] = ChannelStats.of(y, cdim) if fqn not in seen else seen[fqn].merge(ChannelStats.of(y, cdim))
+
+        calls = trace_calls(model, batches[0], forward_fn=forward_fn, observe=observe)
+        sites = sites_from_calls(calls, select=select, include_classifier=include_classifier)
+        for site in sites:
+            add(site.fqn, seen[site.fqn])
+        rest = batches[1:]
+
+    modules = dict(model.named_modules())
+    by_module = {}
+    for site in sites:
+        if site.fqn not in modules:
+            raise ValueError(f"site '{site.fqn}' is not a submodule of the model")
+        by_module[modules[site.fqn]] = site
+
+    def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+        site = by_module[module]
+        add(site.fqn, ChannelStats.of(output, site.channel_dim))
+
+    if rest:
+        with hooked_pass(model, forward_hooks={m: hook for m in by_module}, forward_fn=forward_fn) as run:
+            for batch in rest:
+                run(batch)
+    missing = [s.fqn for s in sites if s.fqn not in stats]
+    if missing:
+        raise ValueError(f"site '{missing[0]}' never ran in the forward pass: check forward_fn and the site list")
+    return ActivationStats(sites, stats)
