@@ -1,0 +1,85 @@
+"""``prune-repair repair``: the post-step for checkpoints pruned by any other tool."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from ..evaluate import evaluate
+from ..io import load_model, resolve_arch, save_state_dict
+from ..renorm import RepairMode, Variant
+from ..repair import check_finite, repair_
+from ..stats import collect_stats
+from . import main
+from .common import (
+    check_fits,
+    check_outputs,
+    common_options,
+    console,
+    handle_errors,
+    load_data,
+    metrics_table,
+    resolve_device,
+    write_report,
+)
+
+REPAIR_CHOICES = [m.value for m in RepairMode if m is not RepairMode.NONE]
+
+
+@main.command("repair")
+@click.argument("pruned")
+@click.option("--reference", required=True, help="the unoperated checkpoint (path or zoo:NAME) whose "
+              "statistics are the goal.")
+@common_options
+@click.option("--repair", "mode", default="auto", show_default=True, type=click.Choice(REPAIR_CHOICES),
+              help="correction: auto = reset BatchNorm sites, repair the others.")
+@click.option("--variant", default="exact", show_default=True, type=click.Choice([v.value for v in Variant]),
+              help="exact: each site measured with upstream corrections applied (one pass).")
+@click.option("--include-classifier", is_flag=True, help="also correct the final classifier's logits.")
+@handle_errors
+def repair_command(pruned, reference, arch, arch_kwargs, data, eval_data, calib_size, seed, device, out, report,
+                   force, mode, variant, include_classifier) -> None:
+    """Repair PRUNED (a checkpoint pruned elsewhere) toward the statistics of --reference.
+
+    Checkpoints saved with torch.nn.utils.prune masks (weight_orig/weight_mask) are
+    read as masked weights. The output is a plain state_dict of the same architecture.
+
+    \b
+    Example:
+      prune-repair repair pruned.pt --reference zoo:mnist-cnn --data mnist --out repaired.pt
+    """
+    check_outputs(out, report, [pruned, reference], force)
+    dev = resolve_device(device)
+    arch, arch_kwargs = resolve_arch([reference, pruned], arch, arch_kwargs)
+    ref_model = load_model(reference, arch, arch_kwargs).to(dev)
+    model = load_model(pruned, arch, arch_kwargs).to(dev)
+    for name, m in (("--reference", ref_model), ("PRUNED", model)):
+        try:
+            check_finite(m)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+    d = load_data(data, eval_data, calib_size, seed, dev)
+    check_fits(ref_model, d.calib_x)
+
+    metrics = {"reference": evaluate(ref_model, d.eval_x, d.eval_y), "before": evaluate(model, d.eval_x, d.eval_y)}
+    start = time.perf_counter()
+    goal = collect_stats(ref_model, d.calib_x, include_classifier=include_classifier)
+    result = repair_(model, goal, d.calib_x, mode=mode, variant=variant)
+    seconds = time.perf_counter() - start
+    metrics["after"] = evaluate(model, d.eval_x, d.eval_y)
+
+    save_state_dict(model, out)
+    write_report(report, {**metrics, "seconds": {"repair": seconds}, "sites": result.to_dict()["sites"],
+                          "calib_size": calib_size, "seed": seed, "eval_data": d.eval_name})
+    console.print(metrics_table(
+        f"repair ({mode}, {len(result.sites)} sites, {seconds:.2f} s)",
+        [("reference", metrics["reference"]), ("before repair", metrics["before"]), ("after repair", metrics["after"])],
+        caption=f"evaluated on {d.eval_name} ({len(d.eval_y)} samples); written to {out}",
+    ))
+    dead = sum(len(v) for v in result.dead_channels.values())
+    if dead:
+        console.print(f"{dead} dead channel(s) left as they were: {result.dead_channels}")
+    dropped = [s.fqn for s in result.sites if s.shift_dropped]
+    if dropped:
+        console.print(f"no bias to hold the shift at {', '.join(dropped)}: applied the scale only")
