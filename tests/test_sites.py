@@ -1,0 +1,75 @@
+"""Site discovery: any model that runs forward, no per-architecture tables."""
+
+import pytest
+import torch
+from torch import nn
+
+from prune_repair import find_sites, make_filter
+from engine_helpers import inputs_for, tiny_models
+
+MODELS = tiny_models()
+
+
+def test_mlp_sites_are_hidden_linears_without_classifier():
+    sites = find_sites(MODELS["mlp"], inputs_for("mlp"))
+    assert [s.fqn for s in sites] == ["features.fc1", "features.fc2"]
+    assert all(s.norm is None and s.channel_dim == -1 for s in sites)
+
+
+def test_conv_followed_by_batchnorm_is_corrected_after_the_norm():
+    sites = find_sites(MODELS["cnn-bn"], inputs_for("cnn-bn"))
+    assert all(s.norm == s.fqn and s.producer != s.fqn for s in sites)
+    assert [s.channels for s in sites] == [8, 16]
+
+
+def test_classifier_excluded_by_default_and_included_on_request():
+    model, x = MODELS["cnn"], inputs_for("cnn")
+    default = [s.producer for s in find_sites(model, x)]
+    with_clf = [s.producer for s in find_sites(model, x, include_classifier=True)]
+    assert with_clf[:-1] == default and with_clf[-1] == "classifier"
+
+
+def test_resnet18_sites_follow_execution_order_including_shortcuts():
+    sites = find_sites(MODELS["resnet18"], inputs_for("resnet18", 2))
+    fqns = [s.fqn for s in sites]
+    assert fqns[0] == "bn1" and "layer2.0.downsample.1" in fqns and "fc" not in fqns
+    assert len(sites) == 20  # 1 stem + 16 block convs + 3 downsample convs, all with BN
+
+
+def test_token_model_channels_are_the_last_dim():
+    sites = find_sites(MODELS["tokens"], inputs_for("tokens"))
+    assert [s.fqn for s in sites] == ["embed", "blocks.0.fc1", "blocks.0.fc2"]
+    assert all(s.channel_dim == -1 for s in sites)
+
+
+@pytest.mark.parametrize("select", [["features.fc2"], "re:fc2$", lambda m, fqn: fqn.endswith("fc2")])
+def test_select_by_fqn_regex_or_filter_fn(select):
+    sites = find_sites(MODELS["mlp"], inputs_for("mlp"), select=select)
+    assert [s.fqn for s in sites] == ["features.fc2"]
+
+
+def test_make_filter_matches_exact_names_and_regexes():
+    f = make_filter(["a.b", "re:^layer\\d"])
+    assert f(None, "a.b") and f(None, "layer3.conv") and not f(None, "a.bc")
+
+
+def test_layer_called_twice_is_skipped():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.other = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.other(self.fc(self.fc(x))))
+
+    assert [s.fqn for s in find_sites(Shared(), torch.randn(3, 4))] == ["other"]
+
+
+def test_discovery_restores_train_mode_and_leaves_no_hooks():
+    model = MODELS["cnn-bn"].train()
+    find_sites(model, inputs_for("cnn-bn"))
+    assert all(m.training for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    model.eval()
