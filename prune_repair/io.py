@@ -210,5 +210,5 @@ def save_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor], path
     """Atomically save a plain state_dict (masks applied, tensors made contiguous on the CPU)."""
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     plain = {k: v.detach().cpu().contiguous() for k, v in apply_prune_masks(dict(state)).items()}
-    with atomic_write(path) as tmp:
-        torch.save(plain, tmp)
+    with atomic_write(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(plain, fh)  # a file object: the archive name does not depend on the temp name
