@@ -1,0 +1,63 @@
+"""Accuracy and mean cross-entropy of a classifier on ``(x, y)`` tensors.
+
+Example:
+    >>> import torch
+    >>> from prune_repair.models import MLP
+    >>> model = MLP(widths=(8,))
+    >>> x, y = torch.randn(20, 1, 28, 28), torch.randint(0, 10, (20,))
+    >>> metrics = evaluate(model, x, y, batch_size=8)
+    >>> sorted(metrics), 0.0 <= metrics["acc"] <= 1.0
+    (['acc', 'loss'], True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DataError, batches
+
+__all__ = ["evaluate"]
+
+
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 1000,
+    forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """``{"acc": fraction correct in [0, 1], "loss": mean cross-entropy}`` of ``model`` on ``(x, y)``.
+
+    Runs in eval mode under ``torch.no_grad()`` and restores every submodule's
+    train/eval flag afterwards. Batches go to ``device`` (default: where the model's
+    parameters are) and floating inputs are cast to the model's dtype.
+    ``forward_fn(model, x_batch) -> logits`` replaces ``model(x_batch)``.
+    """
+    if len(x) != len(y):
+        raise DataError(f"x has {len(x)} samples but y has {len(y)}: give one label per sample")
+    if len(x) == 0:
+        raise DataError("cannot evaluate on empty data: give at least one sample")
+    param = next(iter(model.parameters()), None)
+    target_device = torch.device(device) if device is not None else (param.device if param is not None else x.device)
+    dtype = param.dtype if param is not None and param.is_floating_point() else None
+    modes = [(module, module.training) for module in model.modules()]
+    correct, loss_sum = 0, 0.0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for xb, yb in batches(x, y, batch_size):
+                xb = xb.to(target_device, dtype=dtype if dtype is not None and xb.is_floating_point() else None)
+                yb = yb.to(target_device)
+                logits = forward_fn(model, xb) if forward_fn is not None else model(xb)
+                loss_sum += float(F.cross_entropy(logits.double(), yb, reduction="sum"))
+                correct += int((logits.argmax(dim=1) == yb).sum())
+    finally:
+        for module, training in modes:
+            module.training = training
+    return {"acc": correct / len(x), "loss": loss_sum / len(x)}
