@@ -68,6 +68,20 @@ def batch_size_of(batch: Any) -> int:
     return 0
 
 
+def head(batch: Any, n: int) -> Any:
+    """The first ``n`` samples of a batch (tensors sliced on dim 0; other values kept)."""
+    size = batch_size_of(batch)
+    if isinstance(batch, torch.Tensor):
+        return batch[:n] if batch.dim() > 0 else batch
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(head(b, n) if isinstance(b, torch.Tensor) and b.dim() and len(b) == size else b
+                           for b in batch)
+    if isinstance(batch, dict):
+        return {k: head(v, n) if isinstance(v, torch.Tensor) and v.dim() and len(v) == size else v
+                for k, v in batch.items()}
+    return batch
+
+
 class StopForward(Exception):
     """Raised by a hook to end a forward pass early (nothing downstream is needed)."""
 

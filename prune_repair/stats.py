@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._forward import ForwardFn, as_batches, hooked_pass
-from .sites import Selector, Site, sites_from_calls, trace_calls
+from ._forward import ForwardFn, as_batches, head, hooked_pass
+from .sites import Selector, Site, find_sites
 
 
 @dataclass
@@ -37,15 +37,29 @@ class ChannelStats:
 
     @classmethod
     def of(cls, y: torch.Tensor, channel_dim: int) -> "ChannelStats":
-        """Statistics of one output tensor; ``channel_dim`` is 1 or -1."""
-        y64 = y.detach().to(torch.float64)
-        cdim = channel_dim % y64.dim()
-        dims = [d for d in range(y64.dim()) if d != cdim]
-        count = y64.numel() // max(y64.shape[cdim], 1)
-        if not dims:  # a (C,) output: one value per channel
-            return cls(1, y64.clone(), torch.zeros_like(y64))
-        var, mean = torch.var_mean(y64, dim=dims, correction=0)
-        return cls(count, mean, var * count)
+        """Statistics of one output tensor; ``channel_dim`` is 1 or -1.
+
+        Channel-last outputs are reduced in float64 by two passes of column sums.
+        Channel-first float32 outputs on the CPU go to ``var_mean`` as they are: its
+        CPU kernel accumulates float32 in double (Welford), which saves a float64 copy;
+        other dtypes and devices are converted to float64 first.
+        """
+        y = y.detach()
+        cdim = channel_dim % y.dim()
+        channels = y.shape[cdim]
+        if y.dim() == 1:  # a (C,) output: one value per channel
+            return cls(1, y.to(torch.float64), torch.zeros_like(y, dtype=torch.float64))
+        if cdim == y.dim() - 1:  # (..., C): column sums, two passes in float64
+            rows = y.reshape(-1, channels).to(torch.float64)
+            mean = rows.mean(dim=0)
+            m2 = (rows - mean).square().sum(dim=0)
+            return cls(rows.shape[0], mean, m2)
+        if not (y.dtype == torch.float32 and y.device.type == "cpu"):
+            y = y.to(torch.float64)
+        dims = [d for d in range(y.dim()) if d != cdim]
+        count = y.numel() // max(channels, 1)
+        var, mean = torch.var_mean(y, dim=dims, correction=0)
+        return cls(count, mean.to(torch.float64), var.to(torch.float64) * count)
 
     def merge(self, other: "ChannelStats") -> "ChannelStats":
         """Pooled statistics of both (order does not matter)."""
@@ -176,8 +190,8 @@ def collect_stats(
     Args:
         model: the reference network (left unchanged; train/eval mode restored).
         data: one batch, or an iterable of batches (a DataLoader).
-        sites: sites to measure; found from the first batch when omitted (in the
-            same pass that measures it: no extra forward).
+        sites: sites to measure; found by tracing two samples of the first batch
+            when omitted.
         select, include_classifier: site selection, see :func:`~prune_repair.sites.find_sites`.
         forward_fn: ``forward_fn(model, batch)`` for batches that are not tensors.
     """
@@ -187,19 +201,9 @@ def collect_stats(
     def add(fqn: str, s: ChannelStats) -> None:
         stats[fqn] = stats[fqn].merge(s) if fqn in stats else s
 
-    rest = batches
-    if sites is None:
-        seen: dict[str, ChannelStats] = {}
-
-        def observe(fqn: str, module: nn.Module, y: torch.Tensor) -> None:
-            cdim = -1 if isinstance(module, nn.Linear) else 1
-            seen[fqn] = ChannelStats.of(y, cdim) if fqn not in seen else seen[fqn].merge(ChannelStats.of(y, cdim))
-
-        calls = trace_calls(model, batches[0], forward_fn=forward_fn, observe=observe)
-        sites = sites_from_calls(calls, select=select, include_classifier=include_classifier)
-        for site in sites:
-            add(site.fqn, seen[site.fqn])
-        rest = batches[1:]
+    if sites is None:  # discovery needs no statistics: two samples are enough
+        sites = find_sites(model, head(batches[0], 2), select=select, include_classifier=include_classifier,
+                           forward_fn=forward_fn)
 
     modules = dict(model.named_modules())
     by_module = {}
@@ -212,10 +216,9 @@ def collect_stats(
         site = by_module[module]
         add(site.fqn, ChannelStats.of(output, site.channel_dim))
 
-    if rest:
-        with hooked_pass(model, forward_hooks={m: hook for m in by_module}, forward_fn=forward_fn) as run:
-            for batch in rest:
-                run(batch)
+    with hooked_pass(model, forward_hooks={m: hook for m in by_module}, forward_fn=forward_fn) as run:
+        for batch in batches:
+            run(batch)
     missing = [s.fqn for s in sites if s.fqn not in stats]
     if missing:
         raise ValueError(f"site '{missing[0]}' never ran in the forward pass: check forward_fn and the site list")
