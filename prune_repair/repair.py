@@ -134,6 +134,11 @@ def _plans(model: nn.Module, reference: ActivationStats, mode: RepairMode, add_b
     modules = dict(model.named_modules())
     plans = []
     for site in reference.sites:
+        if site.kind == "block":
+            raise ValueError(
+                f"site '{site.fqn}' is a block output: a correction there cannot be folded into the original "
+                "architecture (a residual sum has no weights of its own); collect the goal without blocks="
+            )
         for name in (site.fqn, site.producer):
             if name not in modules:
                 raise ValueError(

@@ -46,6 +46,8 @@ class Site:
         norm: the BatchNorm between producer and output, or None.
         channel_dim: 1 for (N, C, ...) outputs, -1 for linear outputs (N, ..., C).
         channels: number of channels.
+        kind: ``"layer"``, or ``"block"`` for a residual-block output (measurable, but a
+            correction there cannot be folded into the original architecture).
     """
 
     fqn: str
@@ -53,6 +55,7 @@ class Site:
     norm: str | None
     channel_dim: int
     channels: int
+    kind: str = "layer"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +90,7 @@ def find_sites(
     *,
     select: Selector = None,
     include_classifier: bool = False,
+    blocks: Selector = None,
     forward_fn: ForwardFn | None = None,
 ) -> list[Site]:
     """Sites of ``model`` in execution order, found with one hooked forward pass.
@@ -97,13 +101,30 @@ def find_sites(
         select: ``filter_fn(module, fqn) -> bool``, or FQN strings / ``re:`` regexes,
             matched against the producer's or the site's FQN. Default: every site.
         include_classifier: also correct the last conv/linear layer (off by default).
+        blocks: modules (FQNs / ``re:`` / filter_fn) whose outputs are extra ``"block"``
+            sites, e.g. residual blocks (REPAIR paper sec. 5.2). Their statistics can be
+            collected; :func:`~prune_repair.repair_` refuses to correct them, since the
+            output of a residual sum has no weights of its own to fold a correction into.
         forward_fn: ``forward_fn(model, batch)`` for batches that are not plain tensors.
 
     Layers called more than once per forward (weight sharing) are skipped: one
     per-channel affine cannot be folded into a layer that serves two call sites.
     """
-    calls = trace_calls(model, as_batches(example_inputs)[0], forward_fn=forward_fn)
-    return sites_from_calls(calls, select=select, include_classifier=include_classifier)
+    block_filter = make_filter(blocks)
+    extra = [] if block_filter is None else [
+        m for name, m in model.named_modules() if name and block_filter(m, name)
+    ]
+    if blocks is not None and not extra:
+        raise ValueError(f"blocks={blocks!r} matches no submodule: give FQNs such as 'layer1.0' or 're:' patterns")
+    calls = trace_calls(model, as_batches(example_inputs)[0], forward_fn=forward_fn, extra=extra)
+    sites = sites_from_calls(calls, select=select, include_classifier=include_classifier)
+    order = {fqn: i for i, (fqn, *_rest) in enumerate(calls)}
+    extra_ids = {id(m) for m in extra}
+    for fqn, module, _, y in calls:
+        if id(module) in extra_ids and y is not None and y.dim() >= 2:
+            cdim = 1 if y.dim() > 3 else -1
+            sites.append(Site(fqn, fqn, None, cdim, int(y.shape[cdim]), kind="block"))
+    return sorted(sites, key=lambda s: order[s.fqn])
 
 
 Call = tuple[str, nn.Module, "torch.Tensor | None", "torch.Tensor | None"]
@@ -116,8 +137,10 @@ def trace_calls(
     *,
     forward_fn: ForwardFn | None = None,
     observe: Callable[[str, nn.Module, torch.Tensor], None] | None = None,
+    extra: list[nn.Module] = (),
 ) -> list[Call]:
-    """Run one batch and record every conv/linear/BatchNorm call in execution order.
+    """Run one batch and record every conv/linear/BatchNorm call (and the calls of
+    ``extra`` modules) in the order they finish.
 
     ``observe(fqn, module, output)`` is called on each recorded output, so a caller
     can measure statistics in the same pass.
@@ -133,6 +156,7 @@ def trace_calls(
             observe(names[module], module, y)
 
     watched = [m for m in model.modules() if isinstance(m, PRODUCER_TYPES + (_BatchNorm,))]
+    watched += [m for m in extra if m not in watched]
     with hooked_pass(model, forward_hooks={m: record for m in watched}, forward_fn=forward_fn) as run:
         run(batch)
     return calls

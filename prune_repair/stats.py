@@ -183,6 +183,7 @@ def collect_stats(
     sites: list[Site] | None = None,
     select: Selector = None,
     include_classifier: bool = False,
+    blocks: Selector = None,
     forward_fn: ForwardFn | None = None,
 ) -> ActivationStats:
     """Measure per-channel mean/std at every site of ``model`` over ``data``.
@@ -192,7 +193,7 @@ def collect_stats(
         data: one batch, or an iterable of batches (a DataLoader).
         sites: sites to measure; found by tracing two samples of the first batch
             when omitted.
-        select, include_classifier: site selection, see :func:`~prune_repair.sites.find_sites`.
+        select, include_classifier, blocks: site selection, see :func:`~prune_repair.sites.find_sites`.
         forward_fn: ``forward_fn(model, batch)`` for batches that are not tensors.
     """
     batches = as_batches(data)
@@ -203,7 +204,7 @@ def collect_stats(
 
     if sites is None:  # discovery needs no statistics: two samples are enough
         sites = find_sites(model, head(batches[0], 2), select=select, include_classifier=include_classifier,
-                           forward_fn=forward_fn)
+                           blocks=blocks, forward_fn=forward_fn)
 
     modules = dict(model.named_modules())
     by_module = {}

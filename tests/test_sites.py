@@ -73,3 +73,29 @@ def test_discovery_restores_train_mode_and_leaves_no_hooks():
     assert all(m.training for m in model.modules())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     model.eval()
+
+
+def test_residual_blocks_are_measurable_extra_sites():
+    model, x = MODELS["resnet18"], inputs_for("resnet18", 2)
+    sites = find_sites(model, x, blocks="re:^layer\\d\\.\\d$")
+    blocks = [s for s in sites if s.kind == "block"]
+    assert [s.fqn for s in blocks] == ["layer1.0", "layer1.1", "layer2.0", "layer2.1",
+                                       "layer3.0", "layer3.1", "layer4.0", "layer4.1"]
+    assert [s.channels for s in blocks][::2] == [64, 128, 256, 512]
+    fqns = [s.fqn for s in sites]
+    assert fqns.index("layer1.0.bn2") < fqns.index("layer1.0") < fqns.index("layer1.1.bn1")
+
+
+def test_block_sites_are_refused_by_repair_with_the_reason():
+    from prune_repair import collect_stats, repair_
+
+    model, x = MODELS["resnet-bn"], inputs_for("resnet-bn")
+    goal = collect_stats(model, x, blocks=["layer1.0"])
+    assert goal.site("layer1.0").kind == "block" and goal["layer1.0"].mean.shape == (8,)
+    with pytest.raises(ValueError, match="cannot be folded into the original architecture"):
+        repair_(model, goal, x)
+
+
+def test_blocks_matching_nothing_is_an_error():
+    with pytest.raises(ValueError, match="matches no submodule"):
+        find_sites(MODELS["mlp"], inputs_for("mlp"), blocks=["nope"])
