@@ -17,13 +17,28 @@ Example:
 """
 
 from .fuse import Correction, fold_affine, fold_affine_into_bn, fold_batchnorm, fold_bn, fuse, fuse_
+from .groups import GroupError, PermGroup, find_groups, groups_from_spec
 from .renorm import RepairMode, Variant
 from .repair import RepairReport, SiteReport, check_finite, preserve_statistics, repair_
 from .sites import Site, find_sites, make_filter
 from .stats import ActivationStats, ChannelStats, collect_stats
+from .merge import Align, MergeVariant, barrier_curve, merge, merge_many, prepare_merge
+from .prune import FisherOptions, PruneError, PruneMethod, PruneReport, find_targets, measure_sparsity, prune_, score_weights
+from .prune.structured import kept_channels, load_structured, repair_structured_, save_structured
+from .pipeline import PruneRun, prune_and_repair
 
 __all__ = [
     "ActivationStats",
+    "Align",
+    "GroupError",
+    "MergeVariant",
+    "PermGroup",
+    "barrier_curve",
+    "find_groups",
+    "groups_from_spec",
+    "merge",
+    "merge_many",
+    "prepare_merge",
     "ChannelStats",
     "Correction",
     "RepairMode",
@@ -43,6 +58,20 @@ __all__ = [
     "make_filter",
     "preserve_statistics",
     "repair_",
+    "FisherOptions",
+    "PruneError",
+    "PruneMethod",
+    "PruneReport",
+    "PruneRun",
+    "find_targets",
+    "kept_channels",
+    "load_structured",
+    "measure_sparsity",
+    "prune_",
+    "prune_and_repair",
+    "repair_structured_",
+    "save_structured",
+    "score_weights",
 ]
 
 __version__ = "0.1.0"

@@ -31,17 +31,30 @@ ForwardFn = Callable[[nn.Module, Any], Any]
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
     """Feed ``batch`` to ``model``: a tensor as is, a tuple/list by its first item
-    (``(x, y)`` pairs), a dict as keyword arguments."""
+    (``(x, y)`` pairs), a dict as keyword arguments. Floating tensors are moved to the
+    model's device and dtype (float32 data into a float16 model just works)."""
     if isinstance(batch, torch.Tensor):
-        return model(batch)
+        return model(to_model(model, batch))
     if isinstance(batch, (tuple, list)):
-        return model(batch[0])
+        return model(to_model(model, batch[0]))
     if isinstance(batch, dict):
-        return model(**batch)
+        return model(**{k: to_model(model, v) for k, v in batch.items()})
     raise TypeError(
         f"cannot feed a batch of type {type(batch).__name__} to the model: "
         "pass a tensor, an (x, y) tuple, a dict, or a forward_fn(model, batch)"
     )
+
+
+def to_model(model: nn.Module, value: Any) -> Any:
+    """``value`` on the model's device; floating tensors also in the model's dtype."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is None:
+        return value
+    if value.is_floating_point():
+        return value.to(device=param.device, dtype=param.dtype)
+    return value.to(device=param.device)
 
 
 def as_batches(data: Any) -> list[Any]:

@@ -88,8 +88,12 @@ def load_dataset(spec: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tens
     if path.is_dir():
         x, y = _load_image_folder(path)
     elif path.suffix.lower() in (".pt", ".pth", ".npz"):
-        if not path.is_file():
+        if not path.exists():
             raise DataError(f"data file not found: {text}: check the path")
+        if not path.is_file():
+            raise DataError(f"data file {text} is not a regular file: give a .pt or .npz file")
+        if path.stat().st_size == 0:
+            raise DataError(f"data file {text} is empty (0 bytes): save it again")
         x, y = _load_npz(path) if path.suffix.lower() == ".npz" else _load_pt(path)
     elif not path.exists():
         raise DataError(f"unknown data spec {text!r} (no such file or directory): give one of {SPEC_FORMS}")
@@ -247,7 +251,7 @@ def _load_npz(path: Path) -> tuple[object, object]:
         if "pickle" in str(err):
             raise DataError(f"{path} holds object arrays that need pickle, which is never loaded: save numeric arrays x and y") from err
         raise DataError(f"cannot read {path} as a .npz archive ({_first_line(err)}): save it with np.savez(path, x=x, y=y)") from err
-    except (OSError, zipfile.BadZipFile, EOFError) as err:
+    except Exception as err:  # truncated member, bad header, absurd declared size (MemoryError), ...
         raise DataError(f"cannot read {path} as a .npz archive ({_first_line(err)}): save it with np.savez(path, x=x, y=y)") from err
 
 
@@ -262,11 +266,11 @@ def _load_image_folder(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
     try:
         dataset = ImageFolder(str(root), loader=loader, transform=ToTensor(), is_valid_file=_is_image)
-    except (FileNotFoundError, OSError) as err:
+    except Exception as err:  # FileNotFoundError (no class folders / no images), permissions, ...
         raise DataError(f"{root} is not an ImageFolder ({_first_line(err)}): use root/<class>/<image> with image files") from err
     try:
         images = [image for image, _ in dataset]
-    except OSError as err:
+    except Exception as err:  # unreadable or truncated image, decompression bomb, ...
         raise DataError(f"cannot read an image under {root} ({_first_line(err)}): remove or fix the file") from err
     shapes = {tuple(image.shape) for image in images}
     if len(shapes) > 1:
@@ -291,6 +295,8 @@ def _validated(x: object, y: object, source: str) -> tuple[torch.Tensor, torch.T
         raise DataError(f"{source}: the data is empty: give at least one sample")
     if y_t.dim() != 1:
         raise DataError(f"{source}: y must be a 1-D vector of class indices, got shape {tuple(y_t.shape)}")
+    if y_t.is_floating_point() and not bool(torch.isfinite(y_t).all()):
+        raise DataError(f"{source}: y holds NaN or infinite labels: use class indices 0..C-1")
     if y_t.is_floating_point():
         if not torch.equal(y_t, y_t.round()):
             raise DataError(f"{source}: y must hold integer class indices, found fractional values")
@@ -299,10 +305,14 @@ def _validated(x: object, y: object, source: str) -> tuple[torch.Tensor, torch.T
     y_t = y_t.to(torch.int64)
     if int(y_t.min()) < 0:
         raise DataError(f"{source}: y holds negative labels: use class indices 0..C-1")
-    x_t = x_t.to(torch.float32)
-    if not torch.isfinite(x_t).all():
-        raise DataError(f"{source}: x holds NaN or infinite values: clean the data")
-    return x_t, y_t
+    x_t = x_t.detach().to(torch.float32)
+    finite = torch.isfinite(x_t)
+    finite = finite.flatten(1).all(dim=1) if finite.dim() > 1 else finite
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()
+        raise DataError(f"{source}: x holds NaN or infinite values (or values beyond float32) in {len(bad)} "
+                        f"sample(s), the first is sample {int(bad[0])}: clean the data")
+    return x_t, y_t.detach()
 
 
 def _as_tensor(value: object, name: str, source: str) -> torch.Tensor:
@@ -312,9 +322,19 @@ def _as_tensor(value: object, name: str, source: str) -> torch.Tensor:
         value = torch.from_numpy(np.ascontiguousarray(value))
     if not isinstance(value, torch.Tensor):
         raise DataError(f"{source}: {name} must be a tensor/array, found {type(value).__name__}")
+    if value.layout != torch.strided or value.is_quantized or value.device.type != "cpu":
+        raise DataError(f"{source}: {name} is not a dense tensor: store it with {name}.to_dense()")
     if value.is_complex() or (value.dtype == torch.bool and name == "x"):
         raise DataError(f"{source}: {name} has non-numeric dtype {value.dtype}: store real numbers")
+    if value.dtype in _WIDE_UNSIGNED:  # few torch ops support them: widen first
+        value = value.to(torch.int64 if name == "y" else torch.float64)
+    if not value.is_floating_point() and value.dtype not in _INTEGER_DTYPES:
+        raise DataError(f"{source}: {name} has dtype {value.dtype}: store real numbers")
     return value
+
+
+_INTEGER_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
 
 
 def _refused_global(message: str) -> str | None:

@@ -205,3 +205,13 @@ def test_bad_inputs_get_clear_errors():
         repair_(operated("cnn"), goal, inputs_for("cnn"))
     with pytest.raises(ValueError, match="'rescue' is not a valid RepairMode"):
         repair_(operated("mlp"), goal, x, mode="rescue")
+
+
+def test_float32_data_repairs_a_float16_model():
+    model = copy.deepcopy(MODELS["cnn-bn"]).float()
+    x = inputs_for("cnn-bn").float()
+    goal = collect_stats(model, x)
+    half = copy.deepcopy(model).half()
+    damage_(half)
+    report = repair_(half, goal, x, mode="repair")
+    assert report.sites and all(p.dtype == torch.float16 for p in half.parameters())

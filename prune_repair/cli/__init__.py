@@ -6,7 +6,11 @@ Run ``prune-repair --help`` or ``prune-repair COMMAND --help``.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 import click
 
@@ -14,20 +18,45 @@ from .. import __version__
 
 
 class OneLineErrorGroup(click.Group):
-    """A group whose usage errors are one line on stderr with exit code 2 (no usage dump)."""
+    """A group whose usage errors are one line on stderr with exit code 2 (no usage dump),
+    and under which SIGTERM cleans up like Ctrl-C (see :class:`.common.Terminated`)."""
 
     def main(self, *args, **kwargs):
+        from .common import EXIT_INTERRUPTED, console, one_line
+
         kwargs["standalone_mode"] = False
         try:
-            return super().main(*args, **kwargs)
+            with _sigterm_as_exception():
+                return super().main(*args, **kwargs)
         except click.ClickException as err:
-            from .common import console
+            from rich.markup import escape
 
             hint = " (see --help)" if isinstance(err, click.UsageError) else ""
-            console.print(f"[bold red]error:[/] {err.format_message()}{hint}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(one_line(err.format_message()))}{hint}",
+                          highlight=False, soft_wrap=True)
             sys.exit(err.exit_code)
         except click.Abort:
-            sys.exit(130)
+            console.print("interrupted: nothing written", highlight=False)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+@contextlib.contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    """While a command runs, SIGTERM raises :class:`.common.Terminated` (when the default
+    action would kill the process), so temporary files are removed on the way out."""
+    from .common import Terminated
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -49,3 +78,5 @@ def main() -> None:
 
 
 from . import repair_cmd  # noqa: E402,F401  (registers the command)
+from . import merge_cmd  # noqa: E402,F401  (registers the command)
+from . import prune_cmd  # noqa: E402,F401  (registers the command)

@@ -1,15 +1,21 @@
 """What every command shares: options, loading, data, errors, reports, output.
 
-Human output (tables, progress bars) goes to stderr; a user mistake ends with
-exit code 2 and one line ``error: ...`` and nothing written.
+Human output (tables, progress bars) goes to stderr. A user mistake ends with exit
+code 2 and one line ``error: ...``; Ctrl-C ends with exit code 130 (SIGTERM: 143)
+and one line. Either way nothing is written: each command runs inside
+:func:`~prune_repair.io.output_transaction`, so its outputs (``--out``,
+``--report``, ...) appear only together, when the command succeeds.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
+import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,35 +23,55 @@ from typing import Any
 import click
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..data import DataError, calibration_batch, load_dataset
-from ..io import atomic_write, check_output_path
+from ..io import atomic_write, check_output_path, current_transaction, output_transaction
 
 console = Console(stderr=True)
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in place of the default action of SIGTERM, so outputs are cleaned up as on Ctrl-C."""
+
+
+def one_line(message: str) -> str:
+    """``message`` with every run of whitespace (newlines too) collapsed to one space."""
+    return " ".join(str(message).split())
 
 
 def fail(message: str) -> None:
     """Print one line and exit with code 2."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
     sys.exit(EXIT_USAGE)
 
 
+_LOADED: ContextVar[list["Data"] | None] = ContextVar("prune_repair_loaded_data", default=None)
+
+
 def handle_errors(command: Callable) -> Callable:
-    """Turn user mistakes (ValueError, OSError) into one line and exit code 2."""
+    """Run a command inside an output transaction; turn user mistakes (ValueError,
+    OSError) into one line and exit code 2, and Ctrl-C into one line and exit code 130."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        token = _LOADED.set([])
         try:
-            return command(*args, **kwargs)
+            with output_transaction():
+                return command(*args, **kwargs)
         except (ValueError, OSError) as err:
-            fail(" ".join(str(err).split()) or type(err).__name__)
-        except KeyboardInterrupt:
-            console.print("interrupted: nothing written")
-            sys.exit(130)
+            fail(str(err) or type(err).__name__)
+        except KeyboardInterrupt as err:
+            console.print("interrupted: nothing written", highlight=False)
+            sys.exit(EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED)
+        finally:
+            _LOADED.reset(token)
 
     return wrapper
 
@@ -78,7 +104,8 @@ def common_options(command: Callable) -> Callable:
         click.option("--seed", default=0, show_default=True, type=int, help="seed of the calibration draw."),
         click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
                      help="where to run; auto picks cuda when available."),
-        click.option("--out", required=True, type=click.Path(dir_okay=False), help="output checkpoint (state_dict)."),
+        click.option("--out", required=True, type=click.Path(dir_okay=False),
+                     help="output checkpoint (state_dict); .safetensors writes safetensors (optional extra)."),
         click.option("--report", default=None, type=click.Path(dir_okay=False), help="write a JSON report here."),
         click.option("--force", is_flag=True, help="overwrite an existing --out / --report (never an input)."),
     ]
@@ -99,7 +126,7 @@ def check_outputs(out: str, report: str | None, inputs: list[str], force: bool) 
     """Validate --out and --report before any work is done."""
     check_output_path(out, inputs, force)
     if report is not None:
-        check_output_path(report, inputs + [out], force)
+        check_output_path(report, inputs + [out], force, what="--report")
 
 
 @dataclass
@@ -110,43 +137,115 @@ class Data:
     calib_y: torch.Tensor
     eval_x: torch.Tensor
     eval_y: torch.Tensor
-    eval_name: str
+    eval_name: str  # the --eval-data spec used
+    data_name: str = ""  # the --data spec
 
 
 def load_data(data: str, eval_data: str | None, calib_size: int, seed: int, device: torch.device) -> Data:
-    """Load --data / --eval-data and draw the calibration batch."""
+    """Load --data / --eval-data and draw the calibration batch.
+
+    Refuses a data file that is also an output of the command and evaluation samples
+    whose shape differs from the calibration samples. Inside a command the result is
+    remembered, so :func:`check_fits` can check its labels against the model.
+    """
     if calib_size < 2:
         raise DataError(f"--calib-size {calib_size} is too small: statistics need at least 2 samples")
-    x, y = load_dataset(data)
-    cx, cy = calibration_batch(x, y, calib_size, seed)
     if eval_data is None:
         eval_data = "mnist:test" if data.strip().lower() in ("mnist", "mnist:train") else data
+    _check_not_an_output("--data", data)
+    _check_not_an_output("--eval-data", eval_data)
+    x, y = load_dataset(data)
+    cx, cy = calibration_batch(x, y, calib_size, seed)
     ex, ey = (x, y) if eval_data == data else load_dataset(eval_data)
-    return Data(cx.to(device), cy.to(device), ex, ey, eval_data)
+    if tuple(ex.shape[1:]) != tuple(x.shape[1:]):
+        raise DataError(f"--eval-data samples have shape {list(ex.shape[1:])} but --data samples have "
+                        f"{list(x.shape[1:])}: give evaluation data of the same kind")
+    d = Data(cx.to(device), cy.to(device), ex, ey, eval_data, data)
+    loaded = _LOADED.get()
+    if loaded is not None:
+        loaded.append(d)
+    return d
 
 
-def check_fits(model: torch.nn.Module, x: torch.Tensor, what: str = "--data") -> None:
-    """Run two samples through the model; a shape error becomes a one-line DataError."""
+def _check_not_an_output(option: str, spec: str) -> None:
+    tx = current_transaction()
+    if tx is None or not Path(spec).expanduser().exists():
+        return
+    what = tx.output_named(spec)
+    if what is not None:
+        raise DataError(f"{option} {spec} is also the {what} of this command: write the result to another file")
+
+
+def check_fits(model: torch.nn.Module, x: torch.Tensor, what: str = "--data",
+               labels: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Run two samples through the model: a failure, an output that is not finite
+    ``(N, classes)`` logits, or a label >= the number of classes becomes a one-line DataError.
+
+    ``labels`` maps a name (``--data``) to label tensors; by default the labels that
+    :func:`load_data` loaded together with ``x`` in the running command are checked.
+    """
+    modes = [(m, m.training) for m in model.modules()]
     try:
+        model.eval()
         with torch.no_grad():
-            was = model.training
-            model.eval()
             out = model(x[:2])
-            model.train(was)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"{what} samples of shape {list(x.shape[1:])} do not fit the model ({first}): "
+    except Exception as err:  # shape/dtype mismatch, an assert in the model's forward, ...
+        raise DataError(f"{what} samples of shape {list(x.shape[1:])} do not fit the model ({_first_line(err)}): "
                         "check --data and --arch") from None
+    finally:
+        for m, training in modes:
+            m.training = training
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise DataError(f"the model does not output (N, classes) logits on {what}: check --arch")
+    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        raise DataError(f"the model outputs NaN/Inf on {what} (in {str(out.dtype).removeprefix('torch.')}): "
+                        "check the scale of the data and the checkpoint")
+    classes = out.shape[1]
+    if labels is None:
+        labels = {}
+        for d in _LOADED.get() or []:
+            if d.calib_x is x:
+                eval_option = what if d.eval_name == d.data_name else "--eval-data"
+                labels = {what: d.calib_y, eval_option: d.eval_y}  # same key: eval_y is all of --data
+    for name, y in labels.items():
+        if y.numel() and int(y.max()) >= classes:
+            raise DataError(f"{name} has label {int(y.max())} but the model outputs {classes} classes: "
+                            "check the data and --arch-kwargs (e.g. num_classes)")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _jsonable(value: Any) -> Any:
+    """Report values as strict JSON: NaN/Inf become null, tensors/arrays lists, enums their value."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, enum.Enum):
+        return _jsonable(value.value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return _jsonable(value.tolist())
+    return str(value)
 
 
 def write_report(path: str | None, report: dict[str, Any]) -> None:
-    """Atomically write the JSON report."""
+    """Atomically write the JSON report (strict JSON: non-finite numbers become null)."""
     if path is None:
         return
+    text = json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n"
     with atomic_write(path) as tmp:
-        Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
+        Path(tmp).write_text(text)
 
 
 def progress() -> Progress:

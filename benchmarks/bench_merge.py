@@ -1,0 +1,231 @@
+"""Merging benchmark: midpoint accuracy of aligned + repaired MNIST model pairs, barrier
+curves, and the cost of weight and activation matching.
+
+For every pair (two models of one architecture trained from seeds 0 and 1 on MNIST, cached
+in ``benchmarks/cache/``) it measures on all of ``mnist:test``:
+
+- the endpoints, the naive midpoint (no alignment), and for weight matching (WM) and
+  activation matching (AM) the aligned midpoint raw / + reset / + repair / + rescale
+  (exact one-pass variant) and AM + repair in the closed-form variant;
+- a barrier curve (AM, raw and ``auto`` repair) drawn to ``benchmarks/merge_curve_NAME.png``;
+- the time of WM and AM (median of 3 runs) and, for AM, the ratio to one plain forward
+  pass of both models over the same calibration data.
+
+Calibration: 1,000 training images drawn with seed 0, in 4 batches of 250. Budget (stated
+plainly): MLPs train 3 epochs on all 60k images with He initialization; the CNNs 2 epochs;
+the ResNet-20 layout runs at width 8 (half of the standard 16) for 3 epochs on 20k images.
+
+Run from the repository root (the package importable)::
+
+    python benchmarks/bench_merge.py                 # all pairs; writes RESULTS.md section
+    python benchmarks/bench_merge.py mlp-8x128       # some pairs (results cached per pair)
+    python benchmarks/bench_merge.py mlp-4x128 --epochs 12   # extra row: longer training
+    python benchmarks/bench_merge.py --report-only   # rebuild the RESULTS.md section from the cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prune_repair.data import calibration_batch, load_dataset
+from prune_repair.evaluate import evaluate
+from prune_repair.merge import (activation_matching, barrier_curve, plot_curve, prepare_merge, weight_matching)
+from prune_repair.models import MLP, PlainCNN, ResNetMini
+from training import load_or_train
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / "cache"
+RESULTS = HERE / "RESULTS.md"
+START, END = "<!-- merge:start -->", "<!-- merge:end -->"
+
+MLP_TRAIN = {"epochs": 3, "lr": 0.05, "batch_size": 128, "samples": 60000}
+PAIRS: dict[str, dict] = {
+    **{f"mlp-{d}x{w}": {"build": (lambda d=d, w=w: MLP(widths=(w,) * d)), "he_init": True, "train": MLP_TRAIN}
+       for w in (128, 512) for d in (4, 8, 12)},
+    "vgg-bn": {"build": lambda: PlainCNN(channels=(16, 32, 64), batch_norm=True),
+               "train": {"epochs": 2, "lr": 0.05, "batch_size": 128, "samples": 60000}},
+    "vgg": {"build": lambda: PlainCNN(channels=(16, 32, 64)),
+            "train": {"epochs": 2, "lr": 0.05, "batch_size": 128, "samples": 60000}},
+    "resnet20-bn": {"build": lambda: ResNetMini(width=8, blocks_per_stage=(3, 3, 3), norm="bn"),
+                    "train": {"epochs": 3, "lr": 0.1, "batch_size": 128, "samples": 20000}},
+    "resnet20-ln": {"build": lambda: ResNetMini(width=8, blocks_per_stage=(3, 3, 3), norm="ln"),
+                    "train": {"epochs": 3, "lr": 0.1, "batch_size": 128, "samples": 20000}},
+}
+
+
+def he_init_(model: nn.Module) -> None:
+    """He (Kaiming normal, fan-in) weights and zero biases: deep ReLU MLPs train from it."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+
+
+def run_key(name: str, epochs: int | None) -> str:
+    """Cache/result key of a pair; ``@eN`` marks a run with the training epochs overridden."""
+    return name if epochs is None else f"{name}@e{epochs}"
+
+
+def trained_pair(name: str, x: torch.Tensor, y: torch.Tensor, epochs: int | None = None) -> list[nn.Module]:
+    spec, models = PAIRS[name], []
+    t = {**spec["train"], **({} if epochs is None else {"epochs": epochs})}
+    key = run_key(name, epochs)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = spec["build"]()
+        if spec.get("he_init"):
+            he_init_(model)
+        n = t["samples"]
+        models.append(load_or_train(CACHE / f"merge-{key}-s{seed}.pt", model, x[:n], y[:n], t["epochs"], t["lr"],
+                                    seed, t["batch_size"], log=lambda line: print(f"  {name} s{seed} {line}",
+                                                                                   flush=True)))
+    return models
+
+
+def median_seconds(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_both(models: list[nn.Module], batches: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for m in models:
+            for b in batches:
+                m(b)
+
+
+def run_pair(name: str, x, y, x_test, y_test, curve_points: int, epochs: int | None = None) -> dict:
+    models = trained_pair(name, x, y, epochs)
+    calib_x, _ = calibration_batch(x, y, 1000, seed=0)
+    calib = list(calib_x.split(250))
+    acc = lambda m: evaluate(m, x_test, y_test)["acc"]  # noqa: E731
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in models[0].modules())
+    row: dict = {"endpoints": [acc(m) for m in models]}
+    row["naive"] = acc(prepare_merge(models, calib, align="none").merged([0.5, 0.5], repair="none")[0])
+    plans = {}
+    for method in ("weight", "activation"):
+        plan = plans[method] = prepare_merge(models, calib, align=method)
+        short = "wm" if method == "weight" else "am"
+        for mode in ("none", "reset", "repair", "rescale"):
+            if mode == "reset" and not has_bn:
+                row[f"{short}_{mode}"] = None
+                continue
+            row[f"{short}_{mode}"] = acc(plan.merged([0.5, 0.5], repair=mode)[0])
+        row[f"{short}_sweeps"] = plan.alignments[1].sweeps
+    row["am_closed_form"] = acc(plans["activation"].merged([0.5, 0.5], repair="repair", variant="closed-form")[0])
+    groups = plans["weight"].groups
+    row["seconds"] = {
+        "wm": median_seconds(lambda: weight_matching(models[0], models[1], groups)),
+        "am": median_seconds(lambda: activation_matching(models[0], models[1], calib, groups)),
+        "forward": median_seconds(lambda: forward_both(models, calib)),
+    }
+    curve = barrier_curve(None, None, None, x_test, y_test, alphas=curve_points, repair="auto",
+                          plan=plans["activation"])
+    row["curve"] = curve.to_dict()
+    key = run_key(name, epochs)
+    plot_curve(curve, HERE / f"merge_curve_{key}.png", title=f"{key}: activation matching, raw vs auto repair")
+    return row
+
+
+def pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def section(results: dict[str, dict], meta: dict) -> str:
+    lines = [START, "## Merging (bench_merge.py)", "",
+             f"Measured {meta['date']} with torch {meta['torch']}, {meta['threads']} CPU thread(s) on a shared "
+             "2-core machine. Reproduce: `python benchmarks/bench_merge.py` (trained pairs cached in "
+             "benchmarks/cache/). Reduced budget: MLPs 3 epochs (He init), CNNs (channels 16/32/64) 2 epochs, "
+             "ResNet-20 layout at width 8 for 3 epochs on 20k images; calibration 1,000 training images; "
+             "accuracy on all 10,000 test images (%). Exact one-pass repair unless noted; `reset` only applies "
+             "to BatchNorm nets. Rows `PAIR@eN` were trained for N epochs instead (`--epochs N`).", "",
+             "| pair | A | B | naive | WM | WM+reset | WM+repair | WM+rescale | AM | AM+reset | AM+repair | "
+             "AM+rescale | AM+repair closed-form |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        cells = [pct(r["endpoints"][0]), pct(r["endpoints"][1]), pct(r["naive"])]
+        cells += [pct(r[f"{m}_{k}"]) for m in ("wm", "am") for k in ("none", "reset", "repair", "rescale")]
+        cells.append(pct(r["am_closed_form"]))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Reference (REPAIR paper code, MNIST MLP 10 layers x 128): endpoints 98.8%, aligned midpoint "
+              "80.8%, aligned + REPAIR 95.9%.", "",
+              "Barriers along the AM-aligned path (11 alphas; accuracy barrier = largest drop below the line "
+              "between the endpoints, in points; `auto` = reset at BatchNorm sites, repair elsewhere):", "",
+              "| pair | acc barrier raw | acc barrier auto | loss barrier raw | loss barrier auto | plot |",
+              "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        b = r["curve"]["barrier"]
+        lines.append(f"| {name} | {pct(b['acc_raw'])} | {pct(b['acc'])} | {b['loss_raw']:.3f} | {b['loss']:.3f} | "
+                     f"[png](merge_curve_{name}.png) |")
+    lines += ["", "Alignment cost, median of 3 runs on the 1,000 calibration images. `forward` = one plain "
+              "no-grad pass of BOTH models over the same data (the floor for activation matching).", "",
+              "| pair | WM s | WM sweeps | AM s | forward s | AM / forward |", "|---|---|---|---|---|---|"]
+    ratios = []
+    for name, r in results.items():
+        s = r["seconds"]
+        ratios.append(s["am"] / s["forward"])
+        lines.append(f"| {name} | {s['wm']:.3f} | {r['wm_sweeps']} | {s['am']:.3f} | {s['forward']:.3f} | "
+                     f"{ratios[-1]:.1f}x |")
+    lines += ["", f"Median AM / forward ratio over the pairs: {statistics.median(ratios):.1f}x; median WM time "
+              f"{statistics.median(r['seconds']['wm'] for r in results.values()):.3f} s, median AM time "
+              f"{statistics.median(r['seconds']['am'] for r in results.values()):.3f} s.", END]
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    old = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
+    if START in old and END in old:
+        new = old[: old.index(START)] + text + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    RESULTS.write_text(new)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("pairs", nargs="*", help=f"pairs to run (default: all of {', '.join(PAIRS)})")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
+    parser.add_argument("--curve", type=int, default=11, help="alphas on each barrier curve")
+    parser.add_argument("--epochs", type=int, default=None, help="override the training epochs (extra rows "
+                        "named PAIR@eN, e.g. to see how weight matching depends on training length)")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild RESULTS.md from cached results")
+    args = parser.parse_args()
+    unknown = [p for p in args.pairs if p not in PAIRS]
+    if unknown:
+        parser.error(f"unknown pair(s) {', '.join(unknown)}: choose from {', '.join(PAIRS)}")
+    torch.set_num_threads(args.threads)
+    CACHE.mkdir(exist_ok=True)
+    if not args.report_only:
+        x, y = load_dataset("mnist:train")
+        x_test, y_test = load_dataset("mnist:test")
+        for name in args.pairs or PAIRS:
+            start = time.perf_counter()
+            row = run_pair(name, x, y, x_test, y_test, args.curve, args.epochs)
+            row["meta"] = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": args.threads}
+            key = run_key(name, args.epochs)
+            (CACHE / f"merge-results-{key}.json").write_text(json.dumps(row, indent=1))
+            print(f"{key}: {json.dumps({k: v for k, v in row.items() if k not in ('curve', 'meta')})} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+    files = sorted(CACHE.glob("merge-results-*.json"), key=lambda f: (
+        list(PAIRS).index(f.stem[len("merge-results-"):].split("@")[0]), f.stem))
+    results = {f.stem[len("merge-results-"):]: json.loads(f.read_text()) for f in files
+               if f.stem[len("merge-results-"):].split("@")[0] in PAIRS}
+    if results:
+        write_section(section(results, next(iter(results.values()))["meta"]))
+        print(f"wrote the merge section of {RESULTS} ({len(results)} pairs)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

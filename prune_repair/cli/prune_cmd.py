@@ -1,0 +1,114 @@
+"""``prune-repair prune``: one-shot pruning at one or more sparsities, then repair."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from ..data import calibration_batch, load_dataset
+from ..io import load_model, resolve_arch, save_state_dict
+from ..pipeline import PruneRun, parse_sparsities, prune_and_repair
+from ..prune.methods import FisherOptions, PruneMethod
+from ..renorm import RepairMode
+from ..repair import check_finite
+from . import main
+from .common import (
+    check_fits,
+    check_outputs,
+    common_options,
+    console,
+    handle_errors,
+    load_data,
+    progress,
+    resolve_device,
+    write_report,
+)
+
+
+@main.command("prune")
+@click.argument("ckpt")
+@common_options
+@click.option("--sparsity", "sparsity", required=True, help="fraction of conv/linear weights to zero, in [0, 1); "
+              "several as 0.5,0.8,0.9 (--out gets the last).")
+@click.option("--method", default=PruneMethod.GLOBAL_MAGNITUDE.value, show_default=True,
+              type=click.Choice([m.value for m in PruneMethod]), help="how weights are scored.")
+@click.option("--repair", "mode", default="auto", show_default=True, type=click.Choice([m.value for m in RepairMode]),
+              help="correction after pruning: auto = reset BatchNorm sites, repair the others; none = skip.")
+@click.option("--skip-first", is_flag=True, help="leave the first conv/linear layer dense.")
+@click.option("--skip-classifier", is_flag=True, help="leave the last conv/linear layer (the classifier) dense.")
+@click.option("--layers", multiple=True, help="prune only these layers: FQN or re:REGEX (repeatable).")
+@click.option("--include-classifier", is_flag=True, help="also correct the classifier's logits.")
+@click.option("--fisher-samples", default=400, show_default=True, type=click.IntRange(min=1),
+              help="fisher/woodfisher: gradients used (fisher subsample size).")
+@click.option("--fisher-batch", default=1, show_default=True, type=click.IntRange(min=1),
+              help="woodfisher: samples averaged per gradient (fisher mini-batch size).")
+@click.option("--damp", default=1e-5, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="woodfisher: damping of the Fisher diagonal.")
+@click.option("--block-size", default=128, show_default=True, type=click.IntRange(min=1),
+              help="woodfisher: weights per inverse-Fisher block (memory: block-size floats per weight).")
+@click.option("--obs-update", is_flag=True, help="woodfisher: move the kept weights by the OBS update.")
+@click.option("--max-memory-gb", default=4.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="woodfisher: refuse block sizes needing more memory than this.")
+@handle_errors
+def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, device, out, report, force, sparsity,
+                  method, mode, skip_first, skip_classifier, layers, include_classifier, fisher_samples,
+                  fisher_batch, damp, block_size, obs_update, max_memory_gb) -> None:
+    """Prune CKPT (a path or zoo:NAME) at each --sparsity, repair toward its statistics, evaluate.
+
+    \b
+    Examples:
+      prune-repair prune zoo:mnist-cnn --data mnist --sparsity 0.9 --out pruned.pt
+      prune-repair prune zoo:mnist-mlp --data mnist --sparsity 0.5,0.8,0.9,0.95 \\
+          --method woodfisher --report report.json --out pruned.pt
+    """
+    sparsities = parse_sparsities(sparsity)
+    check_outputs(out, report, [ckpt], force)
+    dev = resolve_device(device)
+    arch, arch_kwargs = resolve_arch([ckpt], arch, arch_kwargs)
+    model = load_model(ckpt, arch, arch_kwargs).to(dev)
+    check_finite(model)
+    d = load_data(data, eval_data, calib_size, seed, dev)
+    check_fits(model, d.calib_x)
+    method = PruneMethod(method)
+    options = FisherOptions(num_grads=fisher_samples, group_size=fisher_batch, damp=damp, block_size=block_size,
+                            obs_update=obs_update, max_memory_gb=max_memory_gb, seed=seed)
+    fisher_data = None
+    if method.needs_labels:
+        x, y = load_dataset(data)
+        fx, fy = calibration_batch(x, y, min(len(x), fisher_samples * fisher_batch), seed + 1)
+        fisher_data = (fx.to(dev), fy.to(dev))
+
+    with progress() as bar:
+        task = bar.add_task(f"{method.value} gradients", total=None, visible=method.needs_labels)
+        run = prune_and_repair(
+            model, (d.calib_x, d.calib_y), sparsities, method=method, repair=mode, eval_data=(d.eval_x, d.eval_y),
+            fisher_data=fisher_data, options=options, select=list(layers) or None, skip_first=skip_first,
+            skip_classifier=skip_classifier, include_classifier=include_classifier,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    save_state_dict(run.model, out)
+    write_report(report, {**run.to_report(), "calib_size": calib_size, "seed": seed, "eval_data": d.eval_name,
+                          "fisher": _fisher_settings(method, options)})
+    console.print(_table(run, d.eval_name, len(d.eval_y), out))
+
+
+def _fisher_settings(method: PruneMethod, options: FisherOptions) -> dict | None:
+    if not method.needs_labels:
+        return None
+    settings = {"samples": options.num_grads, "seed": options.seed + 1}
+    if method is PruneMethod.WOODFISHER:
+        settings.update(batch=options.group_size, damp=options.damp, block_size=options.block_size,
+                        obs_update=options.obs_update)
+    return settings
+
+
+def _table(run: PruneRun, eval_name: str, eval_count: int, out: str) -> Table:
+    table = Table(title=f"prune: {run.method}, repair: {run.repair}",
+                  caption=f"accuracy on {eval_name} ({eval_count} samples); the last row is written to {out}")
+    for name in ("sparsity", "achieved", "dense", "pruned", "repaired", "prune s", "repair s"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for r in run.rows:
+        table.add_row(f"{r.sparsity:g}", f"{100 * r.achieved_sparsity:.2f}%", f"{100 * run.dense['acc']:.2f}%",
+                      f"{100 * r.acc_pruned:.2f}%", f"{100 * r.acc_repaired:.2f}%",
+                      f"{r.seconds['prune']:.2f}", f"{r.seconds['repair']:.2f}")
+    return table

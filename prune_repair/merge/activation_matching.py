@@ -1,0 +1,260 @@
+"""Activation matching, and moments of paired units of several models.
+
+:func:`activation_matching` pairs the hidden units of B with those of A by the correlation
+of their activations (Li et al. 2015; REPAIR). Per-batch moments are accumulated in float64
+and merged exactly (Chan's update), for every group in ONE pass over the data: each batch
+runs through A and then B with hooks that capture the tensors of all groups. The
+activations of a group are the inputs of the layers that consume its channels (after the
+nonlinearity); a group that no layer consumes is observed at its producers' outputs.
+Units with zero spread ("dead") get zero correlation and are counted; the producers'
+pre-activation correlations, with a tiny weight, decide between units that tie.
+
+:func:`site_moments` gathers, in one lockstep pass, the per-channel means and the
+covariance between models at every repair site: the goal statistics of a merge and the
+cross-covariances the closed-form REPAIR variant needs.
+
+Example:
+    >>> import torch
+    >>> from prune_repair.models import MLP
+    >>> from prune_repair.groups import find_groups
+    >>> from prune_repair.merge.permute import permute, random_perms
+    >>> a = MLP(widths=(16, 16))
+    >>> x = torch.randn(128, 1, 28, 28)
+    >>> groups = find_groups(a, x)
+    >>> perms = random_perms(groups, torch.Generator().manual_seed(0))
+    >>> al = activation_matching(a, permute(a, groups, perms), x, groups)
+    >>> all(torch.equal(al.perms[g.name][perms[g.name]], torch.arange(16)) for g in groups)
+    True
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._forward import ForwardFn, as_batches, first_tensor, hooked_pass
+from ..sites import Site
+from ..stats import ActivationStats, ChannelStats
+from ..groups import PermGroup
+from .permute import Alignment
+from .weight_matching import assign
+
+
+@dataclass(eq=False)
+class Probe:
+    """Where a group's channels are seen: the input or output of module ``module``,
+    channel positions ``index`` along dim ``dim`` of that tensor; ``weight`` of its
+    correlations in the matching (tie-breakers get a tiny one)."""
+
+    module: str
+    side: str  # "in" or "out"
+    dim: int
+    index: torch.Tensor
+    weight: float = 1.0
+
+
+TIE_BREAK = 1e-6
+"""Weight of the producers' pre-activation correlations, which only decide between units
+whose consumer-side activations tie (e.g. units that never fire)."""
+
+
+def probes_of(model: nn.Module, group: PermGroup) -> list[Probe]:
+    """Probes of ``group``: the inputs of its consumers (weight 1) plus its producers' outputs
+    as tie-breakers, or the producers' outputs alone (weight 1) when nothing consumes it."""
+    modules = dict(model.named_modules())
+    ins, outs = [], []
+    for axis in group.axes:
+        name, _, param = axis.key.rpartition(".")
+        m = modules.get(name)
+        if m is None or param not in ("weight", "running_mean"):
+            continue
+        conv = isinstance(m, nn.modules.conv._ConvNd) and not m.transposed
+        if axis.dim == 1 and (isinstance(m, nn.Linear) or (conv and m.groups == 1)):
+            ins.append(Probe(name, "in", -1 if isinstance(m, nn.Linear) else 1, axis.index))
+        elif axis.dim == 0 and isinstance(m, nn.LayerNorm):
+            ins.append(Probe(name, "in", -1, axis.index))
+        elif axis.dim == 0 and isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase,
+                                              nn.GroupNorm)):
+            outs.append(Probe(name, "out", -1 if isinstance(m, nn.Linear) else 1, axis.index))
+        elif axis.dim == 1 and isinstance(m, nn.Embedding):
+            outs.append(Probe(name, "out", -1, axis.index))
+    if not ins:
+        return outs
+    return ins + [Probe(p.module, p.side, p.dim, p.index, TIE_BREAK) for p in outs]
+
+
+def _samples(y: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """(samples, channels) float64 view of a probed tensor (blocks become samples)."""
+    c, k = index.shape
+    moved = y.detach().movedim(dim, -1)
+    picked = moved.index_select(-1, index.flatten().to(y.device)).reshape(-1, c, k)
+    return picked.transpose(1, 2).reshape(-1, c).to(torch.float64)
+
+
+def _capture(model: nn.Module, batch: Any, probes: dict[nn.Module, list], forward_fn: ForwardFn | None) -> dict:
+    """Run one batch, returning {probe key: tensor} for ``probes = {module: [(key, side)]}``."""
+    seen: dict[Any, torch.Tensor] = {}
+    pre, post = {}, {}
+    for module, wanted in probes.items():
+        if any(side == "in" for _, side in wanted):
+            pre[module] = lambda m, inputs, w=wanted: seen.update({k: inputs[0] for k, s in w if s == "in"})
+        if any(side == "out" for _, side in wanted):
+            post[module] = lambda m, i, out, w=wanted: seen.update({k: first_tensor(out) for k, s in w if s == "out"})
+    with hooked_pass(model, forward_hooks=post, pre_hooks=pre, forward_fn=forward_fn) as run:
+        run(batch)
+    return seen
+
+
+class _Moments:
+    """Float64 count/means/co-moment of paired (samples, C) blocks, merged exactly."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def add(self, y: torch.Tensor) -> None:
+        """``y``: (K, n, C) -> per channel K x K co-moment (or (2, n, C) -> C x C cross)."""
+        n = y.shape[1]
+        mean = y.mean(dim=1)
+        m2 = self._comoment(y - mean[:, None, :])
+        if self.mean is None:
+            self.n, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.n + n
+        delta = mean - self.mean
+        self.m2 = self.m2 + m2 + self._comoment(delta[:, None, :]) * (self.n * n / total)
+        self.mean = self.mean + delta * (n / total)
+        self.n = total
+
+
+class _Cross(_Moments):
+    @staticmethod
+    def _comoment(c: torch.Tensor) -> torch.Tensor:  # (2, n, C) -> (C, C) plus the two variances
+        return torch.cat([c[0].T @ c[1], c[0].square().sum(0)[None], c[1].square().sum(0)[None]])
+
+
+class _PerChannel(_Moments):
+    @staticmethod
+    def _comoment(c: torch.Tensor) -> torch.Tensor:  # (K, n, C) -> (K, K, C)
+        return torch.einsum("knc,lnc->klc", c, c)
+
+
+def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[PermGroup], *,
+                        forward_fn: ForwardFn | None = None) -> Alignment:
+    """Permutations aligning ``b`` to ``a`` by the correlation of paired units (one pass).
+
+    Args:
+        a, b: models of the same architecture (unchanged; train/eval mode restored).
+        data: calibration data: one batch or an iterable of batches.
+        groups: permutation groups (see :func:`prune_repair.groups.find_groups`).
+        forward_fn: ``forward_fn(model, batch)`` for batches that are not plain tensors.
+    """
+    start = time.perf_counter()
+    probe_lists = {g.name: probes_of(a, g) for g in groups}
+    for g in groups:
+        if not probe_lists[g.name]:
+            raise ValueError(f"group '{g.name}' has no layer whose activations can be observed: "
+                             "use align='weight' or pass groups that name a conv/linear/norm layer")
+    specs = []
+    for model in (a, b):
+        mods = dict(model.named_modules())
+        spec: dict[nn.Module, list] = {}
+        for name, plist in probe_lists.items():
+            for i, p in enumerate(plist):
+                spec.setdefault(mods[p.module], []).append(((name, i), p.side))
+        specs.append(spec)
+    moments: dict[tuple[str, int], _Cross] = {}
+    for batch in as_batches(data):
+        ya = _capture(a, batch, specs[0], forward_fn)
+        yb = _capture(b, batch, specs[1], forward_fn)
+        for name, plist in probe_lists.items():
+            used: set[tuple[int, int]] = set()
+            for i, p in enumerate(plist):
+                key = (name, i)
+                if key not in ya or key not in yb:
+                    raise ValueError(f"layer '{p.module}' did not run in the forward pass: check forward_fn")
+                if (id(ya[key]), id(yb[key])) in used:
+                    continue  # two consumers of one tensor: count it once
+                used.add((id(ya[key]), id(yb[key])))
+                pair = torch.stack([_samples(ya[key], p.dim, p.index), _samples(yb[key], p.dim, p.index)])
+                moments.setdefault(key, _Cross()).add(pair)
+    perms, dead = {}, {}
+    for g in groups:
+        corr = torch.zeros(g.size, g.size, dtype=torch.float64)
+        dead_any = torch.zeros(g.size, dtype=torch.bool)
+        for key, m in moments.items():
+            if key[0] != g.name:
+                continue
+            cross, var_a, var_b = m.m2[:-2], m.m2[-2], m.m2[-1]
+            std_a, std_b = var_a.clamp_min(0).sqrt(), var_b.clamp_min(0).sqrt()
+            dead_a = std_a <= 1e-12 * (std_a.max() + 1e-300)
+            dead_b = std_b <= 1e-12 * (std_b.max() + 1e-300)
+            c = cross / (torch.where(dead_a, 1.0, std_a)[:, None] * torch.where(dead_b, 1.0, std_b)[None, :])
+            c[dead_a, :] = 0
+            c[:, dead_b] = 0
+            probe = probe_lists[g.name][key[1]]
+            corr += probe.weight * c.cpu()
+            if probe.weight == 1.0:
+                dead_any |= (dead_a | dead_b).cpu()
+        perms[g.name] = assign(corr, g.labels)
+        dead[g.name] = int(dead_any.sum())
+    return Alignment(perms, "activation", time.perf_counter() - start, dead_units=dead)
+
+
+@dataclass
+class SiteMoments:
+    """Per-channel means ``(K, C)`` and between-model covariances ``(K, K, C)`` at each site."""
+
+    sites: list[Site]
+    count: dict[str, int]
+    mean: dict[str, torch.Tensor]
+    cov: dict[str, torch.Tensor]
+
+    def stats(self, k: int) -> ActivationStats:
+        """The :class:`ActivationStats` of model ``k`` alone."""
+        return self.goal([1.0 if i == k else 0.0 for i in range(next(iter(self.mean.values())).shape[0])])
+
+    def goal(self, weights: Sequence[float]) -> ActivationStats:
+        """Goal statistics of a merge with ``weights``: weighted means and weighted STDs."""
+        w = torch.tensor(list(weights), dtype=torch.float64)
+        out = {}
+        for s in self.sites:
+            std = self.cov[s.fqn].diagonal(dim1=0, dim2=1).T.clamp_min(0).sqrt()  # (K, C)
+            out[s.fqn] = ChannelStats.from_moments(w.to(std.device) @ self.mean[s.fqn], w.to(std.device) @ std,
+                                                   self.count[s.fqn])
+        return ActivationStats(self.sites, out)
+
+    def predicted(self, weights: Sequence[float]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(mean, std) of each channel of ``sum_k w_k X_k`` (REPAIR eq. 5), per site."""
+        w = torch.tensor(list(weights), dtype=torch.float64)
+        out = {}
+        for s in self.sites:
+            cov, wd = self.cov[s.fqn], w.to(self.cov[s.fqn].device)
+            var = torch.einsum("k,klc,l->c", wd, cov, wd)
+            out[s.fqn] = (wd @ self.mean[s.fqn], var.clamp_min(0).sqrt())
+        return out
+
+
+def site_moments(models: Sequence[nn.Module], data: Any, sites: Sequence[Site], *,
+                 forward_fn: ForwardFn | None = None) -> SiteMoments:
+    """Moments of the paired channels of ``models`` at ``sites``, in one pass over ``data``."""
+    acc: dict[str, _PerChannel] = {s.fqn: _PerChannel() for s in sites}
+    for batch in as_batches(data):
+        captured = []
+        for model in models:
+            mods = dict(model.named_modules())
+            if any(s.fqn not in mods for s in sites):
+                raise ValueError("a site is missing from one of the models: merge models of the same architecture")
+            captured.append(_capture(model, batch, {mods[s.fqn]: [(s.fqn, "out")] for s in sites}, forward_fn))
+        for s in sites:
+            if any(s.fqn not in c for c in captured):
+                raise ValueError(f"site '{s.fqn}' never ran in the forward pass: check forward_fn")
+            ys = [c[s.fqn].detach().movedim(s.channel_dim, -1).reshape(-1, s.channels).to(torch.float64)
+                  for c in captured]
+            acc[s.fqn].add(torch.stack(ys))
+    return SiteMoments(list(sites), {k: v.n for k, v in acc.items()}, {k: v.mean for k, v in acc.items()},
+                       {k: v.m2 / v.n for k, v in acc.items()})

@@ -1,0 +1,172 @@
+"""The prune -> repair -> evaluate flow shared by ``prune-repair prune`` and the benchmarks.
+
+Reference statistics are measured once on the dense model, weights are scored once
+(Fisher/WoodFisher scores do not depend on the sparsity), then each sparsity is
+applied to a fresh copy of the dense model, repaired and evaluated. The returned
+:class:`PruneRun` renders the ``--report`` JSON of DESIGN.md sec. 4.
+
+Example:
+    >>> import torch
+    >>> from prune_repair.models import MLP
+    >>> _ = torch.manual_seed(0)
+    >>> model = MLP(widths=(32,), in_features=10)
+    >>> x, y = torch.randn(64, 10), torch.randint(0, 10, (64,))
+    >>> run = prune_and_repair(model, (x, y), [0.5, 0.9], eval_data=(x, y))
+    >>> [r.sparsity for r in run.rows], sorted(run.to_report())
+    ([0.5, 0.9], ['dead_channels', 'dense', 'method', 'repair', 'results'])
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .evaluate import evaluate
+from .prune.fisher import Progress
+from .prune.masks import check_sparsity, measure_sparsity
+from .prune.methods import FisherOptions, PruneMethod, parse_method, prune_, score_weights
+from .prune.targets import PruneError, find_targets
+from .prune.woodfisher import check_woodfisher_memory
+from .renorm import RepairMode
+from .repair import repair_
+from .sites import Selector
+from .stats import collect_stats
+
+Metrics = dict[str, float]
+
+
+@dataclass
+class PruneRow:
+    """One sparsity: pruned and repaired metrics, achieved sparsity, seconds."""
+
+    sparsity: float
+    achieved_sparsity: float
+    acc_pruned: float
+    loss_pruned: float
+    acc_repaired: float
+    loss_repaired: float
+    seconds: dict[str, float]
+    dead_channels: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row of the ``--report`` JSON: exactly the keys of DESIGN.md sec. 4."""
+        return {k: v for k, v in self.__dict__.items() if k != "dead_channels"}
+
+
+@dataclass
+class PruneRun:
+    """Result of :func:`prune_and_repair`; ``model`` is the repaired model at the last sparsity."""
+
+    method: str
+    repair: str
+    dense: Metrics
+    rows: list[PruneRow]
+    model: nn.Module | None = field(default=None, repr=False)
+
+    def to_report(self) -> dict[str, Any]:
+        """The ``--report`` JSON (DESIGN.md sec. 4), plus the method and repair mode."""
+        return {"method": self.method, "repair": self.repair, "dense": dict(self.dense),
+                "results": [r.to_dict() for r in self.rows],
+                "dead_channels": [r.dead_channels for r in self.rows]}
+
+
+def parse_sparsities(text: str | float | Sequence[float]) -> list[float]:
+    """``"0.5,0.9"`` (or a number, or a list) as checked sparsities, in the given order.
+
+    >>> parse_sparsities("0.5, 0.9")
+    [0.5, 0.9]
+    """
+    if isinstance(text, str):
+        parts = [p.strip() for p in text.split(",")]
+        if not all(parts):
+            raise PruneError(f"sparsity list {text!r} has an empty item: write e.g. 0.5,0.8,0.9")
+        values: list[Any] = []
+        for p in parts:
+            try:
+                values.append(float(p))
+            except ValueError:
+                raise PruneError(f"sparsity {p!r} is not a number: write e.g. 0.5,0.8,0.9") from None
+    elif isinstance(text, (int, float)):
+        values = [text]
+    else:
+        values = list(text)
+    if not values:
+        raise PruneError("no sparsity given: pass at least one, e.g. 0.9")
+    return [check_sparsity(v) for v in values]
+
+
+def prune_and_repair(
+    model: nn.Module,
+    calib: tuple[torch.Tensor, torch.Tensor],
+    sparsities: Sequence[float],
+    *,
+    method: PruneMethod | str = PruneMethod.GLOBAL_MAGNITUDE,
+    repair: RepairMode | str = RepairMode.AUTO,
+    eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    fisher_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    options: FisherOptions | None = None,
+    select: Selector = None,
+    skip_first: bool = False,
+    skip_classifier: bool = False,
+    include_classifier: bool = False,
+    progress: Progress | None = None,
+    on_row: Callable[[PruneRow], None] | None = None,
+) -> PruneRun:
+    """Prune ``model`` (left unchanged) at each sparsity, repair toward its statistics, evaluate.
+
+    Args:
+        model: the dense model.
+        calib: ``(x, y)`` calibration batch (statistics; Fisher gradients unless ``fisher_data``).
+        sparsities: checked to lie in [0, 1).
+        method, repair: a :class:`PruneMethod` and a :class:`RepairMode` (``none`` skips repair).
+        eval_data: ``(x, y)`` to evaluate on (default: ``calib``).
+        fisher_data: ``(x, y)`` for the gradient-based scorers (default: ``calib``).
+        options, select, skip_first, skip_classifier: see :func:`~prune_repair.prune.prune_`.
+        include_classifier: also correct the classifier logits.
+        progress, on_row: callbacks for gradient progress and each finished row.
+    """
+    sparsities = [check_sparsity(s) for s in sparsities]
+    if not sparsities:
+        raise PruneError("no sparsity given: pass at least one, e.g. 0.9")
+    method, mode = parse_method(method), RepairMode(repair)
+    x, y = calib
+    eval_x, eval_y = eval_data if eval_data is not None else calib
+    targets = find_targets(model, select=select, skip_first=skip_first, skip_classifier=skip_classifier,
+                           example_inputs=x[:2])
+    if method is PruneMethod.WOODFISHER:  # refuse before any work, not after the dense evaluation
+        o = options or FisherOptions()
+        check_woodfisher_memory(targets, o.block_size, o.dtype, o.rank, o.max_memory_gb)
+    dense = evaluate(model, eval_x, eval_y)
+    start = time.perf_counter()
+    reference = collect_stats(model, x, include_classifier=include_classifier) if mode is not RepairMode.NONE else None
+    stats_seconds = time.perf_counter() - start
+    scores = score_weights(model, method, fisher_data if fisher_data is not None else calib, targets=targets,
+                           options=options, progress=progress)
+    rows, pruned = [], None
+    for sparsity in sparsities:
+        pruned = copy.deepcopy(model)
+        report = prune_(pruned, sparsity, method, (x, y), select=select, skip_first=skip_first,
+                        skip_classifier=skip_classifier, options=options, scores=scores)
+        before = evaluate(pruned, eval_x, eval_y)
+        after, repair_seconds, dead = before, 0.0, 0
+        if reference is not None:
+            result = repair_(pruned, reference, x, mode=mode)
+            repair_seconds = stats_seconds + result.seconds
+            dead = sum(len(v) for v in result.dead_channels.values())
+            after = evaluate(pruned, eval_x, eval_y)
+        achieved = measure_sparsity(find_targets(pruned, select=select, skip_first=skip_first,
+                                                 skip_classifier=skip_classifier, example_inputs=x[:2]))
+        row = PruneRow(
+            sparsity, achieved.fraction, before["acc"], before["loss"], after["acc"], after["loss"],
+            {"prune": report.seconds["score"] + report.seconds["mask"], "repair": repair_seconds}, dead,
+        )
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return PruneRun(method.value, mode.value, dense, rows, pruned)

@@ -1,0 +1,79 @@
+"""Pruning front end: one-shot unstructured pruners and the torch-pruning integration.
+
+- :func:`prune_` prunes a model in place with a :class:`PruneMethod`
+  (global-magnitude, layer-magnitude, fisher, woodfisher) and returns a
+  :class:`PruneReport`; :func:`score_weights` scores once for several sparsities.
+- :func:`find_targets` says which weights are prunable (conv + linear weights).
+- :func:`apply_masks_` / :func:`remove_reparametrization_` write masks as zeros or
+  through ``torch.nn.utils.prune``; :func:`measure_sparsity` counts zeros.
+- :mod:`.structured` maps reference statistics onto the channels torch-pruning keeps.
+
+Example:
+    >>> import torch, prune_repair as pr
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    >>> batch = torch.randn(64, 8)
+    >>> ref = pr.collect_stats(model, batch)
+    >>> prune_(model, 0.75).achieved_sparsity
+    0.75
+    >>> _ = pr.repair_(model, ref, batch)
+    >>> round(measure_sparsity(find_targets(model)).fraction, 6)
+    0.75
+"""
+
+from .fisher import fisher_scores, gradient_chunks, labeled_data
+from .magnitude import magnitude_scores
+from .masks import (
+    MaskStyle,
+    Sparsity,
+    apply_masks_,
+    check_sparsity,
+    masks_from_scores,
+    measure_sparsity,
+    remove_reparametrization_,
+)
+from .methods import FisherOptions, PruneMethod, PruneReport, PruneScores, parse_method, prune_, score_weights
+from .structured import (
+    StructuredReport,
+    kept_channels,
+    load_structured,
+    repair_structured_,
+    replay_history_,
+    save_structured,
+)
+from .targets import PruneError, Target, find_targets
+from .woodfisher import InverseFisher, inverse_fisher, woodfisher_memory, woodfisher_scores
+
+__all__ = [
+    "FisherOptions",
+    "InverseFisher",
+    "MaskStyle",
+    "PruneError",
+    "PruneMethod",
+    "PruneReport",
+    "PruneScores",
+    "Sparsity",
+    "StructuredReport",
+    "Target",
+    "apply_masks_",
+    "check_sparsity",
+    "find_targets",
+    "fisher_scores",
+    "gradient_chunks",
+    "inverse_fisher",
+    "kept_channels",
+    "load_structured",
+    "labeled_data",
+    "magnitude_scores",
+    "masks_from_scores",
+    "measure_sparsity",
+    "parse_method",
+    "prune_",
+    "remove_reparametrization_",
+    "repair_structured_",
+    "replay_history_",
+    "save_structured",
+    "score_weights",
+    "woodfisher_memory",
+    "woodfisher_scores",
+]

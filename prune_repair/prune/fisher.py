@@ -1,0 +1,182 @@
+"""Per-sample gradients of the prunable weights, and the diagonal-Fisher score.
+
+:func:`gradient_chunks` yields gradients of the loss with respect to every target
+weight, one gradient per group of ``group_size`` samples (1 = per-sample, the
+empirical Fisher), computed with ``torch.func.vmap(grad(...))`` over
+``functional_call`` (a per-sample loop is the fallback for models vmap cannot
+trace). The model runs in eval mode (BatchNorm uses its running statistics) and
+is left unchanged. Fisher-based pruning needs labels: data is ``(x, y)``.
+
+Diagonal Fisher score of weight q: ``w_q**2 * mean_n(g_nq**2) / 2``.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from .targets import find_targets
+    >>> model = nn.Sequential(nn.Linear(4, 3))
+    >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    >>> fisher_scores(model, find_targets(model), (x, y))["0"].shape
+    torch.Size([3, 4])
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from .targets import PruneError, Target, effective_weights
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``: called after each chunk of gradients."""
+
+
+def labeled_data(data: Any, method: str = "fisher") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` tensors from ``data``, or a :class:`PruneError` saying labels are needed."""
+    if isinstance(data, dict) and "x" in data and "y" in data:
+        data = (data["x"], data["y"])
+    if (
+        isinstance(data, (tuple, list)) and len(data) == 2
+        and all(isinstance(t, torch.Tensor) for t in data)
+    ):
+        x, y = data
+        if y.dim() != 1 or y.is_floating_point() or len(y) != len(x):
+            raise PruneError(
+                f"{method} pruning needs one integer class label per sample: got labels of shape "
+                f"{list(y.shape)} and dtype {y.dtype} for {len(x)} samples"
+            )
+        if len(x) == 0:
+            raise PruneError(f"{method} pruning needs calibration samples: the data is empty")
+        return x, y
+    raise PruneError(
+        f"{method} pruning needs labelled calibration data: pass data=(x, y) with integer class labels y"
+    )
+
+
+def _sample_order(n: int, needed: int, seed: int) -> torch.Tensor:
+    """Indices of ``needed`` samples: seeded permutations of ``range(n)``, repeated when needed > n."""
+    generator = torch.Generator().manual_seed(int(seed))
+    parts = [torch.randperm(n, generator=generator) for _ in range(-(-needed // n))]
+    return torch.cat(parts)[:needed]
+
+
+def gradient_chunks(
+    model: nn.Module,
+    targets: list[Target],
+    data: Any,
+    *,
+    num_grads: int | None = None,
+    group_size: int = 1,
+    chunk: int = 32,
+    seed: int = 0,
+    loss_fn: LossFn | None = None,
+    progress: Progress | None = None,
+    method: str = "fisher",
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield ``{fqn: (k, *weight.shape)}`` gradient chunks, ``num_grads`` gradients in all.
+
+    Each gradient is of the mean loss over ``group_size`` samples. ``num_grads``
+    defaults to ``len(x) // group_size``; when more samples are needed than ``x``
+    holds, seeded permutations of the data are repeated.
+    """
+    x, y = labeled_data(data, method)
+    if group_size < 1 or chunk < 1:
+        raise PruneError(f"group_size and chunk must be at least 1, got {group_size} and {chunk}")
+    num_grads = len(x) // group_size if num_grads is None else int(num_grads)
+    if num_grads < 1:
+        raise PruneError(f"{method} needs at least one gradient: {len(x)} samples < mini-batch size {group_size}")
+    loss_fn = loss_fn or F.cross_entropy
+    param = next(iter(model.parameters()))
+    order = _sample_order(len(x), num_grads * group_size, seed)
+    names = {t.stored_name: t.fqn for t in targets}
+    state = {**{n: p.detach() for n, p in model.named_parameters()}, **dict(model.named_buffers())}
+    modes = [(m, m.training) for m in model.modules()]
+    use_vmap = True
+    try:
+        model.eval()
+        for start in range(0, num_grads, chunk):
+            k = min(chunk, num_grads - start)
+            idx = order[start * group_size:(start + k) * group_size]
+            xb = x[idx.to(x.device)].to(param.device, dtype=param.dtype if x.is_floating_point() else None)
+            yb = y[idx.to(y.device)].to(param.device)
+            xb, yb = xb.reshape(k, group_size, *xb.shape[1:]), yb.reshape(k, group_size)
+            if use_vmap:
+                try:
+                    grads = _vmap_grads(model, state, names, xb, yb, loss_fn)
+                except (RuntimeError, NotImplementedError) as err:
+                    warnings.warn(f"vmap cannot trace this model ({str(err).splitlines()[0]}): using a per-sample loop")
+                    use_vmap = False
+            if not use_vmap:
+                grads = _loop_grads(model, targets, xb, yb, loss_fn)
+            yield grads
+            if progress is not None:
+                progress(start + k, num_grads)
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _vmap_grads(model, state, names, xb, yb, loss_fn) -> dict[str, torch.Tensor]:
+    wanted = {n: state[n] for n in names}
+    rest = {n: t for n, t in state.items() if n not in wanted}
+
+    def loss(weights: dict[str, torch.Tensor], xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        return loss_fn(functional_call(model, {**rest, **weights}, (xs,)), ys)
+
+    grads = vmap(grad(loss), in_dims=(None, 0, 0))(wanted, xb, yb)
+    return {names[n]: g.detach() for n, g in grads.items()}
+
+
+def _loop_grads(model, targets, xb, yb, loss_fn) -> dict[str, torch.Tensor]:
+    stored = [t.stored for t in targets]
+    flags = [p.requires_grad for p in stored]
+    try:
+        for p in stored:
+            p.requires_grad_(True)
+        rows = []
+        for xs, ys in zip(xb, yb):
+            rows.append(torch.autograd.grad(loss_fn(model(xs), ys), stored, allow_unused=True))
+    finally:
+        for p, flag in zip(stored, flags):
+            p.requires_grad_(flag)
+    return {
+        t.fqn: torch.stack([g if g is not None else torch.zeros_like(t.stored) for g in (row[i] for row in rows)])
+        for i, t in enumerate(targets)
+    }
+
+
+def fisher_scores(
+    model: nn.Module,
+    targets: list[Target],
+    data: Any,
+    *,
+    num_grads: int | None = None,
+    chunk: int = 32,
+    seed: int = 0,
+    loss_fn: LossFn | None = None,
+    progress: Progress | None = None,
+) -> dict[str, torch.Tensor]:
+    """Diagonal empirical-Fisher saliency ``w**2 * mean(g**2) / 2`` from per-sample gradients.
+
+    Args:
+        model, targets: the model and its prunable layers (:func:`find_targets`).
+        data: ``(x, y)`` calibration tensors; labels are required.
+        num_grads: number of per-sample gradients (default: every sample once).
+        chunk: gradients computed per vmap call (memory: ``chunk * prunable weights``).
+        seed, loss_fn, progress: sample order, loss (default cross-entropy), callback.
+    """
+    sq = {t.fqn: torch.zeros(t.stored.shape, dtype=torch.float64, device=t.stored.device) for t in targets}
+    count = 0
+    for grads in gradient_chunks(model, targets, data, num_grads=num_grads, chunk=chunk, seed=seed,
+                                 loss_fn=loss_fn, progress=progress, method="fisher"):
+        for fqn, g in grads.items():
+            sq[fqn] += g.to(torch.float64).square().sum(0)
+        count += next(iter(grads.values())).shape[0]
+    weights = effective_weights(targets)
+    return {fqn: weights[fqn].to(torch.float64).square() * (sq[fqn] / count) / 2 for fqn in sq}

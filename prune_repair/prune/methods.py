@@ -1,0 +1,211 @@
+"""One entry point for one-shot unstructured pruning: :func:`prune_`.
+
+Methods are a ``str`` Enum backed by one registry, so the same value works in
+Python, on the CLI and in JSON. Scoring (the expensive part for Fisher and
+WoodFisher) is separate from masking: :func:`score_weights` once, then
+:func:`prune_` at as many sparsities as wanted with ``scores=``.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3))
+    >>> report = prune_(model, 0.9, method="global-magnitude")
+    >>> report.achieved_sparsity, report.zeros, report.prunable
+    (0.9, 234, 260)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..sites import Selector
+from .fisher import Progress, fisher_scores, labeled_data
+from .magnitude import magnitude_scores
+from .masks import MaskStyle, apply_masks_, check_sparsity, masks_from_scores, measure_sparsity
+from .targets import PruneError, Target, find_targets
+from .woodfisher import InverseFisher, inverse_fisher, woodfisher_scores
+
+
+class PruneMethod(str, Enum):
+    """How weights are scored; the lowest scores are pruned."""
+
+    GLOBAL_MAGNITUDE = "global-magnitude"  # |w|, one threshold over all layers
+    LAYER_MAGNITUDE = "layer-magnitude"  # |w|, the same sparsity in every layer
+    FISHER = "fisher"  # w^2 * mean(g^2) / 2 from per-sample gradients, global
+    WOODFISHER = "woodfisher"  # w^2 / (2 [F^-1]_qq), blockwise inverse Fisher, global
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def scope(self) -> str:
+        return "layer" if self is PruneMethod.LAYER_MAGNITUDE else "global"
+
+    @property
+    def needs_labels(self) -> bool:
+        return self in (PruneMethod.FISHER, PruneMethod.WOODFISHER)
+
+
+def parse_method(method: PruneMethod | str) -> PruneMethod:
+    """``method`` as a :class:`PruneMethod`, or a :class:`PruneError` listing the known ones."""
+    try:
+        return PruneMethod(method)
+    except ValueError:
+        raise PruneError(
+            f"unknown pruning method {str(method)!r}: use one of {', '.join(m.value for m in PruneMethod)}"
+        ) from None
+
+
+@dataclass
+class FisherOptions:
+    """Settings of the gradient-based scorers (the WoodFisher names in brackets).
+
+    num_grads: gradients used [fisher subsample size]; None: every sample once for
+    ``fisher``, 400 for ``woodfisher``. group_size: samples per gradient [fisher
+    mini-batch size]. damp, block_size, rank, dtype, max_memory_gb: see
+    :func:`~prune_repair.prune.woodfisher.inverse_fisher`. obs_update: move the kept
+    weights by the OBS step (woodfisher only). chunk: gradients per vmap call (fisher).
+    """
+
+    num_grads: int | None = None
+    group_size: int = 1
+    damp: float = 1e-5
+    block_size: int = 128
+    rank: int = 32
+    obs_update: bool = False
+    max_memory_gb: float = 4.0
+    dtype: torch.dtype = torch.float32
+    chunk: int = 32
+    seed: int = 0
+
+
+@dataclass
+class PruneScores:
+    """Scores of every target weight (lower = pruned first), reusable across sparsities."""
+
+    method: PruneMethod
+    scores: dict[str, torch.Tensor]
+    seconds: float
+    inverse_fisher: InverseFisher | None = field(default=None, repr=False)
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune_` did; ``masks`` (True = kept) are keyed by layer FQN."""
+
+    method: str
+    sparsity: float
+    achieved_sparsity: float
+    zeros: int
+    prunable: int
+    per_layer: dict[str, float]
+    seconds: dict[str, float]
+    masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "masks"}
+
+
+def _example(data: Any) -> Any:
+    if isinstance(data, torch.Tensor):
+        return data[:2]
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
+        return data[0][:2]
+    return data
+
+
+def score_weights(
+    model: nn.Module,
+    method: PruneMethod | str,
+    data: Any = None,
+    *,
+    targets: list[Target] | None = None,
+    options: FisherOptions | None = None,
+    progress: Progress | None = None,
+) -> PruneScores:
+    """Score the target weights of ``model`` with ``method`` (data ``(x, y)`` for Fisher methods)."""
+    method, options = parse_method(method), options or FisherOptions()
+    if method.needs_labels:
+        labeled_data(data, method.value)
+    targets = targets if targets is not None else find_targets(model, example_inputs=_example(data))
+    start, inv = time.perf_counter(), None
+    if method in (PruneMethod.GLOBAL_MAGNITUDE, PruneMethod.LAYER_MAGNITUDE):
+        scores = magnitude_scores(targets)
+    elif method is PruneMethod.FISHER:
+        scores = fisher_scores(model, targets, data, num_grads=options.num_grads, chunk=options.chunk,
+                               seed=options.seed, progress=progress)
+    else:
+        inv = inverse_fisher(
+            model, targets, data, num_grads=400 if options.num_grads is None else options.num_grads,
+            group_size=options.group_size, damp=options.damp, block_size=options.block_size, rank=options.rank,
+            dtype=options.dtype, max_memory_gb=options.max_memory_gb, seed=options.seed, progress=progress,
+        )
+        scores = woodfisher_scores(inv, targets)
+    return PruneScores(method, scores, time.perf_counter() - start, inv)
+
+
+def prune_(
+    model: nn.Module,
+    sparsity: float,
+    method: PruneMethod | str = PruneMethod.GLOBAL_MAGNITUDE,
+    data: Any = None,
+    *,
+    select: Selector = None,
+    skip_first: bool = False,
+    skip_classifier: bool = False,
+    style: MaskStyle | str = MaskStyle.ZEROS,
+    options: FisherOptions | None = None,
+    scores: PruneScores | None = None,
+    progress: Progress | None = None,
+) -> PruneReport:
+    """Prune ``model`` in place to ``sparsity`` (zeros / conv+linear weights) and report.
+
+    Args:
+        model: the network; its conv/linear weights are the candidates.
+        sparsity: fraction of prunable weights to zero, in [0, 1).
+        method: a :class:`PruneMethod` value.
+        data: ``(x, y)`` calibration tensors (required by ``fisher`` / ``woodfisher``;
+            for the others it only fixes the layer order for ``skip_first``).
+        select, skip_first, skip_classifier: which layers are prunable (see :func:`find_targets`).
+        style: ``zeros`` (plain weights) or ``torch`` (torch.nn.utils.prune masks kept).
+        options: :class:`FisherOptions` for the gradient-based methods.
+        scores: scores from :func:`score_weights` on this model (skips scoring).
+        progress: ``progress(done, total)`` callback while gradients are computed.
+    """
+    sparsity, method, style = check_sparsity(sparsity), parse_method(method), MaskStyle(style)
+    options = options or FisherOptions()
+    targets = find_targets(model, select=select, skip_first=skip_first, skip_classifier=skip_classifier,
+                           example_inputs=_example(data) if data is not None else None)
+    if scores is None:
+        scores = score_weights(model, method, data, targets=targets, options=options, progress=progress)
+    elif scores.method is not method:
+        raise PruneError(f"the scores were made by {scores.method.value}, not {method.value}: rescore the model")
+    missing = [t.fqn for t in targets if t.fqn not in scores.scores]
+    if missing:
+        raise PruneError(f"the scores have no entry for layer '{missing[0]}': score the same layers you prune")
+    start = time.perf_counter()
+    masks = masks_from_scores({t.fqn: scores.scores[t.fqn] for t in targets}, sparsity, method.scope)
+    if options.obs_update and method is PruneMethod.WOODFISHER and sparsity > 0:
+        _obs_update_(targets, masks, scores.inverse_fisher)
+    apply_masks_(targets, masks, style)
+    count = measure_sparsity(targets)
+    seconds = {"score": scores.seconds, "mask": time.perf_counter() - start}
+    return PruneReport(method.value, sparsity, count.fraction, count.zeros, count.total, count.per_layer,
+                       seconds, masks)
+
+
+def _obs_update_(targets: list[Target], masks: dict[str, torch.Tensor], inv: InverseFisher | None) -> None:
+    if inv is None:
+        raise PruneError("the OBS update needs the inverse Fisher: score with score_weights(..., 'woodfisher')")
+    if set(inv.layout) != {t.fqn for t in targets}:
+        raise PruneError("the OBS update needs the inverse Fisher of exactly the pruned layers: rescore them")
+    with torch.no_grad():
+        new = inv.obs_update({t.fqn: t.weight.detach() for t in targets}, masks)
+        for t in targets:
+            t.stored.copy_(new[t.fqn].to(t.stored.dtype))
