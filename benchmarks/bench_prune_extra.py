@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -99,6 +100,19 @@ def woodfisher_cost(fisher: tuple, block_sizes: tuple[int, ...] = (128, 512)) ->
     return records
 
 
+def _status_mib(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak_rss() -> float:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; return the current RSS in MiB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mib("VmRSS")
+
+
 def probe(block: int) -> dict:
     """WoodFisher scoring of the cached ResNet-20 (BN) with 400 per-sample gradients."""
     from prune_repair.data import calibration_batch, load_dataset
@@ -115,15 +129,15 @@ def probe(block: int) -> dict:
         model.load_state_dict(torch.load(cached, weights_only=True))
     model.eval()
     targets = find_targets(model)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = _reset_peak_rss()  # so the peak below is WoodFisher's, not the MNIST loading's
     start = time.perf_counter()
     inv = inverse_fisher(model, targets, fisher, num_grads=400, block_size=block)
     woodfisher_scores(inv, targets)
     seconds = time.perf_counter() - start
-    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_after = _status_mib("VmHWM")
     return {"block_size": block, "weights": sum(t.numel for t in targets), "num_grads": 400, "seconds": seconds,
             "blocks_mib": woodfisher_memory(targets, block) / 2**20, "peak_rss_mib": rss_after,
-            "rss_before_mib": rss_before}
+            "rss_at_start_mib": rss_before, "loadavg_1min": os.getloadavg()[0]}
 
 
 if __name__ == "__main__":

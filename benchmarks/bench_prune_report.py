@@ -107,11 +107,12 @@ def _woodfisher_table(raw: dict) -> list[str]:
     records = raw.get("woodfisher")
     if not records:
         return []
-    lines = ["| block size | weights | gradients | seconds | inverse-Fisher blocks | peak RSS of the process |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| block size | weights | gradients | seconds | inverse-Fisher blocks | peak RSS while scoring (at start) | "
+             "load average (1 min) at the end |", "|---|---|---|---|---|---|---|"]
     for r in records:
+        load = r.get("loadavg_1min")
         lines.append(f"| {r['block_size']} | {r['weights']} | {r['num_grads']} | {r['seconds']:.1f} | "
-                     f"{r['blocks_mib']:.0f} MiB | {r['peak_rss_mib']:.0f} MiB |")
+                     f"{r['blocks_mib']:.0f} MiB | {r['peak_rss_mib']:.0f} MiB ({r.get('rss_at_start_mib', float('nan')):.0f} MiB) | {'–' if load is None else f'{load:.1f}'} |")
     return lines + [""]
 
 

@@ -166,7 +166,7 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any, forward_fn=None) -> nn
     """
     fused = copy.deepcopy(model)
     for site in find_sites(fused, example_inputs, include_classifier=True, forward_fn=forward_fn):
-        if site.norm is None:
+        if site.norm is None or not isinstance(fused.get_submodule(site.norm), _BatchNorm):
             continue
         layer, bn = fused.get_submodule(site.producer), fused.get_submodule(site.norm)
         if bn.running_mean is None:

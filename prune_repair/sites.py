@@ -32,6 +32,9 @@ from ._forward import ForwardFn, as_batches, first_tensor, hooked_pass
 PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 """Layers whose output channels are weight rows a correction can be folded into."""
 
+NORM_TYPES = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
+"""Norms that can take a site: their per-channel affine (or BatchNorm running stats) holds the fold."""
+
 FilterFn = Callable[[nn.Module, str], bool]
 Selector = FilterFn | Sequence[str] | str | None
 
@@ -41,9 +44,10 @@ class Site:
     """One corrected output.
 
     Attributes:
-        fqn: module whose output is corrected (the BatchNorm when one follows).
+        fqn: module whose output is corrected (the norm when one follows).
         producer: the conv/linear layer that produced the channels.
-        norm: the BatchNorm between producer and output, or None.
+        norm: the norm between producer and output (BatchNorm, or a GroupNorm/LayerNorm
+            with a per-channel affine), or None.
         channel_dim: 1 for (N, C, ...) outputs, -1 for linear outputs (N, ..., C).
         channels: number of channels.
         kind: ``"layer"``, or ``"block"`` for a residual-block output (measurable, but a
@@ -139,7 +143,7 @@ def trace_calls(
     observe: Callable[[str, nn.Module, torch.Tensor], None] | None = None,
     extra: list[nn.Module] = (),
 ) -> list[Call]:
-    """Run one batch and record every conv/linear/BatchNorm call (and the calls of
+    """Run one batch and record every conv/linear/norm call (and the calls of
     ``extra`` modules) in the order they finish.
 
     ``observe(fqn, module, output)`` is called on each recorded output, so a caller
@@ -155,7 +159,7 @@ def trace_calls(
         if observe is not None and y is not None:
             observe(names[module], module, y)
 
-    watched = [m for m in model.modules() if isinstance(m, PRODUCER_TYPES + (_BatchNorm,))]
+    watched = [m for m in model.modules() if isinstance(m, PRODUCER_TYPES + NORM_TYPES)]
     watched += [m for m in extra if m not in watched]
     with hooked_pass(model, forward_hooks={m: record for m in watched}, forward_fn=forward_fn) as run:
         run(batch)
@@ -168,7 +172,7 @@ def sites_from_calls(calls: list[Call], *, select: Selector = None, include_clas
     call_counts: dict[str, int] = {}
     for fqn, *_ in calls:
         call_counts[fqn] = call_counts.get(fqn, 0) + 1
-    consumer_bn = {id(x): (fqn, m) for fqn, m, x, _ in calls if isinstance(m, _BatchNorm) and x is not None}
+    consumer_norm = {id(x): (fqn, m) for fqn, m, x, _ in calls if isinstance(m, NORM_TYPES) and x is not None}
 
     producers = [(fqn, m, y) for fqn, m, _, y in calls if isinstance(m, PRODUCER_TYPES) and y is not None]
     if producers and not include_classifier:
@@ -177,15 +181,33 @@ def sites_from_calls(calls: list[Call], *, select: Selector = None, include_clas
     for fqn, module, y in producers:
         if call_counts[fqn] > 1 or fqn in {s.producer for s in sites}:
             continue
-        bn = consumer_bn.get(id(y))
-        if bn is not None and call_counts[bn[0]] == 1:
-            site = Site(fqn=bn[0], producer=fqn, norm=bn[0], channel_dim=1, channels=_out_channels(module))
+        channels = _out_channels(module)
+        channel_dim = 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else -1
+        norm_fqn, norm = consumer_norm.get(id(y), (None, None))
+        norm_dim = _per_channel_norm_dim(norm, channels, channel_dim)
+        if norm_dim is not None and call_counts[norm_fqn] == 1:
+            site = Site(fqn=norm_fqn, producer=fqn, norm=norm_fqn, channel_dim=norm_dim, channels=channels)
         else:
-            channel_dim = 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else -1
-            site = Site(fqn=fqn, producer=fqn, norm=None, channel_dim=channel_dim, channels=_out_channels(module))
+            site = Site(fqn=fqn, producer=fqn, norm=None, channel_dim=channel_dim, channels=channels)
         if filter_fn is None or filter_fn(module, site.producer) or filter_fn(module, site.fqn):
             sites.append(site)
     return sites
+
+
+def _per_channel_norm_dim(norm: nn.Module | None, channels: int, channel_dim: int) -> int | None:
+    """Channel dim of a norm's output if a per-channel correction there folds into it, else None.
+
+    BatchNorm always (affine parameters or running statistics); GroupNorm and LayerNorm
+    when they carry a per-channel affine over exactly the producer's channels.
+    """
+    if isinstance(norm, _BatchNorm):
+        return 1
+    if isinstance(norm, nn.GroupNorm) and norm.affine and norm.num_channels == channels and channel_dim == 1:
+        return 1
+    if (isinstance(norm, nn.LayerNorm) and norm.weight is not None and tuple(norm.normalized_shape) == (channels,)
+            and channel_dim == -1):
+        return -1
+    return None
 
 
 def _out_channels(module: nn.Module) -> int:

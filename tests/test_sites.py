@@ -99,3 +99,13 @@ def test_block_sites_are_refused_by_repair_with_the_reason():
 def test_blocks_matching_nothing_is_an_error():
     with pytest.raises(ValueError, match="matches no submodule"):
         find_sites(MODELS["mlp"], inputs_for("mlp"), blocks=["nope"])
+
+
+def test_groupnorm_and_layernorm_with_a_per_channel_affine_take_the_site():
+    sites = find_sites(MODELS["resnet-ln"], inputs_for("resnet-ln"))
+    assert all(isinstance(MODELS["resnet-ln"].get_submodule(s.fqn), nn.GroupNorm) for s in sites)
+    post_ln = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 2))
+    site, = find_sites(post_ln, torch.randn(5, 3, 4))
+    assert (site.fqn, site.producer, site.channel_dim) == ("1", "0", -1)
+    no_affine = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6, elementwise_affine=False), nn.Linear(6, 2))
+    assert find_sites(no_affine, torch.randn(5, 4))[0].fqn == "0"

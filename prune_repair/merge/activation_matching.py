@@ -89,10 +89,15 @@ def probes_of(model: nn.Module, group: PermGroup) -> list[Probe]:
 
 
 def _samples(y: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    """(samples, channels) float64 view of a probed tensor (blocks become samples)."""
+    """(samples, channels) float64 copy of a probed tensor (blocks become samples)."""
     c, k = index.shape
     moved = y.detach().movedim(dim, -1)
-    picked = moved.index_select(-1, index.flatten().to(y.device)).reshape(-1, c, k)
+    flat = index.flatten()
+    start = int(flat[0])
+    if k == 1 and torch.equal(flat, torch.arange(start, start + c)):  # plain channels: no gather
+        picked = moved.narrow(-1, start, c)
+        return torch.empty(picked.shape, dtype=torch.float64, device=y.device).copy_(picked).view(-1, c)
+    picked = moved.index_select(-1, flat.to(y.device)).reshape(-1, c, k)
     return picked.transpose(1, 2).reshape(-1, c).to(torch.float64)
 
 
@@ -117,10 +122,10 @@ class _Moments:
         self.n, self.mean, self.m2 = 0, None, None
 
     def add(self, y: torch.Tensor) -> None:
-        """``y``: (K, n, C) -> per channel K x K co-moment (or (2, n, C) -> C x C cross)."""
-        n = y.shape[1]
-        mean = y.mean(dim=1)
-        m2 = self._comoment(y - mean[:, None, :])
+        """``y``: (K, n, C) -> per channel K x K co-moment."""
+        self._merge(y.shape[1], y.mean(dim=1), self._comoment(y - y.mean(dim=1)[:, None, :]))
+
+    def _merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         if self.mean is None:
             self.n, self.mean, self.m2 = n, mean, m2
             return
@@ -132,9 +137,19 @@ class _Moments:
 
 
 class _Cross(_Moments):
+    """Cross co-moment (C x C) of two models' units, with both variances as two extra rows."""
+
+    def add_pair(self, ya: torch.Tensor, yb: torch.Tensor) -> None:
+        """``ya``, ``yb``: (n, C) float64 copies (centered in place)."""
+        mean = torch.stack([ya.mean(0), yb.mean(0)])
+        ya.sub_(mean[0])
+        yb.sub_(mean[1])
+        self._merge(ya.shape[0], mean, self._comoment((ya, yb)))
+
     @staticmethod
-    def _comoment(c: torch.Tensor) -> torch.Tensor:  # (2, n, C) -> (C, C) plus the two variances
-        return torch.cat([c[0].T @ c[1], c[0].square().sum(0)[None], c[1].square().sum(0)[None]])
+    def _comoment(c) -> torch.Tensor:  # (2, n, C) -> (C + 2, C)
+        return torch.cat([c[0].T @ c[1], torch.linalg.vecdot(c[0], c[0], dim=0)[None],
+                          torch.linalg.vecdot(c[1], c[1], dim=0)[None]])
 
 
 class _PerChannel(_Moments):
@@ -180,8 +195,8 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
                 if (id(ya[key]), id(yb[key])) in used:
                     continue  # two consumers of one tensor: count it once
                 used.add((id(ya[key]), id(yb[key])))
-                pair = torch.stack([_samples(ya[key], p.dim, p.index), _samples(yb[key], p.dim, p.index)])
-                moments.setdefault(key, _Cross()).add(pair)
+                moments.setdefault(key, _Cross()).add_pair(_samples(ya[key], p.dim, p.index),
+                                                           _samples(yb[key], p.dim, p.index))
     perms, dead = {}, {}
     for g in groups:
         corr = torch.zeros(g.size, g.size, dtype=torch.float64)
