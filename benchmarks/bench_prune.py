@@ -13,7 +13,8 @@ Writes its section of benchmarks/RESULTS.md (between the prune markers), the
 plot benchmarks/prune_accuracy.png and the raw numbers to
 benchmarks/cache/bench_prune.json. Run from the repository root::
 
-    python benchmarks/bench_prune.py                 # everything (~40 min on 2 busy cores)
+    python benchmarks/bench_prune.py                 # everything (about an hour on 2 shared cores the first
+                                                     # time, most of it training the ResNets; cached after)
     python benchmarks/bench_prune.py --write-only    # re-render from the cached JSON
 """
 

@@ -60,6 +60,13 @@ def _findings(raw: dict, sparsity: float = 0.9) -> list[str]:
     lines = [f"At {int(sparsity * 100)}% sparsity, the best correction recovers at least half of the accuracy "
              "lost by magnitude pruning in these cases:", ""] + [f"- {t}" for t in held]
     lines += ["", "It does NOT (less than half recovered) in these cases:", ""] + [f"- {t}" for t in failed or ["none"]]
+    same = [n for n, rows in raw["grid"].items()
+            if all(_acc(rows, r["method"], r["sparsity"], "repair") == _acc(rows, r["method"], r["sparsity"], "rescale")
+                   for r in rows)]
+    if same:
+        lines += ["", f"On {', '.join(same)} the repair and rescale columns are identical: the corrected convs have no "
+                  "bias and no BatchNorm after them (their norm is a GroupNorm, which the engine does not use as a "
+                  "site), so the shift cannot be folded and repair applies the scale only."]
     return lines + [""]
 
 
@@ -169,8 +176,9 @@ def plot(raw: dict, path: Path) -> None:
                 ax.set_ylabel("test acc %")
             if i == len(names) - 1:
                 ax.set_xlabel("sparsity")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=c, ls=ls, marker="o", ms=3, label=k) for k, (c, ls) in styles.items()]
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 

@@ -65,8 +65,7 @@ def _example(data: Any) -> Any:
 def _graph(model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | None):
     import torch_pruning as tp
 
-    wrapped = None if forward_fn is None else (lambda m, x: forward_fn(m, x))
-    return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=wrapped,
+    return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=forward_fn,
                                                  verbose=False)
 
 
