@@ -39,7 +39,7 @@ from prune_repair.data import calibration_batch, load_dataset
 from prune_repair.evaluate import evaluate
 from prune_repair.merge import (activation_matching, barrier_curve, plot_curve, prepare_merge, weight_matching)
 from prune_repair.models import MLP, PlainCNN, ResNetMini
-from training import load_or_train
+from prune_repair.training import load_or_train
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "cache"

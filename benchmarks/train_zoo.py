@@ -23,7 +23,7 @@ import torch
 from prune_repair import zoo
 from prune_repair.data import load_dataset
 from prune_repair.evaluate import evaluate
-from training import train
+from prune_repair.training import train
 
 SETTINGS = {
     "mnist-mlp": {"epochs": 8, "lr": 0.1, "batch_size": 128, "seed": 0},

@@ -45,7 +45,6 @@ class Variant(str, Enum):
         return self.value
 
 
-AFFINE_MODES = (RepairMode.REPAIR, RepairMode.RESCALE, RepairMode.RESCALE_LAYER, RepairMode.RESHIFT)
 
 
 def site_mode(mode: RepairMode, has_batchnorm: bool) -> RepairMode:

@@ -32,7 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._forward import ForwardFn, StopForward, as_batches, batch_size_of, hooked_pass
 from .fuse import Correction, can_shift, fold_correction_
-from .renorm import AFFINE_MODES, ChannelAffine, RepairMode, Variant, channel_affine, site_mode
+from .renorm import ChannelAffine, RepairMode, Variant, channel_affine, site_mode
 from .sites import Site
 from .stats import ActivationStats, ChannelStats, collect_stats
 

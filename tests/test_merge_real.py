@@ -6,8 +6,6 @@ thread) and evaluated on the first 2,000 test images.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +15,7 @@ from prune_repair.evaluate import evaluate
 from prune_repair.merge import prepare_merge
 from prune_repair.models import MLP
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from training import train  # noqa: E402
+from prune_repair.training import train
 
 
 @pytest.fixture(scope="module")

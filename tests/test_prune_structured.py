@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +16,7 @@ from prune_repair.models import ResNetMini
 from prune_repair.prune import PruneError
 from prune_repair.prune.structured import kept_channels, load_structured, repair_structured_, save_structured
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from training import train  # noqa: E402
+from prune_repair.training import train
 
 
 def magnitude_pruner(model, example, ratio=0.5):

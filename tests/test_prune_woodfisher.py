@@ -76,7 +76,6 @@ def test_inverse_matches_brute_force(rank, group_size):
 def test_obs_update_matches_formula():
     model, x, y = tiny_linear(1)
     damp, block = 1e-1, 15  # one block per layer
-    targets = find_targets(model)
     options = FisherOptions(num_grads=len(x), damp=damp, block_size=block, dtype=torch.float64, obs_update=True)
     scores = score_weights(model, "woodfisher", (x, y), options=options)
     w0 = model[0].weight.detach().clone().reshape(-1)

@@ -1,4 +1,4 @@
-"""Seeded, deterministic training of small classifiers, shared by the benchmark scripts.
+"""Seeded, deterministic training of small classifiers, used by the zoo, the benchmarks and the tests.
 
 ``train`` runs SGD with Nesterov momentum and a triangular learning-rate schedule
 (linear warm-up over the first 20% of steps, linear decay to zero), shuffling with
@@ -6,7 +6,7 @@ a ``torch.Generator`` seeded by ``seed``. The model's initial weights are the
 caller's business (call ``torch.manual_seed`` before building it).
 ``load_or_train`` caches a trained state_dict on disk.
 
-Example (from the repository root, with the package importable):
+Example:
     >>> import torch
     >>> from prune_repair.models import MLP
     >>> x, y = torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
