@@ -39,10 +39,9 @@ class ChannelStats:
     def of(cls, y: torch.Tensor, channel_dim: int) -> "ChannelStats":
         """Statistics of one output tensor; ``channel_dim`` is 1 or -1.
 
-        Channel-last outputs are reduced in float64 by two passes of column sums.
-        Channel-first float32 outputs on the CPU go to ``var_mean`` as they are: its
-        CPU kernel accumulates float32 in double (Welford), which saves a float64 copy;
-        other dtypes and devices are converted to float64 first.
+        Channel-last outputs are reduced in float64 by two passes of column sums;
+        float32 feature maps on the CPU by :meth:`_of_feature_maps` (no float64 copy of
+        the activations); anything else is converted to float64 first.
         """
         y = y.detach()
         cdim = channel_dim % y.dim()
@@ -54,12 +53,27 @@ class ChannelStats:
             mean = rows.mean(dim=0)
             m2 = (rows - mean).square().sum(dim=0)
             return cls(rows.shape[0], mean, m2)
-        if not (y.dtype == torch.float32 and y.device.type == "cpu"):
-            y = y.to(torch.float64)
+        if cdim == 1 and y.dim() >= 3 and y.dtype == torch.float32 and y.device.type == "cpu":
+            return cls._of_feature_maps(y)
+        y = y.to(torch.float64)
         dims = [d for d in range(y.dim()) if d != cdim]
         count = y.numel() // max(channels, 1)
         var, mean = torch.var_mean(y, dim=dims, correction=0)
-        return cls(count, mean.to(torch.float64), var.to(torch.float64) * count)
+        return cls(count, mean, var * count)
+
+    @classmethod
+    def _of_feature_maps(cls, y: torch.Tensor) -> "ChannelStats":
+        """(N, C, ...) float32 on the CPU: contiguous row sums over each sample's map in
+        float32, everything across rows in float64. Moments are taken about a first
+        estimate of the mean and corrected exactly, so large offsets cause no cancellation."""
+        n, c = y.shape[0], y.shape[1]
+        rows = y.reshape(n, c, -1)
+        count = n * rows.shape[2]
+        shift = (rows.sum(-1).to(torch.float64).sum(0) / count).to(torch.float32)
+        centered = rows - shift[None, :, None]  # exact near the mean (Sterbenz)
+        offset = centered.sum(-1).to(torch.float64).sum(0)
+        m2 = centered.square_().sum(-1).to(torch.float64).sum(0) - offset.square() / count
+        return cls(count, shift.to(torch.float64) + offset / count, m2.clamp_min(0))
 
     def merge(self, other: "ChannelStats") -> "ChannelStats":
         """Pooled statistics of both (order does not matter)."""

@@ -58,3 +58,12 @@ def test_select_channels_keeps_the_named_channels():
     kept = stats.select_channels({"features.fc1": torch.tensor([3, 0, 5])})
     assert kept.site("features.fc1").channels == 3
     assert_close(kept["features.fc1"].mean, stats["features.fc1"].mean[[3, 0, 5]])
+
+
+def test_float32_feature_maps_keep_float64_grade_precision_far_from_zero():
+    torch.manual_seed(0)
+    y = torch.randn(64, 8, 12, 12) * 0.01 + 1000.0
+    s = ChannelStats.of(y, 1)
+    exact = y.double().transpose(0, 1).reshape(8, -1)
+    assert_close(s.mean, exact.mean(1), rtol=1e-10, atol=0)
+    assert_close(s.var, exact.var(1, unbiased=False), rtol=1e-6, atol=0)
