@@ -33,11 +33,18 @@ import time
 from pathlib import Path
 
 import torch
+from results_md import replace_section
 from torch import nn
 
 from prune_repair.data import calibration_batch, load_dataset
 from prune_repair.evaluate import evaluate
-from prune_repair.merge import (activation_matching, barrier_curve, plot_curve, prepare_merge, weight_matching)
+from prune_repair.merge import (
+    activation_matching,
+    barrier_curve,
+    plot_curve,
+    prepare_merge,
+    weight_matching,
+)
 from prune_repair.models import MLP, PlainCNN, ResNetMini
 from prune_repair.training import load_or_train
 
@@ -184,15 +191,6 @@ def section(results: dict[str, dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    if START in old and END in old:
-        new = old[: old.index(START)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    RESULTS.write_text(new)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pairs", nargs="*", help=f"pairs to run (default: all of {', '.join(PAIRS)})")
@@ -223,7 +221,7 @@ def main() -> None:
     results = {f.stem[len("merge-results-"):]: json.loads(f.read_text()) for f in files
                if f.stem[len("merge-results-"):].split("@")[0] in PAIRS}
     if results:
-        write_section(section(results, next(iter(results.values()))["meta"]))
+        replace_section(RESULTS, section(results, next(iter(results.values()))["meta"]))
         print(f"wrote the merge section of {RESULTS} ({len(results)} pairs)")
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from results_md import replace_section
+
 START, END = "<!-- prune:start -->", "<!-- prune:end -->"
 COMMAND = "python benchmarks/bench_prune.py"
 CORRECTIONS = ["none", "reset", "repair", "rescale"]
@@ -187,11 +189,5 @@ def write_outputs(raw: dict, results: Path, png: Path) -> None:
     """Replace (or append) the prune section of ``results`` and write the plot."""
     plot(raw, png)
     section = render(raw, png.name)
-    text = results.read_text() if results.is_file() else "# Benchmark results\n\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    results.write_text(text)
+    replace_section(results, section)
     print(f"wrote {results} and {png}")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from results_md import replace_section
 from torch import nn
 
 import prune_repair as pr
@@ -118,17 +119,7 @@ def write_section(rows, args) -> None:
                      "and the folds, all in Python) outweighs the passes themselves; it does not grow with "
                      "the batch, so the ratio falls as the batch or the model grows.")
     lines.append(END)
-    replace_section(RESULTS, START, END, "\n".join(lines))
-
-
-def replace_section(path: Path, start: str, end: str, text: str) -> None:
-    """Replace the text between ``start`` and ``end`` markers in ``path`` (append if absent)."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n\nMeasured on this repository's 2-core CPU machine.\n"
-    if start in old and end in old:
-        new = old[: old.index(start)] + text + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
+    replace_section(RESULTS, "\n".join(lines))
 
 
 if __name__ == "__main__":
