@@ -16,29 +16,27 @@ Example:
     ['0']
 """
 
+__version__ = "0.1.0"
+
+# the engine: sites, statistics, corrections, folding
 from .fuse import Correction, fold_affine, fold_affine_into_bn, fold_batchnorm, fold_bn, fuse, fuse_
-from .groups import GroupError, PermGroup, find_groups, groups_from_spec
 from .renorm import RepairMode, Variant
 from .repair import RepairReport, SiteReport, check_finite, preserve_statistics, repair_
 from .sites import Site, find_sites, make_filter
 from .stats import ActivationStats, ChannelStats, collect_stats
-from .merge import Align, MergeVariant, barrier_curve, merge, merge_many, prepare_merge
+
+# front end: pruning
+from .pipeline import PruneRun, prune_and_repair
 from .prune import FisherOptions, PruneError, PruneMethod, PruneReport, find_targets, measure_sparsity, prune_, score_weights
 from .prune.structured import kept_channels, load_structured, repair_structured_, save_structured
-from .pipeline import PruneRun, prune_and_repair
+
+# front end: merging
+from .groups import GroupError, PermGroup, find_groups, groups_from_spec
+from .merge import Align, MergeVariant, barrier_curve, merge, merge_many, prepare_merge
 
 __all__ = [
+    # engine
     "ActivationStats",
-    "Align",
-    "GroupError",
-    "MergeVariant",
-    "PermGroup",
-    "barrier_curve",
-    "find_groups",
-    "groups_from_spec",
-    "merge",
-    "merge_many",
-    "prepare_merge",
     "ChannelStats",
     "Correction",
     "RepairMode",
@@ -58,6 +56,7 @@ __all__ = [
     "make_filter",
     "preserve_statistics",
     "repair_",
+    # pruning
     "FisherOptions",
     "PruneError",
     "PruneMethod",
@@ -72,6 +71,15 @@ __all__ = [
     "repair_structured_",
     "save_structured",
     "score_weights",
+    # merging
+    "Align",
+    "GroupError",
+    "MergeVariant",
+    "PermGroup",
+    "barrier_curve",
+    "find_groups",
+    "groups_from_spec",
+    "merge",
+    "merge_many",
+    "prepare_merge",
 ]
-
-__version__ = "0.1.0"
