@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ._forward import ForwardFn, as_batches, head, hooked_pass
+from .io.outputs import atomic_write
 from .sites import Selector, Site, find_sites
 
 
@@ -183,7 +184,9 @@ class ActivationStats(Mapping[str, ChannelStats]):
         return cls([Site.from_dict(s) for s in d["sites"]], {k: ChannelStats.from_dict(v) for k, v in d["stats"].items()})
 
     def save(self, path: str | Path) -> None:
-        torch.save(self.state_dict(), path)
+        """Write atomically (temporary file, fsync, rename); loads with :meth:`load`."""
+        with atomic_write(path) as tmp, open(tmp, "wb") as fh:
+            torch.save(self.state_dict(), fh)
 
     @classmethod
     def load(cls, path: str | Path) -> "ActivationStats":

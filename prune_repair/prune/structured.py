@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from .._forward import ForwardFn, as_batches
+from ..io.outputs import atomic_write
 from ..renorm import RepairMode, Variant
 from ..repair import RepairReport, repair_
 from ..sites import PRODUCER_TYPES
@@ -164,14 +165,17 @@ def save_structured(model: nn.Module, path: str | os.PathLike[str], history: His
     """Save a structurally pruned model so :func:`load_structured` can rebuild it.
 
     The file holds ``state_dict``, ``pruning_history`` and the shape/dtype of the
-    example input, and loads with ``torch.load(..., weights_only=True)``.
+    example input, and loads with ``torch.load(..., weights_only=True)``. It is written
+    atomically (temporary file, fsync, rename).
     """
-    torch.save({
+    payload = {
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "pruning_history": [[str(n), bool(o), [int(i) for i in idx]] for n, o, idx in history],
         "example_shape": [int(s) for s in example_inputs.shape],
         "example_dtype": str(example_inputs.dtype).removeprefix("torch."),
-    }, path)
+    }
+    with atomic_write(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(payload, fh)
 
 
 def load_structured(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
