@@ -36,8 +36,8 @@ import torch
 from results_md import replace_section
 from torch import nn
 
-from prune_repair.data import calibration_batch, load_dataset
-from prune_repair.evaluate import evaluate
+from prune_repair.io.data import calibration_batch, load_dataset
+from prune_repair.engine.evaluate import evaluate
 from prune_repair.merge import (
     activation_matching,
     barrier_curve,
@@ -45,8 +45,8 @@ from prune_repair.merge import (
     prepare_merge,
     weight_matching,
 )
-from prune_repair.models import MLP, PlainCNN, ResNetMini
-from prune_repair.training import load_or_train
+from prune_repair.zoo.models import MLP, PlainCNN, ResNetMini
+from training import load_or_train
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "cache"

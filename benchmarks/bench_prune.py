@@ -34,11 +34,11 @@ from bench_prune_extra import speed_comparisons, woodfisher_cost  # noqa: E402
 from bench_prune_report import write_outputs  # noqa: E402
 
 from prune_repair import collect_stats, repair_, zoo  # noqa: E402
-from prune_repair.data import calibration_batch, load_dataset  # noqa: E402
-from prune_repair.evaluate import evaluate  # noqa: E402
-from prune_repair.models import ResNetMini  # noqa: E402
+from prune_repair.io.data import calibration_batch, load_dataset  # noqa: E402
+from prune_repair.engine.evaluate import evaluate  # noqa: E402
+from prune_repair.zoo.models import ResNetMini  # noqa: E402
 from prune_repair.prune import FisherOptions, PruneMethod, prune_, score_weights  # noqa: E402
-from prune_repair.training import load_or_train  # noqa: E402
+from training import load_or_train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "cache"

@@ -29,7 +29,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from prune_repair import collect_stats, repair_
-from prune_repair.evaluate import evaluate
+from prune_repair.engine.evaluate import evaluate
 from prune_repair.prune import find_targets, measure_sparsity, prune_
 
 HERE = Path(__file__).resolve().parent
@@ -115,8 +115,8 @@ def _reset_peak_rss() -> float:
 
 def probe(block: int) -> dict:
     """WoodFisher scoring of the cached ResNet-20 (BN) with 400 per-sample gradients."""
-    from prune_repair.data import calibration_batch, load_dataset
-    from prune_repair.models import ResNetMini
+    from prune_repair.io.data import calibration_batch, load_dataset
+    from prune_repair.zoo.models import ResNetMini
     from prune_repair.prune import inverse_fisher, woodfisher_memory, woodfisher_scores
 
     torch.set_num_threads(2)

@@ -22,7 +22,7 @@ from results_md import replace_section
 from torch import nn
 
 import prune_repair as pr
-from prune_repair.models import MLP, PlainCNN
+from prune_repair.zoo.models import MLP, PlainCNN
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 START, END = "<!-- overhead:start -->", "<!-- overhead:end -->"

@@ -2,8 +2,8 @@
 
 For every model of :mod:`prune_repair.zoo`: seed, build, train on all of
 ``mnist:train`` with :func:`training.train`, measure accuracy/loss on
-``mnist:test`` and write ``prune_repair/zoo_weights/NAME.pt`` (float32
-state_dict) plus ``prune_repair/zoo_weights/zoo.json`` (the measured metrics and
+``mnist:test`` and write ``prune_repair/zoo/weights/NAME.pt`` (float32
+state_dict) plus ``prune_repair/zoo/weights/zoo.json`` (the measured metrics and
 the training settings). Deterministic on CPU for a fixed thread count.
 
 Run from the repository root (package importable, e.g. ``pip install -e .``)::
@@ -21,14 +21,16 @@ import time
 import torch
 
 from prune_repair import zoo
-from prune_repair.data import load_dataset
-from prune_repair.evaluate import evaluate
-from prune_repair.training import train
+from prune_repair.io.data import load_dataset
+from prune_repair.engine.evaluate import evaluate
+from training import train
 
 SETTINGS = {
     "mnist-mlp": {"epochs": 8, "lr": 0.1, "batch_size": 128, "seed": 0},
     "mnist-cnn": {"epochs": 4, "lr": 0.05, "batch_size": 128, "seed": 0},
     "mnist-cnn-bn": {"epochs": 4, "lr": 0.1, "batch_size": 128, "seed": 0},
+    "mnist-mlp6-a": {"epochs": 6, "lr": 0.1, "batch_size": 128, "seed": 0},
+    "mnist-mlp6-b": {"epochs": 6, "lr": 0.1, "batch_size": 128, "seed": 1},
 }
 
 

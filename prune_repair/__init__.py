@@ -19,19 +19,19 @@ Example:
 __version__ = "0.1.0"
 
 # the engine: sites, statistics, corrections, folding
-from .fuse import Correction, fold_affine, fold_affine_into_bn, fold_batchnorm, fold_bn, fuse, fuse_
-from .renorm import RepairMode, Variant
-from .repair import RepairReport, SiteReport, check_finite, preserve_statistics, repair_
-from .sites import Site, find_sites, make_filter
-from .stats import ActivationStats, ChannelStats, collect_stats
+from .engine.fuse import Correction, fold_affine, fold_affine_into_bn, fold_batchnorm, fold_bn, fuse, fuse_
+from .engine.renorm import RepairMode, Variant
+from .engine.repair import RepairReport, SiteReport, check_finite, preserve_statistics, repair_
+from .engine.sites import Site, find_sites, make_filter
+from .engine.stats import ActivationStats, ChannelStats, collect_stats
 
 # front end: pruning
-from .pipeline import PruneRun, prune_and_repair
+from .prune.pipeline import PruneRun, prune_and_repair
 from .prune import FisherOptions, PruneError, PruneMethod, PruneReport, find_targets, measure_sparsity, prune_, score_weights
-from .prune.structured import kept_channels, load_structured, repair_structured_, save_structured
+from .prune.structured import kept_channels, load_structured, load_structured_, repair_structured_, save_structured  # load_structured: deprecated alias
 
 # front end: merging
-from .groups import GroupError, PermGroup, find_groups, groups_from_spec
+from .merge.groups import GroupError, PermGroup, find_groups, groups_from_spec
 from .merge import Align, MergeVariant, barrier_curve, merge, merge_many, prepare_merge
 
 __all__ = [
@@ -64,7 +64,7 @@ __all__ = [
     "PruneRun",
     "find_targets",
     "kept_channels",
-    "load_structured",
+    "load_structured_",
     "measure_sparsity",
     "prune_",
     "prune_and_repair",

@@ -6,8 +6,8 @@ import torch
 import torchvision
 from torch import nn
 
-from prune_repair._forward import hooked_pass
-from prune_repair.models import MLP, PlainCNN, ResNetMini, TokenMLP
+from prune_repair.engine._forward import hooked_pass
+from prune_repair.zoo.models import MLP, PlainCNN, ResNetMini, TokenMLP
 
 
 def tiny_models() -> dict[str, nn.Module]:

@@ -15,10 +15,10 @@ import torch
 from click.testing import CliRunner
 
 from prune_repair.cli import main
-from prune_repair.models import MLP
+from prune_repair.zoo.models import MLP
 
 ARCH_KWARGS = {"widths": [8], "in_features": 4, "num_classes": 3}
-ARCH = ["--arch", "prune_repair.models:MLP", "--arch-kwargs", json.dumps(ARCH_KWARGS)]
+ARCH = ["--arch", "prune_repair.zoo.models:MLP", "--arch-kwargs", json.dumps(ARCH_KWARGS)]
 
 
 def tiny_model(seed: int = 0) -> MLP:

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from prune_repair import data
-from prune_repair.data import DataError, batches, calibration_batch, load_dataset
-from prune_repair.evaluate import evaluate
+from prune_repair.io import data
+from prune_repair.io.data import DataError, batches, calibration_batch, load_dataset
+from prune_repair.engine.evaluate import evaluate
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import torch
 import torchvision
 from torch import nn
 
-from prune_repair.groups import GroupError, find_groups, groups_from_spec
+from prune_repair.merge.groups import GroupError, find_groups, groups_from_spec
 from prune_repair.merge.permute import permute, permute_state_dict, random_perms
-from prune_repair.models import MLP, PlainCNN, ResNetMini, TokenMLP
+from prune_repair.zoo.models import MLP, PlainCNN, ResNetMini, TokenMLP
 
 
 def state_hash(model: nn.Module) -> str:

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from prune_repair.groups import find_groups
+from prune_repair.merge.groups import find_groups
 from prune_repair.merge import activation_matching, invert, permute, random_perms, weight_matching
-from prune_repair.models import MLP, PlainCNN, ResNetMini
+from prune_repair.zoo.models import MLP, PlainCNN, ResNetMini
 
 
 def state_hash(model: nn.Module) -> str:

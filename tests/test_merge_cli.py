@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from torch import nn
 
 from prune_repair.cli import main
-from prune_repair.models import MLP
+from prune_repair.zoo.models import MLP
 
-ARCH = ["--arch", "prune_repair.models:MLP", "--arch-kwargs", '{"widths": [16, 16]}']
+ARCH = ["--arch", "prune_repair.zoo.models:MLP", "--arch-kwargs", '{"widths": [16, 16]}']
 
 
 class RollNet(nn.Module):

@@ -12,7 +12,7 @@ from torch import nn
 from prune_repair import collect_stats
 from prune_repair.merge import (ArchitectureMismatch, BarrierCurve, CurvePoint, PlotError, barrier, barrier_curve,
                                 lerp_state_dicts, merge, merge_many, plot_curve, prepare_merge, site_moments)
-from prune_repair.models import MLP, PlainCNN
+from prune_repair.zoo.models import MLP, PlainCNN
 
 
 def state_hash(model: nn.Module) -> str:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from prune_repair.models import MLP, BasicBlock, PlainCNN, ResNetMini, TokenMLP, channel_norm
+from prune_repair.zoo.models import MLP, BasicBlock, PlainCNN, ResNetMini, TokenMLP, channel_norm
 
 MODELS = {
     "mlp": lambda: MLP(widths=(32, 16)),

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune
 
-from prune_repair.models import PlainCNN
+from prune_repair.zoo.models import PlainCNN
 from prune_repair.prune import fisher as fisher_module
 from prune_repair.prune import PruneError, find_targets, fisher_scores, gradient_chunks, prune_
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from prune_repair.models import MLP, PlainCNN
+from prune_repair.zoo.models import MLP, PlainCNN
 from prune_repair.prune import (
     PruneError,
     PruneMethod,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.utils.prune as torch_prune
 
 import prune_repair as pr
-from prune_repair.models import MLP, PlainCNN, ResNetMini
+from prune_repair.zoo.models import MLP, PlainCNN, ResNetMini
 from prune_repair.prune import (
     MaskStyle,
     PruneError,

@@ -6,17 +6,15 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 
 import prune_repair as pr
-from prune_repair.data import load_dataset
-from prune_repair.evaluate import evaluate
-from prune_repair.models import ResNetMini
+from prune_repair import zoo
+from prune_repair.io.data import calibration_batch, load_dataset
+from prune_repair.engine.evaluate import evaluate
+from prune_repair.zoo.models import ResNetMini
 from prune_repair.prune import PruneError
-from prune_repair.prune.structured import kept_channels, load_structured, repair_structured_, save_structured
-
-from prune_repair.training import train
+from prune_repair.prune.structured import kept_channels, load_structured_, repair_structured_, save_structured
 
 
 def magnitude_pruner(model, example, ratio=0.5):
@@ -73,42 +71,37 @@ def test_structured_repair_reaches_the_mapped_goal_exactly(norm):
 
 
 @pytest.fixture(scope="module")
-def trained_resnet():
-    """A tiny BN ResNetMini trained briefly on 14x14 MNIST (a few seconds)."""
-    x, y = load_dataset("mnist:test")
-    x = F.avg_pool2d(x, 2)
-    torch.manual_seed(0)
-    model = ResNetMini(width=8, blocks_per_stage=(1, 1), norm="bn", input_size=14)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny steps: one thread is ~50x faster than two on a busy machine
-    try:
-        train(model, x[:2500], y[:2500], epochs=1, lr=0.1, seed=0, batch_size=32)
-    finally:
-        torch.set_num_threads(threads)
-    return model.eval(), (x[3000:3128], y[3000:3128]), (x[5000:7000], y[5000:7000])
+def pretrained_cnn():
+    """The shipped BN CNN of the zoo (no training here), 128 calibration and 2,000 test images."""
+    x, y = load_dataset("mnist:train")
+    x_test, y_test = load_dataset("mnist:test")
+    calib, _ = calibration_batch(x, y, 128, seed=0)
+    return zoo.load("mnist-cnn-bn"), calib, (x_test[:2000], y_test[:2000])
 
 
-def test_torch_pruning_end_to_end_repair_raises_accuracy(trained_resnet, tmp_path):
-    dense_model, (cx, _), test = trained_resnet
+def test_torch_pruning_end_to_end_repair_raises_accuracy(pretrained_cnn, tmp_path):
+    """Half the channels removed by torch-pruning: 0.99 -> 0.527, reset -> 0.713 (measured with
+    1 and 2 threads and calibration seeds 0 and 1, equal to the third decimal)."""
+    dense_model, cx, test = pretrained_cnn
     model = copy.deepcopy(dense_model)
-    dense = evaluate(model, *test)["acc"]
     reference, original = pr.collect_stats(model, cx), copy.deepcopy(model)
-    pruner = magnitude_pruner(model, cx[:2], 0.3)
+    pruner = tp.pruner.MetaPruner(model, cx[:2], importance=tp.importance.MagnitudeImportance(p=2),
+                                  pruning_ratio=0.5, ignored_layers=[model.classifier])
     pruner.step()
     pruned = evaluate(model, *test)["acc"]
     report = repair_structured_(model, reference, cx, original=original, history=pruner.pruning_history())
     repaired = evaluate(model, *test)["acc"]
-    assert dense > 0.7 and pruned < dense
-    assert repaired > pruned + 0.1, (dense, pruned, repaired)
+    assert pruned < evaluate(dense_model, *test)["acc"]
+    assert repaired > pruned + 0.09, (pruned, repaired)  # measured +0.186
     assert {s.mode for s in report.repair.sites} == {"reset"}
 
     path = tmp_path / "small.pt"
     save_structured(model, path, pruner.pruning_history(), cx[:2])
-    fresh = ResNetMini(width=8, blocks_per_stage=(1, 1), norm="bn", input_size=14)
-    loaded = load_structured(path, fresh)
+    loaded = load_structured_(path, zoo.build("mnist-cnn-bn"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(test[0][:50]), model(test[0][:50]))
-    assert loaded.conv1.out_channels == model.conv1.out_channels
+    assert [m.out_channels for m in loaded.modules() if isinstance(m, torch.nn.Conv2d)] == \
+        [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
 
 
 def test_structured_bad_input(tmp_path):
@@ -128,8 +121,8 @@ def test_structured_bad_input(tmp_path):
     plain = tmp_path / "plain.pt"
     torch.save(model.state_dict(), plain)
     with pytest.raises(PruneError, match="was not written by save_structured"):
-        load_structured(plain, ResNetMini(width=8, blocks_per_stage=(1, 1)))
+        load_structured_(plain, ResNetMini(width=8, blocks_per_stage=(1, 1)))
     with pytest.raises(PruneError, match="does not fit"):
         path = tmp_path / "s.pt"
         save_structured(model, path, pruner.pruning_history(), batch[:2])
-        load_structured(path, ResNetMini(width=16, blocks_per_stage=(1, 1)))
+        load_structured_(path, ResNetMini(width=16, blocks_per_stage=(1, 1)))

@@ -26,22 +26,16 @@ import torch
 from torch import nn
 
 import prune_repair as pr
-from prune_repair.models import MLP, PlainCNN, ResNetMini
+from prune_repair.zoo.models import MLP, PlainCNN, ResNetMini
 from safety_helpers import state_digest
 
 
-def _try_import(name: str):
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
+# plain imports: a module that stops importing fails this file instead of silently losing its cases
+from prune_repair import prune
+from prune_repair.engine import evaluate
+from prune_repair.prune import pipeline, structured
 
-
-prune = _try_import("prune_repair.prune")
-merge = _try_import("prune_repair.merge")
-pipeline = _try_import("prune_repair.pipeline")
-structured = _try_import("prune_repair.prune.structured")
-evaluate_module = _try_import("prune_repair.evaluate")
+merge = importlib.import_module("prune_repair.merge")  # the package (pr.merge is the function)
 
 
 def prepared(model: nn.Module) -> nn.Module:
@@ -114,10 +108,9 @@ def fingerprint(obj: Any) -> Any:
 CASES: dict[str, Callable[[Inputs], Any]] = {}
 
 
-def case(name: str, needs: Any = True):
+def case(name: str):
     def register(fn):
-        if needs is not None:
-            CASES[name] = fn
+        CASES[name] = fn
         return fn
 
     return register
@@ -133,7 +126,7 @@ def _(i):
     pr.find_sites(i.cnn, i.x[:2])
 
 
-@case("prune_repair.fuse")
+@case("prune_repair.engine.fuse")
 def _(i):
     sites = pr.find_sites(i.cnn, i.x[:2])
     corrections = {s.fqn: pr.Correction(torch.full((s.channels,), 2.0, dtype=torch.float64),
@@ -172,118 +165,117 @@ def _(i):
     a.select_channels({"features.fc1": torch.tensor([0, 2])})
 
 
-@case("prune_repair.evaluate.evaluate", evaluate_module)
+@case("prune_repair.engine.evaluate.evaluate")
 def _(i):
-    evaluate_module.evaluate(i.cnn, i.x, i.y, batch_size=7)
+    evaluate(i.cnn, i.x, i.y, batch_size=7)
 
 
-if prune is not None:
+@case("prune_repair.prune.find_targets / measure_sparsity / magnitude_scores / masks_from_scores")
+def _(i):
+    targets = prune.find_targets(i.cnn, example_inputs=i.x[:2])
+    scores = prune.magnitude_scores(targets)
+    i.extra.update(scores=scores)
+    prune.masks_from_scores(scores, 0.5)
+    prune.masks_from_scores(scores, 0.5, scope="layer")
+    prune.measure_sparsity(targets)
 
-    @case("prune_repair.prune.find_targets / measure_sparsity / magnitude_scores / masks_from_scores")
-    def _(i):
-        targets = prune.find_targets(i.cnn, example_inputs=i.x[:2])
-        scores = prune.magnitude_scores(targets)
-        i.extra.update(scores=scores)
-        prune.masks_from_scores(scores, 0.5)
-        prune.masks_from_scores(scores, 0.5, scope="layer")
-        prune.measure_sparsity(targets)
+for _method in ("global-magnitude", "layer-magnitude", "fisher", "woodfisher"):
 
-    for _method in ("global-magnitude", "layer-magnitude", "fisher", "woodfisher"):
-
-        @case(f"prune_repair.prune.score_weights[{_method}]")
-        def _(i, method=_method):
-            options = prune.FisherOptions(num_grads=8, block_size=16)
-            prune.score_weights(i.cnn, method, (i.x, i.y), options=options)
-
-    @case("prune_repair.prune.fisher_scores / gradient_chunks / labeled_data")
-    def _(i):
-        targets = prune.find_targets(i.cnn)
-        prune.labeled_data((i.x, i.y))
-        prune.fisher_scores(i.cnn, targets, (i.x, i.y), num_grads=8)
-        for _chunk in prune.gradient_chunks(i.cnn, targets, (i.x, i.y), num_grads=8):
-            pass
-
-    @case("prune_repair.prune.inverse_fisher / woodfisher_scores")
-    def _(i):
-        targets = prune.find_targets(i.cnn)
-        inv = prune.inverse_fisher(i.cnn, targets, (i.x, i.y), num_grads=8, block_size=16)
-        prune.woodfisher_scores(inv, targets)
+    @case(f"prune_repair.prune.score_weights[{_method}]")
+    def _(i, method=_method):
+        options = prune.FisherOptions(num_grads=8, block_size=16)
+        prune.score_weights(i.cnn, method, (i.x, i.y), options=options)
 
 
-if pipeline is not None:
-
-    @case("prune_repair.pipeline.prune_and_repair")
-    def _(i):
-        pipeline.prune_and_repair(i.cnn, (i.x, i.y), [0.5, 0.9])
-
-
-if structured is not None:
-
-    @case("prune_repair.prune.structured.kept_channels / save_structured")
-    def _(i):
-        import torch_pruning as tp
-
-        torch.manual_seed(0)
-        original = prepared(ResNetMini(width=8, blocks_per_stage=(1,)))
-        example = torch.randn(2, 1, 28, 28)
-        pruned = copy.deepcopy(original).eval()
-        pruner = tp.pruner.MetaPruner(pruned, example, importance=tp.importance.MagnitudeImportance(p=2),
-                                      pruning_ratio=0.5, ignored_layers=[pruned.fc])
-        pruner.step()
-        history = pruner.pruning_history()
-        i.extra.update(original=original, pruned=pruned, history=history, example=example)
-        structured.kept_channels(original, history, example)
-        structured.save_structured(pruned, i.tmp / "structured.pt", history, example)
+@case("prune_repair.prune.fisher_scores / gradient_chunks / labeled_data")
+def _(i):
+    targets = prune.find_targets(i.cnn)
+    prune.labeled_data((i.x, i.y))
+    prune.fisher_scores(i.cnn, targets, (i.x, i.y), num_grads=8)
+    for _chunk in prune.gradient_chunks(i.cnn, targets, (i.x, i.y), num_grads=8):
+        pass
 
 
-if merge is not None:
+@case("prune_repair.prune.inverse_fisher / woodfisher_scores")
+def _(i):
+    targets = prune.find_targets(i.cnn)
+    inv = prune.inverse_fisher(i.cnn, targets, (i.x, i.y), num_grads=8, block_size=16)
+    prune.woodfisher_scores(inv, targets)
 
-    @case("prune_repair.merge.merge / merge_many")
-    def _(i):
-        merge.merge(i.mlp_a, i.mlp_b, i.xm, alpha=0.3)
-        merge.merge(i.mlp_a, i.mlp_b, i.xm, align="weight", repair="rescale")
-        merge.merge_many([i.mlp_a, i.mlp_b, i.mlp_a], i.xm)
 
-    @case("prune_repair.merge.merge[closed-form, BatchNorm]")
-    def _(i):
-        other = prepared(PlainCNN(channels=(4, 6), batch_norm=True, input_size=8))
-        i.extra.update(other=other)
-        merge.merge(i.cnn, other, i.x, variant="closed-form")
-        merge.merge(i.cnn, other, i.x, repair="reset")
+@case("prune_repair.prune.pipeline.prune_and_repair")
+def _(i):
+    pipeline.prune_and_repair(i.cnn, (i.x, i.y), [0.5, 0.9])
 
-    @case("prune_repair.merge.prepare_merge / MergePlan.merged / barrier_curve")
-    def _(i):
-        plan = merge.prepare_merge([i.mlp_a, i.mlp_b], i.xm)
-        plan.merged([0.5, 0.5])
-        merge.barrier_curve(i.mlp_a, i.mlp_b, i.xm, i.xm, i.ym, alphas=3)
 
-    @case("prune_repair.merge.find_groups / find_alignment / activation_matching / weight_matching")
-    def _(i):
-        groups = pr.find_groups(i.mlp_a, i.xm[:2])
-        merge.find_alignment(i.mlp_a, i.mlp_b, groups, i.xm)
-        merge.find_alignment(i.mlp_a, i.mlp_b, groups, method="weight")
-        merge.activation_matching(i.mlp_a, i.mlp_b, i.xm, groups)
-        merge.weight_matching(i.mlp_a, i.mlp_b, groups)
+@case("prune_repair.prune.structured.kept_channels / save_structured")
+def _(i):
+    import torch_pruning as tp
 
-    @case("prune_repair.merge.permute / check_function_preserved / probes_of / interpolate / site_moments")
-    def _(i):
-        groups = pr.find_groups(i.cnn, i.x[:2])
-        perms = merge.random_perms(groups, torch.Generator().manual_seed(0))
-        i.extra.update(perms=perms)
-        merge.permute(i.cnn, groups, perms)
-        merge.check_function_preserved(i.cnn, groups, i.x[:4])
-        merge.probes_of(i.cnn, groups[0])
-        merge.interpolate([i.mlp_a, i.mlp_b], [0.25, 0.75])
-        merge.site_moments([i.mlp_a, i.mlp_b], i.xm, pr.find_sites(i.mlp_a, i.xm[:2]))
+    torch.manual_seed(0)
+    original = prepared(ResNetMini(width=8, blocks_per_stage=(1,)))
+    example = torch.randn(2, 1, 28, 28)
+    pruned = copy.deepcopy(original).eval()
+    pruner = tp.pruner.MetaPruner(pruned, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                  pruning_ratio=0.5, ignored_layers=[pruned.fc])
+    pruner.step()
+    history = pruner.pruning_history()
+    i.extra.update(original=original, pruned=pruned, history=history, example=example)
+    structured.kept_channels(original, history, example)
+    structured.save_structured(pruned, i.tmp / "structured.pt", history, example)
 
-    @case("prune_repair.merge.lerp_state_dicts / permute_state_dict")
-    def _(i):
-        a, b = i.mlp_a.state_dict(), i.mlp_b.state_dict()
-        groups = pr.find_groups(i.mlp_a, i.xm[:2])
-        perms = merge.random_perms(groups, torch.Generator().manual_seed(0))
-        i.extra.update(state_a=a, state_b=b, perms=perms)
-        merge.lerp_state_dicts([a, b], [0.5, 0.5])
-        merge.permute_state_dict(a, groups, perms)
+
+@case("prune_repair.merge.merge / merge_many")
+def _(i):
+    merge.merge(i.mlp_a, i.mlp_b, i.xm, alpha=0.3)
+    merge.merge(i.mlp_a, i.mlp_b, i.xm, align="weight", repair="rescale")
+    merge.merge_many([i.mlp_a, i.mlp_b, i.mlp_a], i.xm)
+
+
+@case("prune_repair.merge.merge[closed-form, BatchNorm]")
+def _(i):
+    other = prepared(PlainCNN(channels=(4, 6), batch_norm=True, input_size=8))
+    i.extra.update(other=other)
+    merge.merge(i.cnn, other, i.x, variant="closed-form")
+    merge.merge(i.cnn, other, i.x, repair="reset")
+
+
+@case("prune_repair.merge.prepare_merge / MergePlan.merged / barrier_curve")
+def _(i):
+    plan = merge.prepare_merge([i.mlp_a, i.mlp_b], i.xm)
+    plan.merged([0.5, 0.5])
+    merge.barrier_curve(i.mlp_a, i.mlp_b, i.xm, i.xm, i.ym, alphas=3)
+
+
+@case("prune_repair.merge.find_groups / find_alignment / activation_matching / weight_matching")
+def _(i):
+    groups = pr.find_groups(i.mlp_a, i.xm[:2])
+    merge.find_alignment(i.mlp_a, i.mlp_b, groups, i.xm)
+    merge.find_alignment(i.mlp_a, i.mlp_b, groups, method="weight")
+    merge.activation_matching(i.mlp_a, i.mlp_b, i.xm, groups)
+    merge.weight_matching(i.mlp_a, i.mlp_b, groups)
+
+
+@case("prune_repair.merge.permute / check_function_preserved / probes_of / interpolate / site_moments")
+def _(i):
+    groups = pr.find_groups(i.cnn, i.x[:2])
+    perms = merge.random_perms(groups, torch.Generator().manual_seed(0))
+    i.extra.update(perms=perms)
+    merge.permute(i.cnn, groups, perms)
+    merge.check_function_preserved(i.cnn, groups, i.x[:4])
+    merge.probes_of(i.cnn, groups[0])
+    merge.interpolate([i.mlp_a, i.mlp_b], [0.25, 0.75])
+    merge.site_moments([i.mlp_a, i.mlp_b], i.xm, pr.find_sites(i.mlp_a, i.xm[:2]))
+
+
+@case("prune_repair.merge.lerp_state_dicts / permute_state_dict")
+def _(i):
+    a, b = i.mlp_a.state_dict(), i.mlp_b.state_dict()
+    groups = pr.find_groups(i.mlp_a, i.xm[:2])
+    perms = merge.random_perms(groups, torch.Generator().manual_seed(0))
+    i.extra.update(state_a=a, state_b=b, perms=perms)
+    merge.lerp_state_dicts([a, b], [0.5, 0.5])
+    merge.permute_state_dict(a, groups, perms)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -312,7 +304,6 @@ def test_inputs_are_unchanged(name, tmp_path):
 # --- the table covers the API -----------------------------------------------------------------
 
 EXEMPT = {
-    "load_structured": "loads a file INTO the fresh model it is given, like nn.Module.load_state_dict",
     "default_forward": "calls the model's forward, nothing else",
     "repair_structured_": "ends in _",
 }
@@ -320,8 +311,8 @@ EXEMPT = {
 
 def public_functions_taking_a_model() -> set[str]:
     names = set()
-    for module_name in ("prune_repair", "prune_repair.prune", "prune_repair.merge", "prune_repair.pipeline"):
-        module = _try_import(module_name)
+    for module_name in ("prune_repair", "prune_repair.prune", "prune_repair.merge", "prune_repair.prune.pipeline"):
+        module = importlib.import_module(module_name)
         for name in getattr(module, "__all__", []):
             obj = getattr(module, name, None)
             if not inspect.isfunction(obj) or name.endswith("_") or name in EXEMPT:

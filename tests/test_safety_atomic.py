@@ -169,7 +169,7 @@ def test_the_report_is_strict_json(tmp_path):
 
 SLOW_MODEL = '''
 import os, time
-from prune_repair.models import MLP
+from prune_repair.zoo.models import MLP
 
 class SlowMLP(MLP):
     """Announces the first full forward pass through a marker file, then works forever."""

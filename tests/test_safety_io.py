@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from prune_repair import collect_stats, repair_
-from prune_repair.data import DataError, load_dataset
+from prune_repair.io.data import DataError, load_dataset
 from prune_repair.io import checkpoint_dtype, load_state_dict, save_state_dict
 from safety_helpers import ARCH_KWARGS, make_world, repair_args, run_cli, snapshot, tiny_model
 
@@ -220,7 +220,7 @@ def test_text_from_files_is_printed_literally(world, tmp_path):
 def test_arch_kwargs_the_constructor_rejects_are_one_line(world, tmp_path):
     args = repair_args(world, tmp_path / "out.pt")
     args[args.index("--arch-kwargs") + 1] = json.dumps({**ARCH_KWARGS, "widths": [-3]})
-    assert "cannot build --arch prune_repair.models:MLP" in one_error_line(run_cli(*args))
+    assert "cannot build --arch prune_repair.zoo.models:MLP" in one_error_line(run_cli(*args))
 
 
 def test_usage_errors_print_values_literally(world, tmp_path):

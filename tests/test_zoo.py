@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from prune_repair import zoo
-from prune_repair.data import load_dataset
-from prune_repair.evaluate import evaluate
-from prune_repair.models import MLP, PlainCNN
+from prune_repair.io.data import load_dataset
+from prune_repair.engine.evaluate import evaluate
+from prune_repair.zoo.models import MLP, PlainCNN
 
-NAMES = ["mnist-cnn", "mnist-cnn-bn", "mnist-mlp"]
+NAMES = ["mnist-cnn", "mnist-cnn-bn", "mnist-mlp", "mnist-mlp6-a", "mnist-mlp6-b"]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_arch_kwargs_returns_a_copy() -> None:
 
 def test_unknown_name_lists_known_models() -> None:
     for call in (zoo.build, zoo.load, zoo.arch_spec, zoo.arch_kwargs):
-        with pytest.raises(ValueError, match="unknown zoo model 'resnet50': known models are mnist-cnn, mnist-cnn-bn, mnist-mlp"):
+        with pytest.raises(ValueError, match="unknown zoo model 'resnet50': known models are mnist-cnn, mnist-cnn-bn, mnist-mlp, mnist-mlp6-a, mnist-mlp6-b"):
             call("resnet50")
 
 

@@ -73,7 +73,7 @@ def main() -> None:
     Examples:
       prune-repair prune zoo:mnist-cnn --data mnist --sparsity 0.9 --out pruned.pt
       prune-repair repair pruned.pt --reference zoo:mnist-cnn --data mnist --out repaired.pt
-      prune-repair merge a.pt b.pt --arch prune_repair.models:MLP --data mnist --out merged.pt
+      prune-repair merge a.pt b.pt --arch prune_repair.zoo.models:MLP --data mnist --out merged.pt
     """
 
 

@@ -27,7 +27,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..data import DataError, calibration_batch, load_dataset
+from ..io.data import DataError, calibration_batch, load_dataset
 from ..io import atomic_write, check_output_path, current_transaction, output_transaction
 
 console = Console(stderr=True)

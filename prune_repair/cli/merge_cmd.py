@@ -11,12 +11,12 @@ import click
 import torch
 
 from .. import zoo
-from ..evaluate import evaluate
-from ..groups import GroupError
+from ..engine.evaluate import evaluate
+from ..merge.groups import GroupError
 from ..io import ZOO_PREFIX, atomic_write, check_output_path, load_model, load_state_dict, resolve_arch, save_state_dict
 from ..merge import Align, MergeVariant, barrier_curve, check_alpha, check_same_architecture, prepare_merge
 from ..merge.barrier import BarrierCurve, CurvePoint, alpha_grid, plot_curve, require_matplotlib
-from ..renorm import RepairMode
+from ..engine.renorm import RepairMode
 from . import main
 from .common import (check_fits, check_outputs, common_options, console, handle_errors, load_data, metrics_table,
                      progress, resolve_device, write_report)
@@ -75,7 +75,7 @@ def merge_command(checkpoints, arch, arch_kwargs, data, eval_data, calib_size, s
 
     \b
     Example:
-      prune-repair merge a.pt b.pt --arch prune_repair.models:MLP --data mnist --curve 11 \\
+      prune-repair merge a.pt b.pt --arch prune_repair.zoo.models:MLP --data mnist --curve 11 \\
           --out merged.pt --report merge.json --plot curve.png
     """
     checkpoints = list(checkpoints)

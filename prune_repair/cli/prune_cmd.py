@@ -5,12 +5,12 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from ..data import calibration_batch, load_dataset
+from ..io.data import calibration_batch, load_dataset
 from ..io import load_model, resolve_arch, save_state_dict
-from ..pipeline import PruneRun, parse_sparsities, prune_and_repair
+from ..prune.pipeline import PruneRun, parse_sparsities, prune_and_repair
 from ..prune.methods import FisherOptions, PruneMethod
-from ..renorm import RepairMode
-from ..repair import check_finite
+from ..engine.renorm import RepairMode
+from ..engine.repair import check_finite
 from . import main
 from .common import (
     check_fits,

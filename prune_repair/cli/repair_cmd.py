@@ -6,11 +6,11 @@ import time
 
 import click
 
-from ..evaluate import evaluate
+from ..engine.evaluate import evaluate
 from ..io import load_model, resolve_arch, save_state_dict
-from ..renorm import RepairMode, Variant
-from ..repair import check_finite, repair_
-from ..stats import collect_stats
+from ..engine.renorm import RepairMode, Variant
+from ..engine.repair import check_finite, repair_
+from ..engine.stats import collect_stats
 from . import main
 from .common import (
     check_fits,

@@ -12,7 +12,7 @@
   until the command has succeeded, so an error or Ctrl-C leaves no output at all.
 
 Example:
-    >>> model = build_model("prune_repair.models:MLP", {"widths": [16]})
+    >>> model = build_model("prune_repair.zoo.models:MLP", {"widths": [16]})
     >>> sorted(model.state_dict())[:2]
     ['classifier.bias', 'classifier.weight']
 """

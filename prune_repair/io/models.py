@@ -1,7 +1,7 @@
 """Models built from ``--arch`` specs and loaded from checkpoints (or the zoo).
 
 Example:
-    >>> model = build_model("prune_repair.models:MLP", {"widths": [16]})
+    >>> model = build_model("prune_repair.zoo.models:MLP", {"widths": [16]})
     >>> sorted(model.state_dict())[:2]
     ['classifier.bias', 'classifier.weight']
 """
@@ -61,7 +61,7 @@ class CastInputs:
     """Forward pre-hook casting floating tensor inputs to the dtype of the model's parameters.
 
     :func:`load_model` registers it on models loaded from float16/bfloat16/float64
-    checkpoints, so float32 data (what :mod:`prune_repair.data` yields) can be fed.
+    checkpoints, so float32 data (what :mod:`prune_repair.io.data` yields) can be fed.
 
     >>> model = nn.Linear(2, 1).half()
     >>> _ = model.register_forward_pre_hook(CastInputs())

@@ -2,7 +2,7 @@
 
 Example:
     >>> import torch
-    >>> from prune_repair.models import MLP
+    >>> from prune_repair.zoo.models import MLP
     >>> from prune_repair.merge import merge
     >>> a, b = MLP(widths=(16,)), MLP(widths=(16,))
     >>> merged = merge(a, b, torch.randn(64, 1, 28, 28), alpha=0.5)

@@ -15,8 +15,8 @@ cross-covariances the closed-form REPAIR variant needs.
 
 Example:
     >>> import torch
-    >>> from prune_repair.models import MLP
-    >>> from prune_repair.groups import find_groups
+    >>> from prune_repair.zoo.models import MLP
+    >>> from prune_repair.merge.groups import find_groups
     >>> from prune_repair.merge.permute import permute, random_perms
     >>> a = MLP(widths=(16, 16))
     >>> x = torch.randn(128, 1, 28, 28)
@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._forward import ForwardFn, as_batches, first_tensor, hooked_pass
-from ..sites import Site
-from ..stats import ActivationStats, ChannelStats
-from ..groups import PermGroup
+from ..engine._forward import ForwardFn, as_batches, first_tensor, hooked_pass
+from ..engine.sites import Site
+from ..engine.stats import ActivationStats, ChannelStats
+from .groups import PermGroup
 from .permute import Alignment
 from .weight_matching import assign
 
@@ -165,7 +165,7 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
     Args:
         a, b: models of the same architecture (unchanged; train/eval mode restored).
         data: calibration data: one batch or an iterable of batches.
-        groups: permutation groups (see :func:`prune_repair.groups.find_groups`).
+        groups: permutation groups (see :func:`prune_repair.merge.groups.find_groups`).
         forward_fn: ``forward_fn(model, batch)`` for batches that are not plain tensors.
     """
     start = time.perf_counter()

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..evaluate import evaluate
-from ..renorm import RepairMode
+from ..engine.evaluate import evaluate
+from ..engine.renorm import RepairMode
 from .merge import Align, MergePlan, MergeVariant, prepare_merge
 
 

@@ -12,7 +12,7 @@ cross-covariances, no pass over the merged net; ``auto`` means ``repair`` there)
 
 Example:
     >>> import torch
-    >>> from prune_repair.models import MLP
+    >>> from prune_repair.zoo.models import MLP
     >>> _ = torch.manual_seed(0)
     >>> a, b, x = MLP(widths=(32, 32)), MLP(widths=(32, 32)), torch.randn(128, 1, 28, 28)
     >>> merged = merge(a, b, x, alpha=0.5, align="weight", repair="repair")
@@ -33,12 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._forward import ForwardFn, as_batches, batch_size_of
-from ..fuse import Correction, can_shift, fold_correction_
-from ..groups import PermGroup, find_groups
-from ..renorm import RepairMode, Variant, channel_affine
-from ..repair import RepairReport, SiteReport, check_finite, repair_
-from ..sites import Selector, find_sites
+from ..engine._forward import ForwardFn, as_batches, batch_size_of
+from ..engine.fuse import Correction, can_shift, fold_correction_
+from .groups import PermGroup, find_groups
+from ..engine.renorm import RepairMode, Variant, channel_affine
+from ..engine.repair import RepairReport, SiteReport, check_finite, repair_
+from ..engine.sites import Selector, find_sites
 from .activation_matching import SiteMoments, activation_matching, site_moments
 from .interpolate import _weights, check_same_architecture, interpolate
 from .permute import Alignment, identity_perms, permute

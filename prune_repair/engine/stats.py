@@ -11,7 +11,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,6 @@ import torch
 from torch import nn
 
 from ._forward import ForwardFn, as_batches, head, hooked_pass
-from .io.outputs import atomic_write
 from .sites import Selector, Site, find_sites
 
 
@@ -109,7 +109,7 @@ class ChannelStats:
 class ActivationStats(Mapping[str, ChannelStats]):
     """Statistics of every site of a model, keyed by the site's FQN.
 
-    Carries the :class:`~prune_repair.sites.Site` list it was measured on, so a
+    Carries the :class:`~prune_repair.engine.sites.Site` list it was measured on, so a
     repair can reuse it without tracing the model again. Saves with
     :meth:`save` and loads with ``weights_only=True``.
     """
@@ -183,10 +183,18 @@ class ActivationStats(Mapping[str, ChannelStats]):
     def from_state_dict(cls, d: Mapping[str, Any]) -> "ActivationStats":
         return cls([Site.from_dict(s) for s in d["sites"]], {k: ChannelStats.from_dict(v) for k, v in d["stats"].items()})
 
-    def save(self, path: str | Path) -> None:
-        """Write atomically (temporary file, fsync, rename); loads with :meth:`load`."""
-        with atomic_write(path) as tmp, open(tmp, "wb") as fh:
-            torch.save(self.state_dict(), fh)
+    def save(self, path: str | Path, *, writer: Callable[[Path], ContextManager[Path]] | None = None) -> None:
+        """Write to ``path``; loads with :meth:`load`.
+
+        ``writer(path)`` is a context manager yielding the file to write and putting it in
+        place on success (e.g. :func:`prune_repair.io.atomic_write`); by default the file
+        is written directly.
+        """
+        if writer is None:
+            torch.save(self.state_dict(), Path(path))
+            return
+        with writer(Path(path)) as tmp:
+            torch.save(self.state_dict(), tmp)
 
     @classmethod
     def load(cls, path: str | Path) -> "ActivationStats":
@@ -210,7 +218,7 @@ def collect_stats(
         data: one batch, or an iterable of batches (a DataLoader).
         sites: sites to measure; found by tracing two samples of the first batch
             when omitted.
-        select, include_classifier, blocks: site selection, see :func:`~prune_repair.sites.find_sites`.
+        select, include_classifier, blocks: site selection, see :func:`~prune_repair.engine.sites.find_sites`.
         forward_fn: ``forward_fn(model, batch)`` for batches that are not tensors.
     """
     batches = as_batches(data)

@@ -1,17 +1,17 @@
 """Pretrained MNIST models shipped with the package (``zoo:NAME`` on the CLI).
 
-Each entry names an architecture of :mod:`prune_repair.models`, its keyword
-arguments and a float32 state_dict in ``prune_repair/zoo_weights/``. The models
-expect the normalized MNIST of :func:`prune_repair.data.load_dataset`. The test
+Each entry names an architecture of :mod:`prune_repair.zoo.models`, its keyword
+arguments and a float32 state_dict in ``prune_repair/zoo/weights/``. The models
+expect the normalized MNIST of :func:`prune_repair.io.data.load_dataset`. The test
 accuracy and loss of each model were measured on ``mnist:test`` by
-``benchmarks/train_zoo.py``, which writes them to ``zoo_weights/zoo.json``.
+``benchmarks/train_zoo.py``, which writes them to ``weights/zoo.json``.
 
 Example:
     >>> zoo_names()
-    ['mnist-cnn', 'mnist-cnn-bn', 'mnist-mlp']
+    ['mnist-cnn', 'mnist-cnn-bn', 'mnist-mlp', 'mnist-mlp6-a', 'mnist-mlp6-b']
     >>> model = load("zoo:mnist-mlp")
     >>> arch_spec("mnist-cnn"), arch_kwargs("mnist-cnn")
-    ('prune_repair.models:PlainCNN', {'channels': [16, 32], 'batch_norm': False})
+    ('prune_repair.zoo.models:PlainCNN', {'channels': [16, 32], 'batch_norm': False})
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .models import MLP, PlainCNN
 
 __all__ = ["ZooEntry", "WEIGHTS_DIR", "zoo_names", "entry", "build", "load", "arch_spec", "arch_kwargs", "weights_path"]
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "zoo_weights"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 METRICS_FILE = "zoo.json"
 PREFIX = "zoo:"
 
@@ -74,6 +74,9 @@ _REGISTRY: dict[str, ZooEntry] = {
         ZooEntry("mnist-mlp", MLP, {"widths": [128, 128]}, "mnist-mlp.pt"),
         ZooEntry("mnist-cnn", PlainCNN, {"channels": [16, 32], "batch_norm": False}, "mnist-cnn.pt"),
         ZooEntry("mnist-cnn-bn", PlainCNN, {"channels": [16, 32], "batch_norm": True}, "mnist-cnn-bn.pt"),
+        # a pair of deeper MLPs from two seeds, for merging (variance collapse shows at depth)
+        ZooEntry("mnist-mlp6-a", MLP, {"widths": [64] * 6}, "mnist-mlp6-a.pt"),
+        ZooEntry("mnist-mlp6-b", MLP, {"widths": [64] * 6}, "mnist-mlp6-b.pt"),
     )
 }
 
@@ -137,7 +140,7 @@ def arch_spec(name: str) -> str:
 
     Example:
         >>> arch_spec("zoo:mnist-mlp")
-        'prune_repair.models:MLP'
+        'prune_repair.zoo.models:MLP'
     """
     return entry(name).arch_spec
 

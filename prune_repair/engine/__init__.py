@@ -1,0 +1,48 @@
+"""The core renormalization engine: sites, statistics, corrections, folding.
+
+The engine knows nothing of pruning, merging, files or the command line; the front
+ends (:mod:`prune_repair.prune`, :mod:`prune_repair.merge`) and :mod:`prune_repair.cli`
+build on it.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from prune_repair.engine import collect_stats, repair_
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> batch = torch.randn(64, 8)
+    >>> report = repair_(model, collect_stats(model, batch), batch)
+    >>> [s.fqn for s in report.sites]
+    ['0']
+"""
+
+from .evaluate import DataError, evaluate
+from .fuse import Correction, fold_affine, fold_affine_into_bn, fold_batchnorm, fold_bn, fuse, fuse_
+from .renorm import RepairMode, Variant
+from .repair import RepairReport, SiteReport, check_finite, preserve_statistics, repair_
+from .sites import Site, find_sites, make_filter
+from .stats import ActivationStats, ChannelStats, collect_stats
+
+__all__ = [
+    "ActivationStats",
+    "ChannelStats",
+    "Correction",
+    "DataError",
+    "RepairMode",
+    "RepairReport",
+    "Site",
+    "SiteReport",
+    "Variant",
+    "check_finite",
+    "collect_stats",
+    "evaluate",
+    "find_sites",
+    "fold_affine",
+    "fold_affine_into_bn",
+    "fold_batchnorm",
+    "fold_bn",
+    "fuse",
+    "fuse_",
+    "make_filter",
+    "preserve_statistics",
+    "repair_",
+]
