@@ -21,7 +21,9 @@ __version__ = "0.1.0"
 # the engine: sites, statistics, corrections, folding
 from .engine.fuse import Correction, fold_affine, fold_affine_into_bn, fold_batchnorm, fold_bn, fuse, fuse_
 from .engine.renorm import RepairMode, Variant
-from .engine.repair import RepairReport, SiteReport, check_finite, preserve_statistics, repair_
+from .engine.checks import check_finite
+from .engine.report import RepairReport, SiteReport
+from .engine.repair import preserve_statistics, repair_
 from .engine.sites import Site, find_sites, make_filter
 from .engine.stats import ActivationStats, ChannelStats, collect_stats
 

@@ -38,7 +38,11 @@ def test_zeros_stay_zeros_through_repair_and_fusion(make, mode):
     reference = pr.collect_stats(model, batch)
     report = prune_(model, 0.9)
     zeros = zero_positions(model)
-    pr.repair_(model, reference, batch, mode=mode)
+    if mode == "reset" and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
+        with pytest.raises(ValueError, match="no site of this model is followed by a BatchNorm"):
+            pr.repair_(model, reference, batch, repair=mode)
+        return
+    pr.repair_(model, reference, batch, repair=mode)
     after = zero_positions(model)
     for fqn, z in zeros.items():
         assert torch.equal(after[fqn], z), fqn  # exactly the same positions, no more, no fewer
@@ -59,8 +63,8 @@ def test_torch_style_masks_stay_valid_with_and_without_remove():
 
     plain = copy.deepcopy(model)
     remove_reparametrization_(plain)  # prune.remove first, then repair
-    pr.repair_(model, reference, batch, mode="repair")  # repair through weight_orig / weight_mask
-    pr.repair_(plain, reference, batch, mode="repair")
+    pr.repair_(model, reference, batch, repair="repair")  # repair through weight_orig / weight_mask
+    pr.repair_(plain, reference, batch, repair="repair")
 
     for name, mask in masks.items():
         assert torch.equal(dict(model.named_buffers())[name], mask)  # masks untouched

@@ -25,7 +25,7 @@ def test_after_exact_repair_every_site_matches_its_goal(name):
     x = inputs_for(name)
     goal = collect_stats(MODELS[name], x)
     model = operated(name)
-    report = repair_(model, goal, x, mode="repair")
+    report = repair_(model, goal, x, repair="repair")
     after = collect_stats(model, x, sites=goal.sites)
     for site in report.sites:
         if not site.shift_dropped:  # convs without bias before a GroupNorm cannot hold a shift
@@ -40,7 +40,7 @@ def test_fused_model_equals_unfused_corrections(name):
     goal = collect_stats(MODELS[name], x)
     model = operated(name)
     unfused = copy.deepcopy(model)
-    report = repair_(model, goal, x, mode="repair", variant="all-at-once")
+    report = repair_(model, goal, x, repair="repair", variant="all-at-once")
     assert_close(model(x), run_with_corrections(unfused, goal.sites, report.corrections, x))
 
 
@@ -50,7 +50,7 @@ def test_repairing_toward_own_statistics_is_a_no_op(name, mode):
     x = inputs_for(name)
     model = copy.deepcopy(MODELS[name])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    repair_(model, collect_stats(model, x), x, mode=mode)
+    repair_(model, collect_stats(model, x), x, repair=mode)
     for key, value in model.state_dict().items():
         if mode == "auto" and "running_" in key:
             continue  # reset replaces running stats with the calibration batch's
@@ -63,7 +63,7 @@ def test_sparsity_is_identical_before_and_after(mode):
     goal = collect_stats(MODELS["resnet-bn"], x)
     model = operated("resnet-bn")
     zeros = {k: (v == 0) for k, v in model.state_dict().items() if k.endswith("weight") and v.dim() > 1}
-    repair_(model, goal, x, mode=mode)
+    repair_(model, goal, x, repair=mode)
     for key, mask in zeros.items():
         assert torch.equal(model.state_dict()[key] == 0, mask), key
 
@@ -72,8 +72,8 @@ def test_rescale_matches_std_and_reshift_matches_mean():
     x = inputs_for("mlp")
     goal = collect_stats(MODELS["mlp"], x)
     rescaled, reshifted = operated("mlp"), operated("mlp")
-    repair_(rescaled, goal, x, mode="rescale")
-    repair_(reshifted, goal, x, mode="reshift")
+    repair_(rescaled, goal, x, repair="rescale")
+    repair_(reshifted, goal, x, repair="reshift")
     first = goal.sites[0].fqn
     assert_close(collect_stats(rescaled, x, sites=goal.sites)[first].std, goal[first].std)
     assert_close(collect_stats(reshifted, x, sites=goal.sites)[first].mean, goal[first].mean)
@@ -83,7 +83,7 @@ def test_rescale_layer_gives_every_channel_the_layer_average_goal_std():
     x = inputs_for("mlp")
     goal = collect_stats(MODELS["mlp"], x)
     model = operated("mlp")
-    repair_(model, goal, x, mode="rescale-layer")
+    repair_(model, goal, x, repair="rescale-layer")
     first = goal.sites[0].fqn
     std = collect_stats(model, x, sites=goal.sites)[first].std
     assert_close(std, torch.full_like(std, float(goal[first].std.mean())))
@@ -92,7 +92,7 @@ def test_rescale_layer_gives_every_channel_the_layer_average_goal_std():
 def test_reset_sets_batchnorm_running_stats_to_the_batch_statistics():
     x = inputs_for("cnn-bn")
     model = operated("cnn-bn")
-    report = repair_(model, collect_stats(MODELS["cnn-bn"], x), x, mode="reset")
+    report = repair_(model, collect_stats(MODELS["cnn-bn"], x), x, repair="reset")
     assert {s.mode for s in report.sites} == {"reset"} and not report.corrections
     conv_out = {}
     model.features.conv1.register_forward_hook(lambda m, i, o: conv_out.setdefault("y", o))
@@ -104,7 +104,7 @@ def test_reset_sets_batchnorm_running_stats_to_the_batch_statistics():
 
 def test_auto_resets_batchnorm_sites_and_repairs_the_rest():
     x = inputs_for("cnn-bn")
-    report = repair_(operated("cnn-bn"), collect_stats(MODELS["cnn-bn"], x), x, mode="auto")
+    report = repair_(operated("cnn-bn"), collect_stats(MODELS["cnn-bn"], x), x, repair="auto")
     assert {s.mode for s in report.sites} == {"reset"}
     report = repair_(operated("mlp"), collect_stats(MODELS["mlp"], inputs_for("mlp")), inputs_for("mlp"))
     assert {s.mode for s in report.sites} == {"repair"}
@@ -114,8 +114,8 @@ def test_exact_over_several_batches_equals_exact_over_their_union():
     x = inputs_for("resnet-bn", 48)
     goal = collect_stats(MODELS["resnet-bn"], x)
     one, many = operated("resnet-bn"), operated("resnet-bn")
-    repair_(one, goal, x, mode="repair")
-    report = repair_(many, goal, [x[:20], x[20:]], mode="repair")
+    repair_(one, goal, x, repair="repair")
+    report = repair_(many, goal, [x[:20], x[20:]], repair="repair")
     assert report.passes == len(goal.sites)
     assert_close(many(x), one(x))
 
@@ -124,7 +124,7 @@ def test_all_at_once_differs_from_exact_but_matches_the_first_site():
     x = inputs_for("mlp")
     goal = collect_stats(MODELS["mlp"], x)
     model = operated("mlp")
-    repair_(model, goal, x, mode="repair", variant="all-at-once")
+    repair_(model, goal, x, repair="repair", variant="all-at-once")
     after = collect_stats(model, x, sites=goal.sites)
     first, last = goal.sites[0].fqn, goal.sites[-1].fqn
     assert_close(after[first].std, goal[first].std)
@@ -138,7 +138,7 @@ def test_dead_channels_are_left_alone_and_reported():
     with torch.no_grad():
         model.features.fc1.weight[[2, 5]] = 0
         model.features.fc1.bias[[2, 5]] = 0
-    report = repair_(model, goal, x, mode="repair")
+    report = repair_(model, goal, x, repair="repair")
     assert report.dead_channels["features.fc1"] == [2, 5]
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     assert torch.equal(model.features.fc1.weight[[2, 5]], torch.zeros(2, 784, dtype=torch.float64))
@@ -151,11 +151,11 @@ def test_layer_without_bias_gets_the_scale_only_unless_asked_to_add_one():
     damaged = copy.deepcopy(model)
     damage_(damaged)
     plain = copy.deepcopy(damaged)
-    report = repair_(plain, goal, x, mode="repair")
+    report = repair_(plain, goal, x, repair="repair")
     assert report.sites[0].shift_dropped and "0.bias" not in plain.state_dict()
     assert_close(collect_stats(plain, x)["0"].std, goal["0"].std)
     with_bias = copy.deepcopy(damaged)
-    repair_(with_bias, goal, x, mode="repair", add_bias=True)
+    repair_(with_bias, goal, x, repair="repair", add_bias=True)
     assert_close(collect_stats(with_bias, x)["0"].mean, goal["0"].mean)
 
 
@@ -164,7 +164,7 @@ def test_float16_model_keeps_its_dtype():
     x = inputs_for("mlp").float()
     goal = collect_stats(model, x)
     half = copy.deepcopy(model).to(torch.bfloat16)
-    repair_(half, goal, x.to(torch.bfloat16), mode="repair")
+    repair_(half, goal, x.to(torch.bfloat16), repair="repair")
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
     assert all(torch.isfinite(p).all() for p in half.parameters())
 
@@ -187,7 +187,7 @@ def test_mode_none_changes_nothing():
     x = inputs_for("mlp")
     model = operated("mlp")
     before = copy.deepcopy(model.state_dict())
-    report = repair_(model, collect_stats(MODELS["mlp"], x), x, mode=RepairMode.NONE)
+    report = repair_(model, collect_stats(MODELS["mlp"], x), x, repair=RepairMode.NONE)
     assert report.passes == 0 and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -203,8 +203,8 @@ def test_bad_inputs_get_clear_errors():
         repair_(broken, goal, x)
     with pytest.raises(ValueError, match="does not have"):
         repair_(operated("cnn"), goal, inputs_for("cnn"))
-    with pytest.raises(ValueError, match="'rescue' is not a valid RepairMode"):
-        repair_(operated("mlp"), goal, x, mode="rescue")
+    with pytest.raises(ValueError, match="unknown correction 'rescue': use one of auto, repair"):
+        repair_(operated("mlp"), goal, x, repair="rescue")
 
 
 def test_float32_data_repairs_a_float16_model():
@@ -213,5 +213,74 @@ def test_float32_data_repairs_a_float16_model():
     goal = collect_stats(model, x)
     half = copy.deepcopy(model).half()
     damage_(half)
-    report = repair_(half, goal, x, mode="repair")
+    report = repair_(half, goal, x, repair="repair")
     assert report.sites and all(p.dtype == torch.float16 for p in half.parameters())
+
+
+class Branchy(nn.Module):
+    """An MLP whose second branch runs only for inputs with a positive first feature sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if bool(x[:, 0].sum() > 0):
+            h = torch.relu(self.b(h))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("split", [1, 2], ids=["one-batch", "two-batches"])
+def test_a_site_that_never_runs_is_reported_skipped_not_repaired(split):
+    torch.manual_seed(0)
+    model = Branchy().double()
+    reach = torch.randn(40, 6, dtype=torch.float64).abs()  # takes the branch: b is a site
+    goal = collect_stats(model, reach)
+    assert [s.fqn for s in goal.sites] == ["a", "b"]
+    miss = -reach  # never takes the branch
+    damage_(model)
+    before = model.b.weight.clone()
+    data = miss if split == 1 else [miss[:20], miss[20:]]
+    with pytest.warns(UserWarning, match="1 of 2 sites were not corrected: 'b' \\(it never ran"):
+        report = repair_(model, goal, data, repair="repair")
+    by_fqn = {s.fqn: s for s in report.sites}
+    assert by_fqn["a"].mode == "repair" and by_fqn["b"].mode == "skipped"
+    assert "b" not in report.corrections and report.skipped == {"b": by_fqn["b"].skipped}
+    assert torch.equal(model.b.weight, before)
+
+
+def test_reset_without_batchnorm_is_an_error_and_partial_reset_is_reported():
+    x = inputs_for("mlp")
+    with pytest.raises(ValueError, match="no site of this model is followed by a BatchNorm"):
+        repair_(operated("mlp"), collect_stats(MODELS["mlp"], x), x, repair="reset")
+    x = inputs_for("cnn-bn")
+    goal = collect_stats(MODELS["cnn-bn"], x, include_classifier=True)  # the classifier has no BN
+    with pytest.warns(UserWarning, match="no BatchNorm to reset there"):
+        report = repair_(operated("cnn-bn"), goal, x, repair="reset")
+    assert {s.mode for s in report.sites} == {"reset", "skipped"}
+
+
+def test_no_sites_is_an_error():
+    x = inputs_for("mlp")
+    goal = collect_stats(MODELS["mlp"], x)
+    empty = type(goal)([], {})
+    with pytest.raises(ValueError, match="hold no sites, so there is nothing to correct"):
+        repair_(operated("mlp"), empty, x)
+
+
+def test_mode_is_a_deprecated_name_of_repair():
+    x = inputs_for("mlp")
+    goal = collect_stats(MODELS["mlp"], x)
+    with pytest.warns(DeprecationWarning, match="renamed repair_\\(repair=...\\)"):
+        report = repair_(operated("mlp"), goal, x, mode="rescale")
+    assert report.repair == "rescale"
+
+
+def test_select_channels_keeps_the_site_kind():
+    model = MODELS["resnet-bn"]
+    x = inputs_for("resnet-bn")
+    stats = collect_stats(model, x, blocks="re:^layer\\d\\.\\d$")
+    block = next(s for s in stats.sites if s.kind == "block")
+    picked = stats.select_channels({block.fqn: torch.tensor([0, 1])})
+    assert picked.site(block.fqn).kind == "block" and picked.site(block.fqn).channels == 2

@@ -14,9 +14,9 @@ from .. import zoo
 from ..engine.evaluate import evaluate
 from ..merge.groups import GroupError
 from ..io import ZOO_PREFIX, atomic_write, check_output_path, load_model, load_state_dict, resolve_arch, save_state_dict
-from ..merge import Align, MergeVariant, barrier_curve, check_alpha, check_same_architecture, prepare_merge
+from ..merge import Align, barrier_curve, check_alpha, check_same_architecture, prepare_merge
 from ..merge.barrier import BarrierCurve, CurvePoint, alpha_grid, plot_curve, require_matplotlib
-from ..engine.renorm import RepairMode
+from ..engine.renorm import RepairMode, Variant
 from . import main
 from .common import (check_fits, check_outputs, common_options, console, handle_errors, load_data, metrics_table,
                      progress, resolve_device, write_report)
@@ -55,7 +55,7 @@ def _groups_spec(path: str | None) -> dict | None:
               help="interpolation weight of the second checkpoint (0 = first, 1 = second).")
 @click.option("--repair", "mode", default="auto", show_default=True, type=click.Choice(MERGE_REPAIRS),
               help="correction toward the interpolated endpoint statistics (auto: reset BN sites, repair others).")
-@click.option("--variant", default="exact", show_default=True, type=click.Choice([v.value for v in MergeVariant]),
+@click.option("--variant", default="exact", show_default=True, type=click.Choice(Variant.choices()),
               help="exact: one pass over the merged net; closed-form: predicted from endpoint covariances.")
 @click.option("--curve", default=None, type=int, help="also evaluate N evenly spaced alphas (e.g. 11), raw and "
               "repaired, and report the barriers.")

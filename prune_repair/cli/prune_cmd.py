@@ -10,7 +10,7 @@ from ..io import load_model, resolve_arch, save_state_dict
 from ..prune.pipeline import PruneRun, parse_sparsities, prune_and_repair
 from ..prune.methods import FisherOptions, PruneMethod
 from ..engine.renorm import RepairMode
-from ..engine.repair import check_finite
+from ..engine.checks import check_finite
 from . import main
 from .common import (
     check_fits,

@@ -9,7 +9,8 @@ import click
 from ..engine.evaluate import evaluate
 from ..io import load_model, resolve_arch, save_state_dict
 from ..engine.renorm import RepairMode, Variant
-from ..engine.repair import check_finite, repair_
+from ..engine.checks import check_finite
+from ..engine.repair import repair_
 from ..engine.stats import collect_stats
 from . import main
 from .common import (
@@ -34,7 +35,7 @@ REPAIR_CHOICES = [m.value for m in RepairMode if m is not RepairMode.NONE]
 @common_options
 @click.option("--repair", "mode", default="auto", show_default=True, type=click.Choice(REPAIR_CHOICES),
               help="correction: auto = reset BatchNorm sites, repair the others.")
-@click.option("--variant", default="exact", show_default=True, type=click.Choice([v.value for v in Variant]),
+@click.option("--variant", default="exact", show_default=True, type=click.Choice([Variant.EXACT.value, Variant.ALL_AT_ONCE.value]),
               help="exact: each site measured with upstream corrections applied (one pass).")
 @click.option("--include-classifier", is_flag=True, help="also correct the final classifier's logits.")
 @handle_errors
@@ -65,7 +66,7 @@ def repair_command(pruned, reference, arch, arch_kwargs, data, eval_data, calib_
     metrics = {"reference": evaluate(ref_model, d.eval_x, d.eval_y), "before": evaluate(model, d.eval_x, d.eval_y)}
     start = time.perf_counter()
     goal = collect_stats(ref_model, d.calib_x, include_classifier=include_classifier)
-    result = repair_(model, goal, d.calib_x, mode=mode, variant=variant)
+    result = repair_(model, goal, d.calib_x, repair=mode, variant=variant)
     seconds = time.perf_counter() - start
     metrics["after"] = evaluate(model, d.eval_x, d.eval_y)
 

@@ -18,7 +18,9 @@ Example:
 from .evaluate import DataError, evaluate
 from .fuse import Correction, fold_affine, fold_affine_into_bn, fold_batchnorm, fold_bn, fuse, fuse_
 from .renorm import RepairMode, Variant
-from .repair import RepairReport, SiteReport, check_finite, preserve_statistics, repair_
+from .checks import check_finite
+from .report import RepairReport, SiteReport
+from .repair import preserve_statistics, repair_
 from .sites import Site, find_sites, make_filter
 from .stats import ActivationStats, ChannelStats, collect_stats
 

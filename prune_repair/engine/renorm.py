@@ -15,36 +15,30 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
-
-class RepairMode(str, Enum):
-    """How each site is corrected (the same strings work in Python, CLI and JSON)."""
-
-    AUTO = "auto"  # reset at BatchNorm sites, repair elsewhere
-    REPAIR = "repair"  # (x - mean_now) / std_now * goal_std + goal_mean
-    RESCALE = "rescale"  # x / std_now * goal_std
-    RESCALE_LAYER = "rescale-layer"  # like rescale with goal_std averaged over the layer
-    RESHIFT = "reshift"  # x - mean_now + goal_mean
-    RESET = "reset"  # recompute BatchNorm running statistics
-    NONE = "none"  # measure nothing, change nothing
-
-    def __str__(self) -> str:
-        return self.value
+from .registry import MethodEnum
 
 
-class Variant(str, Enum):
-    """How the operated network's statistics are measured."""
+class RepairMode(MethodEnum):
+    """How each site is corrected (the registry of correction modes)."""
 
-    EXACT = "exact"  # each site measured with its upstream sites already corrected
-    ALL_AT_ONCE = "all-at-once"  # all sites measured in one uncorrected pass
+    AUTO = "auto", "reset at BatchNorm sites, repair elsewhere (the default)"
+    REPAIR = "repair", "(x - mean_now) / std_now * goal_std + goal_mean", "Jordan et al. 2022, eq. 3-4"
+    RESCALE = "rescale", "x / std_now * goal_std", "Qu & Horvath 2024, sec. 3.3"
+    RESCALE_LAYER = "rescale-layer", "like rescale, goal std averaged over the layer (ablation)", "Qu & Horvath 2024"
+    RESHIFT = "reshift", "x - mean_now + goal_mean (ablation)", "Qu & Horvath 2024"
+    RESET = "reset", "recompute BatchNorm running statistics", "Jordan et al. 2022, sec. 5"
+    NONE = "none", "measure nothing, change nothing"
 
-    def __str__(self) -> str:
-        return self.value
 
+class Variant(MethodEnum):
+    """How the operated network's statistics are obtained."""
 
+    EXACT = "exact", "each site measured with its upstream sites already corrected", "Qu & Horvath 2024, table 9"
+    ALL_AT_ONCE = "all-at-once", "all sites measured in one uncorrected pass", "REPAIR reference code"
+    CLOSED_FORM = "closed-form", "merging only: predicted from the endpoints' covariances", "Jordan et al. 2022, sec. 4.1"
 
 
 def site_mode(mode: RepairMode, has_batchnorm: bool) -> RepairMode:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+import warnings
 from typing import Any
 
 import torch
@@ -31,50 +31,16 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._forward import ForwardFn, StopForward, as_batches, batch_size_of, hooked_pass
+from .checks import check_finite, out_channels
 from .fuse import Correction, can_shift, fold_correction_
 from .renorm import ChannelAffine, RepairMode, Variant, channel_affine, site_mode
 from .sites import Site
+from .report import RepairReport, SiteReport
 from .stats import ActivationStats, ChannelStats, collect_stats
 
+__all__ = ["RepairReport", "SiteReport", "check_finite", "preserve_statistics", "repair_"]
 
-@dataclass
-class SiteReport:
-    """What happened at one site."""
-
-    fqn: str
-    mode: str
-    channels: int
-    dead_channels: list[int] = field(default_factory=list)
-    shift_dropped: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class RepairReport:
-    """Result of :func:`repair_`; ``corrections`` holds the folded affine of each site."""
-
-    mode: str
-    variant: str
-    passes: int
-    seconds: float
-    sites: list[SiteReport]
-    corrections: dict[str, Correction] = field(default_factory=dict, repr=False)
-
-    @property
-    def dead_channels(self) -> dict[str, list[int]]:
-        """Channels left alone because their spread was zero or non-finite, per site."""
-        return {s.fqn: s.dead_channels for s in self.sites if s.dead_channels}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "mode": self.mode,
-            "variant": self.variant,
-            "passes": self.passes,
-            "seconds": self.seconds,
-            "sites": [s.to_dict() for s in self.sites],
-        }
+NEVER_RAN = "it never ran on the calibration data (a branch the data does not reach?)"
 
 
 class _SitePlan:
@@ -105,6 +71,9 @@ class _SitePlan:
 
     def finalize(self) -> None:
         acc = self.acc
+        if acc is None:  # the site never ran: nothing measured, nothing to correct
+            self.report.mode, self.report.skipped = "skipped", NEVER_RAN
+            return
         if self.is_reset:
             bn = self.module
             dead = ~torch.isfinite(acc.mean) | ~torch.isfinite(acc.var) | (acc.var == 0)
@@ -130,9 +99,11 @@ class _SitePlan:
         return torch.addcmul(shift, y, scale)
 
 
-def _plans(model: nn.Module, reference: ActivationStats, mode: RepairMode, add_bias: bool) -> list[_SitePlan]:
+def _plans(model: nn.Module, reference: ActivationStats, mode: RepairMode, add_bias: bool
+           ) -> tuple[list[_SitePlan], list[SiteReport]]:
+    """The sites to correct, and reports of the sites ``mode`` does not apply to."""
     modules = dict(model.named_modules())
-    plans = []
+    plans, skipped = [], []
     for site in reference.sites:
         if site.kind == "block":
             raise ValueError(
@@ -146,7 +117,7 @@ def _plans(model: nn.Module, reference: ActivationStats, mode: RepairMode, add_b
                     "collect them on a model of the same architecture"
                 )
         producer = modules[site.producer]
-        out = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+        out = out_channels(producer)
         if out != site.channels:
             raise ValueError(
                 f"layer '{site.producer}' has {out} output channels but the reference statistics have "
@@ -154,12 +125,13 @@ def _plans(model: nn.Module, reference: ActivationStats, mode: RepairMode, add_b
             )
         m = site_mode(mode, isinstance(modules[site.fqn], _BatchNorm))
         if m is RepairMode.NONE:
+            skipped.append(SiteReport(site.fqn, "skipped", site.channels, skipped="no BatchNorm to reset there"))
             continue
         if add_bias and m in (RepairMode.REPAIR, RepairMode.RESHIFT) and not can_shift(model, site):
             weight = producer.weight
             producer.bias = nn.Parameter(torch.zeros(out, dtype=weight.dtype, device=weight.device))
         plans.append(_SitePlan(model, site, m, reference[site.fqn]))
-    return plans
+    return plans, skipped
 
 
 def _hooks(plans: list[_SitePlan], measuring: set, inline: bool, applying: set, stop_after: _SitePlan | None):
@@ -194,27 +166,16 @@ def _hooks(plans: list[_SitePlan], measuring: set, inline: bool, applying: set, 
     return forward_hooks, pre_hooks
 
 
-def check_finite(model: nn.Module) -> None:
-    """Raise ``ValueError`` naming every parameter/buffer that holds NaN or Inf."""
-    bad = [
-        f"{name} ({int((~torch.isfinite(t)).sum())} values)"
-        for name, t in model.state_dict().items()
-        # a float64 sum is finite iff every value is (and costs no temporary mask)
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float64)))
-    ]
-    if bad:
-        raise ValueError(f"the model holds NaN/Inf in {', '.join(bad)}: repair needs finite weights")
-
-
 def repair_(
     model: nn.Module,
     reference: ActivationStats,
     data: Any,
     *,
-    mode: RepairMode | str = RepairMode.AUTO,
+    repair: RepairMode | str = RepairMode.AUTO,
     variant: Variant | str = Variant.EXACT,
     forward_fn: ForwardFn | None = None,
     add_bias: bool = False,
+    mode: RepairMode | str | None = None,
 ) -> RepairReport:
     """Correct ``model`` in place so its site statistics match ``reference``, and fold.
 
@@ -224,22 +185,41 @@ def repair_(
             ``stats_a.interpolate(stats_b, alpha)`` for a merge.
         data: calibration data (one batch = one pass; several batches are exact too,
             with one pass per site).
-        mode: a :class:`RepairMode` (``auto`` resets BatchNorm sites and repairs others).
+        repair: a :class:`RepairMode` (``auto`` resets BatchNorm sites and repairs others).
         variant: ``exact`` (upstream corrections applied while measuring) or ``all-at-once``.
         forward_fn: ``forward_fn(model, batch)`` for batches that are not plain tensors.
         add_bias: give layers without bias a bias to hold the shift (changes state_dict
             keys); by default such sites get the scale only, reported as ``shift_dropped``.
+        mode: deprecated name of ``repair``.
 
     Returns:
-        a :class:`RepairReport`; the model keeps its train/eval mode.
+        a :class:`RepairReport`; the model keeps its train/eval mode. Sites that were not
+        corrected (they never ran on ``data``, or ``reset`` found no BatchNorm there) are
+        reported with ``mode="skipped"`` and the reason, and a warning names them.
+
+    Raises:
+        ValueError: no sites in ``reference``; ``reset`` on a network without BatchNorm;
+            a variant that does not apply; statistics that do not fit the model.
     """
     start = time.perf_counter()
-    mode, variant = RepairMode(mode), Variant(variant)
+    if mode is not None:
+        warnings.warn("repair_(mode=...) is renamed repair_(repair=...)", DeprecationWarning, stacklevel=2)
+        repair = mode
+    mode, variant = RepairMode.parse(repair, "correction"), Variant.parse(variant, "variant")
+    if variant is Variant.CLOSED_FORM:
+        raise ValueError("the closed-form variant predicts merged statistics from the endpoints: "
+                         "it applies to merging only (prepare_merge(...).merged(variant='closed-form'))")
+    if not reference.sites:
+        raise ValueError("the reference statistics hold no sites, so there is nothing to correct: "
+                         "the model has no conv/linear output that a correction can be folded into")
     batches = as_batches(data)
     if sum(batch_size_of(b) for b in batches) < 2:
         raise ValueError("calibration needs at least 2 samples to measure a spread: pass a larger batch")
     check_finite(model)
-    plans = [] if mode is RepairMode.NONE else _plans(model, reference, mode, add_bias)
+    plans, skipped = ([], []) if mode is RepairMode.NONE else _plans(model, reference, mode, add_bias)
+    if mode is RepairMode.RESET and not plans:
+        raise ValueError("reset recomputes BatchNorm statistics, but no site of this model is followed by a "
+                         "BatchNorm: use repair='repair' (or 'auto')")
     saved = {id(p): (p.module.running_mean.clone(), p.module.running_var.clone())
              for p in plans if p.is_reset and p.module.running_mean is not None}
     passes = 0
@@ -255,9 +235,12 @@ def repair_(
     try:
         if plans and variant is Variant.EXACT and len(batches) == 1:
             run(set(plans), inline=True, applying=set())
+            for plan in plans:
+                if plan.acc is None:
+                    plan.finalize()
         elif variant is Variant.EXACT:
             for k, plan in enumerate(plans):
-                run({plan}, inline=False, applying=set(plans[:k]), stop_after=plan)
+                run({plan}, inline=False, applying={p for p in plans[:k] if p.affine is not None}, stop_after=plan)
                 plan.finalize()
         elif plans:
             run(set(plans), inline=False, applying=set())
@@ -276,8 +259,13 @@ def repair_(
         if plan.affine is not None:
             corrections[plan.site.fqn] = Correction(plan.affine.scale, plan.affine.shift)
             fold_correction_(model, plan.site, corrections[plan.site.fqn])
-    return RepairReport(mode.value, variant.value, passes, time.perf_counter() - start,
-                        [p.report for p in plans], corrections)
+    order = {site.fqn: i for i, site in enumerate(reference.sites)}
+    reports = sorted([p.report for p in plans] + skipped, key=lambda r: order[r.fqn])
+    report = RepairReport(mode.value, variant.value, passes, time.perf_counter() - start, reports, corrections)
+    if report.skipped:
+        listed = ", ".join(f"'{fqn}' ({why})" for fqn, why in report.skipped.items())
+        warnings.warn(f"{len(report.skipped)} of {len(reports)} sites were not corrected: {listed}", stacklevel=2)
+    return report
 
 
 class preserve_statistics(contextlib.AbstractContextManager):

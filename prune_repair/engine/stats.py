@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager as ContextManager
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,7 @@ class ActivationStats(Mapping[str, ChannelStats]):
             if idx is not None:
                 idx = torch.as_tensor(idx, dtype=torch.long)
                 s = ChannelStats(s.count, s.mean[idx], s.m2[idx])
-                site = Site(site.fqn, site.producer, site.norm, site.channel_dim, int(idx.numel()))
+                site = dataclasses.replace(site, channels=int(idx.numel()))
             sites.append(site)
             stats[site.fqn] = s
         return ActivationStats(sites, stats)

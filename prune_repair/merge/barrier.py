@@ -23,7 +23,8 @@ from torch import nn
 
 from ..engine.evaluate import evaluate
 from ..engine.renorm import RepairMode
-from .merge import Align, MergePlan, MergeVariant, prepare_merge
+from ..engine.renorm import Variant
+from .merge import Align, MergePlan, prepare_merge
 
 
 class PlotError(ValueError):
@@ -107,7 +108,7 @@ def barrier_curve(
     alphas: int | Sequence[float] = 11,
     align: Align | str = Align.ACTIVATION,
     repair: RepairMode | str = RepairMode.AUTO,
-    variant: MergeVariant | str = MergeVariant.EXACT,
+    variant: Variant | str = Variant.EXACT,
     plan: MergePlan | None = None,
     on_point: Callable[[CurvePoint], None] | None = None,
     **kwargs: Any,

@@ -37,7 +37,9 @@ from ..engine._forward import ForwardFn, as_batches, batch_size_of
 from ..engine.fuse import Correction, can_shift, fold_correction_
 from .groups import PermGroup, find_groups
 from ..engine.renorm import RepairMode, Variant, channel_affine
-from ..engine.repair import RepairReport, SiteReport, check_finite, repair_
+from ..engine.checks import check_finite
+from ..engine.report import RepairReport, SiteReport
+from ..engine.repair import repair_
 from ..engine.sites import Selector, find_sites
 from .activation_matching import SiteMoments, activation_matching, site_moments
 from .interpolate import _weights, check_same_architecture, interpolate
@@ -56,15 +58,8 @@ class Align(str, Enum):
         return self.value
 
 
-class MergeVariant(str, Enum):
-    """How the merged model's statistics are obtained for the repair."""
-
-    EXACT = "exact"
-    ALL_AT_ONCE = "all-at-once"
-    CLOSED_FORM = "closed-form"
-
-    def __str__(self) -> str:
-        return self.value
+MergeVariant = Variant
+"""Deprecated name of :class:`~prune_repair.engine.renorm.Variant` (merging adds ``closed-form``)."""
 
 
 def check_alpha(alpha: float) -> float:
@@ -119,18 +114,18 @@ class MergePlan:
         return self._moments
 
     def merged(self, weights: Sequence[float] | None = None, *, repair: RepairMode | str = RepairMode.AUTO,
-               variant: MergeVariant | str = MergeVariant.EXACT) -> tuple[nn.Module, RepairReport | None]:
+               variant: Variant | str = Variant.EXACT) -> tuple[nn.Module, RepairReport | None]:
         """The merged model for ``weights`` (uniform by default) and the repair report (None
         when ``repair='none'``)."""
-        mode, variant = RepairMode(repair), MergeVariant(variant)
+        mode, variant = RepairMode.parse(repair, "correction"), Variant.parse(variant, "variant")
         w = _weights(len(self.models), weights)
         model = interpolate(self.models, w)
         if mode is RepairMode.NONE:
             return model, None
         moments = self.moments()
-        if variant is MergeVariant.CLOSED_FORM:
+        if variant is Variant.CLOSED_FORM:
             return model, _closed_form_(model, moments, w, mode)
-        report = repair_(model, moments.goal(w), self.data, mode=mode, variant=Variant(variant.value),
+        report = repair_(model, moments.goal(w), self.data, repair=mode, variant=variant,
                          forward_fn=self.forward_fn)
         return model, report
 
@@ -155,7 +150,7 @@ def _closed_form_(model: nn.Module, moments: SiteMoments, weights: Sequence[floa
         corrections[site.fqn] = Correction(affine.scale, affine.shift)
         fold_correction_(model, site, corrections[site.fqn])
         reports.append(report)
-    return RepairReport(mode.value, MergeVariant.CLOSED_FORM.value, 0, time.perf_counter() - start, reports,
+    return RepairReport(mode.value, Variant.CLOSED_FORM.value, 0, time.perf_counter() - start, reports,
                         corrections)
 
 
@@ -208,7 +203,7 @@ def prepare_merge(models: Sequence[nn.Module], data: Any, *, align: Align | str 
 
 def merge_many(models: Sequence[nn.Module], data: Any, weights: Sequence[float] | None = None, *,
                align: Align | str = Align.ACTIVATION, repair: RepairMode | str = RepairMode.AUTO,
-               variant: MergeVariant | str = MergeVariant.EXACT, **kwargs: Any) -> nn.Module:
+               variant: Variant | str = Variant.EXACT, **kwargs: Any) -> nn.Module:
     """Align every model to ``models[0]``, average with ``weights`` (uniform by default) and
     repair toward the weighted endpoint statistics. ``kwargs`` go to :func:`prepare_merge`."""
     model, _ = prepare_merge(models, data, align=align, **kwargs).merged(weights, repair=repair, variant=variant)
@@ -216,7 +211,7 @@ def merge_many(models: Sequence[nn.Module], data: Any, weights: Sequence[float] 
 
 
 def merge(a: nn.Module, b: nn.Module, data: Any, alpha: float = 0.5, *, align: Align | str = Align.ACTIVATION,
-          repair: RepairMode | str = RepairMode.AUTO, variant: MergeVariant | str = MergeVariant.EXACT,
+          repair: RepairMode | str = RepairMode.AUTO, variant: Variant | str = Variant.EXACT,
           **kwargs: Any) -> nn.Module:
     """A new model ``(1 - alpha) * a + alpha * P(b)`` after aligning ``b`` to ``a``, repaired.
 
@@ -231,5 +226,5 @@ def merge(a: nn.Module, b: nn.Module, data: Any, alpha: float = 0.5, *, align: A
             :func:`prepare_merge`).
     """
     alpha = check_alpha(alpha)
-    RepairMode(repair), MergeVariant(variant), Align(align)  # bad names fail before any work
+    RepairMode.parse(repair, "correction"), Variant.parse(variant, "variant"), Align(align)  # bad names fail first
     return merge_many([a, b], data, [1.0 - alpha, alpha], align=align, repair=repair, variant=variant, **kwargs)

@@ -156,7 +156,7 @@ def prune_and_repair(
         before = evaluate(pruned, eval_x, eval_y)
         after, repair_seconds, dead = before, 0.0, 0
         if reference is not None:
-            result = repair_(pruned, reference, x, mode=mode)
+            result = repair_(pruned, reference, x, repair=mode)
             repair_seconds = stats_seconds + result.seconds
             dead = sum(len(v) for v in result.dead_channels.values())
             after = evaluate(pruned, eval_x, eval_y)

@@ -50,7 +50,7 @@ from torch import nn
 from ..engine._forward import ForwardFn, as_batches
 from ..io.outputs import atomic_write
 from ..engine.renorm import RepairMode, Variant
-from ..engine.repair import RepairReport, repair_
+from ..engine.repair import RepairReport, repair_  # noqa: F401  (RepairReport: annotation)
 from ..engine.sites import PRODUCER_TYPES
 from ..engine.stats import ActivationStats
 from .targets import PruneError
@@ -158,7 +158,7 @@ def repair_structured_(
                 )
             channels[site.producer] = (site.channels, out)
     goal = reference.select_channels(kept)
-    report = repair_(model, goal, data, mode=mode, variant=variant, forward_fn=forward_fn)
+    report = repair_(model, goal, data, repair=mode, variant=variant, forward_fn=forward_fn)
     return StructuredReport(kept, report, time.perf_counter() - start, channels)
 
 

@@ -1,0 +1,199 @@
+"""Streaming float64 Gram statistics of one conv/linear layer: ``G = X^T X`` and ``C = X^T Y``.
+
+``X`` is what the layer reads, one row per sample (linear, ``(N, ..., d_in)`` inputs give
+one row per sample and token) or per output position (conv: the im2col patch matrix of
+``F.unfold``, ``d_in = C_in / groups * prod(kernel)``), with a ones column appended LAST
+for the bias. ``Y`` holds the targets of the layer's outputs on the same rows. A grouped
+(or depthwise) conv has one ``G`` per group, since each group reads its own columns.
+
+Only ``G`` (``(groups, d_in+1, d_in+1)``), ``C`` (``(groups, d_in+1, out/groups)``) and
+``diag(Y^T Y)`` are kept: memory ``O(d_in^2 + d_in * d_out)``, never ``O(N * d_in)``; the
+patches are unfolded a chunk of samples at a time. :func:`gram_bytes` sizes a layer
+before anything is allocated and :meth:`Gram.for_layer` refuses (``ValueError``) a layer
+over the limit. :meth:`Gram.relative_error` gives ``||Y - X w||/||Y||`` from ``G``, ``C``
+and ``diag(Y^T Y)`` alone.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> layer = nn.Linear(3, 2).double()
+    >>> x = torch.randn(50, 3, dtype=torch.float64)
+    >>> gram = Gram.for_layer(layer)
+    >>> gram.add(x, layer(x).detach())
+    >>> gram.G.shape, gram.C.shape, gram.rows
+    (torch.Size([1, 4, 4]), torch.Size([1, 4, 2]), 50)
+    >>> w = torch.cat([layer.weight, layer.bias[:, None]], 1).detach()   # [W | b]
+    >>> gram.relative_error(w[None]) < 1e-7
+    tensor(True)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GRAM_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+"""Layers whose Gram statistics :class:`Gram` can accumulate."""
+
+DEFAULT_MAX_GRAM_BYTES = 4 * 2**30
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int, int]:
+    """``(groups, d_in, out)`` of a conv/linear layer: ``d_in`` columns per group, ``out`` rows in all.
+
+    >>> layer_shape(nn.Conv2d(8, 16, 3, groups=4)), layer_shape(nn.Linear(5, 7))
+    ((4, 18, 16), (1, 5, 7))
+    """
+    if isinstance(module, nn.Linear):
+        return 1, module.in_features, module.out_features
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return module.groups, module.in_channels // module.groups * math.prod(module.kernel_size), module.out_channels
+    raise TypeError(f"no Gram statistics for a {type(module).__name__}: only Conv1d, Conv2d and Linear layers")
+
+
+def gram_bytes(module: nn.Module) -> int:
+    """Bytes the float64 statistics of ``module`` take: ``G``, ``C`` and ``diag(Y^T Y)``."""
+    groups, d, out = layer_shape(module)
+    return 8 * (groups * (d + 1) * (d + 1 + out // groups) + out)
+
+
+def format_bytes(n: float) -> str:
+    """``1.5 GB`` / ``12.0 MB``: a size for a message.
+
+    >>> format_bytes(3 * 2**30), format_bytes(5 * 2**20)
+    ('3.0 GB', '5.0 MB')
+    """
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+
+
+def check_gram_memory(module: nn.Module, name: str, max_bytes: int) -> int:
+    """``gram_bytes(module)``, or ``ValueError`` naming the layer when it exceeds ``max_bytes``."""
+    need = gram_bytes(module)
+    if need > max_bytes:
+        groups, d, out = layer_shape(module)
+        raise ValueError(
+            f"layer '{name}' needs {format_bytes(need)} for its float64 Gram statistics "
+            f"({groups} x {d + 1} x {d + 1 + out // groups} values), more than the limit of "
+            f"{format_bytes(max_bytes)}: raise max_gram_bytes or leave the layer out of the selection"
+        )
+    return need
+
+
+class Gram:
+    """Accumulated ``G``, ``C``, ``yy`` and row count of one layer (see the module doc)."""
+
+    def __init__(self, module: nn.Module, G: torch.Tensor, C: torch.Tensor, yy: torch.Tensor, name: str = ""):
+        self.module, self.name = module, name
+        self.groups, self.d_in, self.out = layer_shape(module)
+        self.G, self.C, self.yy = G, C, yy
+        self.rows = 0
+
+    @classmethod
+    def for_layer(
+        cls, module: nn.Module, *, name: str = "", max_bytes: int = DEFAULT_MAX_GRAM_BYTES,
+        device: torch.device | str | None = None,
+    ) -> "Gram":
+        """Zero statistics for ``module`` on ``device`` (default: the layer's), after the memory check."""
+        check_gram_memory(module, name or type(module).__name__, max_bytes)
+        groups, d, out = layer_shape(module)
+        if device is None:
+            device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        kw = dict(dtype=torch.float64, device=device)
+        return cls(module, torch.zeros(groups, d + 1, d + 1, **kw), torch.zeros(groups, d + 1, out // groups, **kw),
+                   torch.zeros(out, **kw), name)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        """Accumulate the rows of input ``x`` (what the layer reads) and target ``y`` (its
+        output's shape: ``(N, out, ...)`` for a conv, ``(N, ..., out)`` for a linear)."""
+        g, d, out = self.groups, self.d_in, self.out
+        y_rows = _target_rows(self.module, y, out, self.name)
+        if isinstance(self.module, nn.Linear):
+            x_rows = x.reshape(-1, d)
+            if len(x_rows) != len(y_rows):
+                raise ValueError(f"layer '{self.name}': {len(x_rows)} input rows but {len(y_rows)} target rows")
+            step = max(1, chunk_bytes // (8 * (d + 1)))
+            for start in range(0, len(x_rows), step):
+                self._accumulate(x_rows[start:start + step].unsqueeze(0), y_rows[start:start + step])
+            return
+        n = x.shape[0]
+        positions = len(y_rows) // max(n, 1)
+        per_sample = 8 * positions * g * (d + 1)
+        step = max(1, chunk_bytes // max(per_sample, 1))
+        for start in range(0, n, step):
+            patches = conv_patches(self.module, x[start:start + step])  # (g, n*L, d)
+            self._accumulate(patches, y_rows[start * positions:(start + step) * positions])
+
+    def _accumulate(self, x_rows: torch.Tensor, y_rows: torch.Tensor) -> None:
+        g, m = x_rows.shape[0], x_rows.shape[1]
+        buf = torch.empty(g, m, self.d_in + 1, dtype=torch.float64, device=self.G.device)
+        buf[..., :-1] = x_rows
+        buf[..., -1] = 1.0
+        y = y_rows.to(device=self.G.device, dtype=torch.float64)
+        self.G.baddbmm_(buf.transpose(1, 2), buf)
+        self.C.baddbmm_(buf.transpose(1, 2), y.view(m, g, -1).transpose(0, 1))
+        self.yy.add_(y.square().sum(0))
+        self.rows += m
+
+    def relative_error(self, weight: torch.Tensor, *, intercept: bool = True) -> torch.Tensor:
+        """``||Y - X w|| / ||Y||`` over the whole layer, from the statistics alone.
+
+        ``weight`` is ``(groups, out/groups, d_in + 1)`` with the bias LAST, or
+        ``(groups, out/groups, d_in)`` with ``intercept=False`` (no bias term).
+        Returns a float64 scalar tensor (no host sync).
+        """
+        G, C = (self.G, self.C) if intercept else (self.G[:, :-1, :-1], self.C[:, :-1])
+        w = weight.to(device=G.device, dtype=torch.float64)
+        quad = (torch.bmm(w, G) * w).sum()
+        cross = (w * C.transpose(1, 2)).sum()
+        total = self.yy.sum()
+        return ((total - 2 * cross + quad).clamp_min(0) / total.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
+
+    def is_finite(self) -> bool:
+        """Whether every accumulated value is finite (one host sync)."""
+        return bool(torch.isfinite(self.G.sum() + self.C.sum() + self.yy.sum()))
+
+
+def conv_patches(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """im2col rows of a Conv1d/Conv2d input as ``(groups, N * positions, d_in)`` float64.
+
+    Column order matches ``weight.reshape(out, -1)``; padding modes (zeros, reflect,
+    replicate, circular) and string padding ("same", "valid") are honoured.
+
+    >>> conv = nn.Conv2d(2, 4, 3, padding=1, groups=2).double()
+    >>> x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    >>> p = conv_patches(conv, x)
+    >>> w = conv.weight.detach().reshape(2, 2, -1)          # (groups, out/groups, d_in)
+    >>> y = torch.einsum("gmd,god->mgo", p, w).reshape(3, 25, 4).transpose(1, 2)
+    >>> torch.allclose(y.reshape(3, 4, 5, 5), conv(x) - conv.bias[:, None, None])
+    True
+    """
+    pad = tuple(module._reversed_padding_repeated_twice)
+    if any(pad):
+        x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    one_d = isinstance(module, nn.Conv1d)
+    if one_d:
+        x = x.unsqueeze(2)
+
+    def pair(v):
+        return (1,) + tuple(v) if one_d else tuple(v)
+    cols = F.unfold(x, pair(module.kernel_size), dilation=pair(module.dilation), stride=pair(module.stride))
+    g = module.groups
+    n, width, positions = cols.shape
+    # (N, g*d, L) -> (g, N*L, d)
+    cols = cols.view(n, g, width // g, positions).permute(1, 0, 3, 2)
+    return cols.reshape(g, n * positions, width // g).to(torch.float64)
+
+
+def _target_rows(module: nn.Module, y: torch.Tensor, out: int, name: str) -> torch.Tensor:
+    """Targets as ``(rows, out)``, rows ordered like the input rows."""
+    if isinstance(module, nn.Linear):
+        if y.shape[-1] != out:
+            raise ValueError(f"layer '{name}' has {out} outputs but its target has {y.shape[-1]} (last dim)")
+        return y.reshape(-1, out)
+    if y.dim() < 2 or y.shape[1] != out:
+        raise ValueError(f"layer '{name}' has {out} output channels but its target has shape {list(y.shape)}")
+    return y.flatten(2).transpose(1, 2).reshape(-1, out)
