@@ -33,7 +33,8 @@ from .prune import FisherOptions, PruneError, PruneMethod, PruneReport, find_tar
 from .prune.structured import kept_channels, load_structured, load_structured_, repair_structured_, save_structured  # load_structured: deprecated alias
 
 # front end: merging
-from .merge.groups import GroupError, PermGroup, find_groups, groups_from_spec
+from .merge.find_groups import find_groups
+from .merge.groups import GroupError, PermGroup, groups_from_spec
 from .merge import Align, MergeVariant, barrier_curve, merge, merge_many, prepare_merge
 
 __all__ = [

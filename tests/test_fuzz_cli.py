@@ -35,6 +35,8 @@ from hypothesis import strategies as st
 
 from safety_helpers import make_world, repair_args, run_cli, snapshot, tiny_model
 
+pytestmark = pytest.mark.slow  # the fuzz run (about 200 generated cases)
+
 try:
     import safetensors.torch as safetensors_torch
 except ImportError:  # the optional extra is not installed: its cases are skipped

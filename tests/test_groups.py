@@ -9,7 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
-from prune_repair.merge.groups import GroupError, find_groups, groups_from_spec
+from prune_repair.merge.find_groups import find_groups
+from prune_repair.merge.groups import GroupError, groups_from_spec
 from prune_repair.merge.permute import permute, permute_state_dict, random_perms
 from prune_repair.zoo.models import MLP, PlainCNN, ResNetMini, TokenMLP
 

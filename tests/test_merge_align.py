@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from prune_repair.merge.groups import find_groups
+from prune_repair.merge.find_groups import find_groups
 from prune_repair.merge import activation_matching, invert, permute, random_perms, weight_matching
 from prune_repair.zoo.models import MLP, PlainCNN, ResNetMini
 

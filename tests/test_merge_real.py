@@ -20,6 +20,8 @@ from prune_repair.engine.evaluate import evaluate
 from prune_repair.io.data import calibration_batch, load_dataset
 from prune_repair.merge import prepare_merge
 
+pytestmark = pytest.mark.slow  # real MNIST merges of the zoo pair
+
 
 @pytest.fixture(scope="module", params=[0, 1], ids=lambda seed: f"calib-seed{seed}")
 def pair(request):

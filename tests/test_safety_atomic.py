@@ -205,6 +205,7 @@ sys.exit(main())
     ("writing", signal.SIGINT, 130),
     ("working", signal.SIGTERM, 143),
 ], ids=["ctrl-c-while-working", "ctrl-c-while-writing", "sigterm-while-working"])
+@pytest.mark.slow  # a real program in a subprocess
 def test_a_signal_to_the_program_leaves_nothing(world, tmp_path, when, sig, code):
     outdir = tmp_path / "out"
     outdir.mkdir()

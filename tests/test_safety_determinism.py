@@ -27,6 +27,9 @@ except ImportError:
     HAS_SAFETENSORS = False
 
 
+pytestmark = pytest.mark.slow  # runs the CLI in subprocesses
+
+
 def command_cases(world) -> dict[str, tuple[str, list, str]]:
     """id -> (command, arguments before --out, output suffix)."""
     common = [*ARCH, "--data", world.data, "--calib-size", 16, "--seed", 3]

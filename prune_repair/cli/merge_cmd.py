@@ -17,7 +17,7 @@ from ..io import ZOO_PREFIX, atomic_write, check_output_path, load_model, load_s
 from ..merge import Align, barrier_curve, check_alpha, check_same_architecture, prepare_merge
 from ..merge.barrier import BarrierCurve, CurvePoint, alpha_grid, plot_curve, require_matplotlib
 from ..engine.renorm import RepairMode, Variant
-from . import main
+from .main import main
 from .common import (check_fits, check_outputs, common_options, console, handle_errors, load_data, metrics_table,
                      progress, resolve_device, write_report)
 

@@ -11,7 +11,8 @@ from ..prune.pipeline import PruneRun, parse_sparsities, prune_and_repair
 from ..prune.methods import FisherOptions, PruneMethod
 from ..engine.renorm import RepairMode
 from ..engine.checks import check_finite
-from . import main
+from ..engine.distributed import shard
+from .main import main
 from .common import (
     check_fits,
     check_outputs,
@@ -76,6 +77,7 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
     if method.needs_labels:
         x, y = load_dataset(data)
         fx, fy = calibration_batch(x, y, min(len(x), fisher_samples * fisher_batch), seed + 1)
+        fx, fy = fx[shard(len(fx))], fy[shard(len(fy))]  # this rank's share (all of it in one process)
         fisher_data = (fx.to(dev), fy.to(dev))
 
     with progress() as bar:

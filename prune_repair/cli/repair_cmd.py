@@ -12,7 +12,7 @@ from ..engine.renorm import RepairMode, Variant
 from ..engine.checks import check_finite
 from ..engine.repair import repair_
 from ..engine.stats import collect_stats
-from . import main
+from .main import main
 from .common import (
     check_fits,
     check_outputs,

@@ -35,7 +35,8 @@ from torch import nn
 
 from ..engine._forward import ForwardFn, as_batches, batch_size_of
 from ..engine.fuse import Correction, can_shift, fold_correction_
-from .groups import PermGroup, find_groups
+from .find_groups import find_groups
+from .groups import PermGroup
 from ..engine.renorm import RepairMode, Variant, channel_affine
 from ..engine.checks import check_finite
 from ..engine.report import RepairReport, SiteReport

@@ -7,7 +7,7 @@ blocks of flattened columns), so a permuted model computes the same function.
 Example:
     >>> import torch
     >>> from prune_repair.zoo.models import MLP
-    >>> from prune_repair.merge.groups import find_groups
+    >>> from prune_repair.merge.find_groups import find_groups
     >>> model = MLP(widths=(8,)).double()
     >>> x = model.example_inputs(3)
     >>> groups = find_groups(model, x)

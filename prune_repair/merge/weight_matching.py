@@ -9,7 +9,7 @@ its size, or after ``max_sweeps``.
 Example:
     >>> import torch
     >>> from prune_repair.zoo.models import MLP
-    >>> from prune_repair.merge.groups import find_groups
+    >>> from prune_repair.merge.find_groups import find_groups
     >>> from prune_repair.merge.permute import permute, random_perms
     >>> a = MLP(widths=(16, 16))
     >>> groups = find_groups(a, a.example_inputs(2))
