@@ -166,9 +166,7 @@ def section(results: dict[str, dict], meta: dict) -> str:
         cells += [pct(r[f"{m}_{k}"]) for m in ("wm", "am") for k in ("none", "reset", "repair", "rescale")]
         cells.append(pct(r["am_closed_form"]))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Reference (REPAIR paper code, MNIST MLP 10 layers x 128): endpoints 98.8%, aligned midpoint "
-              "80.8%, aligned + REPAIR 95.9%.", "",
-              "Barriers along the AM-aligned path (11 alphas; accuracy barrier = largest drop below the line "
+    lines += ["", "Barriers along the AM-aligned path (11 alphas; accuracy barrier = largest drop below the line "
               "between the endpoints, in points; `auto` = reset at BatchNorm sites, repair elsewhere):", "",
               "| pair | acc barrier raw | acc barrier auto | loss barrier raw | loss barrier auto | plot |",
               "|---|---|---|---|---|---|"]

@@ -113,11 +113,6 @@ def write_section(rows, args) -> None:
     lines += [f"| {n} | {m} | {r['forward_ms']:.1f} | {r['repair_ms']:.1f} | {r['ratio']:.2f} |" for n, m, r in rows]
     missed = sorted({n for n, _, r in rows if r["ratio"] > 3})
     lines += ["", "Above the target: " + (", ".join(missed) if missed else "none") + "."]
-    if missed:
-        lines.append("Where a forward pass takes about a millisecond, the engine's fixed cost per call (a "
-                     "two-sample trace to find the sites, hook registration, the NaN/Inf check of the weights "
-                     "and the folds, all in Python) outweighs the passes themselves; it does not grow with "
-                     "the batch, so the ratio falls as the batch or the model grows.")
     lines.append(END)
     replace_section(RESULTS, "\n".join(lines))
 

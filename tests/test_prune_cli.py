@@ -13,7 +13,8 @@ from prune_repair import zoo
 from prune_repair.cli import main
 from prune_repair.prune import find_targets, measure_sparsity
 
-ROW_KEYS = {"sparsity", "achieved_sparsity", "acc_pruned", "loss_pruned", "acc_repaired", "loss_repaired", "seconds"}
+ROW_KEYS = {"sparsity", "achieved_sparsity", "sparsity_all_params", "acc_pruned", "loss_pruned", "acc_repaired",
+            "loss_repaired", "seconds"}
 
 
 def run(*args):

@@ -162,7 +162,7 @@ def test_the_report_is_strict_json(tmp_path):
     """NaN and Inf (e.g. the loss of a broken model) become null instead of invalid JSON."""
     write_report(str(tmp_path / "r.json"), {"loss": float("inf"), "acc": float("nan"), "ok": [1.5, torch.tensor(2.0)]})
     assert json.loads((tmp_path / "r.json").read_text(), parse_constant=pytest.fail) == {
-        "loss": None, "acc": None, "ok": [1.5, 2.0]}
+        "loss": None, "acc": None, "ok": [1.5, 2.0], "world_size": 1}
 
 
 # --- real signals to the real command-line program ----------------------------------------

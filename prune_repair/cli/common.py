@@ -27,8 +27,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..engine import distributed
 from ..io.data import DataError, calibration_batch, load_dataset
+from ..io.errors import _first_line
 from ..io import atomic_write, check_output_path, current_transaction, output_transaction
+from ..engine._forward import eval_mode
+from ..merge.groups import HAND_HELP
 
 console = Console(stderr=True)
 
@@ -46,9 +50,32 @@ def one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+CLI_TERMS = {
+    # the library's wording -> the option a command-line user changes
+    "ask for at least one sample": "raise --calib-size",
+    "ask for fewer samples": "lower --calib-size",
+    HAND_HELP: "pass groups by hand with --groups FILE.json (see prune-repair merge --help)",
+    "(the 'plot' extra)": "(the 'plot' extra), or drop --plot",
+    "the same architecture and arguments": "the same --arch and --arch-kwargs",
+    "use fewer gradients or more data": "lower --fisher-samples or give more --data",
+}
+
+
+def in_cli_terms(message: str) -> str:
+    """A library error message with the command-line options named in place of API terms.
+
+    >>> in_cli_terms("calibration size 9 exceeds the 5 samples in the data: ask for fewer samples")
+    'calibration size 9 exceeds the 5 samples in the data: lower --calib-size'
+    """
+    for library, cli in CLI_TERMS.items():
+        message = message.replace(library, cli)
+    return message
+
+
 def fail(message: str) -> None:
-    """Print one line and exit with code 2."""
-    console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+    """Print one line (in command-line terms) and exit with code 2."""
+    console.quiet = False  # every rank reports its own error
+    console.print(f"[bold red]error:[/] {escape(one_line(in_cli_terms(message)))}", highlight=False, soft_wrap=True)
     sys.exit(EXIT_USAGE)
 
 
@@ -57,20 +84,29 @@ _LOADED: ContextVar[list["Data"] | None] = ContextVar("prune_repair_loaded_data"
 
 def handle_errors(command: Callable) -> Callable:
     """Run a command inside an output transaction; turn user mistakes (ValueError,
-    OSError) into one line and exit code 2, and Ctrl-C into one line and exit code 130."""
+    OSError) into one line and exit code 2, and Ctrl-C into one line and exit code 130.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialized here (gloo,
+    or NCCL for a CUDA device); only rank 0 prints and writes its outputs."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         token = _LOADED.set([])
+        device = kwargs.get("device") or "auto"
+        device = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+        quiet = console.quiet
         try:
-            with output_transaction():
-                return command(*args, **kwargs)
+            with distributed.process_group_from_env(device):
+                console.quiet = quiet or not distributed.is_main_process()
+                with output_transaction(commit=distributed.is_main_process()):
+                    return command(*args, **kwargs)
         except (ValueError, OSError) as err:
             fail(str(err) or type(err).__name__)
         except KeyboardInterrupt as err:
             console.print("interrupted: nothing written", highlight=False)
             sys.exit(EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED)
         finally:
+            console.quiet = quiet
             _LOADED.reset(token)
 
     return wrapper
@@ -156,6 +192,12 @@ def load_data(data: str, eval_data: str | None, calib_size: int, seed: int, devi
     _check_not_an_output("--eval-data", eval_data)
     x, y = load_dataset(data)
     cx, cy = calibration_batch(x, y, calib_size, seed)
+    if distributed.is_distributed():  # each rank takes its contiguous shard of the same draw
+        if calib_size < 2 * distributed.world_size():
+            raise DataError(f"--calib-size {calib_size} is too small for {distributed.world_size()} processes: "
+                            "each needs at least 2 samples")
+        part = distributed.shard(len(cx))
+        cx, cy = cx[part], cy[part]
     ex, ey = (x, y) if eval_data == data else load_dataset(eval_data)
     if tuple(ex.shape[1:]) != tuple(x.shape[1:]):
         raise DataError(f"--eval-data samples have shape {list(ex.shape[1:])} but --data samples have "
@@ -184,17 +226,12 @@ def check_fits(model: torch.nn.Module, x: torch.Tensor, what: str = "--data",
     ``labels`` maps a name (``--data``) to label tensors; by default the labels that
     :func:`load_data` loaded together with ``x`` in the running command are checked.
     """
-    modes = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = model(x[:2])
     except Exception as err:  # shape/dtype mismatch, an assert in the model's forward, ...
         raise DataError(f"{what} samples of shape {list(x.shape[1:])} do not fit the model ({_first_line(err)}): "
                         "check --data and --arch") from None
-    finally:
-        for m, training in modes:
-            m.training = training
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise DataError(f"the model does not output (N, classes) logits on {what}: check --arch")
     if out.is_floating_point() and not bool(torch.isfinite(out).all()):
@@ -211,11 +248,6 @@ def check_fits(model: torch.nn.Module, x: torch.Tensor, what: str = "--data",
         if y.numel() and int(y.max()) >= classes:
             raise DataError(f"{name} has label {int(y.max())} but the model outputs {classes} classes: "
                             "check the data and --arch-kwargs (e.g. num_classes)")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def _jsonable(value: Any) -> Any:
@@ -243,6 +275,7 @@ def write_report(path: str | None, report: dict[str, Any]) -> None:
     """Atomically write the JSON report (strict JSON: non-finite numbers become null)."""
     if path is None:
         return
+    report = {**report, "world_size": distributed.world_size()}
     text = json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n"
     with atomic_write(path) as tmp:
         Path(tmp).write_text(text)

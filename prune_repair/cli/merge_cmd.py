@@ -49,7 +49,7 @@ def _groups_spec(path: str | None) -> dict | None:
 @main.command("merge")
 @click.argument("checkpoints", nargs=-1, required=True)
 @common_options
-@click.option("--align", default="activation", show_default=True, type=click.Choice([a.value for a in Align]),
+@click.option("--align", default="activation", show_default=True, type=click.Choice(Align.choices()),
               help="activation: correlation of paired units on --data; weight: git re-basin weight matching.")
 @click.option("--alpha", default=0.5, show_default=True, type=float,
               help="interpolation weight of the second checkpoint (0 = first, 1 = second).")

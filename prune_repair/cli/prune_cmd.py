@@ -8,7 +8,7 @@ from rich.table import Table
 from ..io.data import calibration_batch, load_dataset
 from ..io import load_model, resolve_arch, save_state_dict
 from ..prune.pipeline import PruneRun, parse_sparsities, prune_and_repair
-from ..prune.methods import FisherOptions, PruneMethod
+from ..prune.methods import DEFAULT_FISHER_SAMPLES, FisherOptions, PruneMethod
 from ..engine.renorm import RepairMode
 from ..engine.checks import check_finite
 from ..engine.distributed import shard
@@ -32,15 +32,16 @@ from .common import (
 @click.option("--sparsity", "sparsity", required=True, help="fraction of conv/linear weights to zero, in [0, 1); "
               "several as 0.5,0.8,0.9 (--out gets the last).")
 @click.option("--method", default=PruneMethod.GLOBAL_MAGNITUDE.value, show_default=True,
-              type=click.Choice([m.value for m in PruneMethod]), help="how weights are scored.")
-@click.option("--repair", "mode", default="auto", show_default=True, type=click.Choice([m.value for m in RepairMode]),
-              help="correction after pruning: auto = reset BatchNorm sites, repair the others; none = skip.")
+              type=click.Choice(PruneMethod.choices()), help=f"how weights are scored. {PruneMethod.describe()}.")
+@click.option("--repair", "mode", default="auto", show_default=True, type=click.Choice(RepairMode.choices()),
+              help=f"correction after pruning. {RepairMode.describe()}.")
 @click.option("--skip-first", is_flag=True, help="leave the first conv/linear layer dense.")
 @click.option("--skip-classifier", is_flag=True, help="leave the last conv/linear layer (the classifier) dense.")
 @click.option("--layers", multiple=True, help="prune only these layers: FQN or re:REGEX (repeatable).")
 @click.option("--include-classifier", is_flag=True, help="also correct the classifier's logits.")
-@click.option("--fisher-samples", default=400, show_default=True, type=click.IntRange(min=1),
-              help="fisher/woodfisher: gradients used (fisher subsample size).")
+@click.option("--fisher-samples", default=None, type=click.IntRange(min=1),
+              help=f"fisher/woodfisher: gradients used (fisher subsample size); default {DEFAULT_FISHER_SAMPLES}, "
+                   "or every calibration sample when there are fewer.")
 @click.option("--fisher-batch", default=1, show_default=True, type=click.IntRange(min=1),
               help="woodfisher: samples averaged per gradient (fisher mini-batch size).")
 @click.option("--damp", default=1e-5, show_default=True, type=click.FloatRange(min=0, min_open=True),
@@ -70,13 +71,14 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
     check_finite(model)
     d = load_data(data, eval_data, calib_size, seed, dev)
     check_fits(model, d.calib_x)
-    method = PruneMethod(method)
+    method = PruneMethod.parse(method, "pruning method")
     options = FisherOptions(num_grads=fisher_samples, group_size=fisher_batch, damp=damp, block_size=block_size,
                             obs_update=obs_update, max_memory_gb=max_memory_gb, seed=seed)
     fisher_data = None
     if method.needs_labels:
         x, y = load_dataset(data)
-        fx, fy = calibration_batch(x, y, min(len(x), fisher_samples * fisher_batch), seed + 1)
+        options.num_grads = options.gradients_for(len(x))  # resolve the default once, for the report too
+        fx, fy = calibration_batch(x, y, options.num_grads * fisher_batch, seed + 1)
         fx, fy = fx[shard(len(fx))], fy[shard(len(fy))]  # this rank's share (all of it in one process)
         fisher_data = (fx.to(dev), fy.to(dev))
 

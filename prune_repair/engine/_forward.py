@@ -100,6 +100,27 @@ class StopForward(Exception):
 
 
 @contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block; every submodule's train/eval flag is
+    restored afterwards, also when the block raises.
+
+    >>> m = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
+    >>> with eval_mode(m):
+    ...     m.training
+    False
+    >>> m.training, m[1].training
+    (True, True)
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextlib.contextmanager
 def hooked_pass(
     model: nn.Module,
     forward_hooks: dict[nn.Module, Callable] | None = None,
@@ -113,14 +134,14 @@ def hooked_pass(
     also when the forward raises.
     """
     forward_fn = forward_fn or default_forward
-    modes = [(m, m.training) for m in model.modules()]
     handles = []
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(eval_mode(model))
+        stack.callback(lambda: [handle.remove() for handle in handles])
         for module, hook in (forward_hooks or {}).items():
             handles.append(module.register_forward_hook(hook))
         for module, hook in (pre_hooks or {}).items():
             handles.append(module.register_forward_pre_hook(hook))
-        model.eval()
 
         def run(batch: Any) -> Any:
             with torch.no_grad():
@@ -130,11 +151,6 @@ def hooked_pass(
                     return None
 
         yield run
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes:
-            module.training = training
 
 
 def first_tensor(output: Any) -> torch.Tensor | None:

@@ -28,10 +28,10 @@ def check_finite(model: nn.Module) -> None:
 
 
 def out_channels(module: nn.Module) -> int:
-    """Output channels of a conv/linear layer (rows of its weight)."""
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    return module.out_channels
+    """Output channels of a conv/linear layer (rows of its weight; columns of an HF ``Conv1D``)."""
+    from .producers import out_channels as producer_out_channels
+
+    return producer_out_channels(module)
 
 
 def stored_weight(module: nn.Module) -> torch.Tensor:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._forward import eval_mode
+
 
 __all__ = ["DataError", "batches", "evaluate"]
 
@@ -65,18 +67,12 @@ def evaluate(
     param = next(iter(model.parameters()), None)
     target_device = torch.device(device) if device is not None else (param.device if param is not None else x.device)
     dtype = param.dtype if param is not None and param.is_floating_point() else None
-    modes = [(module, module.training) for module in model.modules()]
     correct, loss_sum = 0, 0.0
-    try:
-        model.eval()
-        with torch.no_grad():
-            for xb, yb in batches(x, y, batch_size):
-                xb = xb.to(target_device, dtype=dtype if dtype is not None and xb.is_floating_point() else None)
-                yb = yb.to(target_device)
-                logits = forward_fn(model, xb) if forward_fn is not None else model(xb)
-                loss_sum += float(F.cross_entropy(logits.double(), yb, reduction="sum"))
-                correct += int((logits.argmax(dim=1) == yb).sum())
-    finally:
-        for module, training in modes:
-            module.training = training
+    with eval_mode(model), torch.no_grad():
+        for xb, yb in batches(x, y, batch_size):
+            xb = xb.to(target_device, dtype=dtype if dtype is not None and xb.is_floating_point() else None)
+            yb = yb.to(target_device)
+            logits = forward_fn(model, xb) if forward_fn is not None else model(xb)
+            loss_sum += float(F.cross_entropy(logits.double(), yb, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == yb).sum())
     return {"acc": correct / len(x), "loss": loss_sum / len(x)}

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .producers import output_rows, site_owner
 from .sites import Site, find_sites
 
 
@@ -108,19 +109,23 @@ def _weight_param(module: nn.Module) -> torch.Tensor:
 
 def can_shift(model: nn.Module, site: Site) -> bool:
     """Whether the architecture can hold a per-channel shift at ``site``."""
-    module = model.get_submodule(site.fqn)
+    module, part = site_owner(model, site)
     if isinstance(module, _BatchNorm):
         return True
+    if part is not None:
+        return module.in_proj_bias is not None
     return getattr(module, "bias", None) is not None
 
 
 def fold_correction_(model: nn.Module, site: Site, correction: Correction) -> None:
-    """Fold one site's correction into the model, in place.
+    """Fold one site's correction into the model, in place: into the weight rows and bias of
+    a conv/linear layer, the weight COLUMNS of an HF ``Conv1D``, the q/k/v rows of an
+    attention in-projection, or the affine (else running statistics) of a BatchNorm.
 
     The shift is folded only where the architecture holds one (see :func:`can_shift`);
     callers decide beforehand and pass a zero shift otherwise.
     """
-    module = model.get_submodule(site.fqn)
+    module, part = site_owner(model, site)
     with torch.no_grad():
         if isinstance(module, _BatchNorm):
             w, b, rm, rv = fold_affine_into_bn(
@@ -132,8 +137,7 @@ def fold_correction_(model: nn.Module, site: Site, correction: Correction) -> No
                 if target is not None and value is not target:
                     target.copy_(value)
             return
-        weight = _weight_param(module)
-        bias = module.bias
+        weight, bias = output_rows(module, part)  # views: rows of W (columns of a Conv1D), q/k/v blocks
         if bias is None and bool((correction.shift != 0).any()):
             raise ValueError(f"layer '{site.fqn}' has no bias to hold a shift: apply the scale only")
         new_w, new_b = fold_affine(weight, bias, correction.scale, correction.shift if bias is not None else None)

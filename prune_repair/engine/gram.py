@@ -109,6 +109,12 @@ class Gram:
     def add(self, x: torch.Tensor, y: torch.Tensor, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         """Accumulate the rows of input ``x`` (what the layer reads) and target ``y`` (its
         output's shape: ``(N, out, ...)`` for a conv, ``(N, ..., out)`` for a linear)."""
+        try:
+            self._add(x, y, chunk_bytes)
+        finally:
+            self._buf = None
+
+    def _add(self, x: torch.Tensor, y: torch.Tensor, chunk_bytes: int) -> None:
         g, d, out = self.groups, self.d_in, self.out
         y_rows = _target_rows(self.module, y, out, self.name)
         if isinstance(self.module, nn.Linear):
@@ -124,13 +130,16 @@ class Gram:
         per_sample = 8 * positions * g * (d + 1)
         step = max(1, chunk_bytes // max(per_sample, 1))
         for start in range(0, n, step):
-            patches = conv_patches(self.module, x[start:start + step])  # (g, n*L, d)
+            patches = _patch_view(self.module, x[start:start + step])  # (g, n, L, d), not copied
             self._accumulate(patches, y_rows[start * positions:(start + step) * positions])
 
     def _accumulate(self, x_rows: torch.Tensor, y_rows: torch.Tensor) -> None:
-        g, m = x_rows.shape[0], x_rows.shape[1]
-        buf = torch.empty(g, m, self.d_in + 1, dtype=torch.float64, device=self.G.device)
-        buf[..., :-1] = x_rows
+        g, m = x_rows.shape[0], len(y_rows)
+        buf = getattr(self, "_buf", None)
+        if buf is None or buf.shape[0] != g or buf.shape[1] < m:  # one buffer for all chunks of an add()
+            buf = self._buf = torch.empty(g, m, self.d_in + 1, dtype=torch.float64, device=self.G.device)
+        buf = buf[:, :m]
+        buf[..., :-1].view(x_rows.shape).copy_(x_rows)  # one copy: layout, dtype and device
         buf[..., -1] = 1.0
         y = y_rows.to(device=self.G.device, dtype=torch.float64)
         self.G.baddbmm_(buf.transpose(1, 2), buf)
@@ -171,21 +180,30 @@ def conv_patches(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor
     >>> torch.allclose(y.reshape(3, 4, 5, 5), conv(x) - conv.bias[:, None, None])
     True
     """
-    pad = tuple(module._reversed_padding_repeated_twice)
-    if any(pad):
-        x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    view = _patch_view(module, x)
+    g, n, positions, d = view.shape
+    return view.reshape(g, n * positions, d).to(torch.float64)
+
+
+def _patch_view(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """im2col of ``x`` as a ``(groups, N, positions, d_in)`` view of one unfold (no further copy)."""
     one_d = isinstance(module, nn.Conv1d)
-    if one_d:
-        x = x.unsqueeze(2)
 
     def pair(v):
         return (1,) + tuple(v) if one_d else tuple(v)
-    cols = F.unfold(x, pair(module.kernel_size), dilation=pair(module.dilation), stride=pair(module.stride))
+    pad = tuple(module._reversed_padding_repeated_twice)
+    padding = (0, 0)
+    if module.padding_mode == "zeros" and all(pad[i] == pad[i + 1] for i in range(0, len(pad), 2)):
+        padding = ((0,) if one_d else ()) + pad[::-2]  # symmetric zeros: unfold pads (one copy less)
+    elif any(pad):
+        x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    if one_d:
+        x = x.unsqueeze(2)
+    cols = F.unfold(x, pair(module.kernel_size), dilation=pair(module.dilation), padding=padding,
+                    stride=pair(module.stride))
     g = module.groups
     n, width, positions = cols.shape
-    # (N, g*d, L) -> (g, N*L, d)
-    cols = cols.view(n, g, width // g, positions).permute(1, 0, 3, 2)
-    return cols.reshape(g, n * positions, width // g).to(torch.float64)
+    return cols.view(n, g, width // g, positions).permute(1, 0, 3, 2)
 
 
 def _target_rows(module: nn.Module, y: torch.Tensor, out: int, name: str) -> torch.Tensor:

@@ -30,13 +30,16 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import distributed
 from ._forward import ForwardFn, StopForward, as_batches, batch_size_of, hooked_pass
-from .checks import check_finite, out_channels
+from .checks import check_finite
+from .producers import out_channels as producer_out_channels, site_owner
 from .fuse import Correction, can_shift, fold_correction_
 from .renorm import ChannelAffine, RepairMode, Variant, channel_affine, site_mode
 from .sites import Site
 from .report import RepairReport, SiteReport
 from .stats import ActivationStats, ChannelStats, collect_stats
+from .taps import SiteTaps
 
 __all__ = ["RepairReport", "SiteReport", "check_finite", "preserve_statistics", "repair_"]
 
@@ -48,9 +51,10 @@ class _SitePlan:
 
     def __init__(self, model: nn.Module, site: Site, mode: RepairMode, goal: ChannelStats):
         self.site, self.mode, self.goal = site, mode, goal
-        self.module = model.get_submodule(site.fqn)
+        self.module = site_owner(model, site)[0]
         self.shift_ok = can_shift(model, site)
         self.acc: ChannelStats | None = None
+        self.rel_tol = 4 * torch.finfo(torch.float32).eps  # set from the measured dtype
         self.affine: ChannelAffine | None = None
         self.report = SiteReport(site.fqn, mode.value, site.channels)
 
@@ -58,18 +62,21 @@ class _SitePlan:
     def is_reset(self) -> bool:
         return self.mode is RepairMode.RESET
 
-    def measure(self, y: torch.Tensor) -> None:
+    def measure(self, y: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         cdim = 1 if self.is_reset else self.site.channel_dim
         if y.shape[cdim] != self.site.channels:
             raise ValueError(
                 f"site '{self.site.fqn}' has {y.shape[cdim]} channels but its goal statistics have "
                 f"{self.site.channels}: after structured pruning, map the statistics with select_channels()"
             )
-        s = ChannelStats.of(y, cdim)
+        s = ChannelStats.of(y, cdim, mask=mask)
         self.acc = s if self.acc is None else self.acc.merge(s)
         self.rel_tol = 4 * torch.finfo(y.dtype).eps if y.dtype.is_floating_point else 1e-12
 
     def finalize(self) -> None:
+        if distributed.is_distributed():  # pool the ranks' statistics before deciding (2 collectives)
+            pooled = distributed.all_reduce_channel_stats({"s": self.acc}, {"s": self.site.channels}, ChannelStats)
+            self.acc = pooled["s"]
         acc = self.acc
         if acc is None:  # the site never ran: nothing measured, nothing to correct
             self.report.mode, self.report.skipped = "skipped", NEVER_RAN
@@ -102,7 +109,6 @@ class _SitePlan:
 def _plans(model: nn.Module, reference: ActivationStats, mode: RepairMode, add_bias: bool
            ) -> tuple[list[_SitePlan], list[SiteReport]]:
     """The sites to correct, and reports of the sites ``mode`` does not apply to."""
-    modules = dict(model.named_modules())
     plans, skipped = [], []
     for site in reference.sites:
         if site.kind == "block":
@@ -110,24 +116,27 @@ def _plans(model: nn.Module, reference: ActivationStats, mode: RepairMode, add_b
                 f"site '{site.fqn}' is a block output: a correction there cannot be folded into the original "
                 "architecture (a residual sum has no weights of its own); collect the goal without blocks="
             )
-        for name in (site.fqn, site.producer):
-            if name not in modules:
-                raise ValueError(
-                    f"the reference statistics name layer '{name}', which the model does not have: "
-                    "collect them on a model of the same architecture"
-                )
-        producer = modules[site.producer]
-        out = out_channels(producer)
+        try:
+            module, (producer, part) = site_owner(model, site)[0], site_owner(model, site.producer)
+        except AttributeError:
+            raise ValueError(
+                f"the reference statistics name layer '{site.fqn}', which the model does not have: "
+                "collect them on a model of the same architecture"
+            ) from None
+        out = producer_out_channels(producer, part)
         if out != site.channels:
             raise ValueError(
                 f"layer '{site.producer}' has {out} output channels but the reference statistics have "
                 f"{site.channels}: after structured pruning, map them with ActivationStats.select_channels()"
             )
-        m = site_mode(mode, isinstance(modules[site.fqn], _BatchNorm))
+        m = site_mode(mode, isinstance(module, _BatchNorm))
         if m is RepairMode.NONE:
             skipped.append(SiteReport(site.fqn, "skipped", site.channels, skipped="no BatchNorm to reset there"))
             continue
         if add_bias and m in (RepairMode.REPAIR, RepairMode.RESHIFT) and not can_shift(model, site):
+            if part is not None or isinstance(producer, nn.MultiheadAttention):
+                raise ValueError(f"attention '{site.producer}' has no in-projection bias to hold a shift, and "
+                                 "adding one is not supported: repair without add_bias (the scale is applied)")
             weight = producer.weight
             producer.bias = nn.Parameter(torch.zeros(out, dtype=weight.dtype, device=weight.device))
         plans.append(_SitePlan(model, site, m, reference[site.fqn]))
@@ -135,8 +144,9 @@ def _plans(model: nn.Module, reference: ActivationStats, mode: RepairMode, add_b
 
 
 def _hooks(plans: list[_SitePlan], measuring: set, inline: bool, applying: set, stop_after: _SitePlan | None):
-    """Forward hooks (affine sites) and pre-hooks (reset sites) for one kind of pass."""
-    forward_hooks, pre_hooks = {}, {}
+    """Pre-hooks (reset sites) and site taps (affine sites) for one kind of pass:
+    ``(pre_hooks, sites, observe, correction)``, see :class:`~prune_repair.engine.taps.SiteTaps`."""
+    pre_hooks, by_site = {}, {}
     for plan in plans:
         if plan.is_reset:
 
@@ -150,20 +160,24 @@ def _hooks(plans: list[_SitePlan], measuring: set, inline: bool, applying: set, 
 
             pre_hooks[plan.module] = pre
         else:
+            by_site[plan.site.fqn] = plan
 
-            def post(module, inputs, output, plan=plan):
-                if plan in measuring:
-                    plan.measure(output)
-                    if inline:
-                        plan.finalize()
-                if plan is stop_after:
-                    raise StopForward
-                if plan in applying or (inline and plan in measuring):
-                    return plan.apply(output)
-                return None
+    def observe(site: Site, y: torch.Tensor, mask: torch.Tensor | None) -> None:
+        plan = by_site[site.fqn]
+        if plan in measuring:
+            plan.measure(y, mask)
+            if inline:
+                plan.finalize()
+        if plan is stop_after:
+            raise StopForward
 
-            forward_hooks[plan.module] = post
-    return forward_hooks, pre_hooks
+    def correction(site: Site) -> tuple[torch.Tensor, torch.Tensor] | None:
+        plan = by_site[site.fqn]
+        if plan.affine is not None and (plan in applying or (inline and plan in measuring)):
+            return plan.affine.scale, plan.affine.shift
+        return None
+
+    return pre_hooks, [p.site for p in by_site.values()], observe, correction
 
 
 def repair_(
@@ -200,6 +214,13 @@ def repair_(
     Raises:
         ValueError: no sites in ``reference``; ``reset`` on a network without BatchNorm;
             a variant that does not apply; statistics that do not fit the model.
+
+    Under ``torch.distributed`` each rank passes its shard of the data; each site's
+    correction is decided from the exact pooled statistics of all ranks (two small
+    all-reduces of ``channels + 1`` and ``channels`` float64 values per site and pass,
+    taken in the hook, so the one-pass exact repair stays exact), and every rank ends
+    with the same weights. All ranks must run the same sites in the same order. A
+    ``DistributedDataParallel`` model is repaired through its ``.module``.
     """
     start = time.perf_counter()
     if mode is not None:
@@ -212,8 +233,12 @@ def repair_(
     if not reference.sites:
         raise ValueError("the reference statistics hold no sites, so there is nothing to correct: "
                          "the model has no conv/linear output that a correction can be folded into")
+    model = distributed.unwrap(model)
     batches = as_batches(data)
-    if sum(batch_size_of(b) for b in batches) < 2:
+    samples, several = float(sum(batch_size_of(b) for b in batches)), float(len(batches) > 1)
+    if distributed.is_distributed():  # every rank must take the same path
+        samples, several = distributed.all_reduce_sum_(torch.tensor([samples, several], dtype=torch.float64)).tolist()
+    if samples < 2:
         raise ValueError("calibration needs at least 2 samples to measure a spread: pass a larger batch")
     check_finite(model)
     plans, skipped = ([], []) if mode is RepairMode.NONE else _plans(model, reference, mode, add_bias)
@@ -226,14 +251,15 @@ def repair_(
 
     def run(measuring: set, inline: bool, applying: set, stop_after: _SitePlan | None = None) -> None:
         nonlocal passes
-        fwd, pre = _hooks(plans, measuring, inline, applying, stop_after)
-        with hooked_pass(model, forward_hooks=fwd, pre_hooks=pre, forward_fn=forward_fn) as forward:
+        pre, sites, observe, correction = _hooks(plans, measuring, inline, applying, stop_after)
+        with (hooked_pass(model, pre_hooks=pre, forward_fn=forward_fn) as forward,
+              SiteTaps(model, sites, observe, correction).attached(forward) as tapped):
             for batch in batches:
-                forward(batch)
+                tapped(batch)
         passes += 1
 
     try:
-        if plans and variant is Variant.EXACT and len(batches) == 1:
+        if plans and variant is Variant.EXACT and not several:
             run(set(plans), inline=True, applying=set())
             for plan in plans:
                 if plan.acc is None:

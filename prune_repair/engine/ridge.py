@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 MAX_RETRIES = 12
+MIN_RETRY_DAMPING = 1e-10
 DEFAULT_WORK_BYTES = 256 * 2**20
 
 
@@ -92,7 +93,7 @@ def masked_ridge(
     sizes, counts_l = p_support.sum(1).tolist(), counts.tolist()
 
     comp = [p for p in range(len(sizes)) if n - sizes[p] < sizes[p]]
-    direct = [p for p in range(len(sizes)) if p not in set(comp)]
+    direct = [p for p in range(len(sizes)) if n - sizes[p] >= sizes[p]]
     cost_direct = sum(sizes[p] ** 3 / 3 for p in comp)
     cost_comp = len({int(p_group[p]) for p in comp}) * n**3 + sum((n - sizes[p]) ** 3 / 3 + n * (n - sizes[p]) * counts_l[p]
                                                                      for p in comp)
@@ -104,8 +105,8 @@ def masked_ridge(
         direct += failed
     solver.direct(direct, p_group, p_support, order, starts, counts_l, sizes, rows % m, out)
     out[:, :d] *= support[:, :d]  # exact zeros off the support
-    return RidgeSolution(out.view(g, m, n), solver.max_factor * damping if damping else solver.max_factor * 0,
-                         solver.retried, sum(counts_l[p] for p in comp) - solver.comp_failed_rows)
+    return RidgeSolution(out.view(g, m, n), solver.max_rel, solver.retried,
+                         sum(counts_l[p] for p in comp) - solver.comp_failed_rows)
 
 
 def _bucket(k: int) -> int:
@@ -118,8 +119,8 @@ class _Solver:
     def __init__(self, G, C, prior, d, scale, damping, work_bytes):
         self.G, self.C, self.prior, self.d, self.scale = G, C, prior, d, scale
         self.damping, self.work_bytes = damping, work_bytes
-        self.factor = torch.ones_like(scale)  # damping multiplier per group (raised on failure)
-        self.max_factor, self.retried, self.comp_failed_rows = 1.0, 0, 0
+        self.rel = torch.full_like(scale, damping)  # relative damping per group (raised on failure)
+        self.max_rel, self.retried, self.comp_failed_rows = damping, 0, 0
 
     def _batches(self, pats, p_support, order, starts, counts, sizes, complement):
         """Patterns grouped by (bucket size, rows), as padded index tensors in memory-bounded chunks."""
@@ -151,11 +152,11 @@ class _Solver:
     def direct(self, pats, p_group, p_support, order, starts, counts, sizes, local, out):
         for chunk, idx, valid, rows in self._batches(pats, p_support, order, starts, counts, sizes, False):
             grp = p_group[chunk]
-            factor = self.factor[grp].clone()
+            rel = self.rel[grp].clone()
             todo = torch.arange(len(chunk), device=idx.device)
             for attempt in range(MAX_RETRIES + 1):
                 g_, i_, v_, r_ = grp[todo], idx[todo], valid[todo], rows[todo]
-                lam = self.damping * self.scale[g_] * factor[todo]
+                lam = self.scale[g_] * rel[todo]
                 A = self._system(self.G, g_, i_, v_, lam)
                 B = self.C[g_[:, None, None], i_[:, :, None], local[r_][:, None, :]]
                 if self.prior is not None:
@@ -169,27 +170,27 @@ class _Solver:
                 if bool(ok.all()):
                     break
                 if attempt == MAX_RETRIES:
-                    raise ValueError("the least-squares system stays singular even with 10^12 x the damping: "
+                    raise ValueError("the least-squares system stays singular even with 10^12 times more damping: "
                                      "the Gram statistics hold NaN/Inf or are degenerate")
                 todo = todo[~ok]
-                factor[todo] *= 10
+                rel[todo] = (rel[todo] * 10).clamp_min(MIN_RETRY_DAMPING)
                 self.retried += int(rows[todo].numel())
-            self.max_factor = max(self.max_factor, float(factor.max()))
+            self.max_rel = max(self.max_rel, float(rel.max()))
 
     def complement(self, pats, p_group, p_support, order, starts, counts, sizes, local, out):
         G, d, n = self.G, self.d, self.G.shape[1]
         for attempt in range(MAX_RETRIES + 1):
-            lam = self.damping * self.scale * self.factor
+            lam = self.scale * self.rel
             Hf = G.clone()
             Hf.diagonal(dim1=1, dim2=2)[:, :d] += lam[:, None]
             L, info = torch.linalg.cholesky_ex(Hf)
             if bool((info == 0).all()):
                 break
             if attempt == MAX_RETRIES:
-                raise ValueError("the least-squares system stays singular even with 10^12 x the damping: "
+                raise ValueError("the least-squares system stays singular even with 10^12 times more damping: "
                                  "the Gram statistics hold NaN/Inf or are degenerate")
-            self.factor[info != 0] *= 10
-        self.max_factor = max(self.max_factor, float(self.factor.max()))
+            self.rel[info != 0] = (self.rel[info != 0] * 10).clamp_min(MIN_RETRY_DAMPING)
+        self.max_rel = max(self.max_rel, float(self.rel.max()))
         H = torch.cholesky_inverse(L)
         rhs = self.C.clone()
         if self.prior is not None:

@@ -19,18 +19,23 @@ Example:
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._forward import ForwardFn, as_batches, first_tensor, hooked_pass
+from .distributed import unwrap
+from .producers import PARTS, is_conv1d, is_packed_attention, is_producer, out_channels, part_fqn
 
 PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-"""Layers whose output channels are weight rows a correction can be folded into."""
+"""Layers whose output channels are weight rows a correction can be folded into (plus HF
+``Conv1D``, see :func:`~prune_repair.engine.producers.is_producer`, and attention projections)."""
 
 NORM_TYPES = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
 """Norms that can take a site: their per-channel affine (or BatchNorm running stats) holds the fold."""
@@ -52,6 +57,10 @@ class Site:
         channels: number of channels.
         kind: ``"layer"``, or ``"block"`` for a residual-block output (measurable, but a
             correction there cannot be folded into the original architecture).
+        call: how the output is reached: ``"module"`` (a hook on ``fqn``), ``"function"``
+            (a linear whose weight a parent passes to ``F.linear``) or ``"attention"`` (the
+            q/k/v projections ``<mha>.in_proj:q`` ... and ``<mha>.out_proj`` of an
+            ``nn.MultiheadAttention``); see :mod:`prune_repair.engine.taps`.
     """
 
     fqn: str
@@ -60,6 +69,7 @@ class Site:
     channel_dim: int
     channels: int
     kind: str = "layer"
+    call: str = "module"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,7 +123,10 @@ def find_sites(
 
     Layers called more than once per forward (weight sharing) are skipped: one
     per-channel affine cannot be folded into a layer that serves two call sites.
+    A ``DistributedDataParallel`` model is traced through its ``.module`` (FQNs without
+    the ``module.`` prefix, as the other engine functions use them).
     """
+    model = unwrap(model)
     block_filter = make_filter(blocks)
     extra = [] if block_filter is None else [
         m for name, m in model.named_modules() if name and block_filter(m, name)
@@ -128,11 +141,35 @@ def find_sites(
         if id(module) in extra_ids and y is not None and y.dim() >= 2:
             cdim = 1 if y.dim() > 3 else -1
             sites.append(Site(fqn, fqn, None, cdim, int(y.shape[cdim]), kind="block"))
-    return sorted(sites, key=lambda s: order[s.fqn])
+    if not sites:
+        if select is not None and sites_from_calls(calls, include_classifier=True):
+            raise ValueError(f"the selection {select!r} matches no site: give the FQN of a conv/linear layer "
+                             "(or its norm) or a 're:' pattern; find_sites(model, inputs) lists them all")
+        raise ValueError(
+            "found no site in the model: no conv/linear/Conv1D layer or attention projection ran on the "
+            "example inputs" + ("" if include_classifier else " other than the classifier (pass "
+                                "include_classifier=True to correct it)")
+            + "; check that forward_fn feeds the batch to the model")
+    owner = {s.fqn: split_owner(s.fqn) for s in sites}
+    return sorted(sites, key=lambda s: order.get(s.fqn, order.get(owner[s.fqn], 0)))
+
+
+def split_owner(fqn: str) -> str:
+    """The module that runs an attention site: ``'a.in_proj:q'`` and ``'a.out_proj'`` -> ``'a'``."""
+    head, sep, _ = fqn.rpartition(".in_proj:")
+    return head if sep else fqn.rpartition(".")[0]
 
 
 Call = tuple[str, nn.Module, "torch.Tensor | None", "torch.Tensor | None"]
-"""(fqn, module, input tensor, output tensor) of one module call."""
+"""(fqn, module, input tensor, output tensor) of one module call; ``module`` is a
+:class:`FunctionCall` when a parent passed a linear layer's weight to ``F.linear``."""
+
+
+@dataclass(frozen=True, eq=False)
+class FunctionCall:
+    """A linear layer run as ``F.linear(x, layer.weight, ...)`` by another module."""
+
+    module: nn.Module
 
 
 def trace_calls(
@@ -143,12 +180,15 @@ def trace_calls(
     observe: Callable[[str, nn.Module, torch.Tensor], None] | None = None,
     extra: list[nn.Module] = (),
 ) -> list[Call]:
-    """Run one batch and record every conv/linear/norm call (and the calls of
-    ``extra`` modules) in the order they finish.
+    """Run one batch and record every conv/linear/norm/attention call (and the calls of
+    ``extra`` modules) in the order they finish, plus ``F.linear`` calls on the weight of a
+    linear layer made outside that layer's own forward.
 
-    ``observe(fqn, module, output)`` is called on each recorded output, so a caller
+    ``observe(fqn, module, output)`` is called on each recorded module output, so a caller
     can measure statistics in the same pass.
     """
+    from torch.overrides import TorchFunctionMode
+
     names = {module: name for name, module in model.named_modules()}
     calls: list[Call] = []
 
@@ -159,39 +199,94 @@ def trace_calls(
         if observe is not None and y is not None:
             observe(names[module], module, y)
 
-    watched = [m for m in model.modules() if isinstance(m, PRODUCER_TYPES + NORM_TYPES)]
+    linears = {id(m.weight): m for m in model.modules() if isinstance(m, nn.Linear)}
+
+    class LinearCalls(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            weight = args[1] if len(args) > 1 else (kwargs or {}).get("weight")
+            if func in (F.linear, torch._C._nn.linear) and id(weight) in linears and isinstance(out, torch.Tensor):
+                layer = linears[id(weight)]
+                calls.append((names[layer], FunctionCall(layer), args[0], out))
+            return out
+
+    watched = [m for m in model.modules() if is_producer(m) or isinstance(m, NORM_TYPES + (nn.MultiheadAttention,))]
     watched += [m for m in extra if m not in watched]
-    with hooked_pass(model, forward_hooks={m: record for m in watched}, forward_fn=forward_fn) as run:
+    with hooked_pass(model, forward_hooks={m: record for m in watched}, forward_fn=forward_fn) as run, LinearCalls():
         run(batch)
-    return calls
+    own = {id(y) for _, m, _, y in calls if not isinstance(m, FunctionCall)}
+    return [c for c in calls if not (isinstance(c[1], FunctionCall) and id(c[3]) in own)]
+
+
+def executed_producers(calls: list[Call]) -> list[str]:
+    """FQNs of the layers holding prunable weights, in the order they first ran: conv/linear/
+    Conv1D layers, attention modules (their in-projection) and their ``out_proj``."""
+    order: list[str] = []
+    for fqn, module, _, y in calls:
+        if isinstance(module, nn.MultiheadAttention):
+            names = ([fqn] if is_packed_attention(module) else []) + [f"{fqn}.out_proj" if fqn else "out_proj"]
+        elif is_producer(module) or isinstance(module, FunctionCall):
+            names = [fqn]
+        else:
+            continue
+        order += [n for n in names if n not in order]
+    return order
 
 
 def sites_from_calls(calls: list[Call], *, select: Selector = None, include_classifier: bool = False) -> list[Site]:
-    """Sites from a trace made by :func:`trace_calls` (see :func:`find_sites`)."""
+    """Sites from a trace made by :func:`trace_calls` (see :func:`find_sites`).
+
+    The classifier is the last conv/linear layer that ran (a head that never runs in eval,
+    like googlenet's auxiliary classifiers, is not it)."""
     filter_fn = make_filter(select)
     call_counts: dict[str, int] = {}
     for fqn, *_ in calls:
         call_counts[fqn] = call_counts.get(fqn, 0) + 1
     consumer_norm = {id(x): (fqn, m) for fqn, m, x, _ in calls if isinstance(m, NORM_TYPES) and x is not None}
 
-    producers = [(fqn, m, y) for fqn, m, _, y in calls if isinstance(m, PRODUCER_TYPES) and y is not None]
-    if producers and not include_classifier:
-        producers = producers[:-1]
+    producers = [(fqn, m, y) for fqn, m, _, y in calls if y is not None and (
+        is_producer(m) or isinstance(m, (FunctionCall, nn.MultiheadAttention)))]
+    if not include_classifier:
+        last = [i for i, (_, m, _) in enumerate(producers) if not isinstance(m, nn.MultiheadAttention)]
+        if last:
+            del producers[last[-1]]
     sites: list[Site] = []
+
+    def keep(module: nn.Module, site: Site, *names: str) -> None:
+        if filter_fn is None or any(filter_fn(module, n) for n in (site.producer, site.fqn, *names)):
+            sites.append(site)
+
     for fqn, module, y in producers:
         if call_counts[fqn] > 1 or fqn in {s.producer for s in sites}:
             continue
-        channels = _out_channels(module)
+        if isinstance(module, nn.MultiheadAttention):
+            for site in _attention_sites(fqn, module):
+                keep(module, site, fqn)
+            continue
+        call = "function" if isinstance(module, FunctionCall) else "module"
+        module = module.module if isinstance(module, FunctionCall) else module
+        channels = out_channels(module)
         channel_dim = 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else -1
         norm_fqn, norm = consumer_norm.get(id(y), (None, None))
         norm_dim = _per_channel_norm_dim(norm, channels, channel_dim)
         if norm_dim is not None and call_counts[norm_fqn] == 1:
             site = Site(fqn=norm_fqn, producer=fqn, norm=norm_fqn, channel_dim=norm_dim, channels=channels)
         else:
-            site = Site(fqn=fqn, producer=fqn, norm=None, channel_dim=channel_dim, channels=channels)
-        if filter_fn is None or filter_fn(module, site.producer) or filter_fn(module, site.fqn):
-            sites.append(site)
+            site = Site(fqn=fqn, producer=fqn, norm=None, channel_dim=channel_dim, channels=channels, call=call)
+        keep(module, site)
     return sites
+
+
+def _attention_sites(fqn: str, mha: nn.MultiheadAttention) -> list[Site]:
+    """q/k/v sites of a packed in-projection, and the ``out_proj`` site, of one attention module."""
+    e = int(mha.embed_dim)
+    sites = [Site(part_fqn(fqn, p), part_fqn(fqn, p), None, -1, e, call="attention")
+             for p in PARTS if is_packed_attention(mha)]
+    if not is_packed_attention(mha):
+        warnings.warn(f"attention '{fqn}' has separate q/k/v weights (kdim/vdim differ from embed_dim): "
+                      "its projections are not corrected, only its out_proj", stacklevel=4)
+    out = f"{fqn}.out_proj" if fqn else "out_proj"
+    return sites + [Site(out, out, None, -1, int(mha.out_proj.out_features), call="attention")]
 
 
 def _per_channel_norm_dim(norm: nn.Module | None, channels: int, channel_dim: int) -> int | None:
@@ -208,8 +303,3 @@ def _per_channel_norm_dim(norm: nn.Module | None, channels: int, channel_dim: in
             and channel_dim == -1):
         return -1
     return None
-
-
-def _out_channels(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
-

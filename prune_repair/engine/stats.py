@@ -21,8 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from ._forward import ForwardFn, as_batches, head, hooked_pass
+from .producers import site_owner
 from .sites import Selector, Site, find_sites
+from .taps import SiteTaps
 
 
 @dataclass
@@ -38,14 +41,27 @@ class ChannelStats:
     m2: torch.Tensor  # sum of squared deviations from the mean
 
     @classmethod
-    def of(cls, y: torch.Tensor, channel_dim: int) -> "ChannelStats":
+    def of(cls, y: torch.Tensor, channel_dim: int, mask: torch.Tensor | None = None) -> "ChannelStats":
         """Statistics of one output tensor; ``channel_dim`` is 1 or -1.
+
+        ``mask`` (bool, shaped like the leading dims of ``y``, e.g. an (N, T) attention mask
+        for an (N, T, C) output) keeps only the positions where it is True; it needs the
+        channels on the last dim.
+
+        >>> y = torch.tensor([[[1.0], [3.0], [100.0]]])           # (N=1, T=3, C=1)
+        >>> ChannelStats.of(y, -1, mask=torch.tensor([[True, True, False]])).mean
+        tensor([2.], dtype=torch.float64)
 
         Channel-last outputs are reduced in float64 by two passes of column sums;
         float32 feature maps on the CPU by :meth:`_of_feature_maps` (no float64 copy of
         the activations); anything else is converted to float64 first.
         """
         y = y.detach()
+        if mask is not None:
+            if channel_dim % y.dim() != y.dim() - 1 or tuple(mask.shape) != tuple(y.shape[:mask.dim()]):
+                raise ValueError(f"a mask of shape {list(mask.shape)} does not fit an output of shape "
+                                 f"{list(y.shape)} with channels on dim {channel_dim}")
+            y = y[mask.to(device=y.device, dtype=torch.bool)]
         cdim = channel_dim % y.dim()
         channels = y.shape[cdim]
         if y.dim() == 1:  # a (C,) output: one value per channel
@@ -221,7 +237,12 @@ def collect_stats(
             when omitted.
         select, include_classifier, blocks: site selection, see :func:`~prune_repair.engine.sites.find_sites`.
         forward_fn: ``forward_fn(model, batch)`` for batches that are not tensors.
+
+    Under ``torch.distributed`` each rank passes its shard of the data and every rank
+    gets the exact pooled statistics (see :mod:`~prune_repair.engine.distributed`);
+    a ``DistributedDataParallel`` model is measured through its ``.module``.
     """
+    model = distributed.unwrap(model)
     batches = as_batches(data)
     stats: dict[str, ChannelStats] = {}
 
@@ -232,20 +253,21 @@ def collect_stats(
         sites = find_sites(model, head(batches[0], 2), select=select, include_classifier=include_classifier,
                            blocks=blocks, forward_fn=forward_fn)
 
-    modules = dict(model.named_modules())
-    by_module = {}
     for site in sites:
-        if site.fqn not in modules:
-            raise ValueError(f"site '{site.fqn}' is not a submodule of the model")
-        by_module[modules[site.fqn]] = site
+        try:
+            site_owner(model, site)
+        except AttributeError:
+            raise ValueError(f"site '{site.fqn}' is not a submodule of the model") from None
 
-    def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
-        site = by_module[module]
-        add(site.fqn, ChannelStats.of(output, site.channel_dim))
+    def observe(site: Site, y: torch.Tensor, mask: torch.Tensor | None) -> None:
+        add(site.fqn, ChannelStats.of(y, site.channel_dim, mask=mask))
 
-    with hooked_pass(model, forward_hooks={m: hook for m in by_module}, forward_fn=forward_fn) as run:
+    with hooked_pass(model, forward_fn=forward_fn) as forward, SiteTaps(model, sites, observe).attached(forward) as run:
         for batch in batches:
             run(batch)
+    if distributed.is_distributed():  # pool every rank's shard: two collectives for all sites
+        pooled = distributed.all_reduce_channel_stats(stats, {s.fqn: s.channels for s in sites}, ChannelStats)
+        stats = {k: v for k, v in pooled.items() if v is not None}
     missing = [s.fqn for s in sites if s.fqn not in stats]
     if missing:
         raise ValueError(f"site '{missing[0]}' never ran in the forward pass: check forward_fn and the site list")

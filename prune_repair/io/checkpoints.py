@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.checks import is_finite
 from .errors import (
     _RESAVE,
     FLOAT_DTYPES,
@@ -176,7 +177,7 @@ def save_state_dict(
 
 def _check_finite_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
     for key, value in state.items():
-        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value.sum(dtype=torch.float64))):
+        if not is_finite(value):
             count = int((~torch.isfinite(value)).sum())
             raise CheckpointError(
                 f"the result holds NaN/Inf in '{key}' ({count} values), so {path} was not written: "

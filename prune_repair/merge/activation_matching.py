@@ -16,7 +16,7 @@ cross-covariances the closed-form REPAIR variant needs.
 Example:
     >>> import torch
     >>> from prune_repair.zoo.models import MLP
-    >>> from prune_repair.merge.groups import find_groups
+    >>> from prune_repair.merge.find_groups import find_groups
     >>> from prune_repair.merge.permute import permute, random_perms
     >>> a = MLP(widths=(16, 16))
     >>> x = torch.randn(128, 1, 28, 28)
@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine import distributed
 from ..engine._forward import ForwardFn, as_batches, first_tensor, hooked_pass
 from ..engine.sites import Site
 from ..engine.stats import ActivationStats, ChannelStats
@@ -63,6 +64,10 @@ TIE_BREAK = 1e-6
 whose consumer-side activations tie (e.g. units that never fire)."""
 
 
+CHANNELS_FIRST_NORMS = ("LayerNorm2d",)
+"""LayerNorm subclasses (torchvision's, timm's) that normalize dim 1 of (N, C, H, W) inputs."""
+
+
 def probes_of(model: nn.Module, group: PermGroup) -> list[Probe]:
     """Probes of ``group``: the inputs of its consumers (weight 1) plus its producers' outputs
     as tie-breakers, or the producers' outputs alone (weight 1) when nothing consumes it."""
@@ -76,8 +81,8 @@ def probes_of(model: nn.Module, group: PermGroup) -> list[Probe]:
         conv = isinstance(m, nn.modules.conv._ConvNd) and not m.transposed
         if axis.dim == 1 and (isinstance(m, nn.Linear) or (conv and m.groups == 1)):
             ins.append(Probe(name, "in", -1 if isinstance(m, nn.Linear) else 1, axis.index))
-        elif axis.dim == 0 and isinstance(m, nn.LayerNorm):
-            ins.append(Probe(name, "in", -1, axis.index))
+        elif axis.dim == 0 and isinstance(m, nn.LayerNorm):  # LayerNorm2d (ConvNeXt) normalizes dim 1
+            ins.append(Probe(name, "in", 1 if type(m).__name__ in CHANNELS_FIRST_NORMS else -1, axis.index))
         elif axis.dim == 0 and isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase,
                                               nn.GroupNorm)):
             outs.append(Probe(name, "out", -1 if isinstance(m, nn.Linear) else 1, axis.index))
@@ -135,6 +140,16 @@ class _Moments:
         self.mean = self.mean + delta * (n / total)
         self.n = total
 
+    @staticmethod
+    def all_reduce_(moments: Sequence["_Moments"]) -> None:
+        """Pool each of ``moments`` (same order on every rank) over ranks, exactly: two collectives."""
+        if not distributed.is_distributed():
+            return
+        parts = [(m.n, m.mean, m.m2) for m in moments]
+        comoments = [lambda d, m=m: m._comoment(d[:, None, :]) for m in moments]
+        for m, (n, mean, m2) in zip(moments, distributed.pool_moments(parts, comoments)):
+            m.n, m.mean, m.m2 = n, mean, m2
+
 
 class _Cross(_Moments):
     """Cross co-moment (C x C) of two models' units, with both variances as two extra rows."""
@@ -162,6 +177,9 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
                         forward_fn: ForwardFn | None = None) -> Alignment:
     """Permutations aligning ``b`` to ``a`` by the correlation of paired units (one pass).
 
+    Under ``torch.distributed`` each rank passes its shard of the data; the moments are
+    pooled exactly over ranks, so every rank finds the same permutations.
+
     Args:
         a, b: models of the same architecture (unchanged; train/eval mode restored).
         data: calibration data: one batch or an iterable of batches.
@@ -169,6 +187,7 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
         forward_fn: ``forward_fn(model, batch)`` for batches that are not plain tensors.
     """
     start = time.perf_counter()
+    a, b = distributed.unwrap(a), distributed.unwrap(b)
     probe_lists = {g.name: probes_of(a, g) for g in groups}
     for g in groups:
         if not probe_lists[g.name]:
@@ -195,8 +214,13 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
                 if (id(ya[key]), id(yb[key])) in used:
                     continue  # two consumers of one tensor: count it once
                 used.add((id(ya[key]), id(yb[key])))
+                if ya[key].dim() == 0 or ya[key].shape[p.dim] <= int(p.index.max()):
+                    raise ValueError(f"layer '{p.module}' has {ya[key].shape[p.dim] if ya[key].dim() else 0} "
+                                     f"channels on dim {p.dim} of its {p.side}put {list(ya[key].shape)} but group "
+                                     f"'{name}' needs {int(p.index.max()) + 1}: use align='weight' for this model")
                 moments.setdefault(key, _Cross()).add_pair(_samples(ya[key], p.dim, p.index),
                                                            _samples(yb[key], p.dim, p.index))
+    _Moments.all_reduce_([moments[k] for k in sorted(moments)])  # pooled over ranks (distributed)
     perms, dead = {}, {}
     for g in groups:
         corr = torch.zeros(g.size, g.size, dtype=torch.float64)
@@ -256,7 +280,9 @@ class SiteMoments:
 
 def site_moments(models: Sequence[nn.Module], data: Any, sites: Sequence[Site], *,
                  forward_fn: ForwardFn | None = None) -> SiteMoments:
-    """Moments of the paired channels of ``models`` at ``sites``, in one pass over ``data``."""
+    """Moments of the paired channels of ``models`` at ``sites``, in one pass over ``data``
+    (pooled exactly over ranks under ``torch.distributed``)."""
+    models = [distributed.unwrap(m) for m in models]
     acc: dict[str, _PerChannel] = {s.fqn: _PerChannel() for s in sites}
     for batch in as_batches(data):
         captured = []
@@ -271,5 +297,6 @@ def site_moments(models: Sequence[nn.Module], data: Any, sites: Sequence[Site], 
             ys = [c[s.fqn].detach().movedim(s.channel_dim, -1).reshape(-1, s.channels).to(torch.float64)
                   for c in captured]
             acc[s.fqn].add(torch.stack(ys))
+    _Moments.all_reduce_([acc[s.fqn] for s in sites])
     return SiteMoments(list(sites), {k: v.n for k, v in acc.items()}, {k: v.mean for k, v in acc.items()},
                        {k: v.m2 / v.n for k, v in acc.items()})

@@ -164,8 +164,7 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise PlotError("plotting needs matplotlib, which is not installed: pip install matplotlib (the 'plot' extra) "
-                        "(or drop --plot)") from None
+        raise PlotError("plotting needs matplotlib, which is not installed: pip install matplotlib (the 'plot' extra)") from None
 
 
 def plot_curve(curve: BarrierCurve, path: str | Path, title: str | None = None) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 from ..engine._forward import ForwardFn, as_batches, default_forward
 from .groups import HAND_HELP, Axis, GroupError, PermGroup, _check_fit, check_disjoint, groups_from_spec
 from .permute import check_function_preserved
+from .unsupported import check_traceable
 
 __all__ = ["find_groups"]
 
@@ -53,6 +54,7 @@ def find_groups(
     """
     batch = as_batches(example_inputs)[0]
     if groups is None:
+        check_traceable(model, batch, forward_fn)  # attention: one clear line in seconds, not a long trace
         found = _trace_groups(model, batch, forward_fn)
     elif isinstance(groups, Mapping):
         found = groups_from_spec(groups, model.state_dict())

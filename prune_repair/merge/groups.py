@@ -29,7 +29,7 @@ import torch
 
 
 HAND_HELP = ("pass groups by hand: groups=groups_from_spec({'name': ['fc1.weight:0', 'fc1.bias:0', "
-             "'fc2.weight:1']}, model.state_dict()) in Python, --groups FILE.json on the CLI")
+             "'fc2.weight:1']}, model.state_dict())")
 
 
 class GroupError(ValueError):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import torch
@@ -37,6 +36,7 @@ from ..engine._forward import ForwardFn, as_batches, batch_size_of
 from ..engine.fuse import Correction, can_shift, fold_correction_
 from .find_groups import find_groups
 from .groups import PermGroup
+from ..engine.registry import MethodEnum
 from ..engine.renorm import RepairMode, Variant, channel_affine
 from ..engine.checks import check_finite
 from ..engine.report import RepairReport, SiteReport
@@ -48,15 +48,12 @@ from .permute import Alignment, identity_perms, permute
 from .weight_matching import weight_matching
 
 
-class Align(str, Enum):
-    """How models are aligned before averaging."""
+class Align(MethodEnum):
+    """How models are aligned before averaging (the registry of alignment methods)."""
 
-    ACTIVATION = "activation"  # correlation of paired units on the calibration data
-    WEIGHT = "weight"  # git re-basin weight matching (no data needed)
-    NONE = "none"  # average as they are
-
-    def __str__(self) -> str:
-        return self.value
+    ACTIVATION = "activation", "match units by the correlation of their activations", "Jordan et al. 2022, sec. 2"
+    WEIGHT = "weight", "weight matching by coordinate descent, no data needed", "Ainsworth et al. 2023 (git re-basin)"
+    NONE = "none", "average the models as they are"
 
 
 MergeVariant = Variant
@@ -80,7 +77,7 @@ def find_alignment(reference: nn.Module, model: nn.Module, groups: Sequence[Perm
                    method: Align | str = Align.ACTIVATION, forward_fn: ForwardFn | None = None, seed: int = 0,
                    max_sweeps: int = 100) -> Alignment:
     """Permutations that align ``model`` to ``reference`` (``permute(model, groups, perms)``)."""
-    method = Align(method)
+    method = Align.parse(method, "alignment")
     if method is Align.WEIGHT:
         return weight_matching(reference, model, groups, seed=seed, max_sweeps=max_sweeps)
     if method is Align.ACTIVATION:
@@ -172,7 +169,7 @@ def prepare_merge(models: Sequence[nn.Module], data: Any, *, align: Align | str 
         select, include_classifier: which sites are repaired (see :func:`~prune_repair.find_sites`).
         names: how the models are called in error messages (e.g. file names).
     """
-    align = Align(align)
+    align = Align.parse(align, "alignment")
     models = list(models)
     if len(models) < 2:
         raise ValueError(f"merging needs at least two models, got {len(models)}")
@@ -227,5 +224,6 @@ def merge(a: nn.Module, b: nn.Module, data: Any, alpha: float = 0.5, *, align: A
             :func:`prepare_merge`).
     """
     alpha = check_alpha(alpha)
-    RepairMode.parse(repair, "correction"), Variant.parse(variant, "variant"), Align(align)  # bad names fail first
+    RepairMode.parse(repair, "correction"), Variant.parse(variant, "variant")  # bad names fail before any work
+    Align.parse(align, "alignment")
     return merge_many([a, b], data, [1.0 - alpha, alpha], align=align, repair=repair, variant=variant, **kwargs)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from ..engine import distributed
 from .targets import PruneError, Target, effective_weights
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -57,6 +58,18 @@ def labeled_data(data: Any, method: str = "fisher") -> tuple[torch.Tensor, torch
     raise PruneError(
         f"{method} pruning needs labelled calibration data: pass data=(x, y) with integer class labels y"
     )
+
+
+def local_share(num_grads: int | None) -> int | None:
+    """This rank's share of ``num_grads`` gradients (all of them without a process group).
+
+    >>> local_share(400), local_share(None)
+    (400, None)
+    """
+    if num_grads is None or not distributed.is_distributed():
+        return num_grads
+    part = distributed.shard(int(num_grads))
+    return part.stop - part.start
 
 
 def _sample_order(n: int, needed: int, seed: int) -> torch.Tensor:
@@ -170,7 +183,13 @@ def fisher_scores(
         num_grads: number of per-sample gradients (default: every sample once).
         chunk: gradients computed per vmap call (memory: ``chunk * prunable weights``).
         seed, loss_fn, progress: sample order, loss (default cross-entropy), callback.
+
+    Under ``torch.distributed`` each rank passes its shard of the data and computes its
+    share of ``num_grads`` (all of them in total); the squared gradients are summed over
+    ranks (one collective). With every sample used once (``num_grads`` None or equal to
+    the number of samples) this equals the one-process result up to rounding.
     """
+    num_grads = local_share(num_grads)
     sq = {t.fqn: torch.zeros(t.stored.shape, dtype=torch.float64, device=t.stored.device) for t in targets}
     count = 0
     for grads in gradient_chunks(model, targets, data, num_grads=num_grads, chunk=chunk, seed=seed,
@@ -178,5 +197,13 @@ def fisher_scores(
         for fqn, g in grads.items():
             sq[fqn] += g.to(torch.float64).square().sum(0)
         count += next(iter(grads.values())).shape[0]
+    if distributed.is_distributed():
+        flat = torch.cat([v.flatten() for v in sq.values()] + [torch.tensor([float(count)], dtype=torch.float64,
+                                                                            device=next(iter(sq.values())).device)])
+        distributed.all_reduce_sum_(flat)
+        count, offset = int(flat[-1].item()), 0
+        for fqn, v in sq.items():
+            v.copy_(flat[offset:offset + v.numel()].view(v.shape))
+            offset += v.numel()
     weights = effective_weights(targets)
     return {fqn: weights[fqn].to(torch.float64).square() * (sq[fqn] / count) / 2 for fqn in sq}

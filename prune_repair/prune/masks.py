@@ -106,13 +106,13 @@ def apply_masks_(targets: list[Target], masks: dict[str, torch.Tensor], style: M
         mask = mask.to(device=target.stored.device, dtype=torch.bool)
         with torch.no_grad():
             if style is MaskStyle.TORCH:
-                torch_prune.custom_from_mask(target.module, "weight", mask)
+                torch_prune.custom_from_mask(target.module, target.name, mask)
             else:
                 target.stored.mul_(mask.to(target.stored.dtype))
-            if hasattr(target.module, "weight_orig"):
+            if hasattr(target.module, target.name + "_orig"):
                 # the cached masked weight, current and a graph leaf (so the model can be deep-copied);
                 # torch's pre-forward hook recomputes it on every forward anyway
-                target.module.weight = target.module.weight_orig * target.module.weight_mask
+                setattr(target.module, target.name, target.weight)
 
 
 def remove_reparametrization_(model: nn.Module) -> int:
@@ -156,3 +156,27 @@ def measure_sparsity(targets: list[Target]) -> Sparsity:
             zeros, total = zeros + z, total + target.numel
             per_layer[target.fqn] = z / target.numel
     return Sparsity(zeros, total, per_layer)
+
+
+def sparsity_all_params(model: nn.Module) -> float:
+    """Zeros / ALL parameters of ``model`` (embeddings, norms, biases included), counting
+    the effective (masked) weights of torch.nn.utils.prune layers and each shared tensor once.
+
+    >>> model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+    >>> with torch.no_grad():
+    ...     _ = model[0].weight.zero_()
+    >>> sparsity_all_params(model)   # 4 weight zeros + the LayerNorm's 2 zero biases, of 10
+    0.6
+    """
+    zeros = total = 0
+    seen: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                mask = getattr(module, name[: -len("_orig")] + "_mask", None) if name.endswith("_orig") else None
+                value = param if mask is None else param * mask
+                zeros, total = zeros + int((value == 0).sum()), total + value.numel()
+    return zeros / total if total else math.nan

@@ -18,30 +18,32 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..engine import distributed
+from ..engine.registry import MethodEnum
 from ..engine.sites import Selector
 from .fisher import Progress, fisher_scores, labeled_data
 from .magnitude import magnitude_scores
-from .masks import MaskStyle, apply_masks_, check_sparsity, masks_from_scores, measure_sparsity
+from .masks import MaskStyle, apply_masks_, check_sparsity, masks_from_scores, measure_sparsity, sparsity_all_params
 from .targets import PruneError, Target, find_targets
 from .woodfisher import InverseFisher, inverse_fisher, woodfisher_scores
 
 
-class PruneMethod(str, Enum):
-    """How weights are scored; the lowest scores are pruned."""
+DEFAULT_FISHER_SAMPLES = 400
+"""Gradients the Fisher scorers use by default (all samples when the data has fewer)."""
 
-    GLOBAL_MAGNITUDE = "global-magnitude"  # |w|, one threshold over all layers
-    LAYER_MAGNITUDE = "layer-magnitude"  # |w|, the same sparsity in every layer
-    FISHER = "fisher"  # w^2 * mean(g^2) / 2 from per-sample gradients, global
-    WOODFISHER = "woodfisher"  # w^2 / (2 [F^-1]_qq), blockwise inverse Fisher, global
 
-    def __str__(self) -> str:
-        return self.value
+class PruneMethod(MethodEnum):
+    """How weights are scored (the registry of pruners); the lowest scores are pruned."""
+
+    GLOBAL_MAGNITUDE = "global-magnitude", "|w|, one threshold over all layers", "Han et al. 2015"
+    LAYER_MAGNITUDE = "layer-magnitude", "|w|, the same sparsity in every layer", "Zhu & Gupta 2017"
+    FISHER = "fisher", "w^2 * mean(g^2) / 2 from per-sample gradients, global", "diagonal empirical Fisher"
+    WOODFISHER = "woodfisher", "w^2 / (2 [F^-1]_qq), blockwise inverse empirical Fisher", "Singh & Alistarh 2020"
 
     @property
     def scope(self) -> str:
@@ -55,19 +57,18 @@ class PruneMethod(str, Enum):
 def parse_method(method: PruneMethod | str) -> PruneMethod:
     """``method`` as a :class:`PruneMethod`, or a :class:`PruneError` listing the known ones."""
     try:
-        return PruneMethod(method)
-    except ValueError:
-        raise PruneError(
-            f"unknown pruning method {str(method)!r}: use one of {', '.join(m.value for m in PruneMethod)}"
-        ) from None
+        return PruneMethod.parse(method, "pruning method")
+    except ValueError as err:
+        raise PruneError(str(err)) from None
 
 
 @dataclass
 class FisherOptions:
     """Settings of the gradient-based scorers (the WoodFisher names in brackets).
 
-    num_grads: gradients used [fisher subsample size]; None: every sample once for
-    ``fisher``, 400 for ``woodfisher``. group_size: samples per gradient [fisher
+    num_grads: gradients used [fisher subsample size]; None: ``DEFAULT_FISHER_SAMPLES``
+    (400), or every sample once when the data holds fewer; more than the data holds is
+    an error (see :meth:`gradients_for`). group_size: samples per gradient [fisher
     mini-batch size]. damp, block_size, rank, dtype, max_memory_gb: see
     :func:`~prune_repair.prune.woodfisher.inverse_fisher`. obs_update: move the kept
     weights by the OBS step (woodfisher only). chunk: gradients per vmap call (fisher).
@@ -83,6 +84,25 @@ class FisherOptions:
     dtype: torch.dtype = torch.float32
     chunk: int = 32
     seed: int = 0
+
+    def gradients_for(self, samples: int) -> int:
+        """The number of gradients to use with ``samples`` samples at hand.
+
+        >>> FisherOptions().gradients_for(1000), FisherOptions().gradients_for(64)
+        (400, 64)
+        >>> FisherOptions(num_grads=100, group_size=2).gradients_for(150)
+        Traceback (most recent call last):
+        ...
+        prune_repair.prune.targets.PruneError: 100 gradients of 2 samples each need 200 samples, but the data has 150: use fewer gradients or more data
+        """
+        available = samples // self.group_size
+        if self.num_grads is None:
+            return max(1, min(DEFAULT_FISHER_SAMPLES, available))
+        if self.num_grads > available:
+            raise PruneError(f"{self.num_grads} gradients of {self.group_size} samples each need "
+                             f"{self.num_grads * self.group_size} samples, but the data has {samples}: "
+                             "use fewer gradients or more data")
+        return int(self.num_grads)
 
 
 @dataclass
@@ -107,6 +127,7 @@ class PruneReport:
     per_layer: dict[str, float]
     seconds: dict[str, float]
     masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    sparsity_all_params: float = float("nan")  # zeros / every parameter of the model
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "masks"}
@@ -118,6 +139,11 @@ def _example(data: Any) -> Any:
     if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
         return data[0][:2]
     return data
+
+
+def _samples(data: Any) -> int:
+    """Samples of labelled ``(x, y)`` data over all ranks (this process's share when distributed)."""
+    return len(data[0]) * distributed.world_size()
 
 
 def score_weights(
@@ -138,11 +164,11 @@ def score_weights(
     if method in (PruneMethod.GLOBAL_MAGNITUDE, PruneMethod.LAYER_MAGNITUDE):
         scores = magnitude_scores(targets)
     elif method is PruneMethod.FISHER:
-        scores = fisher_scores(model, targets, data, num_grads=options.num_grads, chunk=options.chunk,
-                               seed=options.seed, progress=progress)
+        scores = fisher_scores(model, targets, data, num_grads=options.gradients_for(_samples(data)),
+                               chunk=options.chunk, seed=options.seed, progress=progress)
     else:
         inv = inverse_fisher(
-            model, targets, data, num_grads=400 if options.num_grads is None else options.num_grads,
+            model, targets, data, num_grads=options.gradients_for(_samples(data)),
             group_size=options.group_size, damp=options.damp, block_size=options.block_size, rank=options.rank,
             dtype=options.dtype, max_memory_gb=options.max_memory_gb, seed=options.seed, progress=progress,
         )
@@ -163,6 +189,7 @@ def prune_(
     options: FisherOptions | None = None,
     scores: PruneScores | None = None,
     progress: Progress | None = None,
+    include_tied: bool = False,
 ) -> PruneReport:
     """Prune ``model`` in place to ``sparsity`` (zeros / conv+linear weights) and report.
 
@@ -177,11 +204,14 @@ def prune_(
         options: :class:`FisherOptions` for the gradient-based methods.
         scores: scores from :func:`score_weights` on this model (skips scoring).
         progress: ``progress(done, total)`` callback while gradients are computed.
+        include_tied: also prune weights shared with other modules (see :func:`find_targets`).
+
+    ``achieved_sparsity`` counts the prunable weights; ``sparsity_all_params`` every parameter.
     """
     sparsity, method, style = check_sparsity(sparsity), parse_method(method), MaskStyle(style)
     options = options or FisherOptions()
     targets = find_targets(model, select=select, skip_first=skip_first, skip_classifier=skip_classifier,
-                           example_inputs=_example(data) if data is not None else None)
+                           example_inputs=_example(data) if data is not None else None, include_tied=include_tied)
     if scores is None:
         scores = score_weights(model, method, data, targets=targets, options=options, progress=progress)
     elif scores.method is not method:
@@ -197,7 +227,7 @@ def prune_(
     count = measure_sparsity(targets)
     seconds = {"score": scores.seconds, "mask": time.perf_counter() - start}
     return PruneReport(method.value, sparsity, count.fraction, count.zeros, count.total, count.per_layer,
-                       seconds, masks)
+                       seconds, masks, sparsity_all_params(model))
 
 
 def _obs_update_(targets: list[Target], masks: dict[str, torch.Tensor], inv: InverseFisher | None) -> None:

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..engine.evaluate import evaluate
 from .fisher import Progress
-from .masks import check_sparsity, measure_sparsity
+from .masks import check_sparsity, measure_sparsity, sparsity_all_params
 from .methods import FisherOptions, PruneMethod, parse_method, prune_, score_weights
 from .targets import PruneError, find_targets
 from .woodfisher import check_woodfisher_memory
@@ -53,6 +53,7 @@ class PruneRow:
     loss_repaired: float
     seconds: dict[str, float]
     dead_channels: int = 0
+    sparsity_all_params: float = float("nan")  # zeros / every parameter (achieved_sparsity: prunable only)
 
     def to_dict(self) -> dict[str, Any]:
         """The row of the ``--report`` JSON: exactly the keys of DESIGN.md sec. 4."""
@@ -115,6 +116,7 @@ def prune_and_repair(
     skip_first: bool = False,
     skip_classifier: bool = False,
     include_classifier: bool = False,
+    include_tied: bool = False,
     progress: Progress | None = None,
     on_row: Callable[[PruneRow], None] | None = None,
 ) -> PruneRun:
@@ -129,6 +131,7 @@ def prune_and_repair(
         fisher_data: ``(x, y)`` for the gradient-based scorers (default: ``calib``).
         options, select, skip_first, skip_classifier: see :func:`~prune_repair.prune.prune_`.
         include_classifier: also correct the classifier logits.
+        include_tied: also prune weights tied to other modules (see :func:`~prune_repair.prune.find_targets`).
         progress, on_row: callbacks for gradient progress and each finished row.
     """
     sparsities = [check_sparsity(s) for s in sparsities]
@@ -138,7 +141,7 @@ def prune_and_repair(
     x, y = calib
     eval_x, eval_y = eval_data if eval_data is not None else calib
     targets = find_targets(model, select=select, skip_first=skip_first, skip_classifier=skip_classifier,
-                           example_inputs=x[:2])
+                           example_inputs=x[:2], include_tied=include_tied)
     if method is PruneMethod.WOODFISHER:  # refuse before any work, not after the dense evaluation
         o = options or FisherOptions()
         check_woodfisher_memory(targets, o.block_size, o.dtype, o.rank, o.max_memory_gb)
@@ -152,7 +155,7 @@ def prune_and_repair(
     for sparsity in sparsities:
         pruned = copy.deepcopy(model)
         report = prune_(pruned, sparsity, method, (x, y), select=select, skip_first=skip_first,
-                        skip_classifier=skip_classifier, options=options, scores=scores)
+                        skip_classifier=skip_classifier, options=options, scores=scores, include_tied=include_tied)
         before = evaluate(pruned, eval_x, eval_y)
         after, repair_seconds, dead = before, 0.0, 0
         if reference is not None:
@@ -161,10 +164,12 @@ def prune_and_repair(
             dead = sum(len(v) for v in result.dead_channels.values())
             after = evaluate(pruned, eval_x, eval_y)
         achieved = measure_sparsity(find_targets(pruned, select=select, skip_first=skip_first,
-                                                 skip_classifier=skip_classifier, example_inputs=x[:2]))
+                                                 skip_classifier=skip_classifier, example_inputs=x[:2],
+                                                 include_tied=include_tied))
         row = PruneRow(
             sparsity, achieved.fraction, before["acc"], before["loss"], after["acc"], after["loss"],
             {"prune": report.seconds["score"] + report.seconds["mask"], "repair": repair_seconds}, dead,
+            sparsity_all_params(pruned),
         )
         rows.append(row)
         if on_row is not None:

@@ -195,7 +195,7 @@ def load_structured_(path: str | os.PathLike[str], model: nn.Module) -> nn.Modul
         model.load_state_dict(blob["state_dict"], strict=True)
     except RuntimeError as err:
         raise PruneError(f"{path} does not fit this architecture after replaying its history "
-                         f"({str(err).splitlines()[0]}): build the model with the same --arch and kwargs") from None
+                         f"({str(err).splitlines()[0]}): build the model with the same architecture and arguments") from None
     return model.eval()
 
 

@@ -1,10 +1,16 @@
-"""Which weights are prunable: the weights of conv and linear layers.
+"""Which weights are prunable: the weights of conv, linear and attention layers.
 
-A *target* is one conv/linear layer whose ``weight`` may get zeros. By default
-every such layer is a target; ``skip_first`` / ``skip_classifier`` drop the first
-and last layer in execution order (found with one traced forward pass when
-example inputs are given, else in registration order), and ``select`` keeps only
-layers chosen by ``filter_fn(module, fqn)`` or FQN / ``re:`` patterns.
+A *target* is one layer whose weight may get zeros: a conv/linear layer, an HF ``Conv1D``
+(GPT-2), or the packed ``in_proj_weight`` of an ``nn.MultiheadAttention`` (its ``out_proj``
+is a linear layer of its own). By default every such layer is a target; ``skip_first`` /
+``skip_classifier`` drop the first and last layer that RAN (found with one traced forward
+pass when example inputs are given, else in registration order: a head that never runs
+in eval, like googlenet's auxiliary classifiers, is not the classifier), and ``select``
+keeps only layers chosen by ``filter_fn(module, fqn)`` or FQN / ``re:`` patterns.
+
+A weight shared with another module (GPT-2's ``lm_head.weight`` IS the token embedding)
+is skipped with a warning: pruning it would prune the embedding. ``include_tied=True``
+prunes it anyway.
 
 Layers reparametrized by ``torch.nn.utils.prune`` count too: their score is taken
 on the masked weight and their stored tensor is ``weight_orig``.
@@ -20,13 +26,15 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..engine.sites import PRODUCER_TYPES, Selector, make_filter, trace_calls
+from ..engine.producers import is_packed_attention, is_producer
+from ..engine.sites import Selector, executed_producers, make_filter, trace_calls
 
 
 class PruneError(ValueError):
@@ -35,28 +43,31 @@ class PruneError(ValueError):
 
 @dataclass(frozen=True)
 class Target:
-    """One prunable layer: ``fqn`` names a conv/linear module, ``numel`` counts its weights."""
+    """One prunable layer: ``fqn`` names the module, ``name`` its weight parameter
+    (``"in_proj_weight"`` for attention), ``numel`` counts its weights."""
 
     fqn: str
     module: nn.Module
     numel: int
+    name: str = "weight"
 
     @property
     def weight(self) -> torch.Tensor:
         """The effective weight (masked when torch.nn.utils.prune reparametrized the layer)."""
-        if hasattr(self.module, "weight_orig"):
-            return self.module.weight_orig * self.module.weight_mask
-        return self.module.weight
+        if hasattr(self.module, self.name + "_orig"):
+            return getattr(self.module, self.name + "_orig") * getattr(self.module, self.name + "_mask")
+        return getattr(self.module, self.name)
 
     @property
     def stored(self) -> nn.Parameter:
         """The parameter that holds the values: ``weight_orig`` under torch prune, else ``weight``."""
-        return self.module.weight_orig if hasattr(self.module, "weight_orig") else self.module.weight
+        stored = getattr(self.module, self.name + "_orig", None)
+        return getattr(self.module, self.name) if stored is None else stored
 
     @property
     def stored_name(self) -> str:
         """FQN of :attr:`stored` in ``model.named_parameters()``."""
-        leaf = "weight_orig" if hasattr(self.module, "weight_orig") else "weight"
+        leaf = self.name + "_orig" if hasattr(self.module, self.name + "_orig") else self.name
         return f"{self.fqn}.{leaf}" if self.fqn else leaf
 
 
@@ -67,45 +78,79 @@ def find_targets(
     skip_first: bool = False,
     skip_classifier: bool = False,
     example_inputs: Any = None,
+    include_tied: bool = False,
 ) -> list[Target]:
     """Prunable layers of ``model`` in execution order (registration order without inputs).
 
     Args:
         model: any module.
         select: ``filter_fn(module, fqn) -> bool`` or FQN strings / ``re:`` patterns.
-        skip_first: leave the first conv/linear layer dense.
-        skip_classifier: leave the last conv/linear layer (the classifier) dense.
+        skip_first: leave the first conv/linear layer that runs dense.
+        skip_classifier: leave the classifier dense: the last conv/linear layer that runs.
         example_inputs: one batch; when given, "first" and "last" follow execution order.
+        include_tied: also prune weights shared with other modules (tied embeddings).
 
     Raises:
         PruneError: when no layer is left to prune.
+
+    >>> emb, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    >>> head.weight = emb.weight                       # tied, as GPT-2's lm_head
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as w:
+    ...     warnings.simplefilter("always")
+    ...     names = [t.fqn for t in find_targets(nn.ModuleDict({"emb": emb, "head": head, "fc": nn.Linear(4, 4)}))]
+    >>> names, "tied" in str(w[0].message)
+    (['fc'], True)
     """
-    layers = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, PRODUCER_TYPES)]
+    layers = [(fqn, m, "in_proj_weight" if is_packed_attention(m) else "weight") for fqn, m in model.named_modules()
+              if is_producer(m) or is_packed_attention(m)]
+    ran: list[str] = [fqn for fqn, *_ in layers]
     if example_inputs is not None and layers:
-        order: dict[str, int] = {}
-        for fqn, module, _, _ in trace_calls(model, example_inputs):
-            if isinstance(module, PRODUCER_TYPES):
-                order.setdefault(fqn, len(order))
+        order = {fqn: i for i, fqn in enumerate(executed_producers(trace_calls(model, example_inputs)))}
         layers.sort(key=lambda item: order.get(item[0], len(order)))
-    if skip_first and layers:
-        layers = layers[1:]
-    if skip_classifier and layers:
-        layers = layers[:-1]
+        ran = [fqn for fqn, *_ in layers if fqn in order]
+    dropped = set(ran[:1] if skip_first else []) | set(ran[-1:] if skip_classifier else [])
+    layers = [item for item in layers if item[0] not in dropped]
     filter_fn = make_filter(select)
     if filter_fn is not None:
-        layers = [(fqn, m) for fqn, m in layers if filter_fn(m, fqn)]
-    targets = [Target(fqn, m, _weight_numel(m)) for fqn, m in layers if _weight_numel(m) > 0]
+        layers = [item for item in layers if filter_fn(item[1], item[0])]
+    if not include_tied:
+        layers = _drop_tied(model, layers)
+    targets = [Target(fqn, m, _weight_numel(m, name), name) for fqn, m, name in layers if _weight_numel(m, name) > 0]
     if not targets:
         what = "after skip_first/skip_classifier/select " if (skip_first or skip_classifier or select) else ""
         raise PruneError(
-            f"the model has no prunable layer {what}(pruning needs conv or linear weights): "
+            f"the model has no prunable layer {what}(pruning needs conv, linear or attention weights): "
             "check the model and the layer selection"
         )
     return targets
 
 
-def _weight_numel(module: nn.Module) -> int:
-    weight = module.weight_orig if hasattr(module, "weight_orig") else getattr(module, "weight", None)
+def _drop_tied(model: nn.Module, layers: list[tuple[str, nn.Module, str]]) -> list[tuple[str, nn.Module, str]]:
+    """``layers`` without those whose weight parameter another module also holds, with a warning."""
+    owners: dict[int, list[str]] = {}
+    for fqn, module in model.named_modules(remove_duplicate=False):
+        for name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append(f"{fqn}.{name}" if fqn else name)
+    kept, tied = [], []
+    for fqn, module, name in layers:
+        stored = getattr(module, name + "_orig", None)
+        stored = getattr(module, name, None) if stored is None else stored
+        holders = sorted(set(owners.get(id(stored), [])))
+        if len(holders) > 1:
+            tied.append(f"{' = '.join(holders)}")
+        else:
+            kept.append((fqn, module, name))
+    if tied:
+        warnings.warn(f"not pruning {len(tied)} tied weight(s) shared between modules ({'; '.join(tied)}): pruning "
+                      "them would also prune the other module (e.g. the token embedding); pass include_tied=True "
+                      "to prune them anyway", stacklevel=3)
+    return kept
+
+
+def _weight_numel(module: nn.Module, name: str = "weight") -> int:
+    weight = getattr(module, name + "_orig", None)
+    weight = getattr(module, name, None) if weight is None else weight
     return int(weight.numel()) if isinstance(weight, torch.Tensor) else 0
 
 

@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fisher import LossFn, Progress, gradient_chunks, labeled_data
+from ..engine import distributed
+from .fisher import LossFn, Progress, gradient_chunks, labeled_data, local_share
 from .targets import PruneError, Target, effective_weights
 
 GIB = 2**30
@@ -159,12 +160,19 @@ def inverse_fisher(
         rank: gradients folded in per update (1 = plain Sherman-Morrison rank-1 updates).
         dtype: precision of the blocks (float64 for exact checks).
         max_memory_gb: refuse (before allocating) when the blocks would need more.
+
+    Under ``torch.distributed`` each rank computes the gradients of its shard of the
+    data (its share of ``num_grads``) and the chunks are all-gathered in rank order, so
+    every rank runs the same Woodbury updates (``rank * world_size`` gradients at a time)
+    and holds the same inverse: the gradients are split, the inverse is not (the
+    Woodbury sequence is sequential). Equal to the one-process result up to rounding
+    when every sample is used once; use ``dtype=torch.float64`` to compare.
     """
     if not (damp > 0 and math.isfinite(damp)):
         raise PruneError(f"WoodFisher damping must be a positive number, got {damp}")
     if rank < 1:
         raise PruneError(f"WoodFisher update rank must be at least 1, got {rank}")
-    check_woodfisher_memory(targets, block_size, dtype, rank, max_memory_gb)
+    check_woodfisher_memory(targets, block_size, dtype, rank * distributed.world_size(), max_memory_gb)
     device = targets[0].stored.device
     layout = woodfisher_layout(targets, block_size)
     num_blocks = sum(nb for _, nb, _ in layout.values())
@@ -172,11 +180,26 @@ def inverse_fisher(
     inv = InverseFisher(blocks, layout, 0, damp)
     x, _ = labeled_data(data, "woodfisher")
     n = float(num_grads if num_grads is not None else len(x) // group_size)
-    for grads in gradient_chunks(model, targets, data, num_grads=num_grads, group_size=group_size, chunk=rank,
-                                 seed=seed, loss_fn=loss_fn, progress=progress, method="woodfisher"):
-        g = _grad_blocks(grads, layout, block_size, dtype)
-        _woodbury_(blocks, g, n)
-        inv.num_grads += g.shape[-1]
+    local = local_share(num_grads)
+    chunks = gradient_chunks(model, targets, data, num_grads=local, group_size=group_size, chunk=rank,
+                             seed=seed, loss_fn=loss_fn, progress=progress, method="woodfisher")
+    if not distributed.is_distributed():
+        for grads in chunks:
+            g = _grad_blocks(grads, layout, block_size, dtype)
+            _woodbury_(blocks, g, n)
+            inv.num_grads += g.shape[-1]
+        return inv
+    mine = local if local is not None else len(x) // group_size
+    if num_grads is None:
+        n = distributed.all_reduce_sum_(torch.tensor([float(mine)], dtype=torch.float64)).item()
+    for _ in range(int(distributed.all_reduce_max(float(-(-mine // rank))))):  # lockstep, zero-padded
+        grads = next(chunks, None)
+        g = blocks.new_zeros(num_blocks, block_size, rank)
+        if grads is not None:
+            mine_g = _grad_blocks(grads, layout, block_size, dtype)
+            g[..., :mine_g.shape[-1]] = mine_g
+        _woodbury_(blocks, distributed.all_gather_cat(g, dim=-1), n)  # zero columns change nothing
+    inv.num_grads = int(n)
     return inv
 
 

@@ -1,0 +1,281 @@
+"""Reconstruction: rebuild each layer's output from the weights that remain (DESIGN.md sec. 7).
+
+:func:`reconstruct_` solves, per conv/linear layer in execution order, a ridge least-squares
+problem for every output row over its NONZERO weights (plus the bias): the input is what the
+operated model feeds the layer with all upstream layers already reconstructed, the target is
+the reference model's output of the same layer on the same samples. Zeros stay exactly zero;
+state_dict keys, shapes and dtypes are unchanged.
+
+Example:
+    >>> import copy, torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> reference = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).double()
+    >>> model = copy.deepcopy(reference)
+    >>> with torch.no_grad():
+    ...     _ = model[0].weight.mul_(torch.rand(32, 8, dtype=torch.float64) > 0.7)   # prune ~70%
+    >>> x = torch.randn(256, 8, dtype=torch.float64)
+    >>> report = reconstruct_(model, reference, x)
+    >>> [layer.fqn for layer in report.layers]
+    ['0', '2']
+    >>> report.layers[1].error_after < report.layers[1].error_before
+    True
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ._forward import ForwardFn, as_batches, head
+from ._layerwise import ReferenceOutputs, layerwise_
+from .gram import DEFAULT_MAX_GRAM_BYTES, GRAM_TYPES, Gram, check_gram_memory
+from .ridge import masked_ridge
+from .sites import PRODUCER_TYPES, Selector, make_filter, sites_from_calls, trace_calls
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class LayerReconstruction:
+    """One reconstructed layer.
+
+    ``rows``: rows of X (samples x positions); ``d_in``: weights per output row (per group);
+    ``max_support``: most nonzero weights of a row; ``damping``: largest relative damping
+    used (raised above the requested one where a factorization failed); ``error_*``:
+    ``||Y - Y_hat|| / ||Y||`` toward the target before and after; ``intercept``: where the
+    intercept went: ``"bias"``, ``"batchnorm"`` (running_mean of the BatchNorm that follows),
+    ``"absorbed"`` (a BatchNorm on batch statistics removes it) or ``"none"`` (solved
+    without one: the layer has no bias and no BatchNorm follows).
+    """
+
+    fqn: str
+    rows: int
+    d_in: int
+    max_support: int
+    damping: float
+    error_before: float
+    error_after: float
+    intercept: str
+    groups: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ReconstructReport:
+    """Result of :func:`reconstruct_`."""
+
+    layers: list[LayerReconstruction]
+    seconds: float
+    passes: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": [layer.to_dict() for layer in self.layers], "seconds": self.seconds,
+                "passes": dict(self.passes), "skipped": dict(self.skipped)}
+
+
+def reconstruct_(
+    model: nn.Module,
+    reference: nn.Module,
+    data: Any,
+    *,
+    select: Selector = None,
+    damping: float = 1e-2,
+    kept: dict[str, torch.Tensor] | None = None,
+    forward_fn: ForwardFn | None = None,
+    max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES,
+    reference_cache_bytes: int = 2**30,
+    progress: Progress | None = None,
+) -> ReconstructReport:
+    """Reconstruct every conv/linear layer of ``model`` toward ``reference``, in place.
+
+    Args:
+        model: the operated network (pruned); its zeros (or ``weight_mask`` under
+            ``torch.nn.utils.prune``, whose ``weight_orig`` then takes the solution) are kept.
+        reference: the unoperated network of the same architecture (not ``model`` itself).
+        data: calibration data: one batch, or a list of batches (they accumulate).
+        select: layers to reconstruct (``filter_fn(module, fqn)``, FQNs or ``re:``
+            patterns); default: every Conv1d/Conv2d/Linear layer, the classifier included.
+        damping: ridge ``lambda`` relative to the mean diagonal of the layer's Gram matrix.
+        kept: layer FQN -> indices of the reference's output channels the (structurally
+            pruned) layer kept; the layer is fitted to those channels of the reference.
+        forward_fn: ``forward_fn(model, batch)`` for batches that are not plain tensors.
+        max_gram_bytes: refuse layers whose float64 Gram statistics need more memory.
+        reference_cache_bytes: memory for reference outputs cached between passes.
+        progress: ``progress(done, total)`` after each layer.
+
+    Memory: ``O(d_in^2 + d_in * d_out)`` per layer (one layer at a time), never
+    ``O(N * d_in)``: im2col patches are unfolded a chunk of samples at a time.
+    Cost: one trace pass; with ONE calibration batch, one pass of ``model`` (each layer is
+    solved in a hook before it computes) and one of ``reference`` (its layer outputs cached
+    up to ``reference_cache_bytes``; a prefix pass refills the cache past that); with B
+    batches, one prefix pass of ``model`` per layer and batch. Plus, per layer, the Gram
+    accumulation (``rows * d_in^2``) and the masked solves (about ``rows_out * |S|^3 / 3``).
+
+    Raises:
+        ValueError: no conv/linear layer, a reference of another architecture,
+            non-finite weights, or a layer over ``max_gram_bytes``.
+    """
+    start = time.perf_counter()
+    if reference is model:
+        raise ValueError("the reference must be a separate copy of the unoperated model, not the model itself")
+    batches, kept = as_batches(data), dict(kept or {})
+    for net, what in ((model, "the model"), (reference, "the reference")):
+        _check_finite(net, what)
+    calls = trace_calls(model, head(batches[0], 2), forward_fn=forward_fn)
+    layers, skipped = _layers(calls, select)
+    _check_architecture(layers, reference, kept)
+    for fqn, module in layers:
+        check_gram_memory(module, fqn, max_gram_bytes)
+    norms = {s.producer: s.norm for s in sites_from_calls(calls, include_classifier=True)}
+    modules = dict(model.named_modules())
+    targets = ReferenceOutputs(reference, batches, [f for f, _ in layers], kept=kept, forward_fn=forward_fn,
+                               max_bytes=reference_cache_bytes)
+    reports: list[LayerReconstruction] = []
+
+    def step(i: int, gram: Gram) -> None:
+        fqn, module = layers[i]
+        norm = modules.get(norms.get(fqn) or "", None)
+        reports.append(_solve_layer(fqn, module, gram, norm if isinstance(norm, _BatchNorm) else None, damping))
+        if progress is not None:
+            progress(i + 1, len(layers))
+
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        passes = layerwise_(model, batches, layers, step=step, target=targets, forward_fn=forward_fn,
+                            max_gram_bytes=max_gram_bytes)
+    except BaseException:
+        model.load_state_dict(saved)
+        raise
+    thin = [r for r in reports if r.rows < r.max_support]
+    if thin:
+        worst = max(thin, key=lambda r: r.max_support - r.rows)
+        warnings.warn(
+            f"reconstruction is under-determined in {len(thin)} layer(s): layer '{worst.fqn}' has {worst.rows} "
+            f"calibration rows (samples x positions) for up to {worst.max_support} weights per output, so the "
+            "damping decides part of the solution: use more calibration samples", stacklevel=2)
+    return ReconstructReport(reports, time.perf_counter() - start,
+                             {"trace": 1, "model": passes, "reference": targets.passes}, skipped)
+
+
+def _solve_layer(fqn: str, module: nn.Module, gram: Gram, bn: _BatchNorm | None, damping: float) -> LayerReconstruction:
+    check_gram(gram)
+    intercept = intercept_kind(module, bn)
+    fit = intercept != "none"
+    current, mask = current_rows(module, gram, fit)
+    G, C = (gram.G, gram.C) if fit else (gram.G[:, :-1, :-1], gram.C[:, :-1])
+    sol = masked_ridge(G, C, mask, damping=damping, intercept=fit)
+    before, after = gram.relative_error(current, intercept=fit), gram.relative_error(sol.weight, intercept=fit)
+    write_rows_(module, bn, intercept, sol.weight)
+    return LayerReconstruction(fqn, gram.rows, gram.d_in, int(mask.sum(-1).max()), sol.damping, float(before),
+                               float(after), intercept, gram.groups)
+
+
+def check_gram(gram: Gram) -> None:
+    """``ValueError`` naming the layer when its statistics hold NaN/Inf."""
+    if not gram.is_finite():
+        raise ValueError(f"the inputs or targets of layer '{gram.name}' hold NaN/Inf on the calibration data: "
+                         "check the data and the upstream layers")
+
+
+def intercept_kind(module: nn.Module, bn: _BatchNorm | None) -> str:
+    """Where a layer's intercept goes: ``bias``, ``batchnorm``, ``absorbed`` or ``none``."""
+    if module.bias is not None:
+        return "bias"
+    if bn is not None:
+        return "batchnorm" if bn.running_mean is not None else "absorbed"
+    return "none"
+
+
+def current_rows(module: nn.Module, gram: Gram, intercept: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's effective weights as ``(groups, out/groups, d_in [+1 bias])`` float64, and its
+    keep-mask ``(groups, out/groups, d_in)`` (``weight_mask`` under torch prune, else the nonzeros)."""
+    g, d, out = gram.groups, gram.d_in, gram.out
+    reparam = hasattr(module, "weight_orig")
+    stored = module.weight_orig if reparam else module.weight
+    mask = ((module.weight_mask != 0) if reparam else (stored != 0)).reshape(g, out // g, d)
+    current = (stored.detach().reshape(g, out // g, d) * mask).to(torch.float64)
+    if intercept:
+        b = module.bias.detach().to(torch.float64) if module.bias is not None else current.new_zeros(out)
+        current = torch.cat([current, b.reshape(g, out // g, 1)], 2)
+    return current, mask
+
+
+def write_rows_(module: nn.Module, bn: _BatchNorm | None, intercept: str, rows: torch.Tensor) -> None:
+    """Write solved rows (``(groups, out/groups, d_in [+1])``, bias last) into the layer, in place:
+    ``weight_orig`` only where ``weight_mask`` keeps under torch prune; the intercept into the bias,
+    or subtracted from the running_mean of the BatchNorm that follows."""
+    reparam = hasattr(module, "weight_orig")
+    stored = module.weight_orig if reparam else module.weight
+    d = stored[0].numel()
+    with torch.no_grad():
+        new_w = rows[..., :d].reshape(stored.shape).to(stored.dtype)
+        stored.copy_(torch.where(module.weight_mask != 0, new_w, stored) if reparam else new_w)
+        if intercept in ("bias", "batchnorm"):
+            shift = rows[..., d].reshape(-1)
+            if intercept == "bias":
+                module.bias.copy_(shift.to(module.bias.dtype))
+            else:
+                bn.running_mean.sub_(shift.to(bn.running_mean.dtype))
+
+
+def _layers(calls, select: Selector) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
+    """Conv/linear layers in execution order, and the ones left out with the reason."""
+    filter_fn = make_filter(select)
+    counts: dict[str, int] = {}
+    for fqn, module, *_ in calls:
+        counts[fqn] = counts.get(fqn, 0) + 1
+    layers, skipped, seen = [], {}, set()
+    for fqn, module, *_ in calls:
+        if not isinstance(module, PRODUCER_TYPES) or fqn in seen:
+            continue
+        seen.add(fqn)
+        if filter_fn is not None and not filter_fn(module, fqn):
+            continue
+        if not isinstance(module, GRAM_TYPES):
+            skipped[fqn] = f"{type(module).__name__} layers are not reconstructed"
+        elif counts[fqn] > 1:
+            skipped[fqn] = "called more than once per forward (shared weights)"
+        else:
+            layers.append((fqn, module))
+    if not layers:
+        raise ValueError("found no conv/linear layer to reconstruct (Conv1d, Conv2d or Linear, called once per "
+                         "forward" + (", among the selected layers)" if select is not None else ")"))
+    return layers, skipped
+
+
+def _check_architecture(layers, reference: nn.Module, kept: dict[str, torch.Tensor]) -> None:
+    ref = dict(reference.named_modules())
+    for fqn, module in layers:
+        other = ref.get(fqn)
+        if other is None or type(other) is not type(module):
+            found = "no such layer" if other is None else f"a {type(other).__name__}"
+            raise ValueError(f"the reference does not match the model: layer '{fqn}' is a {type(module).__name__} "
+                             f"in the model but {found} in the reference")
+        w = module.weight_orig if hasattr(module, "weight_orig") else module.weight
+        w_ref = other.weight_orig if hasattr(other, "weight_orig") else other.weight
+        if fqn in kept:
+            idx = kept[fqn]
+            if len(idx) != w.shape[0] or (len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= w_ref.shape[0])):
+                raise ValueError(f"kept['{fqn}'] has {len(idx)} channel indices for a layer with {w.shape[0]} outputs "
+                                 f"(the reference has {w_ref.shape[0]}): give one reference index per kept output")
+        elif (w.shape != w_ref.shape) if not kept else (w.shape[0] != w_ref.shape[0]):
+            raise ValueError(f"the reference does not match the model: layer '{fqn}' has weight shape {list(w.shape)} "
+                             f"in the model but {list(w_ref.shape)} in the reference")
+
+
+def _check_finite(model: nn.Module, what: str) -> None:
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float64)))]
+    if bad:
+        raise ValueError(f"{what} holds NaN/Inf in {', '.join(bad[:5])}: reconstruction needs finite weights")
