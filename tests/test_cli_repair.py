@@ -116,3 +116,24 @@ def test_existing_out_needs_force(pruned_ckpt, tmp_path):
     assert result.exit_code == 2 and "--force" in result.output and out.read_bytes() == b"keep me"
     assert run("repair", *base_args(pruned_ckpt, out), "--force").exit_code == 0
     assert out.read_bytes() != b"keep me"
+
+
+def test_reconstruct_a_checkpoint_pruned_elsewhere(pruned_ckpt, tmp_path):
+    """torch.nn.utils.prune masks (90%) of the zoo CNN: the zeros are kept, accuracy rises."""
+    out, report = tmp_path / "out.pt", tmp_path / "report.json"
+    result = run("repair", pruned_ckpt, "--reference", "zoo:mnist-cnn", "--data", "mnist:test", "--calib-size", 512,
+                 "--repair", "reconstruct", "--out", out, "--report", report)
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["after"]["acc"] > data["before"]["acc"] and data["repair"] == "reconstruct"
+    assert [layer["fqn"] for layer in data["reconstruct"]["layers"]] == ["features.conv1", "features.conv2", "classifier"]
+    saved = torch.load(pruned_ckpt, weights_only=True)
+    state = torch.load(out, weights_only=True)
+    for key in ("features.conv1", "features.conv2", "classifier"):
+        assert torch.equal(state[f"{key}.weight"] == 0, saved[f"{key}.weight_mask"] == 0), key
+
+
+def test_merge_refuses_reconstruct(tmp_path):
+    result = run("merge", "zoo:mnist-mlp6-a", "zoo:mnist-mlp6-b", "--data", "mnist:test", "--repair", "reconstruct",
+                 "--out", tmp_path / "m.pt")
+    assert result.exit_code == 2 and "'--repair': 'reconstruct' is not one of" in result.output

@@ -33,7 +33,8 @@ def test_several_sparsities_report_and_output(tmp_path):
     assert set(data["dense"]) == {"acc", "loss"}
     assert [r["sparsity"] for r in data["results"]] == [0.5, 0.9, 0.95]
     for row in data["results"]:
-        assert set(row) == ROW_KEYS
+        assert ROW_KEYS <= set(row) <= ROW_KEYS | {"sites", "reconstruct"}
+        assert {"fqn", "mode", "channels"} <= set(row["sites"][0])
         assert set(row["seconds"]) == {"prune", "repair"}
         assert abs(row["achieved_sparsity"] - row["sparsity"]) < 1e-4
         assert 0 <= row["acc_pruned"] <= 1 and 0 <= row["acc_repaired"] <= 1
@@ -92,3 +93,31 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, case):
     assert len(result.output.strip().splitlines()) == 1, result.output
     assert re.search(message, result.output), result.output
     assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+
+
+def test_reconstruct_mode_and_obs_method(tmp_path):
+    """95% on the zoo MLP, 1024 calibration samples by default for the reconstruct family.
+    Measured: pruned 0.799 -> reconstruct 0.964; obs 0.951 (all of mnist:test, 2 threads)."""
+    report = tmp_path / "r.json"
+    result = run("zoo:mnist-mlp", "--data", "mnist:test", "--sparsity", "0.95", "--repair", "reconstruct",
+                 "--out", tmp_path / "a.pt", "--report", report)
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    row = data["results"][0]
+    assert data["repair"] == "reconstruct" and data["damping"] == 0.01
+    assert row["acc_repaired"] > row["acc_pruned"] + 0.05, row
+    assert {"fqn", "error_before", "error_after"} <= set(row["reconstruct"]["layers"][0])
+    assert all(layer["error_after"] <= layer["error_before"] for layer in row["reconstruct"]["layers"])
+    assert abs(row["achieved_sparsity"] - 0.95) < 1e-3  # zeros stay zeros, no new ones
+
+    report = tmp_path / "o.json"
+    result = run("zoo:mnist-mlp", "--data", "mnist:test", "--sparsity", "0.95", "--method", "obs",
+                 "--repair", "none", "--out", tmp_path / "o.pt", "--report", report)
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    row = data["results"][0]
+    assert data["calib_size"] == 1024 and data["allocation"] == "global"
+    assert abs(row["achieved_sparsity"] - 0.95) < 1e-3 and row["acc_pruned"] > 0.85, row
+    # error_before is the dense layer's own error on the pruned-upstream inputs; pruning adds to it
+    assert [layer["fqn"] for layer in row["prune_layers"]] == ["features.fc1", "features.fc2", "classifier"]
+    assert all(0 <= layer["error_after"] < 1 for layer in row["prune_layers"])

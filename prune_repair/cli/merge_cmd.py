@@ -18,7 +18,7 @@ from ..merge import Align, barrier_curve, check_alpha, check_same_architecture, 
 from ..merge.barrier import BarrierCurve, CurvePoint, alpha_grid, plot_curve, require_matplotlib
 from ..engine.renorm import RepairMode, Variant
 from .main import main
-from .common import (check_fits, check_outputs, common_options, console, handle_errors, load_data, metrics_table,
+from .common import (calib_size_for, check_fits, check_outputs, common_options, console, handle_errors, load_data, metrics_table,
                      progress, resolve_device, write_report)
 
 MERGE_REPAIRS = [m.value for m in (RepairMode.AUTO, RepairMode.REPAIR, RepairMode.RESCALE, RepairMode.RESCALE_LAYER,
@@ -96,6 +96,7 @@ def merge_command(checkpoints, arch, arch_kwargs, data, eval_data, calib_size, s
     check_same_architecture([_raw_state(c) for c in checkpoints], checkpoints)
     arch, arch_kwargs = resolve_arch(checkpoints, arch, arch_kwargs)
     models = [load_model(c, arch, arch_kwargs).to(dev) for c in checkpoints]
+    calib_size = calib_size_for(calib_size, mode)
     d = load_data(data, eval_data, calib_size, seed, dev)
     check_fits(models[0], d.calib_x)
 

@@ -9,11 +9,14 @@ from ..io.data import calibration_batch, load_dataset
 from ..io import load_model, resolve_arch, save_state_dict
 from ..prune.pipeline import PruneRun, parse_sparsities, prune_and_repair
 from ..prune.methods import DEFAULT_FISHER_SAMPLES, FisherOptions, PruneMethod
+from ..prune.obs import ObsOptions
 from ..engine.renorm import RepairMode
 from ..engine.checks import check_finite
 from ..engine.distributed import shard
 from .main import main
 from .common import (
+    calib_size_for,
+    damping_option,
     check_fits,
     check_outputs,
     common_options,
@@ -47,14 +50,18 @@ from .common import (
 @click.option("--damp", default=1e-5, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="woodfisher: damping of the Fisher diagonal.")
 @click.option("--block-size", default=128, show_default=True, type=click.IntRange(min=1),
-              help="woodfisher: weights per inverse-Fisher block (memory: block-size floats per weight).")
+              help="woodfisher: weights per inverse-Fisher block (memory: block-size floats per weight); "
+                   "obs: columns per lazy-update block.")
 @click.option("--obs-update", is_flag=True, help="woodfisher: move the kept weights by the OBS update.")
 @click.option("--max-memory-gb", default=4.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="woodfisher: refuse block sizes needing more memory than this.")
+@click.option("--allocation", default="global", show_default=True, type=click.Choice(["global", "uniform"]),
+              help="obs: per-layer sparsities from one global magnitude threshold, or the same in every layer.")
+@damping_option
 @handle_errors
 def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, device, out, report, force, sparsity,
                   method, mode, skip_first, skip_classifier, layers, include_classifier, fisher_samples,
-                  fisher_batch, damp, block_size, obs_update, max_memory_gb) -> None:
+                  fisher_batch, damp, block_size, obs_update, max_memory_gb, allocation, damping) -> None:
     """Prune CKPT (a path or zoo:NAME) at each --sparsity, repair toward its statistics, evaluate.
 
     \b
@@ -69,9 +76,10 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
     arch, arch_kwargs = resolve_arch([ckpt], arch, arch_kwargs)
     model = load_model(ckpt, arch, arch_kwargs).to(dev)
     check_finite(model)
+    method = PruneMethod.parse(method, "pruning method")
+    calib_size = calib_size_for(calib_size, "reconstruct" if method.reconstructs else mode)
     d = load_data(data, eval_data, calib_size, seed, dev)
     check_fits(model, d.calib_x)
-    method = PruneMethod.parse(method, "pruning method")
     options = FisherOptions(num_grads=fisher_samples, group_size=fisher_batch, damp=damp, block_size=block_size,
                             obs_update=obs_update, max_memory_gb=max_memory_gb, seed=seed)
     fisher_data = None
@@ -89,10 +97,18 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
             fisher_data=fisher_data, options=options, select=list(layers) or None, skip_first=skip_first,
             skip_classifier=skip_classifier, include_classifier=include_classifier,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
+            obs=ObsOptions(allocation=allocation, damping=damping, block_size=block_size),
+            reconstruct_options={"damping": damping} if RepairMode.parse(mode, "correction").reconstructs else None,
         )
     save_state_dict(run.model, out)
-    write_report(report, {**run.to_report(), "calib_size": calib_size, "seed": seed, "eval_data": d.eval_name,
-                          "fisher": _fisher_settings(method, options)})
+    settings = {"calib_size": calib_size, "seed": seed, "eval_data": d.eval_name, "skip_first": skip_first,
+                "skip_classifier": skip_classifier, "include_classifier": include_classifier,
+                "layers": list(layers) or None}
+    if method.reconstructs or RepairMode.parse(mode, "correction").reconstructs:
+        settings["damping"] = damping
+    if method.reconstructs:
+        settings.update(allocation=allocation, block_size=block_size)
+    write_report(report, {**run.to_report(), **settings, "fisher": _fisher_settings(method, options)})
     console.print(_table(run, d.eval_name, len(d.eval_y), out))
 
 

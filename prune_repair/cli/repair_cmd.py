@@ -14,6 +14,8 @@ from ..engine.repair import repair_
 from ..engine.stats import collect_stats
 from .main import main
 from .common import (
+    calib_size_for,
+    damping_option,
     check_fits,
     check_outputs,
     common_options,
@@ -38,9 +40,10 @@ REPAIR_CHOICES = [m.value for m in RepairMode if m is not RepairMode.NONE]
 @click.option("--variant", default="exact", show_default=True, type=click.Choice([Variant.EXACT.value, Variant.ALL_AT_ONCE.value]),
               help="exact: each site measured with upstream corrections applied (one pass).")
 @click.option("--include-classifier", is_flag=True, help="also correct the final classifier's logits.")
+@damping_option
 @handle_errors
 def repair_command(pruned, reference, arch, arch_kwargs, data, eval_data, calib_size, seed, device, out, report,
-                   force, mode, variant, include_classifier) -> None:
+                   force, mode, variant, include_classifier, damping) -> None:
     """Repair PRUNED (a checkpoint pruned elsewhere) toward the statistics of --reference.
 
     Checkpoints saved with torch.nn.utils.prune masks (weight_orig/weight_mask) are
@@ -60,21 +63,30 @@ def repair_command(pruned, reference, arch, arch_kwargs, data, eval_data, calib_
             check_finite(m)
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
+    calib_size = calib_size_for(calib_size, mode)
+    reconstructs = RepairMode.parse(mode, "correction").reconstructs
     d = load_data(data, eval_data, calib_size, seed, dev)
     check_fits(ref_model, d.calib_x)
 
     metrics = {"reference": evaluate(ref_model, d.eval_x, d.eval_y), "before": evaluate(model, d.eval_x, d.eval_y)}
     start = time.perf_counter()
-    goal = collect_stats(ref_model, d.calib_x, include_classifier=include_classifier)
-    result = repair_(model, goal, d.calib_x, repair=mode, variant=variant)
+    if reconstructs:  # the layers are refitted to the reference's outputs (its zeros mask kept)
+        result = repair_(model, ref_model, d.calib_x, repair=mode, variant=variant, damping=damping)
+    else:
+        goal = collect_stats(ref_model, d.calib_x, include_classifier=include_classifier)
+        result = repair_(model, goal, d.calib_x, repair=mode, variant=variant)
     seconds = time.perf_counter() - start
     metrics["after"] = evaluate(model, d.eval_x, d.eval_y)
 
     save_state_dict(model, out)
-    write_report(report, {**metrics, "seconds": {"repair": seconds}, "sites": result.to_dict()["sites"],
+    details = result.to_dict()
+    write_report(report, {**metrics, "seconds": {"repair": seconds}, "sites": details["sites"],
+                          **({"reconstruct": details["reconstruct"], "damping": damping} if reconstructs else {}),
+                          "repair": mode, "variant": variant, "include_classifier": include_classifier,
                           "calib_size": calib_size, "seed": seed, "eval_data": d.eval_name})
     console.print(metrics_table(
-        f"repair ({mode}, {len(result.sites)} sites, {seconds:.2f} s)",
+        f"repair ({mode}, {len(details.get('reconstruct', {}).get('layers', [])) or len(result.sites)} "
+        f"{'layers' if reconstructs and mode == 'reconstruct' else 'sites'}, {seconds:.2f} s)",
         [("reference", metrics["reference"]), ("before repair", metrics["before"]), ("after repair", metrics["after"])],
         caption=f"evaluated on {d.eval_name} ({len(d.eval_y)} samples); written to {out}",
     ))

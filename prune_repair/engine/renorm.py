@@ -30,7 +30,15 @@ class RepairMode(MethodEnum):
     RESCALE_LAYER = "rescale-layer", "like rescale, goal std averaged over the layer (ablation)", "Qu & Horvath 2024"
     RESHIFT = "reshift", "x - mean_now + goal_mean (ablation)", "Qu & Horvath 2024"
     RESET = "reset", "recompute BatchNorm running statistics", "Jordan et al. 2022, sec. 5"
+    RECONSTRUCT = ("reconstruct", "least-squares refit of each layer's remaining weights to the reference's "
+                   "outputs (zeros kept)", "OBC / AdaPrune layer-wise reconstruction; DESIGN.md sec. 7")
+    RECONSTRUCT_REPAIR = "reconstruct+repair", "reconstruct, then the statistics correction of auto on top"
     NONE = "none", "measure nothing, change nothing"
+
+    @property
+    def reconstructs(self) -> bool:
+        """Whether the mode refits weights (it needs the reference MODEL, not only its statistics)."""
+        return self in (RepairMode.RECONSTRUCT, RepairMode.RECONSTRUCT_REPAIR)
 
 
 class Variant(MethodEnum):

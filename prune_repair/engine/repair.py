@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 import warnings
 from typing import Any
@@ -37,6 +38,7 @@ from .producers import out_channels as producer_out_channels, site_owner
 from .fuse import Correction, can_shift, fold_correction_
 from .renorm import ChannelAffine, RepairMode, Variant, channel_affine, site_mode
 from .sites import Site
+from .reconstruct import reconstruct_
 from .report import RepairReport, SiteReport
 from .stats import ActivationStats, ChannelStats, collect_stats
 from .taps import SiteTaps
@@ -182,7 +184,7 @@ def _hooks(plans: list[_SitePlan], measuring: set, inline: bool, applying: set, 
 
 def repair_(
     model: nn.Module,
-    reference: ActivationStats,
+    reference: ActivationStats | nn.Module,
     data: Any,
     *,
     repair: RepairMode | str = RepairMode.AUTO,
@@ -190,13 +192,16 @@ def repair_(
     forward_fn: ForwardFn | None = None,
     add_bias: bool = False,
     mode: RepairMode | str | None = None,
+    **reconstruct_options: Any,
 ) -> RepairReport:
     """Correct ``model`` in place so its site statistics match ``reference``, and fold.
 
     Args:
         model: the operated network (pruned, merged, ...), same sites as the reference.
         reference: goal statistics: :func:`collect_stats` of the unpruned model, or
-            ``stats_a.interpolate(stats_b, alpha)`` for a merge.
+            ``stats_a.interpolate(stats_b, alpha)`` for a merge; or the unpruned model
+            itself (its statistics are then collected on ``data``). The ``reconstruct``
+            modes need the model.
         data: calibration data (one batch = one pass; several batches are exact too,
             with one pass per site).
         repair: a :class:`RepairMode` (``auto`` resets BatchNorm sites and repairs others).
@@ -205,6 +210,10 @@ def repair_(
         add_bias: give layers without bias a bias to hold the shift (changes state_dict
             keys); by default such sites get the scale only, reported as ``shift_dropped``.
         mode: deprecated name of ``repair``.
+        reconstruct_options: for the ``reconstruct`` modes, keywords of
+            :func:`~prune_repair.engine.reconstruct.reconstruct_` (``damping``, ``select``,
+            ``kept``, ``max_gram_bytes``, ``progress``); its report is under
+            ``report.extra["reconstruct"]``.
 
     Returns:
         a :class:`RepairReport`; the model keeps its train/eval mode. Sites that were not
@@ -227,6 +236,13 @@ def repair_(
         warnings.warn("repair_(mode=...) is renamed repair_(repair=...)", DeprecationWarning, stacklevel=2)
         repair = mode
     mode, variant = RepairMode.parse(repair, "correction"), Variant.parse(variant, "variant")
+    if mode.reconstructs:
+        return _reconstruct_then_repair_(model, reference, data, mode, variant, forward_fn, add_bias,
+                                         reconstruct_options)
+    if reconstruct_options:
+        raise TypeError(f"repair_() got {', '.join(sorted(reconstruct_options))}, which only the reconstruct modes take")
+    if isinstance(reference, nn.Module):
+        reference = collect_stats(reference, data, forward_fn=forward_fn)
     if variant is Variant.CLOSED_FORM:
         raise ValueError("the closed-form variant predicts merged statistics from the endpoints: "
                          "it applies to merging only (prepare_merge(...).merged(variant='closed-form'))")
@@ -294,6 +310,25 @@ def repair_(
     return report
 
 
+def _reconstruct_then_repair_(model: nn.Module, reference: Any, data: Any, mode: RepairMode, variant: Variant,
+                              forward_fn: ForwardFn | None, add_bias: bool, options: dict[str, Any]) -> RepairReport:
+    """``reconstruct`` (and, for ``reconstruct+repair``, the ``auto`` correction on top)."""
+    if not isinstance(reference, nn.Module):
+        raise ValueError(f"'{mode.value}' refits the weights toward the reference model's layer outputs, so it needs "
+                         "the reference model itself, not its statistics: pass the unpruned model as reference")
+    start = time.perf_counter()
+    rebuilt = reconstruct_(model, reference, data, forward_fn=forward_fn, **options)
+    if mode is RepairMode.RECONSTRUCT:
+        report = RepairReport(mode.value, variant.value, sum(rebuilt.passes.values()), 0.0, [])
+    else:
+        report = repair_(model, collect_stats(reference, data, forward_fn=forward_fn), data,
+                         repair=RepairMode.AUTO, variant=variant, forward_fn=forward_fn, add_bias=add_bias)
+        report.mode = mode.value
+    report.extra["reconstruct"] = rebuilt.to_dict()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
 class preserve_statistics(contextlib.AbstractContextManager):
     """Record statistics on enter, repair toward them on exit (when no error was raised).
 
@@ -315,6 +350,10 @@ class preserve_statistics(contextlib.AbstractContextManager):
         self.report: RepairReport | None = None
 
     def __enter__(self) -> "preserve_statistics":
+        repair = self.repair_kwargs.get("repair", self.repair_kwargs.get("mode", RepairMode.AUTO))
+        if RepairMode.parse(repair, "correction").reconstructs:  # reconstruction fits the layer outputs
+            self.reference = copy.deepcopy(self.model)
+            return self
         self.reference = collect_stats(
             self.model, self.data, select=self.select, include_classifier=self.include_classifier,
             forward_fn=self.repair_kwargs.get("forward_fn"),

@@ -60,6 +60,12 @@ MergeVariant = Variant
 """Deprecated name of :class:`~prune_repair.engine.renorm.Variant` (merging adds ``closed-form``)."""
 
 
+def _check_mergeable(mode: RepairMode) -> None:
+    if mode.reconstructs:
+        raise ValueError(f"'{mode.value}' refits a pruned model toward its dense reference; merging has two "
+                         "references and no such target yet: use repair='repair', 'rescale' or 'auto'")
+
+
 def check_alpha(alpha: float) -> float:
     """``alpha`` as a float in [0, 1], else ``ValueError``.
 
@@ -116,6 +122,7 @@ class MergePlan:
         """The merged model for ``weights`` (uniform by default) and the repair report (None
         when ``repair='none'``)."""
         mode, variant = RepairMode.parse(repair, "correction"), Variant.parse(variant, "variant")
+        _check_mergeable(mode)
         w = _weights(len(self.models), weights)
         model = interpolate(self.models, w)
         if mode is RepairMode.NONE:
@@ -224,6 +231,7 @@ def merge(a: nn.Module, b: nn.Module, data: Any, alpha: float = 0.5, *, align: A
             :func:`prepare_merge`).
     """
     alpha = check_alpha(alpha)
-    RepairMode.parse(repair, "correction"), Variant.parse(variant, "variant")  # bad names fail before any work
+    _check_mergeable(RepairMode.parse(repair, "correction"))  # bad names fail before any work
+    Variant.parse(variant, "variant")
     Align.parse(align, "alignment")
     return merge_many([a, b], data, [1.0 - alpha, alpha], align=align, repair=repair, variant=variant, **kwargs)

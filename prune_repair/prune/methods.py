@@ -28,6 +28,7 @@ from ..engine.registry import MethodEnum
 from ..engine.sites import Selector
 from .fisher import Progress, fisher_scores, labeled_data
 from .magnitude import magnitude_scores
+from .obs import ObsOptions, obs_prune_
 from .masks import MaskStyle, apply_masks_, check_sparsity, masks_from_scores, measure_sparsity, sparsity_all_params
 from .targets import PruneError, Target, find_targets
 from .woodfisher import InverseFisher, inverse_fisher, woodfisher_scores
@@ -44,6 +45,8 @@ class PruneMethod(MethodEnum):
     LAYER_MAGNITUDE = "layer-magnitude", "|w|, the same sparsity in every layer", "Zhu & Gupta 2017"
     FISHER = "fisher", "w^2 * mean(g^2) / 2 from per-sample gradients, global", "diagonal empirical Fisher"
     WOODFISHER = "woodfisher", "w^2 / (2 [F^-1]_qq), blockwise inverse empirical Fisher", "Singh & Alistarh 2020"
+    OBS = ("obs", "layer by layer, w^2 / [H^-1]_qq from each layer's input Gram matrix, survivors refitted "
+           "to the dense outputs", "OBC, Frantar & Alistarh 2022; SparseGPT 2023")
 
     @property
     def scope(self) -> str:
@@ -52,6 +55,11 @@ class PruneMethod(MethodEnum):
     @property
     def needs_labels(self) -> bool:
         return self in (PruneMethod.FISHER, PruneMethod.WOODFISHER)
+
+    @property
+    def reconstructs(self) -> bool:
+        """Chooses the mask while refitting the weights (no scores: see :func:`~prune_repair.prune.obs.obs_prune_`)."""
+        return self is PruneMethod.OBS
 
 
 def parse_method(method: PruneMethod | str) -> PruneMethod:
@@ -128,6 +136,7 @@ class PruneReport:
     seconds: dict[str, float]
     masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     sparsity_all_params: float = float("nan")  # zeros / every parameter of the model
+    layers: list[dict[str, Any]] = field(default_factory=list)  # obs: per layer sparsity and error before/after
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "masks"}
@@ -190,6 +199,7 @@ def prune_(
     scores: PruneScores | None = None,
     progress: Progress | None = None,
     include_tied: bool = False,
+    obs: ObsOptions | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place to ``sparsity`` (zeros / conv+linear weights) and report.
 
@@ -205,10 +215,14 @@ def prune_(
         scores: scores from :func:`score_weights` on this model (skips scoring).
         progress: ``progress(done, total)`` callback while gradients are computed.
         include_tied: also prune weights shared with other modules (see :func:`find_targets`).
+        obs: :class:`~prune_repair.prune.obs.ObsOptions` for ``method="obs"``, which needs
+            calibration inputs as ``data`` (``x`` or ``(x, y)``).
 
     ``achieved_sparsity`` counts the prunable weights; ``sparsity_all_params`` every parameter.
     """
     sparsity, method, style = check_sparsity(sparsity), parse_method(method), MaskStyle(style)
+    if method.reconstructs:
+        return _obs_prune(model, sparsity, data, obs or ObsOptions(), select, skip_first, skip_classifier, style)
     options = options or FisherOptions()
     targets = find_targets(model, select=select, skip_first=skip_first, skip_classifier=skip_classifier,
                            example_inputs=_example(data) if data is not None else None, include_tied=include_tied)
@@ -228,6 +242,24 @@ def prune_(
     seconds = {"score": scores.seconds, "mask": time.perf_counter() - start}
     return PruneReport(method.value, sparsity, count.fraction, count.zeros, count.total, count.per_layer,
                        seconds, masks, sparsity_all_params(model))
+
+
+def _obs_prune(model: nn.Module, sparsity: float, data: Any, obs: ObsOptions, select: Selector,
+               skip_first: bool, skip_classifier: bool, style: MaskStyle) -> PruneReport:
+    if data is None:
+        raise PruneError("obs pruning reconstructs each layer on calibration data: pass data=x (or (x, y))")
+    if style is not MaskStyle.ZEROS:
+        raise PruneError("obs pruning writes plain zeros (it updates the kept weights too): use style='zeros'")
+    x = data[0] if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[1]) else data
+    result = obs_prune_(model, x, sparsity, allocation=obs.allocation, damping=obs.damping, block_size=obs.block_size,
+                        target=obs.target, select=select, skip_first=skip_first, skip_classifier=skip_classifier)
+    modules = dict(model.named_modules())
+    masks = {la.fqn: modules[la.fqn].weight.detach() != 0 for la in result.layers}
+    zeros = sum(int((~m).sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    return PruneReport(PruneMethod.OBS.value, sparsity, zeros / max(total, 1), zeros, total,
+                       {la.fqn: la.sparsity for la in result.layers}, {"score": 0.0, "mask": sum(result.seconds.values())},
+                       masks, sparsity_all_params(model), [la.to_dict() for la in result.layers])
 
 
 def _obs_update_(targets: list[Target], masks: dict[str, torch.Tensor], inv: InverseFisher | None) -> None:

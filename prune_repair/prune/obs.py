@@ -56,6 +56,20 @@ from .targets import PruneError
 
 
 @dataclass
+class ObsOptions:
+    """Settings of :func:`obs_prune_` when it is reached through ``prune_(method="obs")``.
+
+    allocation: ``"global"`` (per-layer budgets from one magnitude threshold, the default)
+    or ``"uniform"``; damping, block_size, target: see :func:`obs_prune_`.
+    """
+
+    allocation: str = "global"
+    damping: float = 1e-2
+    block_size: int = 128
+    target: str = "reference"
+
+
+@dataclass
 class ObsLayer:
     """One pruned layer: its sparsity and ``||Y - Y_hat|| / ||Y||`` before and after."""
 

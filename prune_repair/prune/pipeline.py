@@ -13,7 +13,7 @@ Example:
     >>> x, y = torch.randn(64, 10), torch.randint(0, 10, (64,))
     >>> run = prune_and_repair(model, (x, y), [0.5, 0.9], eval_data=(x, y))
     >>> [r.sparsity for r in run.rows], sorted(run.to_report())
-    ([0.5, 0.9], ['dead_channels', 'dense', 'method', 'repair', 'results'])
+    ([0.5, 0.9], ['dead_channels', 'dense', 'method', 'repair', 'results', 'seconds'])
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch import nn
 from ..engine.evaluate import evaluate
 from .fisher import Progress
 from .masks import check_sparsity, measure_sparsity, sparsity_all_params
+from .obs import ObsOptions
 from .methods import FisherOptions, PruneMethod, parse_method, prune_, score_weights
 from .targets import PruneError, find_targets
 from .woodfisher import check_woodfisher_memory
@@ -54,10 +55,14 @@ class PruneRow:
     seconds: dict[str, float]
     dead_channels: int = 0
     sparsity_all_params: float = float("nan")  # zeros / every parameter (achieved_sparsity: prunable only)
+    correction: dict[str, Any] = field(default_factory=dict)  # the repair report: sites, reconstruct layers
 
     def to_dict(self) -> dict[str, Any]:
-        """The row of the ``--report`` JSON: exactly the keys of DESIGN.md sec. 4."""
-        return {k: v for k, v in self.__dict__.items() if k != "dead_channels"}
+        """The row of the ``--report`` JSON: the keys of DESIGN.md sec. 4, plus ``sites`` (and
+        ``reconstruct``, per layer, for the reconstruct modes)."""
+        row = {k: v for k, v in self.__dict__.items() if k not in ("dead_channels", "correction")}
+        row.update({k: self.correction[k] for k in ("sites", "reconstruct", "prune_layers") if k in self.correction})
+        return row
 
 
 @dataclass
@@ -69,12 +74,13 @@ class PruneRun:
     dense: Metrics
     rows: list[PruneRow]
     model: nn.Module | None = field(default=None, repr=False)
+    seconds: dict[str, float] = field(default_factory=dict)  # once per run, not per row
 
     def to_report(self) -> dict[str, Any]:
         """The ``--report`` JSON (DESIGN.md sec. 4), plus the method and repair mode."""
         return {"method": self.method, "repair": self.repair, "dense": dict(self.dense),
                 "results": [r.to_dict() for r in self.rows],
-                "dead_channels": [r.dead_channels for r in self.rows]}
+                "dead_channels": [r.dead_channels for r in self.rows], "seconds": dict(self.seconds)}
 
 
 def parse_sparsities(text: str | float | Sequence[float]) -> list[float]:
@@ -119,6 +125,8 @@ def prune_and_repair(
     include_tied: bool = False,
     progress: Progress | None = None,
     on_row: Callable[[PruneRow], None] | None = None,
+    reconstruct_options: dict[str, Any] | None = None,
+    obs: ObsOptions | None = None,
 ) -> PruneRun:
     """Prune ``model`` (left unchanged) at each sparsity, repair toward its statistics, evaluate.
 
@@ -133,11 +141,15 @@ def prune_and_repair(
         include_classifier: also correct the classifier logits.
         include_tied: also prune weights tied to other modules (see :func:`~prune_repair.prune.find_targets`).
         progress, on_row: callbacks for gradient progress and each finished row.
+        obs: settings of ``method="obs"`` (:class:`~prune_repair.prune.obs.ObsOptions`).
+        reconstruct_options: keywords of :func:`~prune_repair.engine.reconstruct.reconstruct_`
+            (``damping``, ...) for ``repair="reconstruct"`` / ``"reconstruct+repair"``, which fit
+            each layer to the dense model's outputs on ``calib``.
     """
     sparsities = [check_sparsity(s) for s in sparsities]
     if not sparsities:
         raise PruneError("no sparsity given: pass at least one, e.g. 0.9")
-    method, mode = parse_method(method), RepairMode(repair)
+    method, mode = parse_method(method), RepairMode.parse(repair, "correction")
     x, y = calib
     eval_x, eval_y = eval_data if eval_data is not None else calib
     targets = find_targets(model, select=select, skip_first=skip_first, skip_classifier=skip_classifier,
@@ -145,33 +157,42 @@ def prune_and_repair(
     if method is PruneMethod.WOODFISHER:  # refuse before any work, not after the dense evaluation
         o = options or FisherOptions()
         check_woodfisher_memory(targets, o.block_size, o.dtype, o.rank, o.max_memory_gb)
-    dense = evaluate(model, eval_x, eval_y)
     start = time.perf_counter()
-    reference = collect_stats(model, x, include_classifier=include_classifier) if mode is not RepairMode.NONE else None
-    stats_seconds = time.perf_counter() - start
-    scores = score_weights(model, method, fisher_data if fisher_data is not None else calib, targets=targets,
-                           options=options, progress=progress)
+    dense = evaluate(model, eval_x, eval_y)
+    seconds = {"evaluate": time.perf_counter() - start}
+    start = time.perf_counter()
+    if mode.reconstructs:
+        reference = model  # reconstruction fits the dense model's layer outputs
+    else:
+        reference = collect_stats(model, x, include_classifier=include_classifier) if mode is not RepairMode.NONE else None
+    seconds["reference_stats"] = time.perf_counter() - start
+    scores = None if method.reconstructs else score_weights(
+        model, method, fisher_data if fisher_data is not None else calib, targets=targets, options=options,
+        progress=progress)
     rows, pruned = [], None
     for sparsity in sparsities:
         pruned = copy.deepcopy(model)
         report = prune_(pruned, sparsity, method, (x, y), select=select, skip_first=skip_first,
-                        skip_classifier=skip_classifier, options=options, scores=scores, include_tied=include_tied)
+                        skip_classifier=skip_classifier, options=options, scores=scores, include_tied=include_tied,
+                        obs=obs)
+        start = time.perf_counter()
         before = evaluate(pruned, eval_x, eval_y)
-        after, repair_seconds, dead = before, 0.0, 0
+        after, repair_seconds, dead, correction = before, 0.0, 0, {}
         if reference is not None:
-            result = repair_(pruned, reference, x, repair=mode)
-            repair_seconds = stats_seconds + result.seconds
+            result = repair_(pruned, reference, x, repair=mode, **(reconstruct_options or {}))
+            repair_seconds, correction = result.seconds, result.to_dict()
             dead = sum(len(v) for v in result.dead_channels.values())
             after = evaluate(pruned, eval_x, eval_y)
+        seconds["evaluate"] += time.perf_counter() - start - repair_seconds
         achieved = measure_sparsity(find_targets(pruned, select=select, skip_first=skip_first,
                                                  skip_classifier=skip_classifier, example_inputs=x[:2],
                                                  include_tied=include_tied))
         row = PruneRow(
             sparsity, achieved.fraction, before["acc"], before["loss"], after["acc"], after["loss"],
             {"prune": report.seconds["score"] + report.seconds["mask"], "repair": repair_seconds}, dead,
-            sparsity_all_params(pruned),
+            sparsity_all_params(pruned), {**correction, **({"prune_layers": report.layers} if report.layers else {})},
         )
         rows.append(row)
         if on_row is not None:
             on_row(row)
-    return PruneRun(method.value, mode.value, dense, rows, pruned)
+    return PruneRun(method.value, mode.value, dense, rows, pruned, seconds)
