@@ -19,11 +19,16 @@ Example:
 __version__ = "0.1.0"
 
 # the engine: sites, statistics, corrections, folding
-from .engine.fuse import Correction, fold_affine, fold_affine_into_bn, fold_batchnorm, fold_bn, fuse, fuse_
+from .engine.fold import (Correction, fold_affine, fold_affine_into_bn, fold_corrections, fold_corrections_, fuse_batchnorm,
+                          fuse_bn)
+from .engine.fold import fold_batchnorm, fold_bn, fuse, fuse_  # noqa: F401  (deprecated names)
 from .engine.renorm import RepairMode, Variant
 from .engine.checks import check_finite
 from .engine.report import RepairReport, SiteReport
-from .engine.repair import preserve_statistics, repair_
+from .engine.preserve import preserve_statistics
+from .engine.goal_stats import RecordStats, batchnorm_goal
+from .engine.reconstruct import ReconstructReport, reconstruct_
+from .engine.repair import repair_
 from .engine.sites import Site, find_sites, make_filter
 from .engine.stats import ActivationStats, ChannelStats, collect_stats
 
@@ -52,12 +57,16 @@ __all__ = [
     "find_sites",
     "fold_affine",
     "fold_affine_into_bn",
-    "fold_batchnorm",
-    "fold_bn",
-    "fuse",
-    "fuse_",
+    "fold_corrections",
+    "fold_corrections_",
+    "fuse_batchnorm",
+    "fuse_bn",
     "make_filter",
     "preserve_statistics",
+    "RecordStats",
+    "batchnorm_goal",
+    "ReconstructReport",
+    "reconstruct_",
     "repair_",
     # pruning
     "FisherOptions",

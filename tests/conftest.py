@@ -10,8 +10,18 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import torch
 
 FUZZ_CASES = pytest.StashKey[Counter]()
+
+
+@pytest.fixture
+def float64_default():
+    """Make float64 the default dtype for one test (restored afterwards)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from prune_repair.engine import collect_stats, distributed, find_sites, repair_
+from prune_repair.engine import collect_stats, distributed, find_sites, reconstruct_, repair_
 from prune_repair.engine.stats import ChannelStats
 from prune_repair.merge import activation_matching, find_groups, site_moments
 from prune_repair.prune.fisher import fisher_scores
@@ -77,6 +77,9 @@ def scenarios(part: slice) -> dict:
         repair_(ddp, collect_stats(nn.parallel.DistributedDataParallel(cnn), xs), xs, repair="repair")
         out["ddp"] = model.state_dict()
         out["checksums"] = distributed.all_gather_objects(distributed.weights_checksum(model))
+    model = _damage_(copy.deepcopy(cnn))  # reconstruction: Gram statistics summed over ranks
+    reconstruct_(model, cnn, xs)
+    out["reconstruct"] = model.state_dict()
     groups = find_groups(a, x[:2])
     out["perms"] = activation_matching(a, b, xs, groups).perms
     m = site_moments([a, b], xs, find_sites(a, x[:2]))
@@ -204,7 +207,7 @@ def test_fsdp_is_refused_with_what_to_do():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key", ["stats", "exact", "all-at-once", "reset", "exact-2-batches", "moments", "fisher",
-                                 "woodfisher"])
+                                 "woodfisher", "reconstruct"])
 def test_two_processes_match_one(ranks, single, key):
     for r in ranks:
         assert_close(r[key], single[key])

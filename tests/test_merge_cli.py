@@ -57,7 +57,7 @@ def test_merge_writes_checkpoint_report_and_plot(ckpts, tmp_path):
                  "--curve", 3, "--out", out, "--report", report, "--plot", plot)
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
-    assert set(data) == {"endpoints", "curve", "barrier", "seconds", "world_size"} and data["world_size"] == 1
+    assert {"endpoints", "curve", "barrier", "seconds", "world_size"} <= set(data) and data["world_size"] == 1
     assert len(data["endpoints"]) == 2 and all(set(e) == {"acc", "loss"} for e in data["endpoints"])
     assert [p["alpha"] for p in data["curve"]] == [0.0, 0.5, 1.0]
     assert all(set(p) == {"alpha", "acc_raw", "loss_raw", "acc", "loss"} for p in data["curve"])

@@ -14,12 +14,7 @@ from prune_repair.prune.targets import PruneError
 from prune_repair.zoo.models import MLP, PlainCNN
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # exact checks in float64
 
 
 def _spd(n: int, seed: int = 0) -> torch.Tensor:

@@ -47,7 +47,7 @@ def test_zeros_stay_zeros_through_repair_and_fusion(make, mode):
     for fqn, z in zeros.items():
         assert torch.equal(after[fqn], z), fqn  # exactly the same positions, no more, no fewer
     assert measure_sparsity(find_targets(model)).zeros == report.zeros
-    fused = pr.fold_batchnorm(model, batch)
+    fused = pr.fuse_batchnorm(model, batch)
     for fqn, z in zeros.items():
         assert bool((fused.get_submodule(fqn).weight[z] == 0).all())
 

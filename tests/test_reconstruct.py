@@ -21,12 +21,7 @@ from prune_repair.engine.reconstruct import reconstruct_
 from prune_repair.engine.ridge import masked_ridge
 from prune_repair.zoo.models import MLP, PlainCNN, TokenMLP
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # exact checks in float64
 
 
 
@@ -138,6 +133,24 @@ def test_zeros_stay_and_state_dict_is_unchanged_in_form():
     assert [r.fqn for r in report.layers] == ["features.conv1", "features.conv2", "classifier"]
     assert all(r.error_after <= r.error_before + 1e-9 for r in report.layers)
     assert set(report.to_dict()) == {"layers", "seconds", "passes", "skipped"}
+
+
+def test_dead_input_channels_give_no_nan_and_keep_their_weights():
+    """An input that is zero on every calibration sample (a dead ReLU channel) carries no
+    signal: its weights stay as they were (no NaN, no new zeros), the rest are refitted."""
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        reference[0].weight[:2] = 0.0
+        reference[0].bias[:2] = -1.0  # units 0 and 1 are always 0 after the ReLU
+    model = copy.deepcopy(reference)
+    _prune_(model, 0.5)
+    dead_columns = model[2].weight[:, :2].clone()
+    zeros_before = int((model[2].weight == 0).sum())
+    reconstruct_(model, reference, torch.randn(256, 6))
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    torch.testing.assert_close(model[2].weight[:, :2], dead_columns)
+    assert int((model[2].weight == 0).sum()) == zeros_before
 
 
 def test_reconstruction_toward_itself_is_a_no_op():

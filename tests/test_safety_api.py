@@ -121,24 +121,32 @@ def _(i):
     pr.collect_stats(i.cnn, i.x)
 
 
+@case("prune_repair.batchnorm_goal / RecordStats")
+def _(i):
+    pr.batchnorm_goal(i.cnn, i.x[:2])
+    with pr.RecordStats(i.mlp_a, i.xm[:2], record="any") as rec:  # no BatchNorm: a forward changes nothing
+        i.mlp_a(i.xm)
+    rec.stats()
+
+
 @case("prune_repair.find_sites")
 def _(i):
     pr.find_sites(i.cnn, i.x[:2])
 
 
-@case("prune_repair.engine.fuse")
+@case("prune_repair.fold_corrections")
 def _(i):
     sites = pr.find_sites(i.cnn, i.x[:2])
     corrections = {s.fqn: pr.Correction(torch.full((s.channels,), 2.0, dtype=torch.float64),
                                         torch.ones(s.channels, dtype=torch.float64)) for s in sites}
     i.extra.update(sites=sites, corrections=corrections)
-    fused = pr.fuse(i.cnn, corrections, sites)
+    fused = pr.fold_corrections(i.cnn, corrections, sites)
     assert state_digest(fused.state_dict()) != state_digest(i.cnn.state_dict())
 
 
-@case("prune_repair.fold_batchnorm")
+@case("prune_repair.fuse_batchnorm")
 def _(i):
-    pr.fold_batchnorm(i.cnn, i.x[:2])
+    pr.fuse_batchnorm(i.cnn, i.x[:2])
 
 
 @case("prune_repair.check_finite")
@@ -146,13 +154,13 @@ def _(i):
     pr.check_finite(i.cnn)
 
 
-@case("prune_repair.fold_affine / fold_bn / fold_affine_into_bn")
+@case("prune_repair.fold_affine / fuse_bn / fold_affine_into_bn")
 def _(i):
     w, b = torch.randn(3, 2), torch.randn(3)
     s, t, mean, var = torch.rand(3) + 0.5, torch.randn(3), torch.randn(3), torch.rand(3) + 0.5
     i.extra.update(w=w, b=b, s=s, t=t, mean=mean, var=var)
     pr.fold_affine(w, b, s, t)
-    pr.fold_bn(w, b, mean, var, 1e-5, s, t)
+    pr.fuse_bn(w, b, mean, var, 1e-5, s, t)
     pr.fold_affine_into_bn(s, t, mean, var, 1e-5, s, t)
     pr.fold_affine_into_bn(None, None, mean, var, 1e-5, s, t)
 

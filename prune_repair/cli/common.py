@@ -1,6 +1,7 @@
 """What every command shares: options, loading, data, errors, reports, output.
 
-Human output (tables, progress bars) goes to stderr. A user mistake ends with exit
+Human output (result tables, where each output file went) goes to stdout; progress,
+notes and errors go to stderr. A user mistake ends with exit
 code 2 and one line ``error: ...``; Ctrl-C ends with exit code 130 (SIGTERM: 143)
 and one line. Either way nothing is written: each command runs inside
 :func:`~prune_repair.io.output_transaction`, so its outputs (``--out``,
@@ -13,6 +14,7 @@ import enum
 import functools
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
@@ -28,7 +30,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..engine import distributed
-from ..io.data import DataError, calibration_batch, load_dataset
+from ..io.data import (Batches, DataError, ImageFolderSource, TensorSource, draw_indices, open_source,
+                       parse_preprocess)
 from ..io.errors import _first_line
 from ..io import atomic_write, check_output_path, current_transaction, output_transaction
 from ..engine._forward import eval_mode
@@ -36,6 +39,9 @@ from ..engine.renorm import RepairMode
 from ..merge.groups import HAND_HELP
 
 console = Console(stderr=True)
+"""Progress, notes and errors (stderr)."""
+out_console = Console()
+"""Results: tables and the paths written (stdout)."""
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -95,10 +101,11 @@ def handle_errors(command: Callable) -> Callable:
         token = _LOADED.set([])
         device = kwargs.get("device") or "auto"
         device = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
-        quiet = console.quiet
+        quiet, out_quiet = console.quiet, out_console.quiet
         try:
             with distributed.process_group_from_env(device):
                 console.quiet = quiet or not distributed.is_main_process()
+                out_console.quiet = out_quiet or not distributed.is_main_process()  # one table, from rank 0
                 with output_transaction(commit=distributed.is_main_process()):
                     return command(*args, **kwargs)
         except (ValueError, OSError) as err:
@@ -107,7 +114,7 @@ def handle_errors(command: Callable) -> Callable:
             console.print("interrupted: nothing written", highlight=False)
             sys.exit(EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED)
         finally:
-            console.quiet = quiet
+            console.quiet, out_console.quiet = quiet, out_quiet
             _LOADED.reset(token)
 
     return wrapper
@@ -140,10 +147,22 @@ def common_options(command: Callable) -> Callable:
                      help=f"calibration samples drawn from --data [default: {CALIB_SIZE}; {RECONSTRUCT_CALIB_SIZE} "
                           "for --repair reconstruct / reconstruct+repair, which solve d_in unknowns per row]."),
         click.option("--seed", default=0, show_default=True, type=int, help="seed of the calibration draw."),
+        click.option("--preprocess", default=None, help="ImageFolder data: a torchvision weights name whose "
+                     "transforms() to apply (ResNet50_Weights.IMAGENET1K_V2), or resize=256,crop=224,"
+                     "mean=0.485/0.456/0.406,std=0.229/0.224/0.225 (any of them). Not for tensor data."),
+        click.option("--batch-size", default=None, type=click.IntRange(min=1),
+                     help=f"samples per batch in evaluation [default: {BATCH_SIZE}] and in calibration [default: "
+                          "all --calib-size samples in one batch, so the exact repair takes one pass]."),
+        click.option("--eval-size", default=None, type=click.IntRange(min=1),
+                     help="evaluate on this many samples of --eval-data (a subset drawn with --seed) "
+                          "[default: all]."),
+        click.option("--workers", default=None, type=click.IntRange(min=0),
+                     help="ImageFolder data: processes reading images [default: min(4, CPU count)]."),
         click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
                      help="where to run; auto picks cuda when available."),
-        click.option("--out", required=True, type=click.Path(dir_okay=False),
-                     help="output checkpoint (state_dict); .safetensors writes safetensors (optional extra)."),
+        click.option("--out", required=True, type=click.Path(),
+                     help="output checkpoint (state_dict); .safetensors writes safetensors (optional extra); "
+                          "for --arch hf:DIR an HF model directory (save_pretrained)."),
         click.option("--report", default=None, type=click.Path(dir_okay=False), help="write a JSON report here."),
         click.option("--force", is_flag=True, help="overwrite an existing --out / --report (never an input)."),
     ]
@@ -169,18 +188,39 @@ def check_outputs(out: str, report: str | None, inputs: list[str], force: bool) 
 
 @dataclass
 class Data:
-    """Calibration batch and evaluation set of a command."""
+    """Calibration batch and evaluation set of a command.
+
+    ``eval_x`` is an iterable of ``(x, y)`` batches (:class:`~prune_repair.io.data.Batches`:
+    an ImageFolder is read from disk batch by batch), ``eval_y`` its labels; ``evaluate(model,
+    d.eval_x, d.eval_y)`` takes both. ``calib_batches`` is the calibration inputs split
+    into ``--batch-size`` batches, as the engine takes them."""
 
     calib_x: torch.Tensor
     calib_y: torch.Tensor
-    eval_x: torch.Tensor
+    eval_x: Any
     eval_y: torch.Tensor
     eval_name: str  # the --eval-data spec used
     data_name: str = ""  # the --data spec
+    source: Any = None  # the opened --data (TensorSource / ImageFolderSource)
+    batch_size: int = 0  # 0: one batch
+    settings: dict[str, Any] | None = None  # preprocess, batch_size, eval_size, workers (for reports)
+
+    @property
+    def calib_batches(self) -> list[torch.Tensor]:
+        return list(self.calib_x.split(self.batch_size)) if self.batch_size else [self.calib_x]
 
 
 CALIB_SIZE = 64
+BATCH_SIZE = 256
+EVAL_SEED_OFFSET = 2
+"""The --eval-size subset is drawn with --seed + 2 (the calibration draw uses --seed, fisher's --seed + 1)."""
+
 RECONSTRUCT_CALIB_SIZE = 1024  # measured: 95% sparse zoo CNNs reach 96-98% with it (benchmarks/RESULTS.md)
+
+
+def default_workers() -> int:
+    """min(4, CPU count): processes reading images."""
+    return min(4, os.cpu_count() or 1)
 
 
 def calib_size_for(calib_size: int | None, repair: str) -> int:
@@ -197,12 +237,17 @@ def damping_option(command: Callable) -> Callable:
                              "matrix (raised tenfold where a system is singular; the report says where).")(command)
 
 
-def load_data(data: str, eval_data: str | None, calib_size: int, seed: int, device: torch.device) -> Data:
-    """Load --data / --eval-data and draw the calibration batch.
+def load_data(data: str, eval_data: str | None, calib_size: int, seed: int, device: torch.device, *,
+              preprocess: str | None = None, batch_size: int | None = None, eval_size: int | None = None,
+              workers: int | None = None) -> Data:
+    """Open --data / --eval-data and draw the calibration batch.
 
-    Refuses a data file that is also an output of the command and evaluation samples
-    whose shape differs from the calibration samples. Inside a command the result is
-    remembered, so :func:`check_fits` can check its labels against the model.
+    Only the calibration samples are loaded; an ImageFolder evaluation set is streamed
+    from disk in ``batch_size`` batches (``workers`` processes), tensor data is sliced.
+    Refuses a data file that is also an output of the command, ``--preprocess`` on tensor
+    data and evaluation samples whose shape differs from the calibration samples. Inside a
+    command the result is remembered, so :func:`check_fits` can check its labels against
+    the model.
     """
     if calib_size < 2:
         raise DataError(f"--calib-size {calib_size} is too small: statistics need at least 2 samples")
@@ -210,23 +255,64 @@ def load_data(data: str, eval_data: str | None, calib_size: int, seed: int, devi
         eval_data = "mnist:test" if data.strip().lower() in ("mnist", "mnist:train") else data
     _check_not_an_output("--data", data)
     _check_not_an_output("--eval-data", eval_data)
-    x, y = load_dataset(data)
-    cx, cy = calibration_batch(x, y, calib_size, seed)
+    workers = default_workers() if workers is None else workers
+    prep = parse_preprocess(preprocess)
+    source = open_source(data, prep, "--data")
+    index = draw_indices(len(source), calib_size, seed)
     if distributed.is_distributed():  # each rank takes its contiguous shard of the same draw
         if calib_size < 2 * distributed.world_size():
             raise DataError(f"--calib-size {calib_size} is too small for {distributed.world_size()} processes: "
                             "each needs at least 2 samples")
-        part = distributed.shard(len(cx))
-        cx, cy = cx[part], cy[part]
-    ex, ey = (x, y) if eval_data == data else load_dataset(eval_data)
-    if tuple(ex.shape[1:]) != tuple(x.shape[1:]):
-        raise DataError(f"--eval-data samples have shape {list(ex.shape[1:])} but --data samples have "
-                        f"{list(x.shape[1:])}: give evaluation data of the same kind")
-    d = Data(cx.to(device), cy.to(device), ex, ey, eval_data, data)
+        index = index[distributed.shard(len(index))]
+    cx, cy = source.load(index, workers)
+    eval_source = source if eval_data == data else open_source(eval_data, prep, "--eval-data")
+    eval_index = None
+    if eval_size is not None:
+        if eval_size > len(eval_source):
+            raise DataError(f"--eval-size {eval_size} exceeds the {len(eval_source)} samples in --eval-data "
+                            f"{eval_data}: lower --eval-size or drop it")
+        eval_index = draw_indices(len(eval_source), eval_size, seed + EVAL_SEED_OFFSET).sort().values
+    eval_batches = eval_source.batches(eval_index, batch_size or BATCH_SIZE, workers)
+    eval_batches.shape = tuple(cx.shape[1:])
+    first = _first_sample_shape(eval_source, eval_index)
+    if first != eval_batches.shape:
+        raise DataError(f"--eval-data samples have shape {list(first)} but --data samples have "
+                        f"{list(eval_batches.shape)}: give evaluation data of the same kind")
+    settings = {"preprocess": prep.to_dict() if prep is not None else None, "batch_size": batch_size,
+                "eval_batch_size": batch_size or BATCH_SIZE,
+                "eval_size": eval_size, "eval_samples": len(eval_batches), "workers": workers}
+    if eval_size is not None:
+        settings["eval_seed"] = seed + EVAL_SEED_OFFSET
+    d = Data(cx.to(device), cy.to(device), eval_batches, eval_batches.labels, eval_data, data, source,
+             batch_size or 0, settings)
     loaded = _LOADED.get()
     if loaded is not None:
         loaded.append(d)
     return d
+
+
+def _first_sample_shape(source: TensorSource | ImageFolderSource, index: torch.Tensor | None) -> tuple[int, ...]:
+    """Shape of the first evaluation sample (an ImageFolder reads that one file)."""
+    i = int(index[0]) if index is not None else 0
+    if isinstance(source, TensorSource):
+        return tuple(source.x.shape[1:])
+    tensor, reason = source[i]
+    if tensor is None:
+        raise DataError(reason)
+    return tuple(tensor.shape)
+
+
+def data_options(preprocess: str | None, batch_size: int, eval_size: int | None, workers: int | None) -> dict[str, Any]:
+    """The keywords of :func:`load_data` from the common options."""
+    return {"preprocess": preprocess, "batch_size": batch_size, "eval_size": eval_size, "workers": workers}
+
+
+def written(paths: Mapping[str, str | None]) -> None:
+    """Say on stdout where each output file went (``{what: path}``; None entries skipped)."""
+    for what, path in paths.items():
+        if path is not None:
+            out_console.print(f"wrote {what}: {escape(str(Path(path).expanduser().resolve()))}", highlight=False,
+                              soft_wrap=True)
 
 
 def _check_not_an_output(option: str, spec: str) -> None:

@@ -18,8 +18,11 @@ from ..merge import Align, barrier_curve, check_alpha, check_same_architecture, 
 from ..merge.barrier import BarrierCurve, CurvePoint, alpha_grid, plot_curve, require_matplotlib
 from ..engine.renorm import RepairMode, Variant
 from .main import main
-from .common import (calib_size_for, check_fits, check_outputs, common_options, console, handle_errors, load_data, metrics_table,
-                     progress, resolve_device, write_report)
+from .common import (BATCH_SIZE, calib_size_for, check_fits, check_outputs, common_options, console, data_options,
+                     handle_errors, load_data, metrics_table, out_console, progress, resolve_device, write_report,
+                     written)
+from ..engine.distributed import shard
+from ..io.data import draw_indices
 
 MERGE_REPAIRS = [m.value for m in (RepairMode.AUTO, RepairMode.REPAIR, RepairMode.RESCALE, RepairMode.RESCALE_LAYER,
                                    RepairMode.RESHIFT, RepairMode.RESET, RepairMode.NONE)]
@@ -64,9 +67,13 @@ def _groups_spec(path: str | None) -> dict | None:
 @click.option("--groups", "groups_file", default=None, help="JSON file of hand-written permutation groups "
               "{\"name\": [\"key:dim[:block]\", ...]} replacing the automatic ones.")
 @click.option("--include-classifier", is_flag=True, help="also correct the final classifier's logits.")
+@click.option("--align-size", default=None, type=click.IntRange(min=2),
+              help="activation matching: samples of --data (drawn with --seed, read in --batch-size batches; "
+                   "memory does not grow with it) [default: the --calib-size calibration samples, which repair uses].")
 @handle_errors
 def merge_command(checkpoints, arch, arch_kwargs, data, eval_data, calib_size, seed, device, out, report, force,
-                  align, alpha, mode, variant, curve, plot, groups_file, include_classifier) -> None:
+                  align, alpha, mode, variant, curve, plot, groups_file, include_classifier, align_size=None,
+                  preprocess=None, batch_size=None, eval_size=None, workers=None) -> None:
     """Merge CHECKPOINTS (two or more, same architecture): align all to the first,
     interpolate, repair, write the merged state_dict.
 
@@ -87,6 +94,9 @@ def merge_command(checkpoints, arch, arch_kwargs, data, eval_data, calib_size, s
     if len(checkpoints) > 2 and (alpha != 0.5 or curve is not None):
         raise ValueError("--alpha and --curve apply to two checkpoints; more checkpoints are merged uniformly")
     grid = alpha_grid(curve) if curve is not None else [alpha]
+    if align_size is not None and align != "activation":
+        raise ValueError(f"--align-size sets the samples of activation matching, but --align is {align}: "
+                         "drop --align-size or use --align activation")
     check_outputs(out, report, checkpoints, force)
     if plot is not None:
         check_output_path(plot, checkpoints + [out] + ([report] if report else []), force)
@@ -97,11 +107,16 @@ def merge_command(checkpoints, arch, arch_kwargs, data, eval_data, calib_size, s
     arch, arch_kwargs = resolve_arch(checkpoints, arch, arch_kwargs)
     models = [load_model(c, arch, arch_kwargs).to(dev) for c in checkpoints]
     calib_size = calib_size_for(calib_size, mode)
-    d = load_data(data, eval_data, calib_size, seed, dev)
+    d = load_data(data, eval_data, calib_size, seed, dev, **data_options(preprocess, batch_size, eval_size, workers))
     check_fits(models[0], d.calib_x)
+    align_batches = None
+    if align_size is not None:  # streamed: activation matching reads them batch by batch
+        index = draw_indices(len(d.source), align_size, seed)
+        index = index[shard(len(index))]  # this rank's share (all of it in one process)
+        align_batches = d.source.batches(index, batch_size or BATCH_SIZE, d.settings["workers"])
 
-    plan = prepare_merge(models, d.calib_x, align=align, groups=groups, seed=seed,
-                         include_classifier=include_classifier, names=checkpoints)
+    plan = prepare_merge(models, d.calib_batches, align=align, groups=groups, seed=seed,
+                         include_classifier=include_classifier, names=checkpoints, align_data=align_batches)
     weights = [1 - alpha, alpha] if len(models) == 2 else None
     start = time.perf_counter()
     merged, result = plan.merged(weights, repair=mode, variant=variant)
@@ -116,7 +131,10 @@ def merge_command(checkpoints, arch, arch_kwargs, data, eval_data, calib_size, s
         endpoints = [evaluate(m, d.eval_x, d.eval_y) for m in plan.models]
         path = BarrierCurve(endpoints, [point], mode)
     path.seconds = seconds
-    payload = path.to_dict()
+    payload = {**path.to_dict(), "align": align, "alpha": alpha if len(models) == 2 else None, "repair": mode,
+               "variant": variant, "calib_size": calib_size, "align_size": align_size if align_size is not None
+               else calib_size, "seed": seed, "eval_data": d.eval_name, "include_classifier": include_classifier,
+               "groups": groups_file, **d.settings}
 
     if plot is not None:
         with atomic_write(plot) as tmp:
@@ -125,6 +143,7 @@ def merge_command(checkpoints, arch, arch_kwargs, data, eval_data, calib_size, s
     save_state_dict(merged, out)
     write_report(report, payload)
     _print(checkpoints, payload, point, align, mode, out, d.eval_name, len(d.eval_y))
+    written({"checkpoint": out, "report": report, "plot": plot})
     if result is not None and result.dead_channels:
         console.print(f"dead channels left as they were: {result.dead_channels}")
 
@@ -148,5 +167,5 @@ def _print(checkpoints, payload, point: CurvePoint, align, mode, out, eval_name,
     b = payload["barrier"]
     caption = f"barrier raw {100 * b['acc_raw']:.2f} pts" + (
         f", repaired {100 * b['acc']:.2f} pts" if b["acc"] is not None else "")
-    console.print(metrics_table("merge", rows, caption=f"{caption}; evaluated on {eval_name} ({n_eval} samples); "
+    out_console.print(metrics_table("merge", rows, caption=f"{caption}; evaluated on {eval_name} ({n_eval} samples); "
                                                        f"written to {out}"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from ..io.data import calibration_batch, load_dataset
+from ..io.data import draw_indices
 from ..io import load_model, resolve_arch, save_state_dict
 from ..prune.pipeline import PruneRun, parse_sparsities, prune_and_repair
 from ..prune.methods import DEFAULT_FISHER_SAMPLES, FisherOptions, PruneMethod
@@ -14,15 +14,21 @@ from ..engine.renorm import RepairMode
 from ..engine.checks import check_finite
 from ..engine.distributed import shard
 from .main import main
+from . import hf_cmd
+from .goal_option import goal_inputs, goal_note, goal_stats_option, load_goal
 from .common import (
     calib_size_for,
     damping_option,
     check_fits,
     check_outputs,
     common_options,
+    BATCH_SIZE,
     console,
+    data_options,
     handle_errors,
     load_data,
+    out_console,
+    written,
     progress,
     resolve_device,
     write_report,
@@ -58,10 +64,12 @@ from .common import (
 @click.option("--allocation", default="global", show_default=True, type=click.Choice(["global", "uniform"]),
               help="obs: per-layer sparsities from one global magnitude threshold, or the same in every layer.")
 @damping_option
+@goal_stats_option
 @handle_errors
 def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, device, out, report, force, sparsity,
                   method, mode, skip_first, skip_classifier, layers, include_classifier, fisher_samples,
-                  fisher_batch, damp, block_size, obs_update, max_memory_gb, allocation, damping) -> None:
+                  fisher_batch, damp, block_size, obs_update, max_memory_gb, allocation, damping,
+                  goal_stats=None, preprocess=None, batch_size=None, eval_size=None, workers=None) -> None:
     """Prune CKPT (a path or zoo:NAME) at each --sparsity, repair toward its statistics, evaluate.
 
     \b
@@ -71,22 +79,24 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
           --method woodfisher --report report.json --out pruned.pt
     """
     sparsities = parse_sparsities(sparsity)
-    check_outputs(out, report, [ckpt], force)
+    if hf_cmd.wants_hf(arch, [ckpt]):  # --arch hf:DIR: HF directories, dict batches, perplexity
+        return hf_cmd.prune(**locals(), dev=resolve_device(device))
+    check_outputs(out, report, [ckpt, *goal_inputs(goal_stats)], force)
     dev = resolve_device(device)
     arch, arch_kwargs = resolve_arch([ckpt], arch, arch_kwargs)
     model = load_model(ckpt, arch, arch_kwargs).to(dev)
     check_finite(model)
     method = PruneMethod.parse(method, "pruning method")
     calib_size = calib_size_for(calib_size, "reconstruct" if method.reconstructs else mode)
-    d = load_data(data, eval_data, calib_size, seed, dev)
+    d = load_data(data, eval_data, calib_size, seed, dev, **data_options(preprocess, batch_size, eval_size, workers))
     check_fits(model, d.calib_x)
+    goal, goal_info = load_goal(goal_stats, model, d.calib_x, mode, include_classifier) if goal_stats else (None, None)
     options = FisherOptions(num_grads=fisher_samples, group_size=fisher_batch, damp=damp, block_size=block_size,
                             obs_update=obs_update, max_memory_gb=max_memory_gb, seed=seed)
     fisher_data = None
     if method.needs_labels:
-        x, y = load_dataset(data)
-        options.num_grads = options.gradients_for(len(x))  # resolve the default once, for the report too
-        fx, fy = calibration_batch(x, y, options.num_grads * fisher_batch, seed + 1)
+        options.num_grads = options.gradients_for(len(d.source))  # resolve the default once, for the report too
+        fx, fy = d.source.load(draw_indices(len(d.source), options.num_grads * fisher_batch, seed + 1), d.settings["workers"])
         fx, fy = fx[shard(len(fx))], fy[shard(len(fy))]  # this rank's share (all of it in one process)
         fisher_data = (fx.to(dev), fy.to(dev))
 
@@ -99,17 +109,22 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             obs=ObsOptions(allocation=allocation, damping=damping, block_size=block_size),
             reconstruct_options={"damping": damping} if RepairMode.parse(mode, "correction").reconstructs else None,
+            goal=goal, calib_batch_size=batch_size,
         )
     save_state_dict(run.model, out)
     settings = {"calib_size": calib_size, "seed": seed, "eval_data": d.eval_name, "skip_first": skip_first,
                 "skip_classifier": skip_classifier, "include_classifier": include_classifier,
-                "layers": list(layers) or None}
+                "layers": list(layers) or None, "goal_stats": goal_info, **d.settings}
     if method.reconstructs or RepairMode.parse(mode, "correction").reconstructs:
         settings["damping"] = damping
     if method.reconstructs:
         settings.update(allocation=allocation, block_size=block_size)
     write_report(report, {**run.to_report(), **settings, "fisher": _fisher_settings(method, options)})
-    console.print(_table(run, d.eval_name, len(d.eval_y), out))
+    out_console.print(_table(run, d.eval_name, len(d.eval_y), out))
+    written({"checkpoint": out, "report": report})
+    note = goal_note([s["mode"] for s in run.rows[-1].correction.get("sites", [])]) if goal_stats else None
+    if note:
+        console.print(note)
 
 
 def _fisher_settings(method: PruneMethod, options: FisherOptions) -> dict | None:

@@ -13,15 +13,21 @@ from ..engine.checks import check_finite
 from ..engine.repair import repair_
 from ..engine.stats import collect_stats
 from .main import main
+from . import hf_cmd
+from .goal_option import goal_inputs, goal_note, goal_stats_option, load_goal
 from .common import (
     calib_size_for,
     damping_option,
     check_fits,
     check_outputs,
     common_options,
+    BATCH_SIZE,
     console,
+    data_options,
     handle_errors,
     load_data,
+    out_console,
+    written,
     metrics_table,
     resolve_device,
     write_report,
@@ -41,9 +47,11 @@ REPAIR_CHOICES = [m.value for m in RepairMode if m is not RepairMode.NONE]
               help="exact: each site measured with upstream corrections applied (one pass).")
 @click.option("--include-classifier", is_flag=True, help="also correct the final classifier's logits.")
 @damping_option
+@goal_stats_option
 @handle_errors
 def repair_command(pruned, reference, arch, arch_kwargs, data, eval_data, calib_size, seed, device, out, report,
-                   force, mode, variant, include_classifier, damping) -> None:
+                   force, mode, variant, include_classifier, damping, goal_stats=None, preprocess=None,
+                   batch_size=None, eval_size=None, workers=None) -> None:
     """Repair PRUNED (a checkpoint pruned elsewhere) toward the statistics of --reference.
 
     Checkpoints saved with torch.nn.utils.prune masks (weight_orig/weight_mask) are
@@ -53,7 +61,9 @@ def repair_command(pruned, reference, arch, arch_kwargs, data, eval_data, calib_
     Example:
       prune-repair repair pruned.pt --reference zoo:mnist-cnn --data mnist --out repaired.pt
     """
-    check_outputs(out, report, [pruned, reference], force)
+    if hf_cmd.wants_hf(arch, [reference, pruned]):  # --arch hf:DIR: HF directories, dict batches, perplexity
+        return hf_cmd.repair(**locals(), dev=resolve_device(device))
+    check_outputs(out, report, [pruned, reference, *goal_inputs(goal_stats)], force)
     dev = resolve_device(device)
     arch, arch_kwargs = resolve_arch([reference, pruned], arch, arch_kwargs)
     ref_model = load_model(reference, arch, arch_kwargs).to(dev)
@@ -65,16 +75,17 @@ def repair_command(pruned, reference, arch, arch_kwargs, data, eval_data, calib_
             raise ValueError(f"{name}: {err}") from None
     calib_size = calib_size_for(calib_size, mode)
     reconstructs = RepairMode.parse(mode, "correction").reconstructs
-    d = load_data(data, eval_data, calib_size, seed, dev)
+    d = load_data(data, eval_data, calib_size, seed, dev, **data_options(preprocess, batch_size, eval_size, workers))
     check_fits(ref_model, d.calib_x)
+    goal, goal_info = load_goal(goal_stats, ref_model, d.calib_x, mode, include_classifier) if goal_stats else (None, None)
 
     metrics = {"reference": evaluate(ref_model, d.eval_x, d.eval_y), "before": evaluate(model, d.eval_x, d.eval_y)}
     start = time.perf_counter()
     if reconstructs:  # the layers are refitted to the reference's outputs (its zeros mask kept)
-        result = repair_(model, ref_model, d.calib_x, repair=mode, variant=variant, damping=damping)
+        result = repair_(model, ref_model, d.calib_batches, repair=mode, variant=variant, damping=damping)
     else:
-        goal = collect_stats(ref_model, d.calib_x, include_classifier=include_classifier)
-        result = repair_(model, goal, d.calib_x, repair=mode, variant=variant)
+        goal = goal if goal is not None else collect_stats(ref_model, d.calib_batches, include_classifier=include_classifier)
+        result = repair_(model, goal, d.calib_batches, repair=mode, variant=variant)
     seconds = time.perf_counter() - start
     metrics["after"] = evaluate(model, d.eval_x, d.eval_y)
 
@@ -83,16 +94,20 @@ def repair_command(pruned, reference, arch, arch_kwargs, data, eval_data, calib_
     write_report(report, {**metrics, "seconds": {"repair": seconds}, "sites": details["sites"],
                           **({"reconstruct": details["reconstruct"], "damping": damping} if reconstructs else {}),
                           "repair": mode, "variant": variant, "include_classifier": include_classifier,
-                          "calib_size": calib_size, "seed": seed, "eval_data": d.eval_name})
-    console.print(metrics_table(
+                          "calib_size": calib_size, "seed": seed, "eval_data": d.eval_name, "goal_stats": goal_info,
+                          **d.settings})
+    out_console.print(metrics_table(
         f"repair ({mode}, {len(details.get('reconstruct', {}).get('layers', [])) or len(result.sites)} "
         f"{'layers' if reconstructs and mode == 'reconstruct' else 'sites'}, {seconds:.2f} s)",
         [("reference", metrics["reference"]), ("before repair", metrics["before"]), ("after repair", metrics["after"])],
         caption=f"evaluated on {d.eval_name} ({len(d.eval_y)} samples); written to {out}",
     ))
+    written({"checkpoint": out, "report": report})
     dead = sum(len(v) for v in result.dead_channels.values())
     if dead:
         console.print(f"{dead} dead channel(s) left as they were: {result.dead_channels}")
     dropped = [s.fqn for s in result.sites if s.shift_dropped]
     if dropped:
         console.print(f"no bias to hold the shift at {', '.join(dropped)}: applied the scale only")
+    if goal_stats and goal_note([s.mode for s in result.sites]):
+        console.print(goal_note([s.mode for s in result.sites]))

@@ -16,11 +16,15 @@ Example:
 """
 
 from .evaluate import DataError, evaluate
-from .fuse import Correction, fold_affine, fold_affine_into_bn, fold_batchnorm, fold_bn, fuse, fuse_
+from .fold import (Correction, fold_affine, fold_affine_into_bn, fold_corrections, fold_corrections_, fuse_batchnorm,
+                   fuse_bn)
 from .renorm import RepairMode, Variant
 from .checks import check_finite
 from .report import RepairReport, SiteReport
-from .repair import preserve_statistics, repair_
+from .preserve import preserve_statistics
+from .goal_stats import RecordStats, batchnorm_goal
+from .reconstruct import ReconstructReport, reconstruct_
+from .repair import repair_
 from .sites import Site, find_sites, make_filter
 from .stats import ActivationStats, ChannelStats, collect_stats
 
@@ -40,11 +44,15 @@ __all__ = [
     "find_sites",
     "fold_affine",
     "fold_affine_into_bn",
-    "fold_batchnorm",
-    "fold_bn",
-    "fuse",
-    "fuse_",
+    "fold_corrections",
+    "fold_corrections_",
+    "fuse_batchnorm",
+    "fuse_bn",
     "make_filter",
     "preserve_statistics",
+    "RecordStats",
+    "batchnorm_goal",
+    "ReconstructReport",
+    "reconstruct_",
     "repair_",
 ]

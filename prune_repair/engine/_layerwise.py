@@ -116,7 +116,7 @@ def layerwise_(
         if inline:
             gram = Gram.for_layer(module, name=fqn, max_bytes=max_gram_bytes)
             gram.add(inputs[0], y)
-            step(i, gram)
+            step(i, gram.all_reduce_())
             refresh_pruned_weight(module, inputs)
         else:
             grams[i].add(inputs[0], y)
@@ -148,7 +148,7 @@ def layerwise_(
                 run(batch)
                 passes += 1
         _check_ran(layers[i:i + 1], done[i:i + 1])
-        step(i, grams.pop(i))
+        step(i, grams.pop(i).all_reduce_())
     return passes
 
 

@@ -27,14 +27,20 @@ def check_finite(model: nn.Module) -> None:
         raise ValueError(f"the model holds NaN/Inf in {', '.join(bad)}: repair needs finite weights")
 
 
-def out_channels(module: nn.Module) -> int:
-    """Output channels of a conv/linear layer (rows of its weight; columns of an HF ``Conv1D``)."""
-    from .producers import out_channels as producer_out_channels
-
-    return producer_out_channels(module)
-
-
-def stored_weight(module: nn.Module) -> torch.Tensor:
+def stored_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
     """The parameter that holds a layer's weight values: ``weight_orig`` when torch.nn.utils.prune
-    masks are attached (corrections written there keep the mask applying), else ``weight``."""
-    return module.weight_orig if hasattr(module, "weight_orig") else module.weight
+    masks are attached (corrections written there keep the mask applying), else ``weight``.
+
+    >>> import torch.nn.utils.prune as tp
+    >>> layer = tp.l1_unstructured(nn.Linear(4, 2), "weight", amount=0.5)
+    >>> stored_weight(layer) is layer.weight_orig, stored_weight(nn.Linear(4, 2)).shape
+    (True, torch.Size([2, 4]))
+    """
+    return getattr(module, name + "_orig") if hasattr(module, name + "_orig") else getattr(module, name)
+
+
+def masked_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The weight a layer computes with: ``weight_orig * weight_mask`` under torch.nn.utils.prune."""
+    if hasattr(module, name + "_orig"):
+        return getattr(module, name + "_orig") * getattr(module, name + "_mask")
+    return getattr(module, name)

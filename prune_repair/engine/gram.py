@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
+
 GRAM_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 """Layers whose Gram statistics :class:`Gram` can accumulate."""
 
@@ -91,6 +93,20 @@ class Gram:
         self.groups, self.d_in, self.out = layer_shape(module)
         self.G, self.C, self.yy = G, C, yy
         self.rows = 0
+
+    def all_reduce_(self) -> "Gram":
+        """Sum ``G``, ``C``, ``yy`` and the row count over the ranks of a torch.distributed
+        process group (one collective; nothing without one), so every rank solves the same
+        system from all the calibration data."""
+        if distributed.is_distributed():
+            flat = torch.cat([self.G.reshape(-1), self.C.reshape(-1), self.yy.reshape(-1),
+                              self.G.new_tensor([float(self.rows)])])
+            distributed.all_reduce_sum_(flat)
+            sizes = [self.G.numel(), self.C.numel(), self.yy.numel()]
+            g, c, yy, rows = flat.split(sizes + [1])
+            self.G, self.C, self.yy = g.view_as(self.G), c.view_as(self.C), yy.view_as(self.yy)
+            self.rows = int(rows.item())
+        return self
 
     @classmethod
     def for_layer(

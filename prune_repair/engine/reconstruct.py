@@ -36,6 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._forward import ForwardFn, as_batches, head
 from ._layerwise import ReferenceOutputs, layerwise_
+from .checks import stored_weight
 from .gram import DEFAULT_MAX_GRAM_BYTES, GRAM_TYPES, Gram, check_gram_memory
 from .ridge import masked_ridge
 from .sites import PRODUCER_TYPES, Selector, make_filter, sites_from_calls, trace_calls
@@ -202,8 +203,7 @@ def current_rows(module: nn.Module, gram: Gram, intercept: bool) -> tuple[torch.
     """The layer's effective weights as ``(groups, out/groups, d_in [+1 bias])`` float64, and its
     keep-mask ``(groups, out/groups, d_in)`` (``weight_mask`` under torch prune, else the nonzeros)."""
     g, d, out = gram.groups, gram.d_in, gram.out
-    reparam = hasattr(module, "weight_orig")
-    stored = module.weight_orig if reparam else module.weight
+    reparam, stored = hasattr(module, "weight_orig"), stored_weight(module)
     mask = ((module.weight_mask != 0) if reparam else (stored != 0)).reshape(g, out // g, d)
     current = (stored.detach().reshape(g, out // g, d) * mask).to(torch.float64)
     if intercept:
@@ -216,8 +216,7 @@ def write_rows_(module: nn.Module, bn: _BatchNorm | None, intercept: str, rows: 
     """Write solved rows (``(groups, out/groups, d_in [+1])``, bias last) into the layer, in place:
     ``weight_orig`` only where ``weight_mask`` keeps under torch prune; the intercept into the bias,
     or subtracted from the running_mean of the BatchNorm that follows."""
-    reparam = hasattr(module, "weight_orig")
-    stored = module.weight_orig if reparam else module.weight
+    reparam, stored = hasattr(module, "weight_orig"), stored_weight(module)
     d = stored[0].numel()
     with torch.no_grad():
         new_w = rows[..., :d].reshape(stored.shape).to(stored.dtype)
@@ -263,8 +262,7 @@ def _check_architecture(layers, reference: nn.Module, kept: dict[str, torch.Tens
             found = "no such layer" if other is None else f"a {type(other).__name__}"
             raise ValueError(f"the reference does not match the model: layer '{fqn}' is a {type(module).__name__} "
                              f"in the model but {found} in the reference")
-        w = module.weight_orig if hasattr(module, "weight_orig") else module.weight
-        w_ref = other.weight_orig if hasattr(other, "weight_orig") else other.weight
+        w, w_ref = stored_weight(module), stored_weight(other)
         if fqn in kept:
             idx = kept[fqn]
             if len(idx) != w.shape[0] or (len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= w_ref.shape[0])):

@@ -21,166 +21,25 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import time
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import distributed
-from ._forward import ForwardFn, StopForward, as_batches, batch_size_of, hooked_pass
+from ._forward import ForwardFn, as_batches, batch_size_of, hooked_pass
 from .checks import check_finite
-from .producers import out_channels as producer_out_channels, site_owner
-from .fuse import Correction, can_shift, fold_correction_
-from .renorm import ChannelAffine, RepairMode, Variant, channel_affine, site_mode
-from .sites import Site
+from .fold import Correction, fold_correction_
+from .renorm import RepairMode, Variant
 from .reconstruct import reconstruct_
 from .report import RepairReport, SiteReport
-from .stats import ActivationStats, ChannelStats, collect_stats
+from .site_plan import SitePlan, make_plans, plan_hooks
+from .stats import ActivationStats, collect_stats
 from .taps import SiteTaps
 
-__all__ = ["RepairReport", "SiteReport", "check_finite", "preserve_statistics", "repair_"]
-
-NEVER_RAN = "it never ran on the calibration data (a branch the data does not reach?)"
-
-
-class _SitePlan:
-    """Measurement, correction and bookkeeping of one site during a repair."""
-
-    def __init__(self, model: nn.Module, site: Site, mode: RepairMode, goal: ChannelStats):
-        self.site, self.mode, self.goal = site, mode, goal
-        self.module = site_owner(model, site)[0]
-        self.shift_ok = can_shift(model, site)
-        self.acc: ChannelStats | None = None
-        self.rel_tol = 4 * torch.finfo(torch.float32).eps  # set from the measured dtype
-        self.affine: ChannelAffine | None = None
-        self.report = SiteReport(site.fqn, mode.value, site.channels)
-
-    @property
-    def is_reset(self) -> bool:
-        return self.mode is RepairMode.RESET
-
-    def measure(self, y: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        cdim = 1 if self.is_reset else self.site.channel_dim
-        if y.shape[cdim] != self.site.channels:
-            raise ValueError(
-                f"site '{self.site.fqn}' has {y.shape[cdim]} channels but its goal statistics have "
-                f"{self.site.channels}: after structured pruning, map the statistics with select_channels()"
-            )
-        s = ChannelStats.of(y, cdim, mask=mask)
-        self.acc = s if self.acc is None else self.acc.merge(s)
-        self.rel_tol = 4 * torch.finfo(y.dtype).eps if y.dtype.is_floating_point else 1e-12
-
-    def finalize(self) -> None:
-        if distributed.is_distributed():  # pool the ranks' statistics before deciding (2 collectives)
-            pooled = distributed.all_reduce_channel_stats({"s": self.acc}, {"s": self.site.channels}, ChannelStats)
-            self.acc = pooled["s"]
-        acc = self.acc
-        if acc is None:  # the site never ran: nothing measured, nothing to correct
-            self.report.mode, self.report.skipped = "skipped", NEVER_RAN
-            return
-        if self.is_reset:
-            bn = self.module
-            dead = ~torch.isfinite(acc.mean) | ~torch.isfinite(acc.var) | (acc.var == 0)
-            self.report.dead_channels = dead.nonzero().flatten().tolist()
-            if bn.running_mean is not None:
-                ok = ~(~torch.isfinite(acc.mean) | ~torch.isfinite(acc.var))
-                with torch.no_grad():
-                    bn.running_mean.copy_(torch.where(ok, acc.mean, bn.running_mean.double()))
-                    bn.running_var.copy_(torch.where(ok, acc.var, bn.running_var.double()))
-            return
-        affine = channel_affine(self.mode, acc.mean, acc.std, self.goal.mean, self.goal.std, self.rel_tol)
-        if not self.shift_ok and bool((affine.shift != 0).any()):
-            affine.shift = torch.zeros_like(affine.shift)
-            self.report.shift_dropped = True
-        self.affine = affine
-        self.report.dead_channels = affine.dead.nonzero().flatten().tolist()
-
-    def apply(self, y: torch.Tensor) -> torch.Tensor:
-        view = [1] * y.dim()
-        view[self.site.channel_dim] = -1
-        scale = self.affine.scale.to(y.dtype).view(view)
-        shift = self.affine.shift.to(y.dtype).view(view)
-        return torch.addcmul(shift, y, scale)
-
-
-def _plans(model: nn.Module, reference: ActivationStats, mode: RepairMode, add_bias: bool
-           ) -> tuple[list[_SitePlan], list[SiteReport]]:
-    """The sites to correct, and reports of the sites ``mode`` does not apply to."""
-    plans, skipped = [], []
-    for site in reference.sites:
-        if site.kind == "block":
-            raise ValueError(
-                f"site '{site.fqn}' is a block output: a correction there cannot be folded into the original "
-                "architecture (a residual sum has no weights of its own); collect the goal without blocks="
-            )
-        try:
-            module, (producer, part) = site_owner(model, site)[0], site_owner(model, site.producer)
-        except AttributeError:
-            raise ValueError(
-                f"the reference statistics name layer '{site.fqn}', which the model does not have: "
-                "collect them on a model of the same architecture"
-            ) from None
-        out = producer_out_channels(producer, part)
-        if out != site.channels:
-            raise ValueError(
-                f"layer '{site.producer}' has {out} output channels but the reference statistics have "
-                f"{site.channels}: after structured pruning, map them with ActivationStats.select_channels()"
-            )
-        m = site_mode(mode, isinstance(module, _BatchNorm))
-        if m is RepairMode.NONE:
-            skipped.append(SiteReport(site.fqn, "skipped", site.channels, skipped="no BatchNorm to reset there"))
-            continue
-        if add_bias and m in (RepairMode.REPAIR, RepairMode.RESHIFT) and not can_shift(model, site):
-            if part is not None or isinstance(producer, nn.MultiheadAttention):
-                raise ValueError(f"attention '{site.producer}' has no in-projection bias to hold a shift, and "
-                                 "adding one is not supported: repair without add_bias (the scale is applied)")
-            weight = producer.weight
-            producer.bias = nn.Parameter(torch.zeros(out, dtype=weight.dtype, device=weight.device))
-        plans.append(_SitePlan(model, site, m, reference[site.fqn]))
-    return plans, skipped
-
-
-def _hooks(plans: list[_SitePlan], measuring: set, inline: bool, applying: set, stop_after: _SitePlan | None):
-    """Pre-hooks (reset sites) and site taps (affine sites) for one kind of pass:
-    ``(pre_hooks, sites, observe, correction)``, see :class:`~prune_repair.engine.taps.SiteTaps`."""
-    pre_hooks, by_site = {}, {}
-    for plan in plans:
-        if plan.is_reset:
-
-            def pre(module, inputs, plan=plan):
-                if plan in measuring:
-                    plan.measure(inputs[0])
-                    if inline:
-                        plan.finalize()
-                if plan is stop_after:
-                    raise StopForward
-
-            pre_hooks[plan.module] = pre
-        else:
-            by_site[plan.site.fqn] = plan
-
-    def observe(site: Site, y: torch.Tensor, mask: torch.Tensor | None) -> None:
-        plan = by_site[site.fqn]
-        if plan in measuring:
-            plan.measure(y, mask)
-            if inline:
-                plan.finalize()
-        if plan is stop_after:
-            raise StopForward
-
-    def correction(site: Site) -> tuple[torch.Tensor, torch.Tensor] | None:
-        plan = by_site[site.fqn]
-        if plan.affine is not None and (plan in applying or (inline and plan in measuring)):
-            return plan.affine.scale, plan.affine.shift
-        return None
-
-    return pre_hooks, [p.site for p in by_site.values()], observe, correction
-
+__all__ = ["RepairReport", "SiteReport", "check_finite", "repair_"]
 
 def repair_(
     model: nn.Module,
@@ -257,7 +116,7 @@ def repair_(
     if samples < 2:
         raise ValueError("calibration needs at least 2 samples to measure a spread: pass a larger batch")
     check_finite(model)
-    plans, skipped = ([], []) if mode is RepairMode.NONE else _plans(model, reference, mode, add_bias)
+    plans, skipped = ([], []) if mode is RepairMode.NONE else make_plans(model, reference, mode, add_bias)
     if mode is RepairMode.RESET and not plans:
         raise ValueError("reset recomputes BatchNorm statistics, but no site of this model is followed by a "
                          "BatchNorm: use repair='repair' (or 'auto')")
@@ -265,9 +124,9 @@ def repair_(
              for p in plans if p.is_reset and p.module.running_mean is not None}
     passes = 0
 
-    def run(measuring: set, inline: bool, applying: set, stop_after: _SitePlan | None = None) -> None:
+    def run(measuring: set, inline: bool, applying: set, stop_after: SitePlan | None = None) -> None:
         nonlocal passes
-        pre, sites, observe, correction = _hooks(plans, measuring, inline, applying, stop_after)
+        pre, sites, observe, correction = plan_hooks(plans, measuring, inline, applying, stop_after)
         with (hooked_pass(model, pre_hooks=pre, forward_fn=forward_fn) as forward,
               SiteTaps(model, sites, observe, correction).attached(forward) as tapped):
             for batch in batches:
@@ -327,41 +186,3 @@ def _reconstruct_then_repair_(model: nn.Module, reference: Any, data: Any, mode:
     report.extra["reconstruct"] = rebuilt.to_dict()
     report.seconds = time.perf_counter() - start
     return report
-
-
-class preserve_statistics(contextlib.AbstractContextManager):
-    """Record statistics on enter, repair toward them on exit (when no error was raised).
-
-    >>> import torch, torch.nn.utils.prune
-    >>> from torch import nn
-    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-    >>> batch = torch.randn(32, 8)
-    >>> with preserve_statistics(model, batch) as kept:
-    ...     torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.9) and None
-    >>> kept.report.mode
-    'auto'
-    """
-
-    def __init__(self, model: nn.Module, data: Any, **repair_kwargs: Any):
-        self.model, self.data = model, data
-        self.select = repair_kwargs.pop("select", None)
-        self.include_classifier = repair_kwargs.pop("include_classifier", False)
-        self.repair_kwargs = repair_kwargs
-        self.report: RepairReport | None = None
-
-    def __enter__(self) -> "preserve_statistics":
-        repair = self.repair_kwargs.get("repair", self.repair_kwargs.get("mode", RepairMode.AUTO))
-        if RepairMode.parse(repair, "correction").reconstructs:  # reconstruction fits the layer outputs
-            self.reference = copy.deepcopy(self.model)
-            return self
-        self.reference = collect_stats(
-            self.model, self.data, select=self.select, include_classifier=self.include_classifier,
-            forward_fn=self.repair_kwargs.get("forward_fn"),
-        )
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.report = repair_(self.model, self.reference, self.data, **self.repair_kwargs)
-        return None
-

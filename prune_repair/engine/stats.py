@@ -28,6 +28,22 @@ from .sites import Selector, Site, find_sites
 from .taps import SiteTaps
 
 
+def merge_moments(a: tuple, b: tuple, comoment: Callable[[torch.Tensor], torch.Tensor] = torch.square) -> tuple:
+    """Pooled ``(count, mean, m2)`` of two parts (Chan's parallel update); ``comoment(delta)``
+    squares the mean difference (an outer product for cross-moments).
+
+    >>> x = torch.tensor([1.0, 2.0, 3.0, 10.0], dtype=torch.float64)
+    >>> part = lambda v: (len(v), v.mean(), v.var(correction=0) * len(v))
+    >>> n, mean, m2 = merge_moments(part(x[:1]), part(x[1:]))
+    >>> n, float(mean), torch.isclose(m2 / n, x.var(correction=0)).item()
+    (4, 4.0, True)
+    """
+    (na, mean_a, m2_a), (nb, mean_b, m2_b) = a, b
+    n = na + nb
+    delta = mean_b - mean_a
+    return n, mean_a + delta * (nb / n), m2_a + m2_b + comoment(delta) * (na * nb / n)
+
+
 @dataclass
 class ChannelStats:
     """Mean and variance of each channel over ``count`` values per channel (float64).
@@ -95,11 +111,7 @@ class ChannelStats:
 
     def merge(self, other: "ChannelStats") -> "ChannelStats":
         """Pooled statistics of both (order does not matter)."""
-        n = self.count + other.count
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.count / n)
-        m2 = self.m2 + other.m2 + delta.square() * (self.count * other.count / n)
-        return ChannelStats(n, mean, m2)
+        return ChannelStats(*merge_moments((self.count, self.mean, self.m2), (other.count, other.mean, other.m2)))
 
     @property
     def var(self) -> torch.Tensor:

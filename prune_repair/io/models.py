@@ -18,10 +18,14 @@ from torch import nn
 from .. import zoo
 from .checkpoints import check_compatible, load_state_dict
 from .errors import ZOO_PREFIX, CheckpointError, _first_line
+from .hf import hf_settings, is_hf_spec, load_hf_dir, load_hf_model
 
 def build_model(arch: str, arch_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     """Build an untrained model from a torchvision name (``resnet18``) or ``package.module:Factory``."""
     kwargs = dict(arch_kwargs or {})
+    if is_hf_spec(arch):
+        hf_settings(kwargs)
+        return load_hf_dir(arch)
     if not arch:
         raise CheckpointError("no architecture given: pass --arch (a torchvision name or package.module:Factory)")
     if ":" in arch:
@@ -99,6 +103,9 @@ def load_model(ckpt: str, arch: str, arch_kwargs: Mapping[str, Any] | None = Non
     The model takes the dtype of the checkpoint (see :func:`checkpoint_dtype`); when that
     is not the default float32, a :class:`CastInputs` pre-hook casts floating inputs.
     """
+    if is_hf_spec(arch):  # an HF model directory (optional extra): see prune_repair.io.hf
+        hf_settings(arch_kwargs)
+        return load_hf_model(ckpt, arch)
     model = build_model(arch, arch_kwargs)
     if ckpt.startswith(ZOO_PREFIX):
         _zoo_entry(ckpt[len(ZOO_PREFIX):])
@@ -123,6 +130,8 @@ def resolve_arch(checkpoints: list[str], arch: str | None, arch_kwargs: Mapping[
     if arch:
         return arch, dict(arch_kwargs or {})
     for ckpt in checkpoints:
+        if is_hf_spec(ckpt):  # hf:DIR implies --arch hf:DIR
+            return ckpt, dict(arch_kwargs or {})
         if ckpt.startswith(ZOO_PREFIX):
             name = ckpt[len(ZOO_PREFIX):]
             _zoo_entry(name)

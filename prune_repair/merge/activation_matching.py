@@ -30,7 +30,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,7 @@ from torch import nn
 from ..engine import distributed
 from ..engine._forward import ForwardFn, as_batches, first_tensor, hooked_pass
 from ..engine.sites import Site
-from ..engine.stats import ActivationStats, ChannelStats
+from ..engine.stats import ActivationStats, ChannelStats, merge_moments
 from .groups import PermGroup
 from .permute import Alignment
 from .weight_matching import assign
@@ -134,11 +134,8 @@ class _Moments:
         if self.mean is None:
             self.n, self.mean, self.m2 = n, mean, m2
             return
-        total = self.n + n
-        delta = mean - self.mean
-        self.m2 = self.m2 + m2 + self._comoment(delta[:, None, :]) * (self.n * n / total)
-        self.mean = self.mean + delta * (n / total)
-        self.n = total
+        self.n, self.mean, self.m2 = merge_moments((self.n, self.mean, self.m2), (n, mean, m2),
+                                                   lambda delta: self._comoment(delta[:, None, :]))
 
     @staticmethod
     def all_reduce_(moments: Sequence["_Moments"]) -> None:
@@ -202,7 +199,7 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
                 spec.setdefault(mods[p.module], []).append(((name, i), p.side))
         specs.append(spec)
     moments: dict[tuple[str, int], _Cross] = {}
-    for batch in as_batches(data):
+    for batch in _each_batch(data):
         ya = _capture(a, batch, specs[0], forward_fn)
         yb = _capture(b, batch, specs[1], forward_fn)
         for name, plist in probe_lists.items():
@@ -242,6 +239,20 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
         perms[g.name] = assign(corr, g.labels)
         dead[g.name] = int(dead_any.sum())
     return Alignment(perms, "activation", time.perf_counter() - start, dead_units=dead)
+
+
+def _each_batch(data: Any) -> Iterator[Any]:
+    """The batches of ``data`` (as :func:`as_batches`), one at a time: a DataLoader or a
+    generator is never held in memory whole."""
+    if isinstance(data, (torch.Tensor, dict, tuple)) or not isinstance(data, Iterable):
+        yield from as_batches(data)
+        return
+    empty = True
+    for batch in data:
+        empty = False
+        yield batch
+    if empty:
+        raise ValueError("the calibration data is empty: pass at least one batch")
 
 
 @dataclass

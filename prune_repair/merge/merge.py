@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..engine._forward import ForwardFn, as_batches, batch_size_of
-from ..engine.fuse import Correction, can_shift, fold_correction_
+from ..engine.fold import Correction, can_shift, fold_correction_
 from .find_groups import find_groups
 from .groups import PermGroup
 from ..engine.registry import MethodEnum
@@ -163,7 +163,7 @@ def prepare_merge(models: Sequence[nn.Module], data: Any, *, align: Align | str 
                   groups: Sequence[PermGroup] | Mapping[str, Sequence[str]] | None = None,
                   forward_fn: ForwardFn | None = None, seed: int = 0, max_sweeps: int = 100,
                   select: Selector = None, include_classifier: bool = False,
-                  names: Sequence[str] | None = None) -> MergePlan:
+                  names: Sequence[str] | None = None, align_data: Any = None) -> MergePlan:
     """Check, find groups, align ``models[1:]`` to ``models[0]``; inputs are not changed.
 
     Args:
@@ -175,6 +175,9 @@ def prepare_merge(models: Sequence[nn.Module], data: Any, *, align: Align | str 
         seed: seed of weight matching's group order.
         select, include_classifier: which sites are repaired (see :func:`~prune_repair.find_sites`).
         names: how the models are called in error messages (e.g. file names).
+        align_data: data for activation matching in place of ``data`` (which then serves
+            repair only): an iterable of batches (a DataLoader) is read batch by batch, and
+            the matching's memory does not grow with its length.
     """
     align = Align.parse(align, "alignment")
     models = list(models)
@@ -197,7 +200,7 @@ def prepare_merge(models: Sequence[nn.Module], data: Any, *, align: Align | str 
     start = time.perf_counter()
     alignments, aligned = [Alignment(identity_perms(found), "reference")], [models[0]]
     for m in models[1:]:
-        al = find_alignment(models[0], m, found, batches, method=align, forward_fn=forward_fn, seed=seed,
+        al = find_alignment(models[0], m, found, batches if align_data is None else align_data, method=align, forward_fn=forward_fn, seed=seed,
                             max_sweeps=max_sweeps)
         alignments.append(al)
         aligned.append(permute(m, found, al.perms))

@@ -32,6 +32,7 @@ from .masks import (
     measure_sparsity,
     remove_reparametrization_,
 )
+from .obs import ObsOptions, ObsReport, obs_prune_
 from .methods import FisherOptions, PruneMethod, PruneReport, PruneScores, parse_method, prune_, score_weights
 from .structured import (
     StructuredReport,
@@ -46,6 +47,9 @@ from .woodfisher import InverseFisher, inverse_fisher, woodfisher_memory, woodfi
 
 __all__ = [
     "FisherOptions",
+    "ObsOptions",
+    "ObsReport",
+    "obs_prune_",
     "InverseFisher",
     "MaskStyle",
     "PruneError",

@@ -31,6 +31,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ..engine import distributed
+from ..engine._forward import eval_mode
 from .targets import PruneError, Target, effective_weights
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -109,10 +110,8 @@ def gradient_chunks(
     order = _sample_order(len(x), num_grads * group_size, seed)
     names = {t.stored_name: t.fqn for t in targets}
     state = {**{n: p.detach() for n, p in model.named_parameters()}, **dict(model.named_buffers())}
-    modes = [(m, m.training) for m in model.modules()]
     use_vmap = True
-    try:
-        model.eval()
+    with eval_mode(model):
         for start in range(0, num_grads, chunk):
             k = min(chunk, num_grads - start)
             idx = order[start * group_size:(start + k) * group_size]
@@ -130,9 +129,6 @@ def gradient_chunks(
             yield grads
             if progress is not None:
                 progress(start + k, num_grads)
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _vmap_grads(model, state, names, xb, yb, loss_fn) -> dict[str, torch.Tensor]:

@@ -147,6 +147,8 @@ def _example(data: Any) -> Any:
         return data[:2]
     if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
         return data[0][:2]
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], dict):  # (model-input dict, labels)
+        return {k: v[:2] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in data[0].items()}
     return data
 
 

@@ -46,6 +46,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..engine._forward import ForwardFn, as_batches, head
 from ..engine._layerwise import ReferenceOutputs, layerwise_
+from ..engine.checks import masked_weight
 from ..engine.gram import DEFAULT_MAX_GRAM_BYTES, GRAM_TYPES, Gram, check_gram_memory
 from ..engine.reconstruct import check_gram, current_rows, intercept_kind, write_rows_
 from ..engine.ridge import masked_ridge
@@ -243,7 +244,7 @@ def _global_budgets(layers, sparsity) -> list[int]:
     scores = []
     with torch.no_grad():
         for _, module in layers:
-            w = module.weight_orig * module.weight_mask if hasattr(module, "weight_orig") else module.weight
+            w = masked_weight(module)
             scores.append(w.detach().reshape(-1).to(torch.float64).square().cpu())
     flat = torch.cat(scores)
     drop = torch.zeros(flat.numel(), dtype=torch.bool)

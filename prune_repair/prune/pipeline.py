@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..engine.evaluate import evaluate
+from ..engine._forward import head
 from .fisher import Progress
 from .masks import check_sparsity, measure_sparsity, sparsity_all_params
 from .obs import ObsOptions
@@ -37,7 +38,7 @@ from .woodfisher import check_woodfisher_memory
 from ..engine.renorm import RepairMode
 from ..engine.repair import repair_
 from ..engine.sites import Selector
-from ..engine.stats import collect_stats
+from ..engine.stats import ActivationStats, collect_stats
 
 Metrics = dict[str, float]
 
@@ -127,6 +128,9 @@ def prune_and_repair(
     on_row: Callable[[PruneRow], None] | None = None,
     reconstruct_options: dict[str, Any] | None = None,
     obs: ObsOptions | None = None,
+    goal: ActivationStats | None = None,
+    evaluate_fn: Callable[[nn.Module, Any, Any], Metrics] | None = None,
+    calib_batch_size: int | None = None,
 ) -> PruneRun:
     """Prune ``model`` (left unchanged) at each sparsity, repair toward its statistics, evaluate.
 
@@ -145,6 +149,13 @@ def prune_and_repair(
         reconstruct_options: keywords of :func:`~prune_repair.engine.reconstruct.reconstruct_`
             (``damping``, ...) for ``repair="reconstruct"`` / ``"reconstruct+repair"``, which fit
             each layer to the dense model's outputs on ``calib``.
+        goal: goal statistics to repair toward instead of measuring the dense model on
+            ``calib`` (e.g. :func:`~prune_repair.engine.goal_stats.batchnorm_goal`, or a file
+            saved by ``RecordStats``); ``calib`` still measures the pruned models.
+        evaluate_fn: ``evaluate_fn(model, eval_x, eval_y) -> {"acc", "loss", ...}`` in place of
+            :func:`~prune_repair.engine.evaluate.evaluate` (dict batches, perplexity of HF LMs).
+        calib_batch_size: statistics and repair see ``calib`` in batches of this many samples
+            (exact all the same; bounds the memory of one pass). Default: one batch.
     """
     sparsities = [check_sparsity(s) for s in sparsities]
     if not sparsities:
@@ -152,19 +163,25 @@ def prune_and_repair(
     method, mode = parse_method(method), RepairMode.parse(repair, "correction")
     x, y = calib
     eval_x, eval_y = eval_data if eval_data is not None else calib
+    stats_x = list(x.split(calib_batch_size)) if calib_batch_size and torch.is_tensor(x) and len(x) > calib_batch_size else x
     targets = find_targets(model, select=select, skip_first=skip_first, skip_classifier=skip_classifier,
-                           example_inputs=x[:2], include_tied=include_tied)
+                           example_inputs=head(x, 2), include_tied=include_tied)
     if method is PruneMethod.WOODFISHER:  # refuse before any work, not after the dense evaluation
         o = options or FisherOptions()
         check_woodfisher_memory(targets, o.block_size, o.dtype, o.rank, o.max_memory_gb)
     start = time.perf_counter()
-    dense = evaluate(model, eval_x, eval_y)
+    evaluate_ = evaluate_fn or evaluate
+    dense = evaluate_(model, eval_x, eval_y)
     seconds = {"evaluate": time.perf_counter() - start}
     start = time.perf_counter()
+    if goal is not None and mode.reconstructs:
+        raise PruneError(f"repair '{mode.value}' fits the dense model's layer outputs: it cannot use goal statistics")
     if mode.reconstructs:
         reference = model  # reconstruction fits the dense model's layer outputs
+    elif goal is not None:
+        reference = goal if mode is not RepairMode.NONE else None
     else:
-        reference = collect_stats(model, x, include_classifier=include_classifier) if mode is not RepairMode.NONE else None
+        reference = collect_stats(model, stats_x, include_classifier=include_classifier) if mode is not RepairMode.NONE else None
     seconds["reference_stats"] = time.perf_counter() - start
     scores = None if method.reconstructs else score_weights(
         model, method, fisher_data if fisher_data is not None else calib, targets=targets, options=options,
@@ -176,16 +193,16 @@ def prune_and_repair(
                         skip_classifier=skip_classifier, options=options, scores=scores, include_tied=include_tied,
                         obs=obs)
         start = time.perf_counter()
-        before = evaluate(pruned, eval_x, eval_y)
+        before = evaluate_(pruned, eval_x, eval_y)
         after, repair_seconds, dead, correction = before, 0.0, 0, {}
         if reference is not None:
-            result = repair_(pruned, reference, x, repair=mode, **(reconstruct_options or {}))
+            result = repair_(pruned, reference, stats_x, repair=mode, **(reconstruct_options or {}))
             repair_seconds, correction = result.seconds, result.to_dict()
             dead = sum(len(v) for v in result.dead_channels.values())
-            after = evaluate(pruned, eval_x, eval_y)
+            after = evaluate_(pruned, eval_x, eval_y)
         seconds["evaluate"] += time.perf_counter() - start - repair_seconds
         achieved = measure_sparsity(find_targets(pruned, select=select, skip_first=skip_first,
-                                                 skip_classifier=skip_classifier, example_inputs=x[:2],
+                                                 skip_classifier=skip_classifier, example_inputs=head(x, 2),
                                                  include_tied=include_tied))
         row = PruneRow(
             sparsity, achieved.fraction, before["acc"], before["loss"], after["acc"], after["loss"],

@@ -49,6 +49,7 @@ from torch import nn
 
 from ..engine._forward import ForwardFn, as_batches
 from ..io.outputs import atomic_write
+from ..engine.producers import out_channels
 from ..engine.renorm import RepairMode, Variant
 from ..engine.repair import RepairReport, repair_  # noqa: F401  (RepairReport: annotation)
 from ..engine.sites import PRODUCER_TYPES
@@ -150,7 +151,7 @@ def repair_structured_(
         idx = kept.get(site.fqn, kept.get(site.producer))
         layer = modules.get(site.producer)
         if idx is not None and layer is not None:
-            out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+            out = out_channels(layer)
             if int(idx.numel()) != out:
                 raise PruneError(
                     f"layer '{site.producer}' has {out} output channels but {idx.numel()} are marked kept: "

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.checks import masked_weight, stored_weight
 from ..engine.producers import is_packed_attention, is_producer
 from ..engine.sites import Selector, executed_producers, make_filter, trace_calls
 
@@ -54,15 +55,12 @@ class Target:
     @property
     def weight(self) -> torch.Tensor:
         """The effective weight (masked when torch.nn.utils.prune reparametrized the layer)."""
-        if hasattr(self.module, self.name + "_orig"):
-            return getattr(self.module, self.name + "_orig") * getattr(self.module, self.name + "_mask")
-        return getattr(self.module, self.name)
+        return masked_weight(self.module, self.name)
 
     @property
     def stored(self) -> nn.Parameter:
         """The parameter that holds the values: ``weight_orig`` under torch prune, else ``weight``."""
-        stored = getattr(self.module, self.name + "_orig", None)
-        return getattr(self.module, self.name) if stored is None else stored
+        return stored_weight(self.module, self.name)
 
     @property
     def stored_name(self) -> str:

@@ -1,9 +1,12 @@
-"""Folding per-channel affine corrections into weights, and BatchNorm into convs.
+"""Folding per-channel affine corrections into weights; fusing BatchNorm into convs.
 
-Two levels, like ``torch.nn.utils.fusion``: pure tensor functions
-(:func:`fold_affine`, :func:`fold_affine_into_bn`, :func:`fold_bn`) and module-level
-wrappers (:func:`fold_correction_`, :func:`fuse_`, :func:`fuse`, :func:`fold_batchnorm`).
-Folding scales weight rows, so zeros stay zeros and sparsity is preserved exactly.
+"Fold" puts a correction into the weights of the original architecture (the checkpoint
+keeps its keys); "fuse" keeps torch's meaning, conv + BatchNorm -> one conv. Two levels,
+like ``torch.nn.utils.fusion``: pure tensor functions (:func:`fold_affine`,
+:func:`fold_affine_into_bn`, :func:`fuse_bn`) and module-level wrappers
+(:func:`fold_correction_`, :func:`fold_corrections_`, :func:`fold_corrections`,
+:func:`fuse_batchnorm`). Folding scales weight rows, so zeros stay zeros and sparsity is
+preserved exactly.
 
 Example:
     >>> import torch
@@ -16,13 +19,16 @@ Example:
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .checks import stored_weight
 from .producers import output_rows, site_owner
 from .sites import Site, find_sites
 
@@ -83,7 +89,7 @@ def fold_affine_into_bn(
     return weight, bias, new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
 
 
-def fold_bn(
+def fuse_bn(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     bn_mean: torch.Tensor,
@@ -100,11 +106,6 @@ def fold_bn(
     b = torch.zeros_like(g) if bias is None else bias.to(torch.float64)
     new_w, _ = fold_affine(weight, None, g, None)
     return new_w, (beta + g * (b - bn_mean.to(torch.float64))).to(weight.dtype)
-
-
-def _weight_param(module: nn.Module) -> torch.Tensor:
-    """The stored weight: ``weight_orig`` when torch.nn.utils.prune reparametrized it."""
-    return module.weight_orig if hasattr(module, "weight_orig") else module.weight
 
 
 def can_shift(model: nn.Module, site: Site) -> bool:
@@ -146,7 +147,7 @@ def fold_correction_(model: nn.Module, site: Site, correction: Correction) -> No
             bias.copy_(new_b)
 
 
-def fuse_(model: nn.Module, corrections: dict[str, Correction], sites: list[Site]) -> nn.Module:
+def fold_corrections_(model: nn.Module, corrections: dict[str, Correction], sites: list[Site]) -> nn.Module:
     """Fold every correction into ``model`` in place and return it."""
     by_fqn = {s.fqn: s for s in sites}
     for fqn, correction in corrections.items():
@@ -154,17 +155,17 @@ def fuse_(model: nn.Module, corrections: dict[str, Correction], sites: list[Site
     return model
 
 
-def fuse(model: nn.Module, corrections: dict[str, Correction], sites: list[Site]) -> nn.Module:
-    """Like :func:`fuse_` but returns a corrected copy; ``model`` is left unchanged."""
-    return fuse_(copy.deepcopy(model), corrections, sites)
+def fold_corrections(model: nn.Module, corrections: dict[str, Correction], sites: list[Site]) -> nn.Module:
+    """Like :func:`fold_corrections_` but returns a corrected copy; ``model`` is left unchanged."""
+    return fold_corrections_(copy.deepcopy(model), corrections, sites)
 
 
-def fold_batchnorm(model: nn.Module, example_inputs: Any, forward_fn=None) -> nn.Module:
+def fuse_batchnorm(model: nn.Module, example_inputs: Any, forward_fn=None) -> nn.Module:
     """A copy of ``model`` with every BatchNorm that directly follows a conv/linear
     folded into it and replaced by ``nn.Identity`` (state_dict keys change).
 
     >>> m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).eval()
-    >>> fused = fold_batchnorm(m, torch.randn(2, 1, 5, 5))
+    >>> fused = fuse_batchnorm(m, torch.randn(2, 1, 5, 5))
     >>> type(fused[1]).__name__
     'Identity'
     """
@@ -173,11 +174,12 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any, forward_fn=None) -> nn
         if site.norm is None or not isinstance(fused.get_submodule(site.norm), _BatchNorm):
             continue
         layer, bn = fused.get_submodule(site.producer), fused.get_submodule(site.norm)
-        if bn.running_mean is None:
-            continue  # batch statistics at eval time: nothing fixed to fold
-        w, b = fold_bn(_weight_param(layer), layer.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        if bn.running_mean is None:  # batch statistics at eval time: nothing fixed to fuse
+            warnings.warn(f"BatchNorm '{site.norm}' keeps no running statistics, so it is left in place")
+            continue
+        w, b = fuse_bn(stored_weight(layer), layer.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
         with torch.no_grad():
-            _weight_param(layer).copy_(w)
+            stored_weight(layer).copy_(w)
             if layer.bias is None:
                 layer.bias = nn.Parameter(b)
             else:
@@ -185,3 +187,20 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any, forward_fn=None) -> nn
         parent_name, _, child = site.norm.rpartition(".")
         setattr(fused.get_submodule(parent_name) if parent_name else fused, child, nn.Identity())
     return fused
+
+
+def _renamed(new: Callable, old: str) -> Callable:
+    def old_name(*args: Any, **kwargs: Any) -> Any:
+        warnings.warn(f"{old} is renamed {new.__name__}", DeprecationWarning, stacklevel=2)
+        return new(*args, **kwargs)
+
+    old_name.__name__ = old_name.__qualname__ = old
+    old_name.__doc__ = f"Deprecated name of :func:`{new.__name__}`."
+    return old_name
+
+
+# deprecated names (before "fold" and "fuse" were told apart)
+fuse_ = _renamed(fold_corrections_, "fuse_")
+fuse = _renamed(fold_corrections, "fuse")
+fold_bn = _renamed(fuse_bn, "fold_bn")
+fold_batchnorm = _renamed(fuse_batchnorm, "fold_batchnorm")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from prune_repair import Correction, find_sites, fold_affine, fold_affine_into_bn, fold_batchnorm, fold_bn, fuse
+from prune_repair import Correction, find_sites, fold_affine, fold_affine_into_bn, fold_corrections, fuse_batchnorm, fuse_bn
 from engine_helpers import inputs_for, tiny_models
 
 torch.manual_seed(0)
@@ -49,14 +49,14 @@ def test_fold_bn_equals_conv_then_batchnorm():
     bn.running_var.uniform_(0.5, 2)
     bn.weight.data.uniform_(0.5, 1.5)
     x = torch.randn(2, 2, 6, 6, dtype=D)
-    w, b = fold_bn(conv.weight, None, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+    w, b = fuse_bn(conv.weight, None, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
     assert_close(F.conv2d(x, w, b), bn(conv(x)))
 
 
 @pytest.mark.parametrize("name", ["cnn-bn", "resnet-bn", "resnet18"])
-def test_fold_batchnorm_model_computes_the_same_function(name):
+def test_fuse_batchnorm_model_computes_the_same_function(name):
     model, x = tiny_models()[name], inputs_for(name, 4)
-    folded = fold_batchnorm(model, x)
+    folded = fuse_batchnorm(model, x)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
     assert_close(folded(x), model(x))
     assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -68,7 +68,19 @@ def test_fuse_returns_a_corrected_copy_and_leaves_the_input_alone():
     before = copy.deepcopy(model.state_dict())
     corrections = {s.fqn: Correction(torch.full((s.channels,), 2.0, dtype=D), torch.ones(s.channels, dtype=D))
                    for s in sites[:1]}
-    fused = fuse(model, corrections, sites)
+    fused = fold_corrections(model, corrections, sites)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     expected = model.features.fc1(x.flatten(1)) * 2 + 1
     assert_close(fused.features.fc1(x.flatten(1)), expected)
+
+
+def test_the_old_names_still_work_and_say_they_are_deprecated():
+    import prune_repair as pr
+
+    conv, bn = torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2).eval()
+    with pytest.warns(DeprecationWarning, match="fold_bn is renamed fuse_bn"):
+        old = pr.fold_bn(conv.weight, None, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+    new = pr.fuse_bn(conv.weight, None, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+    assert all(torch.equal(a, b) for a, b in zip(old, new))
+    with pytest.warns(DeprecationWarning, match="fuse_ is renamed fold_corrections_"):
+        pr.fuse_(torch.nn.Sequential(torch.nn.Linear(2, 2)), {}, [])

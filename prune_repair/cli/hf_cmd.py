@@ -1,0 +1,256 @@
+"""``prune`` and ``repair`` for HF models (``--arch hf:DIR`` or a checkpoint ``hf:DIR``).
+
+The commands in :mod:`prune_cmd` / :mod:`repair_cmd` hand over here when the model is an
+HF directory: data may be tokenized (:mod:`prune_repair.io.tokens`) or images (``x``/``y``,
+fed as the model's ``pixel_values``); batches are dicts fed as ``model(**batch)``; causal
+LMs are evaluated by perplexity (``{"ppl", "loss"}``), classifiers by accuracy; ``--out``
+is an HF directory written with ``save_pretrained`` (safetensors), atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from ..engine import distributed
+from ..engine.checks import check_finite
+from ..engine.evaluate import DataError
+from ..engine.evaluate_lm import accuracy, logits_of, perplexity
+from ..engine.renorm import RepairMode
+from ..engine.repair import repair_
+from ..engine.stats import collect_stats
+from ..engine._forward import default_forward, eval_mode, head
+from ..io import tokens as tok
+from ..io.data import calibration_batch, load_dataset
+from ..io.errors import CheckpointError, _first_line
+from ..io.hf import (check_hf_output, hf_settings, is_causal_lm, is_hf_spec, load_hf_model, model_inputs_name,
+                     save_hf_model)
+from ..io.outputs import check_output_path
+from ..prune.methods import PruneMethod
+from ..prune.pipeline import prune_and_repair
+from .common import calib_size_for, console, progress, write_report
+
+EVAL_BATCH = 32
+HF_METHODS = (PruneMethod.GLOBAL_MAGNITUDE, PruneMethod.LAYER_MAGNITUDE)
+
+
+def wants_hf(arch: str | None, checkpoints: list[str]) -> bool:
+    """Whether a command runs on an HF model: ``--arch hf:DIR``, or (no --arch) a checkpoint ``hf:DIR``."""
+    return is_hf_spec(arch) if arch else any(is_hf_spec(c) for c in checkpoints)
+
+
+def resolve_hf_arch(arch: str | None, checkpoints: list[str], arch_kwargs: Any) -> str:
+    hf_settings(arch_kwargs)
+    if arch:
+        return arch
+    return next(c for c in checkpoints if is_hf_spec(c))
+
+
+@dataclass
+class HFData:
+    """Calibration batch (model inputs) and evaluation set of an HF command."""
+
+    calib: dict[str, torch.Tensor]
+    eval_batches: list[dict[str, torch.Tensor]]
+    eval_labels: list[torch.Tensor] | None  # class labels per batch (classifiers)
+    eval_name: str
+    eval_count: int
+    task: str  # "lm" or "classifier"
+
+    @property
+    def metric(self) -> str:
+        return "ppl" if self.task == "lm" else "acc"
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        if self.task == "lm":
+            return perplexity(model, self.eval_batches)
+        return accuracy(model, self.eval_batches, self.eval_labels)
+
+
+def _load_split(spec: str, model: torch.nn.Module, lm: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """(inputs incl. optional token labels, class labels or None) of a data spec."""
+    name = model_inputs_name(model)
+    if tok.is_token_data(spec):
+        data = tok.load_tokens(spec)
+        if name != "input_ids":
+            raise DataError(f"{spec} holds token ids but the model takes {name}: give data of the model's kind")
+        labels = data.get("labels")
+        if labels is not None and labels.dim() == 1:
+            data = {k: v for k, v in data.items() if k != "labels"}
+            return data, labels
+        return data, None
+    if name == "input_ids":
+        raise DataError(f"{spec} holds no 'input_ids' but the model reads token ids: give a .pt/.npz with "
+                        "input_ids (and attention_mask) or a .jsonl with one {\"input_ids\": [...]} per line")
+    x, y = load_dataset(spec)
+    return {name: x}, y
+
+
+def load_hf_data(model: torch.nn.Module, data: str, eval_data: str | None, calib_size: int, seed: int,
+                 device: torch.device) -> HFData:
+    if calib_size < 2:
+        raise DataError(f"--calib-size {calib_size} is too small: statistics need at least 2 samples")
+    lm = is_causal_lm(model)
+    eval_data = eval_data or data
+    inputs, labels = _load_split(data, model, lm)
+    if "input_ids" in inputs:
+        calib = tok.draw(inputs, calib_size, seed)
+    else:  # images: the draw of calibration_batch
+        (key, x), = inputs.items()
+        calib = {key: calibration_batch(x, labels, calib_size, seed)[0]}
+    calib = {k: v for k, v in calib.items() if k != "labels"}  # token targets only score the evaluation
+    ev_inputs, ev_labels = (inputs, labels) if eval_data == data else _load_split(eval_data, model, lm)
+    if not lm and ev_labels is None:
+        raise DataError(f"--eval-data {eval_data} has no labels, which accuracy needs: add 'labels' (one class "
+                        "per sequence) or give x/y data")
+    batches, label_batches = [], []
+    n = tok.num_sequences(ev_inputs)
+    for start in range(0, n, EVAL_BATCH):
+        part = slice(start, start + EVAL_BATCH)
+        batches.append(tok.select(ev_inputs, part) if "input_ids" in ev_inputs else
+                       {k: v[part] for k, v in ev_inputs.items()})
+        if ev_labels is not None:
+            label_batches.append(ev_labels[part])
+    return HFData({k: v.to(device) for k, v in calib.items()}, batches, label_batches if not lm else None,
+                  eval_data, n, "lm" if lm else "classifier")
+
+
+def check_hf_fits(model: torch.nn.Module, d: HFData) -> None:
+    """Run two calibration samples through the model: failures become one line."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            out = logits_of(default_forward(model, head(d.calib, 2)))
+    except DataError:
+        raise
+    except Exception as err:  # token id beyond the vocabulary, wrong image size, ...
+        raise DataError(f"--data does not fit the model ({_first_line(err)}): check --data and --arch "
+                        "(token ids below vocab_size, image size of the config)") from None
+    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        raise DataError("the model outputs NaN/Inf on --data: check the data and the checkpoint")
+
+
+def _check_not_distributed(unused: dict[str, Any]) -> None:
+    """Refuse what the HF path does not do yet, instead of ignoring it."""
+    for option in ("goal_stats", "preprocess", "batch_size", "eval_size", "workers"):
+        if unused.get(option) is not None:
+            flag = "--" + option.replace("_", "-")
+            raise CheckpointError(f"{flag} is not supported for hf models yet: drop it")
+    if distributed.is_distributed():
+        raise CheckpointError("hf models run in one process: launch without torchrun")
+
+
+def _output_checks(out: str, report: str | None, inputs: list[str], force: bool) -> None:
+    check_hf_output(out, inputs, force)
+    if report is not None:
+        check_output_path(report, inputs + [out], force, what="--report")
+
+
+# --- prune --------------------------------------------------------------------------
+
+
+def prune(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, out, report, force, sparsities,
+          method, mode, skip_first, skip_classifier, layers, include_classifier, damping, **_: Any) -> None:
+    _check_not_distributed(_)
+    arch = resolve_hf_arch(arch, [ckpt], arch_kwargs)
+    method = PruneMethod.parse(method, "pruning method")
+    if method not in HF_METHODS:
+        raise CheckpointError(f"--method {method.value} is not supported for hf models yet: use "
+                              f"{' or '.join(m.value for m in HF_METHODS)}")
+    if RepairMode.parse(mode, "correction").reconstructs:
+        raise CheckpointError(f"--repair {mode} is not supported for hf models yet: use --repair auto")
+    _output_checks(out, report, [ckpt, arch], force)
+    model = load_hf_model(ckpt, arch).to(dev)
+    check_finite(model)
+    calib_size = calib_size_for(calib_size, mode)
+    d = load_hf_data(model, data, eval_data, calib_size, seed, dev)
+    check_hf_fits(model, d)
+    with progress():
+        run = prune_and_repair(
+            model, (d.calib, None), sparsities, method=method, repair=mode, eval_data=(None, None),
+            select=list(layers) or None, skip_first=skip_first, skip_classifier=skip_classifier,
+            include_classifier=include_classifier, evaluate_fn=lambda m, _x, _y: {"acc": math.nan, **d.evaluate(m)},
+        )
+    save_hf_model(run.model, out, force=force)
+    rep = run.to_report()
+    if d.task == "lm":
+        rep["dense"] = {k: v for k, v in run.dense.items() if k in ("ppl", "loss")}
+        for row in rep["results"]:
+            for stage in ("pruned", "repaired"):
+                row.pop(f"acc_{stage}", None)
+                row[f"ppl_{stage}"] = _exp(row[f"loss_{stage}"])
+    settings = {"arch": arch, "task": d.task, "metric": d.metric, "calib_size": calib_size, "seed": seed,
+                "eval_data": d.eval_name, "skip_first": skip_first, "skip_classifier": skip_classifier,
+                "include_classifier": include_classifier, "layers": list(layers) or None, "out_format": "hf"}
+    write_report(report, {**rep, **settings, "fisher": None})
+    console.print(_prune_table(run, d, out))
+
+
+def _exp(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def _prune_table(run, d: HFData, out: str) -> Table:
+    lm = d.task == "lm"
+    what = "perplexity (lower is better)" if lm else "accuracy"
+    table = Table(title=f"prune: {run.method}, repair: {run.repair}",
+                  caption=f"{what} on {d.eval_name} ({d.eval_count} sequences); the last row is written to {out}")
+    for name in ("sparsity", "achieved", "dense", "pruned", "repaired", "prune s", "repair s"):
+        table.add_column(name, justify="right", no_wrap=True)
+    fmt = (lambda loss, acc: f"{_exp(loss):.3f}") if lm else (lambda loss, acc: f"{100 * acc:.2f}%")
+    for r in run.rows:
+        table.add_row(f"{r.sparsity:g}", f"{100 * r.achieved_sparsity:.2f}%", fmt(run.dense["loss"], run.dense["acc"]),
+                      fmt(r.loss_pruned, r.acc_pruned), fmt(r.loss_repaired, r.acc_repaired),
+                      f"{r.seconds['prune']:.2f}", f"{r.seconds['repair']:.2f}")
+    return table
+
+
+# --- repair -------------------------------------------------------------------------
+
+
+def repair(*, pruned, reference, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, out, report, force,
+           mode, variant, include_classifier, damping, **_: Any) -> None:
+    _check_not_distributed(_)
+    arch = resolve_hf_arch(arch, [reference, pruned], arch_kwargs)
+    if RepairMode.parse(mode, "correction").reconstructs:
+        raise CheckpointError(f"--repair {mode} is not supported for hf models yet: use --repair auto or repair")
+    _output_checks(out, report, [pruned, reference, arch], force)
+    ref_model = load_hf_model(reference, arch).to(dev)
+    model = load_hf_model(pruned, arch).to(dev)
+    for name, m in (("--reference", ref_model), ("PRUNED", model)):
+        try:
+            check_finite(m)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+    calib_size = calib_size_for(calib_size, mode)
+    d = load_hf_data(ref_model, data, eval_data, calib_size, seed, dev)
+    check_hf_fits(ref_model, d)
+    metrics = {"reference": d.evaluate(ref_model), "before": d.evaluate(model)}
+    start = time.perf_counter()
+    goal = collect_stats(ref_model, d.calib, include_classifier=include_classifier)
+    result = repair_(model, goal, d.calib, repair=mode, variant=variant)
+    seconds = time.perf_counter() - start
+    metrics["after"] = d.evaluate(model)
+    save_hf_model(model, out, force=force)
+    details = result.to_dict()
+    write_report(report, {**metrics, "seconds": {"repair": seconds}, "sites": details["sites"], "repair": mode,
+                          "variant": variant, "include_classifier": include_classifier, "calib_size": calib_size,
+                          "seed": seed, "eval_data": d.eval_name, "arch": arch, "task": d.task, "metric": d.metric,
+                          "out_format": "hf"})
+    lm = d.task == "lm"
+    table = Table(title=f"repair ({mode}, {len(result.sites)} sites, {seconds:.2f} s)",
+                  caption=f"evaluated on {d.eval_name} ({d.eval_count} sequences); written to {out}")
+    table.add_column("model")
+    table.add_column("perplexity" if lm else "accuracy", justify="right")
+    table.add_column("loss", justify="right")
+    for name, key in (("reference", "reference"), ("before repair", "before"), ("after repair", "after")):
+        m = metrics[key]
+        table.add_row(name, f"{m['ppl']:.3f}" if lm else f"{100 * m['acc']:.2f}%", f"{m['loss']:.4f}")
+    console.print(table)
+    dropped = [s.fqn for s in result.sites if s.shift_dropped]
+    if dropped:
+        console.print(f"no bias to hold the shift at {len(dropped)} site(s) (e.g. {dropped[0]}): applied the scale only")
