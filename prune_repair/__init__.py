@@ -35,7 +35,7 @@ from .engine.stats import ActivationStats, ChannelStats, collect_stats
 # front end: pruning
 from .prune.pipeline import PruneRun, prune_and_repair
 from .prune import FisherOptions, PruneError, PruneMethod, PruneReport, find_targets, measure_sparsity, prune_, score_weights
-from .prune.structured import kept_channels, load_structured, load_structured_, repair_structured_, save_structured  # load_structured: deprecated alias
+from .prune.structured import kept_channels, load_structured, load_structured_, repair_structured_, save_structured  # noqa: F401 (load_structured: deprecated alias)
 
 # front end: merging
 from .merge.find_groups import find_groups

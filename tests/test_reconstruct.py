@@ -8,11 +8,9 @@ model reconstructed toward itself is unchanged; a perturbed dense layer is recov
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 

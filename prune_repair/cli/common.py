@@ -30,8 +30,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..engine import distributed
-from ..io.data import (Batches, DataError, ImageFolderSource, TensorSource, draw_indices, open_source,
-                       parse_preprocess)
+from ..io.data import DataError
+from ..io.preprocess import parse_preprocess
+from ..io.sources import ImageFolderSource, TensorSource, draw_indices, open_source
 from ..io.errors import _first_line
 from ..io import atomic_write, check_output_path, current_transaction, output_transaction
 from ..engine._forward import eval_mode
@@ -190,7 +191,7 @@ def check_outputs(out: str, report: str | None, inputs: list[str], force: bool) 
 class Data:
     """Calibration batch and evaluation set of a command.
 
-    ``eval_x`` is an iterable of ``(x, y)`` batches (:class:`~prune_repair.io.data.Batches`:
+    ``eval_x`` is an iterable of ``(x, y)`` batches (:class:`~prune_repair.io.sources.Batches`:
     an ImageFolder is read from disk batch by batch), ``eval_y`` its labels; ``evaluate(model,
     d.eval_x, d.eval_y)`` takes both. ``calib_batches`` is the calibration inputs split
     into ``--batch-size`` batches, as the engine takes them."""

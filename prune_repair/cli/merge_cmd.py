@@ -22,7 +22,7 @@ from .common import (BATCH_SIZE, calib_size_for, check_fits, check_outputs, comm
                      handle_errors, load_data, metrics_table, out_console, progress, resolve_device, write_report,
                      written)
 from ..engine.distributed import shard
-from ..io.data import draw_indices
+from ..io.sources import draw_indices
 
 MERGE_REPAIRS = [m.value for m in (RepairMode.AUTO, RepairMode.REPAIR, RepairMode.RESCALE, RepairMode.RESCALE_LAYER,
                                    RepairMode.RESHIFT, RepairMode.RESET, RepairMode.NONE)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from ..io.data import draw_indices
+from ..io.sources import draw_indices
 from ..io import load_model, resolve_arch, save_state_dict
 from ..prune.pipeline import PruneRun, parse_sparsities, prune_and_repair
 from ..prune.methods import DEFAULT_FISHER_SAMPLES, FisherOptions, PruneMethod
@@ -22,7 +22,6 @@ from .common import (
     check_fits,
     check_outputs,
     common_options,
-    BATCH_SIZE,
     console,
     data_options,
     handle_errors,

@@ -21,7 +21,6 @@ from .common import (
     check_fits,
     check_outputs,
     common_options,
-    BATCH_SIZE,
     console,
     data_options,
     handle_errors,

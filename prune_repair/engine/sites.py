@@ -31,7 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._forward import ForwardFn, as_batches, first_tensor, hooked_pass
 from .distributed import unwrap
-from .producers import PARTS, is_conv1d, is_packed_attention, is_producer, out_channels, part_fqn
+from .producers import PARTS, is_packed_attention, is_producer, out_channels, part_fqn
 
 PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 """Layers whose output channels are weight rows a correction can be folded into (plus HF
