@@ -314,3 +314,21 @@ def test_real_effect_on_the_zoo_mlp_at_95_percent():
     pruned = evaluate(model, xte, yte)["acc"]
     reconstruct_(model, reference, calibration_batch(xtr, ytr, 1024, seed=0)[0])
     assert evaluate(model, xte, yte)["acc"] - pruned > 0.075
+
+
+def test_layers_the_pass_cannot_reach_are_named_in_a_warning():
+    class WithUnusedAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.attention = nn.MultiheadAttention(8, 2, batch_first=True)  # defined, never called
+
+        def forward(self, x):
+            return torch.relu(self.fc(x))
+
+    torch.manual_seed(0)
+    reference = WithUnusedAttention()
+    model = copy.deepcopy(reference)
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) are not reconstructed.*'attention' \(attention in-proj"):
+        report = reconstruct_(model, reference, torch.randn(64, 8))
+    assert set(report.skipped) == {"attention", "attention.out_proj"} and [r.fqn for r in report.layers] == ["fc"]

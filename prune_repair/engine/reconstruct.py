@@ -38,6 +38,7 @@ from ._forward import ForwardFn, as_batches, head
 from ._layerwise import ReferenceOutputs, layerwise_
 from .checks import stored_weight
 from .gram import DEFAULT_MAX_GRAM_BYTES, GRAM_TYPES, Gram, check_gram_memory
+from .producers import is_conv1d, is_packed_attention
 from .ridge import masked_ridge
 from .sites import PRODUCER_TYPES, Selector, make_filter, sites_from_calls, trace_calls
 
@@ -135,6 +136,10 @@ def reconstruct_(
         _check_finite(net, what)
     calls = trace_calls(model, head(batches[0], 2), forward_fn=forward_fn)
     layers, skipped = _layers(calls, select)
+    skipped.update(_not_covered(model, {f for f, _ in layers} | set(skipped), select))
+    if skipped:
+        listed = ", ".join(f"'{fqn}' ({why})" for fqn, why in skipped.items())
+        warnings.warn(f"{len(skipped)} layer(s) are not reconstructed and keep their weights: {listed}", stacklevel=2)
     _check_architecture(layers, reference, kept)
     for fqn, module in layers:
         check_gram_memory(module, fqn, max_gram_bytes)
@@ -252,6 +257,23 @@ def _layers(calls, select: Selector) -> tuple[list[tuple[str, nn.Module]], dict[
         raise ValueError("found no conv/linear layer to reconstruct (Conv1d, Conv2d or Linear, called once per "
                          "forward" + (", among the selected layers)" if select is not None else ")"))
     return layers, skipped
+
+
+def _not_covered(model: nn.Module, listed: set[str], select: Selector) -> dict[str, str]:
+    """Prunable layers the layer-by-layer pass does not reach: HF ``Conv1D``, packed attention
+    in-projections, and linear layers whose weight a parent uses through ``F.linear``."""
+    filter_fn = make_filter(select)
+    missing = {}
+    for fqn, module in model.named_modules():
+        if fqn in listed or (filter_fn is not None and not filter_fn(module, fqn)):
+            continue
+        if is_conv1d(module):
+            missing[fqn] = "HF Conv1D layers are not reconstructed yet"
+        elif is_packed_attention(module):
+            missing[fqn] = "attention in-projections are not reconstructed yet"
+        elif isinstance(module, GRAM_TYPES):
+            missing[fqn] = "its forward is not called (a parent uses its weight directly, or it never ran)"
+    return missing
 
 
 def _check_architecture(layers, reference: nn.Module, kept: dict[str, torch.Tensor]) -> None:
