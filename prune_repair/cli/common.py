@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -225,8 +226,51 @@ def write_report(path: str | None, report: dict[str, Any]) -> None:
         Path(tmp).write_text(text)
 
 
-def progress() -> Progress:
-    """A rich progress bar on stderr (hidden when stderr is not a terminal)."""
+class PlainProgress:
+    """Progress as plain lines on stderr for logs and CI (no terminal): one line when a task
+    starts, at most one every ``every`` seconds while it runs, and one when it is done.
+
+    >>> bar = PlainProgress(every=0.0)
+    >>> with bar:
+    ...     task = bar.add_task("curve", total=2, visible=False)
+    ...     bar.advance(task)
+    """
+
+    def __init__(self, every: float = 5.0):
+        self.every, self.tasks = every, {}
+
+    def __enter__(self) -> "PlainProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None, visible: bool = True) -> int:
+        task = len(self.tasks)
+        self.tasks[task] = {"description": description, "total": total, "completed": 0, "visible": visible,
+                            "start": time.perf_counter(), "last": 0.0}
+        return task
+
+    def advance(self, task: int, amount: float = 1) -> None:
+        self.update(task, completed=self.tasks[task]["completed"] + amount)
+
+    def update(self, task: int, completed: float | None = None, total: float | None = None) -> None:
+        t = self.tasks[task]
+        t["completed"] = t["completed"] if completed is None else completed
+        t["total"] = t["total"] if total is None else total
+        now = time.perf_counter()
+        done = t["total"] is not None and t["completed"] >= t["total"]
+        if t["visible"] and (done or now - t["last"] >= self.every):
+            t["last"] = now
+            total_text = "?" if t["total"] is None else f"{t['total']:g}"
+            console.print(f"{t['description']}: {t['completed']:g}/{total_text} ({now - t['start']:.1f} s)",
+                          highlight=False)
+
+
+def progress() -> Progress | PlainProgress:
+    """A rich progress bar on stderr, or plain lines at most every 5 s when stderr is not a terminal."""
+    if not console.is_terminal:
+        return PlainProgress()
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TimeElapsedColumn(), console=console, transient=True)
 
