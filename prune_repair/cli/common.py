@@ -28,6 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..engine import distributed
+from ..engine.checks import check_finite
 from ..io import atomic_write, check_output_path, output_transaction
 from ..merge.groups import HAND_HELP
 from .data_loading import (_LOADED, BATCH_SIZE, CALIB_SIZE, RECONSTRUCT_CALIB_SIZE, Data, calib_size_for,  # noqa: F401
@@ -163,6 +164,15 @@ def common_options(command: Callable) -> Callable:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def check_finite_models(models: Mapping[str, torch.nn.Module]) -> None:
+    """:func:`~prune_repair.engine.checks.check_finite` on each model, the error naming which one."""
+    for name, model in models.items():
+        try:
+            check_finite(model)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
 
 
 def resolve_device(name: str) -> torch.device:

@@ -33,7 +33,7 @@ from ..io.hf import (check_hf_output, hf_settings, is_causal_lm, is_hf_spec, loa
 from ..io.outputs import check_output_path
 from ..prune.methods import PruneMethod
 from ..prune.pipeline import prune_and_repair
-from .common import calib_size_for, console, progress, write_report
+from .common import calib_size_for, check_finite_models, console, progress, write_report
 
 EVAL_BATCH = 32
 HF_METHODS = (PruneMethod.GLOBAL_MAGNITUDE, PruneMethod.LAYER_MAGNITUDE)
@@ -221,11 +221,7 @@ def repair(*, pruned, reference, arch, arch_kwargs, data, eval_data, calib_size,
     _output_checks(out, report, [pruned, reference, arch], force)
     ref_model = load_hf_model(reference, arch).to(dev)
     model = load_hf_model(pruned, arch).to(dev)
-    for name, m in (("--reference", ref_model), ("PRUNED", model)):
-        try:
-            check_finite(m)
-        except ValueError as err:
-            raise ValueError(f"{name}: {err}") from None
+    check_finite_models({"--reference": ref_model, "PRUNED": model})
     calib_size = calib_size_for(calib_size, mode)
     d = load_hf_data(ref_model, data, eval_data, calib_size, seed, dev)
     check_hf_fits(ref_model, d)

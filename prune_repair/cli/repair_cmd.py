@@ -9,13 +9,13 @@ import click
 from ..engine.evaluate import evaluate
 from ..io import load_model, resolve_arch, save_state_dict
 from ..engine.renorm import RepairMode, Variant
-from ..engine.checks import check_finite
 from ..engine.repair import repair_
 from ..engine.stats import collect_stats
 from .main import main
 from . import hf_cmd
 from .goal_option import goal_inputs, goal_note, goal_stats_option, load_goal
 from .common import (
+    check_finite_models,
     calib_size_for,
     damping_option,
     check_fits,
@@ -67,11 +67,7 @@ def repair_command(pruned, reference, arch, arch_kwargs, data, eval_data, calib_
     arch, arch_kwargs = resolve_arch([reference, pruned], arch, arch_kwargs)
     ref_model = load_model(reference, arch, arch_kwargs).to(dev)
     model = load_model(pruned, arch, arch_kwargs).to(dev)
-    for name, m in (("--reference", ref_model), ("PRUNED", model)):
-        try:
-            check_finite(m)
-        except ValueError as err:
-            raise ValueError(f"{name}: {err}") from None
+    check_finite_models({"--reference": ref_model, "PRUNED": model})
     calib_size = calib_size_for(calib_size, mode)
     reconstructs = RepairMode.parse(mode, "correction").reconstructs
     d = load_data(data, eval_data, calib_size, seed, dev, **data_options(preprocess, batch_size, eval_size, workers))
