@@ -96,14 +96,40 @@ def write(rows: list[dict], args) -> None:
     replace_section(RESULTS, "\n".join(lines))
 
 
+def write_layers(x: torch.Tensor, y: torch.Tensor, sparsity: float = 0.95) -> None:
+    """Where the remaining error comes from: relative output error ||Y - Y_hat|| / ||Y|| per layer
+    before and after reconstruction (on the calibration data), at the sparsity the targets miss."""
+    c1k, _ = calibration_batch(x, y, 1024, seed=0)
+    lines = ["<!-- reconstruct-layers:start -->", f"### Per-layer error at {sparsity:.0%} (reconstruct, 1,024 samples)", "",
+             "Relative error of each layer's output against the dense model's output of that layer, on the "
+             "calibration batch, with the inputs the operated model feeds it (upstream layers already "
+             "reconstructed). Reproduce: `python benchmarks/bench_reconstruct_zoo.py --layers-only`", "",
+             "| model | layer | weights per row (max kept) | inputs (rows) | error before | error after |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name in MODELS:
+        dense = zoo.load(name)
+        model = copy.deepcopy(dense)
+        prune_(model, sparsity, method="global-magnitude")
+        report = pr.reconstruct_(model, dense, c1k)
+        for layer in report.layers:
+            lines.append(f"| {name} | {layer.fqn} | {layer.d_in} ({layer.max_support}) | {layer.rows} | "
+                         f"{layer.error_before:.3f} | {layer.error_after:.3f} |")
+    lines.append("<!-- reconstruct-layers:end -->")
+    replace_section(RESULTS, "\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers-only", action="store_true", help="only the per-layer error table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x, y = load_dataset("mnist:train")
     xt, yt = load_dataset("mnist:test")
+    write_layers(x, y)
+    if args.layers_only:
+        return
     rows = []
     for name in MODELS:
         for sparsity in SPARSITIES:
