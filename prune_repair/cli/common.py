@@ -140,7 +140,8 @@ def common_options(command: Callable) -> Callable:
                      "--data is MNIST train, else all of --data."),
         click.option("--calib-size", default=None, type=click.IntRange(min=1),
                      help=f"calibration samples drawn from --data [default: {CALIB_SIZE}; {RECONSTRUCT_CALIB_SIZE} "
-                          "for --repair reconstruct / reconstruct+repair, which solve d_in unknowns per row]."),
+                          "for --repair reconstruct / reconstruct+repair and --method obs, which solve d_in "
+                          "unknowns per row]."),
         click.option("--seed", default=0, show_default=True, type=int, help="seed of the calibration draw."),
         click.option("--preprocess", default=None, help="ImageFolder data: a torchvision weights name whose "
                      "transforms() to apply (ResNet50_Weights.IMAGENET1K_V2), or resize=256,crop=224,"
