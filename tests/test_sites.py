@@ -109,3 +109,17 @@ def test_groupnorm_and_layernorm_with_a_per_channel_affine_take_the_site():
     assert (site.fqn, site.producer, site.channel_dim) == ("1", "0", -1)
     no_affine = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6, elementwise_affine=False), nn.Linear(6, 2))
     assert find_sites(no_affine, torch.randn(5, 4))[0].fqn == "0"
+
+
+def test_a_layer_called_twice_is_named_in_a_warning_not_skipped_silently():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.shared(torch.relu(self.shared(x)))))
+
+    with pytest.warns(UserWarning, match="run more than once per forward and are not corrected.*: shared"):
+        sites = find_sites(Twice(), torch.randn(3, 4), include_classifier=True)
+    assert [s.fqn for s in sites] == ["head"]

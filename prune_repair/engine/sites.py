@@ -256,6 +256,10 @@ def sites_from_calls(calls: list[Call], *, select: Selector = None, include_clas
         if filter_fn is None or any(filter_fn(module, n) for n in (site.producer, site.fqn, *names)):
             sites.append(site)
 
+    shared = sorted({fqn for fqn, m, _ in producers if call_counts[fqn] > 1 and (filter_fn is None or filter_fn(m, fqn))})
+    if shared:
+        warnings.warn(f"{len(shared)} layer(s) run more than once per forward and are not corrected (one "
+                      f"per-channel affine cannot serve two call sites): {', '.join(shared)}", stacklevel=3)
     for fqn, module, y in producers:
         if call_counts[fqn] > 1 or fqn in {s.producer for s in sites}:
             continue
