@@ -47,7 +47,7 @@ def bench_solve(sparsities: list[float]) -> None:
         t = time.perf_counter()
         sol = masked_ridge(G, C, mask)
         print(f"masked solve 512 x 4608 at {sparsity:.0%} sparsity: {time.perf_counter() - t:.2f} s "
-              f"(complement rows {sol.complement_rows}, damping {sol.damping:g})", flush=True)
+              f"(complement rows {sol.complement_rows}, iterative rows {sol.iterative_rows} in {sol.iterations} iterations, damping {sol.damping:g})", flush=True)
 
 
 def bench_zoo(calib: int = 1024, sparsity: float = 0.95) -> None:

@@ -10,8 +10,12 @@ and ``w = 0`` off the support, exactly. Rows with the same support (dense rows, 
 structured mask) share one factorization; the others are padded to a few bucket sizes and
 solved with batched Cholesky (``torch.linalg.cholesky_ex``) in chunks of bounded memory.
 When most weights are kept, the complement formula with one shared ``H = (G + lam I)^-1``
-is cheaper: ``w = H c - H[:, Z] H[Z, Z]^-1 (H c)[Z]`` (``Z`` = the zeroed positions); the
-cheaper of the two is used. A factorization that fails is retried with 10x the damping
+is cheaper: ``w = H c - H[:, Z] H[Z, Z]^-1 (H c)[Z]`` (``Z`` = the zeroed positions). Rows
+whose supports are large but far from full (around 50% sparsity of a wide layer) are
+iterated together by preconditioned conjugate gradients with ``H[S, S]`` as preconditioner
+(:mod:`~prune_repair.engine.ridge_cg`), at matrix-multiply speed, to a relative residual of
+1e-10; a row that does not converge is solved directly. The cheapest path is chosen per
+support pattern from a flop count (:func:`_choose_methods`). A factorization that fails is retried with 10x the damping
 (never NaN); :attr:`RidgeSolution.damping` reports the largest damping used.
 
 Example:
@@ -32,9 +36,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .ridge_cg import masked_pcg
+
 MAX_RETRIES = 12
 MIN_RETRY_DAMPING = 1e-10
 DEFAULT_WORK_BYTES = 256 * 2**20
+METHODS = ("auto", "direct", "complement", "iterative")
 
 
 @dataclass
@@ -45,6 +52,8 @@ class RidgeSolution:
     damping: float
     retried: int = 0
     complement_rows: int = 0
+    iterative_rows: int = 0
+    iterations: int = 0
 
 
 def masked_ridge(
@@ -56,6 +65,7 @@ def masked_ridge(
     intercept: bool = True,
     prior: torch.Tensor | None = None,
     work_bytes: int = DEFAULT_WORK_BYTES,
+    method: str = "auto",
 ) -> RidgeSolution:
     """Solve every row of ``mask`` over its support (see the module doc).
 
@@ -68,7 +78,11 @@ def masked_ridge(
         prior: optional ``(groups, rows, d)`` weights the ridge term pulls toward
             (``lam ||w - prior||^2``) instead of toward zero.
         work_bytes: memory bound of one batched solve.
+        method: ``auto`` (cheapest by flop count), or force ``direct``, ``complement`` or
+            ``iterative`` for every row (rows that fail still fall back to ``direct``).
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     g, n, _ = G.shape
     m = C.shape[2]
     d = n - int(intercept)
@@ -92,21 +106,38 @@ def masked_ridge(
     starts = torch.cumsum(counts, 0) - counts
     sizes, counts_l = p_support.sum(1).tolist(), counts.tolist()
 
-    comp = [p for p in range(len(sizes)) if n - sizes[p] < sizes[p]]
-    direct = [p for p in range(len(sizes)) if n - sizes[p] >= sizes[p]]
-    cost_direct = sum(sizes[p] ** 3 / 3 for p in comp)
-    cost_comp = len({int(p_group[p]) for p in comp}) * n**3 + sum((n - sizes[p]) ** 3 / 3 + n * (n - sizes[p]) * counts_l[p]
-                                                                     for p in comp)
-    if comp and cost_comp >= cost_direct:
-        direct, comp = direct + comp, []
+    methods = _choose_methods(sizes, counts_l, p_group, n) if method == "auto" else [method] * len(sizes)
+    direct = [p for p, how in enumerate(methods) if how == "direct"]
+    comp = [p for p, how in enumerate(methods) if how == "complement"]
+    iterative = [p for p, how in enumerate(methods) if how == "iterative"]
     out = torch.zeros(g * m, n, dtype=torch.float64, device=G.device)
     if comp:
-        failed = solver.complement(comp, p_group, p_support, order, starts, counts_l, sizes, rows % m, out)
-        direct += failed
+        direct += solver.complement(comp, p_group, p_support, order, starts, counts_l, sizes, rows % m, out)
+    if iterative:
+        direct += solver.iterative(iterative, p_group, p_support, order, starts, counts_l, rows % m, out)
     solver.direct(direct, p_group, p_support, order, starts, counts_l, sizes, rows % m, out)
     out[:, :d] *= support[:, :d]  # exact zeros off the support
     return RidgeSolution(out.view(g, m, n), solver.max_rel, solver.retried,
-                         sum(counts_l[p] for p in comp) - solver.comp_failed_rows)
+                         sum(counts_l[p] for p in comp) - solver.comp_failed_rows,
+                         sum(counts_l[p] for p in iterative) - solver.cg_failed_rows, solver.cg_iterations)
+
+
+CG_ITERATIONS_ESTIMATE = 25  # for the cost model; measured 10-20 on post-ReLU conv Grams
+
+
+def _choose_methods(sizes: list[int], counts: list[int], p_group: torch.Tensor, n: int) -> list[str]:
+    """Per support pattern, the cheapest of ``direct`` (``k^3/3`` per pattern), ``complement``
+    (``(n-k)^3/3`` per pattern + ``2 n (n-k)`` per row) and ``iterative`` (CG: about
+    ``4 n^2`` per row and iteration), in flops; the last two share one ``n^3`` inverse per
+    group, paid only when it saves more than it costs."""
+    direct = [k**3 / 3 + k * k * c for k, c in zip(sizes, counts)]
+    comp = [(n - k) ** 3 / 3 + 2 * n * (n - k) * c for k, c in zip(sizes, counts)]
+    cg = [4 * n * n * c * CG_ITERATIONS_ESTIMATE for c in counts]
+    methods = ["direct" if d <= min(a, b) else ("complement" if a <= b else "iterative")
+               for d, a, b in zip(direct, comp, cg)]
+    shared = len({int(p_group[p]) for p, how in enumerate(methods) if how != "direct"}) * n**3
+    saved = sum(d - min(a, b) for d, a, b, how in zip(direct, comp, cg, methods) if how != "direct")
+    return methods if saved > shared else ["direct"] * len(sizes)
 
 
 def _bucket(k: int) -> int:
@@ -121,6 +152,8 @@ class _Solver:
         self.damping, self.work_bytes = damping, work_bytes
         self.rel = torch.full_like(scale, damping)  # relative damping per group (raised on failure)
         self.max_rel, self.retried, self.comp_failed_rows = damping, 0, 0
+        self.cg_failed_rows, self.cg_iterations = 0, 0
+        self._inverse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _batches(self, pats, p_support, order, starts, counts, sizes, complement):
         """Patterns grouped by (bucket size, rows), as padded index tensors in memory-bounded chunks."""
@@ -177,25 +210,61 @@ class _Solver:
                 self.retried += int(rows[todo].numel())
             self.max_rel = max(self.max_rel, float(rel.max()))
 
-    def complement(self, pats, p_group, p_support, order, starts, counts, sizes, local, out):
-        G, d, n = self.G, self.d, self.G.shape[1]
-        for attempt in range(MAX_RETRIES + 1):
-            lam = self.scale * self.rel
-            Hf = G.clone()
-            Hf.diagonal(dim1=1, dim2=2)[:, :d] += lam[:, None]
-            L, info = torch.linalg.cholesky_ex(Hf)
-            if bool((info == 0).all()):
-                break
-            if attempt == MAX_RETRIES:
-                raise ValueError("the least-squares system stays singular even with 10^12 times more damping: "
-                                 "the Gram statistics hold NaN/Inf or are degenerate")
-            self.rel[info != 0] = (self.rel[info != 0] * 10).clamp_min(MIN_RETRY_DAMPING)
-        self.max_rel = max(self.max_rel, float(self.rel.max()))
-        H = torch.cholesky_inverse(L)
+    def inverse(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A, H, lam)``: ``A = G + lam I`` (weight columns) and ``H = A^-1`` per group, computed
+        once and shared by the complement and iterative paths (damping raised where ``A`` fails)."""
+        if self._inverse is None:
+            G, d = self.G, self.d
+            for attempt in range(MAX_RETRIES + 1):
+                lam = self.scale * self.rel
+                A = G.clone()
+                A.diagonal(dim1=1, dim2=2)[:, :d] += lam[:, None]
+                L, info = torch.linalg.cholesky_ex(A)
+                if bool((info == 0).all()):
+                    break
+                if attempt == MAX_RETRIES:
+                    raise ValueError("the least-squares system stays singular even with 10^12 times more damping: "
+                                     "the Gram statistics hold NaN/Inf or are degenerate")
+                self.rel[info != 0] = (self.rel[info != 0] * 10).clamp_min(MIN_RETRY_DAMPING)
+            self.max_rel = max(self.max_rel, float(self.rel.max()))
+            self._inverse = (A, torch.cholesky_inverse(L), lam)
+        return self._inverse
+
+    def rhs(self, lam: torch.Tensor) -> torch.Tensor:
+        """``C + lam * prior`` (weight rows), ``(groups, n, rows)``."""
         rhs = self.C.clone()
         if self.prior is not None:
-            rhs[:, :d] += lam[:, None, None] * self.prior.transpose(1, 2)
-        HC = H @ rhs  # (g, n, m)
+            rhs[:, :self.d] += lam[:, None, None] * self.prior.transpose(1, 2)
+        return rhs
+
+    def iterative(self, pats, p_group, p_support, order, starts, counts, local, out) -> list[int]:
+        """Rows of ``pats`` by :func:`~prune_repair.engine.ridge_cg.masked_pcg`, in chunks of bounded
+        memory; returns the patterns with a row that did not converge (to be solved directly)."""
+        A, H, lam = self.inverse()
+        rhs, n = self.rhs(lam), self.G.shape[1]
+        per_group: dict[int, list[int]] = {}
+        for p in pats:
+            per_group.setdefault(int(p_group[p]), []).append(p)
+        failed = []
+        step = max(1, self.work_bytes // (8 * 8 * n))
+        for grp, ps in per_group.items():
+            rows = torch.cat([order[starts[p]:starts[p] + counts[p]] for p in ps])
+            owner = torch.cat([torch.full((counts[p],), k) for k, p in enumerate(ps)])
+            for i in range(0, len(rows), step):
+                r, who = rows[i:i + step], owner[i:i + step].to(rows.device)
+                sup = p_support[torch.tensor(ps, device=rows.device)[who]]
+                x, ok, iters = masked_pcg(A[grp], H[grp], rhs[grp][:, local[r]].T, sup)
+                self.cg_iterations = max(self.cg_iterations, iters)
+                out[r[ok]] = x[ok]
+                bad = sorted({ps[k] for k in who[~ok].tolist()})
+                failed += bad
+                self.cg_failed_rows += sum(counts[p] for p in bad)
+        return failed
+
+    def complement(self, pats, p_group, p_support, order, starts, counts, sizes, local, out):
+        G, n = self.G, self.G.shape[1]
+        _, H, lam = self.inverse()
+        HC = H @ self.rhs(lam)  # (g, n, m)
         dense = [p for p in pats if sizes[p] == n]
         for p in dense:
             r = order[starts[p]:starts[p] + counts[p]]
