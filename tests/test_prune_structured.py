@@ -70,6 +70,31 @@ def test_structured_repair_reaches_the_mapped_goal_exactly(norm):
     assert report.channels["conv1"] == (8, model.conv1.out_channels)
 
 
+@pytest.mark.parametrize("mode", ["reconstruct", "reconstruct+repair"])
+def test_structured_reconstruction_fits_the_kept_reference_outputs(mode):
+    """After torch-pruning, every smaller layer is refitted toward the original's kept channels."""
+    model = random_bn_model("none")
+    batch = model.example_inputs(256)
+    reference, original = pr.collect_stats(model, batch), copy.deepcopy(model)
+    pruner = magnitude_pruner(model, batch[:2], 0.25)
+    pruner.step()
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = (model(batch) - original(batch)).norm()
+    report = repair_structured_(model, reference, batch, original=original, history=pruner.pruning_history(),
+                                mode=mode)
+    with torch.no_grad():
+        after = (model(batch) - original(batch)).norm()
+    assert after < 0.5 * before, (before, after)
+    layers = report.repair.extra["reconstruct"]["layers"]
+    assert {entry["fqn"] for entry in layers} >= {"conv1", "layer1.0.conv1", "fc"}
+    assert all(entry["error_after"] <= entry["error_before"] + 1e-6 for entry in layers)  # 1e-7: rounding of the Gram form
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    assert report.repair.mode == mode
+    with pytest.raises(PruneError, match="pass original="):
+        repair_structured_(model, reference, batch, kept=report.kept, mode=mode)
+
+
 @pytest.fixture(scope="module")
 def pretrained_cnn():
     """The shipped BN CNN of the zoo (no training here), 128 calibration and 2,000 test images."""

@@ -134,7 +134,10 @@ def repair_structured_(
     """Repair a structurally pruned ``model`` toward the kept channels of ``reference``, in place.
 
     Give either ``kept`` (layer FQN -> kept output-channel indices) or ``original``
-    (the model before pruning) and ``history`` (``pruner.pruning_history()``).
+    (the model before pruning) and ``history`` (``pruner.pruning_history()``). The
+    ``reconstruct`` modes refit every smaller layer toward the ``original`` model's outputs
+    of the kept channels (they need ``original``; ``reference`` is then used only by the
+    statistics correction of ``reconstruct+repair``).
     ``example_inputs`` (default: the first batch of ``data``) is used to trace the
     dependency graph of ``original``. Returns a :class:`StructuredReport`.
     """
@@ -158,6 +161,18 @@ def repair_structured_(
                     "the history or kept indices belong to another pruning run"
                 )
             channels[site.producer] = (site.channels, out)
+    if RepairMode.parse(mode, "correction").reconstructs:
+        if original is None:
+            raise PruneError(f"'{mode}' refits the kept weights toward the unpruned model's layer outputs: "
+                             "pass original= (the model before pruning)")
+        rebuilt = repair_(model, original, data, repair=RepairMode.RECONSTRUCT, forward_fn=forward_fn,
+                          kept={f: idx for f, idx in kept.items() if f in modules})
+        if RepairMode.parse(mode, "correction") is RepairMode.RECONSTRUCT:
+            return StructuredReport(kept, rebuilt, time.perf_counter() - start, channels)
+        report = repair_(model, reference.select_channels(kept), data, repair=RepairMode.AUTO, variant=variant,
+                         forward_fn=forward_fn)
+        report.mode, report.extra["reconstruct"] = RepairMode.RECONSTRUCT_REPAIR.value, rebuilt.extra["reconstruct"]
+        return StructuredReport(kept, report, time.perf_counter() - start, channels)
     goal = reference.select_channels(kept)
     report = repair_(model, goal, data, repair=mode, variant=variant, forward_fn=forward_fn)
     return StructuredReport(kept, report, time.perf_counter() - start, channels)
