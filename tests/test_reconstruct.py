@@ -60,6 +60,19 @@ def test_streaming_gram_equals_direct_unfold(conv):
     assert gram.relative_error(w) < 1e-7  # the layer reproduces its own output
 
 
+def test_padded_positions_are_left_out_of_the_gram():
+    layer = nn.Linear(5, 3).double()
+    x, target = torch.randn(4, 6, 5), torch.randn(4, 6, 3)
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[1:, 4:] = 0
+    masked, direct = Gram.for_layer(layer), Gram.for_layer(layer)
+    masked.add(x, target, mask=mask)
+    direct.add(x[mask.bool()], target[mask.bool()])
+    torch.testing.assert_close(masked.G, direct.G)
+    torch.testing.assert_close(masked.C, direct.C)
+    assert masked.rows == int(mask.sum()) == 18
+
+
 def test_token_linear_gram_and_relative_error():
     layer = nn.Linear(5, 3).double()
     x = torch.randn(4, 6, 5)
@@ -353,3 +366,30 @@ def test_layers_the_pass_cannot_reach_are_named_in_a_warning():
     with pytest.warns(UserWarning, match=r"2 layer\(s\) are not reconstructed.*'attention' \(attention in-proj"):
         report = reconstruct_(model, reference, torch.randn(64, 8))
     assert set(report.skipped) == {"attention", "attention.out_proj"} and [r.fqn for r in report.layers] == ["fc"]
+
+
+def test_hf_conv1d_layers_are_reconstructed_and_tied_weights_left_alone():
+    """GPT-2 stores its linear layers transposed (Conv1D); its lm_head is the token embedding."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                     bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    reference = transformers.GPT2LMHeadModel(config).double().eval()
+    model = copy.deepcopy(reference)
+    _prune_(model.transformer, 0.6)
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ == "Conv1D":
+                m.weight.mul_(torch.rand(m.weight.shape) >= 0.6)
+    zeros = {k: v == 0 for k, v in model.state_dict().items() if k.endswith(".weight")}  # biases are refitted
+    embedding = model.transformer.wte.weight.detach().clone()
+    batch = {"input_ids": torch.randint(0, 40, (64, 12))}
+    with pytest.warns(UserWarning, match="tied"):
+        report = reconstruct_(model, reference, batch)
+    fqns = [layer.fqn for layer in report.layers]
+    assert "transformer.h.0.attn.c_attn" in fqns and "transformer.h.1.mlp.c_proj" in fqns
+    assert "lm_head" in report.skipped and "lm_head" not in fqns
+    torch.testing.assert_close(model.transformer.wte.weight, embedding, rtol=0, atol=0)
+    assert all(layer.error_after < layer.error_before for layer in report.layers)
+    for key, zero in zeros.items():
+        assert bool((model.state_dict()[key][zero] == 0).all()), key

@@ -44,3 +44,18 @@ def masked_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
     if hasattr(module, name + "_orig"):
         return getattr(module, name + "_orig") * getattr(module, name + "_mask")
     return getattr(module, name)
+
+
+def parameter_holders(model: nn.Module) -> dict[int, list[str]]:
+    """``id(parameter)`` -> every ``module.name`` that holds it; more than one name means a tied
+    weight (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``).
+
+    >>> a = nn.Linear(2, 2); b = nn.Linear(2, 2); b.weight = a.weight
+    >>> sorted(parameter_holders(nn.Sequential(a, b))[id(a.weight)])
+    ['0.weight', '1.weight']
+    """
+    owners: dict[int, list[str]] = {}
+    for fqn, module in model.named_modules(remove_duplicate=False):
+        for name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append(f"{fqn}.{name}" if fqn else name)
+    return {key: sorted(set(names)) for key, names in owners.items()}

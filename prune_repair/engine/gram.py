@@ -36,9 +36,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
+from .producers import is_conv1d
 
 GRAM_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
-"""Layers whose Gram statistics :class:`Gram` can accumulate."""
+"""Layer classes whose Gram statistics :class:`Gram` can accumulate (and HF ``Conv1D``, see :func:`has_gram`)."""
+
+
+def has_gram(module: nn.Module) -> bool:
+    """Whether :class:`Gram` handles ``module``: Conv1d/Conv2d/Linear, or an HF ``Conv1D``
+    (GPT-2's linear layer with its weight stored transposed, ``[in, out]``)."""
+    return isinstance(module, GRAM_TYPES) or is_conv1d(module)
+
+
+def _reads_last_dim(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def row_view(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped tensor of ``module`` as ``(out, d_in)`` rows (a view; transposed for HF
+    ``Conv1D``), and :func:`rows_to_weight` the way back.
+
+    >>> row_view(nn.Conv2d(2, 4, 3), torch.zeros(4, 2, 3, 3)).shape
+    torch.Size([4, 18])
+    """
+    return weight.T if is_conv1d(module) else weight.reshape(weight.shape[0], -1)
+
+
+def rows_to_weight(module: nn.Module, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(out, d_in)`` rows back in the layout of ``like`` (the layer's stored weight)."""
+    return rows.T.reshape(like.shape) if is_conv1d(module) else rows.reshape(like.shape)
 
 DEFAULT_MAX_GRAM_BYTES = 4 * 2**30
 DEFAULT_CHUNK_BYTES = 64 * 2**20
@@ -52,9 +78,11 @@ def layer_shape(module: nn.Module) -> tuple[int, int, int]:
     """
     if isinstance(module, nn.Linear):
         return 1, module.in_features, module.out_features
+    if is_conv1d(module):
+        return 1, module.weight.shape[0], module.weight.shape[1]
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return module.groups, module.in_channels // module.groups * math.prod(module.kernel_size), module.out_channels
-    raise TypeError(f"no Gram statistics for a {type(module).__name__}: only Conv1d, Conv2d and Linear layers")
+    raise TypeError(f"no Gram statistics for a {type(module).__name__}: only Conv1d, Conv2d, Linear and HF Conv1D layers")
 
 
 def gram_bytes(module: nn.Module) -> int:
@@ -122,9 +150,17 @@ class Gram:
         return cls(module, torch.zeros(groups, d + 1, d + 1, **kw), torch.zeros(groups, d + 1, out // groups, **kw),
                    torch.zeros(out, **kw), name)
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    def add(self, x: torch.Tensor, y: torch.Tensor, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+            mask: torch.Tensor | None = None) -> None:
         """Accumulate the rows of input ``x`` (what the layer reads) and target ``y`` (its
-        output's shape: ``(N, out, ...)`` for a conv, ``(N, ..., out)`` for a linear)."""
+        output's shape: ``(N, out, ...)`` for a conv, ``(N, ..., out)`` for a linear).
+
+        ``mask``: an ``(N, T)`` attention mask for token inputs ``(N, T, d_in)`` of a linear
+        layer; positions where it is 0 (padding) are left out.
+        """
+        if mask is not None and _reads_last_dim(self.module) and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            keep = mask.to(device=x.device, dtype=torch.bool)
+            x, y = x[keep], y.to(x.device)[keep]
         try:
             self._add(x, y, chunk_bytes)
         finally:
@@ -133,7 +169,7 @@ class Gram:
     def _add(self, x: torch.Tensor, y: torch.Tensor, chunk_bytes: int) -> None:
         g, d, out = self.groups, self.d_in, self.out
         y_rows = _target_rows(self.module, y, out, self.name)
-        if isinstance(self.module, nn.Linear):
+        if _reads_last_dim(self.module):
             x_rows = x.reshape(-1, d)
             if len(x_rows) != len(y_rows):
                 raise ValueError(f"layer '{self.name}': {len(x_rows)} input rows but {len(y_rows)} target rows")
@@ -224,7 +260,7 @@ def _patch_view(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 def _target_rows(module: nn.Module, y: torch.Tensor, out: int, name: str) -> torch.Tensor:
     """Targets as ``(rows, out)``, rows ordered like the input rows."""
-    if isinstance(module, nn.Linear):
+    if _reads_last_dim(module):
         if y.shape[-1] != out:
             raise ValueError(f"layer '{name}' has {out} outputs but its target has {y.shape[-1]} (last dim)")
         return y.reshape(-1, out)

@@ -36,11 +36,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._forward import ForwardFn, as_batches, head
 from ._layerwise import ReferenceOutputs, layerwise_
-from .checks import stored_weight
-from .gram import DEFAULT_MAX_GRAM_BYTES, GRAM_TYPES, Gram, check_gram_memory
-from .producers import is_conv1d, is_packed_attention
+from .checks import parameter_holders, stored_weight
+from .gram import DEFAULT_MAX_GRAM_BYTES, Gram, check_gram_memory, has_gram, row_view, rows_to_weight
+from .producers import is_packed_attention, is_producer
 from .ridge import masked_ridge
-from .sites import PRODUCER_TYPES, Selector, make_filter, sites_from_calls, trace_calls
+from .sites import Selector, make_filter, sites_from_calls, trace_calls
 
 Progress = Callable[[int, int], None]
 
@@ -135,7 +135,7 @@ def reconstruct_(
     for net, what in ((model, "the model"), (reference, "the reference")):
         _check_finite(net, what)
     calls = trace_calls(model, head(batches[0], 2), forward_fn=forward_fn)
-    layers, skipped = _layers(calls, select)
+    layers, skipped = _layers(model, calls, select)
     skipped.update(_not_covered(model, {f for f, _ in layers} | set(skipped), select))
     if skipped:
         listed = ", ".join(f"'{fqn}' ({why})" for fqn, why in skipped.items())
@@ -209,8 +209,9 @@ def current_rows(module: nn.Module, gram: Gram, intercept: bool) -> tuple[torch.
     keep-mask ``(groups, out/groups, d_in)`` (``weight_mask`` under torch prune, else the nonzeros)."""
     g, d, out = gram.groups, gram.d_in, gram.out
     reparam, stored = hasattr(module, "weight_orig"), stored_weight(module)
-    mask = ((module.weight_mask != 0) if reparam else (stored != 0)).reshape(g, out // g, d)
-    current = (stored.detach().reshape(g, out // g, d) * mask).to(torch.float64)
+    keep = (module.weight_mask != 0) if reparam else (stored != 0)
+    mask = row_view(module, keep).reshape(g, out // g, d)
+    current = (row_view(module, stored.detach()).reshape(g, out // g, d) * mask).to(torch.float64)
     if intercept:
         b = module.bias.detach().to(torch.float64) if module.bias is not None else current.new_zeros(out)
         current = torch.cat([current, b.reshape(g, out // g, 1)], 2)
@@ -222,9 +223,9 @@ def write_rows_(module: nn.Module, bn: _BatchNorm | None, intercept: str, rows: 
     ``weight_orig`` only where ``weight_mask`` keeps under torch prune; the intercept into the bias,
     or subtracted from the running_mean of the BatchNorm that follows."""
     reparam, stored = hasattr(module, "weight_orig"), stored_weight(module)
-    d = stored[0].numel()
+    d = row_view(module, stored).shape[1]
     with torch.no_grad():
-        new_w = rows[..., :d].reshape(stored.shape).to(stored.dtype)
+        new_w = rows_to_weight(module, rows[..., :d].reshape(-1, d), stored).to(stored.dtype)
         stored.copy_(torch.where(module.weight_mask != 0, new_w, stored) if reparam else new_w)
         if intercept in ("bias", "batchnorm"):
             shift = rows[..., d].reshape(-1)
@@ -234,23 +235,26 @@ def write_rows_(module: nn.Module, bn: _BatchNorm | None, intercept: str, rows: 
                 bn.running_mean.sub_(shift.to(bn.running_mean.dtype))
 
 
-def _layers(calls, select: Selector) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
+def _layers(model: nn.Module, calls, select: Selector) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
     """Conv/linear layers in execution order, and the ones left out with the reason."""
-    filter_fn = make_filter(select)
+    filter_fn, holders = make_filter(select), parameter_holders(model)
     counts: dict[str, int] = {}
     for fqn, module, *_ in calls:
         counts[fqn] = counts.get(fqn, 0) + 1
     layers, skipped, seen = [], {}, set()
     for fqn, module, *_ in calls:
-        if not isinstance(module, PRODUCER_TYPES) or fqn in seen:
+        if not is_producer(module) or fqn in seen:
             continue
         seen.add(fqn)
         if filter_fn is not None and not filter_fn(module, fqn):
             continue
-        if not isinstance(module, GRAM_TYPES):
+        if not has_gram(module):
             skipped[fqn] = f"{type(module).__name__} layers are not reconstructed"
         elif counts[fqn] > 1:
             skipped[fqn] = "called more than once per forward (shared weights)"
+        elif len(holders.get(id(stored_weight(module)), [])) > 1:
+            tied = " = ".join(holders[id(stored_weight(module))])
+            skipped[fqn] = f"its weight is tied ({tied}): refitting it would change the other module too"
         else:
             layers.append((fqn, module))
     if not layers:
@@ -260,18 +264,15 @@ def _layers(calls, select: Selector) -> tuple[list[tuple[str, nn.Module]], dict[
 
 
 def _not_covered(model: nn.Module, listed: set[str], select: Selector) -> dict[str, str]:
-    """Prunable layers the layer-by-layer pass does not reach: HF ``Conv1D``, packed attention
-    in-projections, and linear layers whose weight a parent uses through ``F.linear``."""
+    """Prunable layers the layer-by-layer pass does not reach: packed attention in-projections, and linear layers whose weight a parent uses through ``F.linear``."""
     filter_fn = make_filter(select)
     missing = {}
     for fqn, module in model.named_modules():
         if fqn in listed or (filter_fn is not None and not filter_fn(module, fqn)):
             continue
-        if is_conv1d(module):
-            missing[fqn] = "HF Conv1D layers are not reconstructed yet"
-        elif is_packed_attention(module):
+        if is_packed_attention(module):
             missing[fqn] = "attention in-projections are not reconstructed yet"
-        elif isinstance(module, GRAM_TYPES):
+        elif has_gram(module):
             missing[fqn] = "its forward is not called (a parent uses its weight directly, or it never ran)"
     return missing
 

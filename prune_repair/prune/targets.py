@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.checks import masked_weight, stored_weight
+from ..engine.checks import masked_weight, parameter_holders, stored_weight
 from ..engine.producers import is_packed_attention, is_producer
 from ..engine.sites import Selector, executed_producers, make_filter, trace_calls
 
@@ -126,15 +126,12 @@ def find_targets(
 
 def _drop_tied(model: nn.Module, layers: list[tuple[str, nn.Module, str]]) -> list[tuple[str, nn.Module, str]]:
     """``layers`` without those whose weight parameter another module also holds, with a warning."""
-    owners: dict[int, list[str]] = {}
-    for fqn, module in model.named_modules(remove_duplicate=False):
-        for name, param in module.named_parameters(recurse=False):
-            owners.setdefault(id(param), []).append(f"{fqn}.{name}" if fqn else name)
+    owners = parameter_holders(model)
     kept, tied = [], []
     for fqn, module, name in layers:
         stored = getattr(module, name + "_orig", None)
         stored = getattr(module, name, None) if stored is None else stored
-        holders = sorted(set(owners.get(id(stored), [])))
+        holders = owners.get(id(stored), [])
         if len(holders) > 1:
             tied.append(f"{' = '.join(holders)}")
         else:
