@@ -253,3 +253,26 @@ def test_a_state_dict_file_loads_into_the_hf_arch(hf_models, tmp_path):
                  "--data", data, "--calib-size", 8, "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_reconstruct_refits_conv1d_and_bias_free_projections(hf_models, tmp_path, name):
+    model_dir, data = hf_models[name]
+    pruned_model = _prune_by_hand(model_dir, tmp_path / "pruned")
+    out, report = tmp_path / "out", tmp_path / "r.json"
+    result = run("repair", tmp_path / "pruned", "--reference", f"hf:{model_dir}", "--data", data,
+                 "--repair", "reconstruct", "--calib-size", 16, "--out", out, "--report", report)
+    assert result.exit_code == 0, result.output
+    before, after = pruned_model.state_dict(), _load(out).state_dict()
+    for k, w in before.items():
+        if w.is_floating_point() and w.dim() >= 2:
+            assert bool((after[k][w == 0] == 0).all()), k
+    layers = {entry["fqn"]: entry for entry in json.loads(report.read_text())["reconstruct"]["layers"]}
+    expected = "transformer.h.0.attn.c_attn" if name == "gpt2" else "model.layers.0.self_attn.q_proj"
+    assert expected in layers
+    assert all(e["error_after"] <= e["error_before"] + 1e-6 for e in layers.values())
+    if name == "llama":  # no bias and no BatchNorm: solved without an intercept
+        assert layers[expected]["intercept"] == "none"
+    else:  # GPT-2's lm_head is the token embedding: never refitted
+        assert "lm_head" not in layers
+        torch.testing.assert_close(after["transformer.wte.weight"], before["transformer.wte.weight"], rtol=0, atol=0)

@@ -161,8 +161,6 @@ def prune(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, ou
     if method not in HF_METHODS:
         raise CheckpointError(f"--method {method.value} is not supported for hf models yet: use "
                               f"{' or '.join(m.value for m in HF_METHODS)}")
-    if RepairMode.parse(mode, "correction").reconstructs:
-        raise CheckpointError(f"--repair {mode} is not supported for hf models yet: use --repair auto")
     _output_checks(out, report, [ckpt, arch], force)
     model = load_hf_model(ckpt, arch).to(dev)
     check_finite(model)
@@ -174,6 +172,7 @@ def prune(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, ou
             model, (d.calib, None), sparsities, method=method, repair=mode, eval_data=(None, None),
             select=list(layers) or None, skip_first=skip_first, skip_classifier=skip_classifier,
             include_classifier=include_classifier, evaluate_fn=lambda m, _x, _y: {"acc": math.nan, **d.evaluate(m)},
+            reconstruct_options={"damping": damping} if RepairMode.parse(mode, "correction").reconstructs else None,
         )
     save_hf_model(run.model, out, force=force)
     rep = run.to_report()
@@ -216,8 +215,6 @@ def repair(*, pruned, reference, arch, arch_kwargs, data, eval_data, calib_size,
            mode, variant, include_classifier, damping, **_: Any) -> None:
     _check_not_distributed(_)
     arch = resolve_hf_arch(arch, [reference, pruned], arch_kwargs)
-    if RepairMode.parse(mode, "correction").reconstructs:
-        raise CheckpointError(f"--repair {mode} is not supported for hf models yet: use --repair auto or repair")
     _output_checks(out, report, [pruned, reference, arch], force)
     ref_model = load_hf_model(reference, arch).to(dev)
     model = load_hf_model(pruned, arch).to(dev)
@@ -227,13 +224,18 @@ def repair(*, pruned, reference, arch, arch_kwargs, data, eval_data, calib_size,
     check_hf_fits(ref_model, d)
     metrics = {"reference": d.evaluate(ref_model), "before": d.evaluate(model)}
     start = time.perf_counter()
-    goal = collect_stats(ref_model, d.calib, include_classifier=include_classifier)
-    result = repair_(model, goal, d.calib, repair=mode, variant=variant)
+    if RepairMode.parse(mode, "correction").reconstructs:  # refit the layers to the reference's outputs
+        result = repair_(model, ref_model, d.calib, repair=mode, variant=variant, damping=damping)
+    else:
+        goal = collect_stats(ref_model, d.calib, include_classifier=include_classifier)
+        result = repair_(model, goal, d.calib, repair=mode, variant=variant)
     seconds = time.perf_counter() - start
     metrics["after"] = d.evaluate(model)
     save_hf_model(model, out, force=force)
     details = result.to_dict()
-    write_report(report, {**metrics, "seconds": {"repair": seconds}, "sites": details["sites"], "repair": mode,
+    write_report(report, {**metrics, "seconds": {"repair": seconds}, "sites": details["sites"],
+                          **({"reconstruct": details["reconstruct"], "damping": damping} if "reconstruct" in details else {}),
+                          "repair": mode,
                           "variant": variant, "include_classifier": include_classifier, "calib_size": calib_size,
                           "seed": seed, "eval_data": d.eval_name, "arch": arch, "task": d.task, "metric": d.metric,
                           "out_format": "hf"})
