@@ -23,6 +23,7 @@ from .engine.fold import (Correction, fold_affine, fold_affine_into_bn, fold_cor
                           fuse_bn)
 from .engine.fold import fold_batchnorm, fold_bn, fuse, fuse_  # noqa: F401  (deprecated names)
 from .engine.renorm import RepairMode, Variant
+from .engine.lockstep import Passes
 from .engine.checks import check_finite
 from .engine.report import RepairReport, SiteReport
 from .engine.preserve import preserve_statistics
@@ -47,6 +48,7 @@ __all__ = [
     "ActivationStats",
     "ChannelStats",
     "Correction",
+    "Passes",
     "RepairMode",
     "RepairReport",
     "Site",

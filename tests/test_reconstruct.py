@@ -393,3 +393,32 @@ def test_hf_conv1d_layers_are_reconstructed_and_tied_weights_left_alone():
     assert all(layer.error_after < layer.error_before for layer in report.layers)
     for key, zero in zeros.items():
         assert bool((model.state_dict()[key][zero] == 0).all()), key
+
+
+def test_padded_token_positions_do_not_change_the_reconstruction():
+    """What sits at positions with attention_mask 0 is left out of every Gram: two batches that differ
+    only there give the same weights."""
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.fc, self.head = nn.Embedding(30, 8), nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, input_ids, attention_mask):
+            return self.head(torch.relu(self.fc(self.embed(input_ids))))
+
+    torch.manual_seed(0)
+    reference = Tagger().double()
+    ids = torch.randint(0, 30, (16, 9))
+    mask = torch.ones(16, 9, dtype=torch.long)
+    mask[:, 6:] = 0
+    other = ids.clone()
+    other[:, 6:] = torch.randint(0, 30, (16, 3))
+    results = []
+    for tokens in (ids, other):
+        model = copy.deepcopy(reference)
+        _prune_(model, 0.5)
+        reconstruct_(model, reference, {"input_ids": tokens, "attention_mask": mask}, forward_fn=lambda m, b: m(**b))
+        results.append(model.state_dict())
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-12, atol=1e-12)

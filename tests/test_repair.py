@@ -116,7 +116,7 @@ def test_exact_over_several_batches_equals_exact_over_their_union():
     one, many = operated("resnet-bn"), operated("resnet-bn")
     repair_(one, goal, x, repair="repair")
     report = repair_(many, goal, [x[:20], x[20:]], repair="repair")
-    assert report.passes == len(goal.sites)
+    assert report.passes == 1  # one forward per batch, the batches in lockstep (tests/test_lockstep.py)
     assert_close(many(x), one(x))
 
 

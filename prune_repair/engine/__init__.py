@@ -19,6 +19,7 @@ from .evaluate import DataError, evaluate
 from .fold import (Correction, fold_affine, fold_affine_into_bn, fold_corrections, fold_corrections_, fuse_batchnorm,
                    fuse_bn)
 from .renorm import RepairMode, Variant
+from .lockstep import Passes
 from .checks import check_finite
 from .report import RepairReport, SiteReport
 from .preserve import preserve_statistics
@@ -33,6 +34,7 @@ __all__ = [
     "ChannelStats",
     "Correction",
     "DataError",
+    "Passes",
     "RepairMode",
     "RepairReport",
     "Site",

@@ -48,7 +48,8 @@ def has_gram(module: nn.Module) -> bool:
     return isinstance(module, GRAM_TYPES) or is_conv1d(module)
 
 
-def _reads_last_dim(module: nn.Module) -> bool:
+def reads_last_dim(module: nn.Module) -> bool:
+    """Whether the layer's channels are the LAST dim of its input and output (Linear, HF Conv1D)."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
@@ -158,7 +159,7 @@ class Gram:
         ``mask``: an ``(N, T)`` attention mask for token inputs ``(N, T, d_in)`` of a linear
         layer; positions where it is 0 (padding) are left out.
         """
-        if mask is not None and _reads_last_dim(self.module) and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        if mask is not None and reads_last_dim(self.module) and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
             keep = mask.to(device=x.device, dtype=torch.bool)
             x, y = x[keep], y.to(x.device)[keep]
         try:
@@ -169,7 +170,7 @@ class Gram:
     def _add(self, x: torch.Tensor, y: torch.Tensor, chunk_bytes: int) -> None:
         g, d, out = self.groups, self.d_in, self.out
         y_rows = _target_rows(self.module, y, out, self.name)
-        if _reads_last_dim(self.module):
+        if reads_last_dim(self.module):
             x_rows = x.reshape(-1, d)
             if len(x_rows) != len(y_rows):
                 raise ValueError(f"layer '{self.name}': {len(x_rows)} input rows but {len(y_rows)} target rows")
@@ -260,7 +261,7 @@ def _patch_view(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 def _target_rows(module: nn.Module, y: torch.Tensor, out: int, name: str) -> torch.Tensor:
     """Targets as ``(rows, out)``, rows ordered like the input rows."""
-    if _reads_last_dim(module):
+    if reads_last_dim(module):
         if y.shape[-1] != out:
             raise ValueError(f"layer '{name}' has {out} outputs but its target has {y.shape[-1]} (last dim)")
         return y.reshape(-1, out)

@@ -36,6 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._forward import ForwardFn, as_batches, head
 from ._layerwise import ReferenceOutputs, layerwise_
+from .lockstep import Passes
 from .checks import parameter_holders, stored_weight
 from .gram import DEFAULT_MAX_GRAM_BYTES, Gram, check_gram_memory, has_gram, row_view, rows_to_weight
 from .producers import is_packed_attention, is_producer
@@ -98,6 +99,7 @@ def reconstruct_(
     max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES,
     reference_cache_bytes: int = 2**30,
     progress: Progress | None = None,
+    passes: Passes | str = Passes.LOCKSTEP,
 ) -> ReconstructReport:
     """Reconstruct every conv/linear layer of ``model`` toward ``reference``, in place.
 
@@ -113,16 +115,22 @@ def reconstruct_(
             pruned) layer kept; the layer is fitted to those channels of the reference.
         forward_fn: ``forward_fn(model, batch)`` for batches that are not plain tensors.
         max_gram_bytes: refuse layers whose float64 Gram statistics need more memory.
-        reference_cache_bytes: memory for reference outputs cached between passes.
+        reference_cache_bytes: memory for reference outputs cached between ``per-site`` passes.
         progress: ``progress(done, total)`` after each layer.
+        passes: how several batches are gone over: ``lockstep`` (default; one pass per
+            batch, all batches' activations at the current layer alive at once) or
+            ``per-site`` (one prefix pass per layer and batch, one batch in memory at a time).
 
     Memory: ``O(d_in^2 + d_in * d_out)`` per layer (one layer at a time), never
     ``O(N * d_in)``: im2col patches are unfolded a chunk of samples at a time.
-    Cost: one trace pass; with ONE calibration batch, one pass of ``model`` (each layer is
-    solved in a hook before it computes) and one of ``reference`` (its layer outputs cached
-    up to ``reference_cache_bytes``; a prefix pass refills the cache past that); with B
-    batches, one prefix pass of ``model`` per layer and batch. Plus, per layer, the Gram
-    accumulation (``rows * d_in^2``) and the masked solves (about ``rows_out * |S|^3 / 3``).
+    Cost: one trace pass, then one pass of ``model`` and one of ``reference`` per batch (each
+    layer is solved in a hook before it computes; the reference forward runs beside it and
+    pauses at the layer needed next, so one reference output is alive at a time); with
+    ``passes="per-site"``, one prefix pass of ``model`` per layer and batch instead. Plus,
+    per layer, the Gram accumulation (``rows * d_in^2``) and the masked solves (about
+    ``|S|^3 / 3`` per row, or CG iterations at matrix-product speed for wide supports, see
+    :mod:`~prune_repair.engine.ridge`). Padded token positions (``attention_mask`` 0 in a
+    batch dict) are left out of the Gram statistics.
 
     Raises:
         ValueError: no conv/linear layer, a reference of another architecture,
@@ -158,8 +166,8 @@ def reconstruct_(
 
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
-        passes = layerwise_(model, batches, layers, step=step, target=targets, forward_fn=forward_fn,
-                            max_gram_bytes=max_gram_bytes)
+        made = layerwise_(model, batches, layers, step=step, target=targets, forward_fn=forward_fn,
+                          max_gram_bytes=max_gram_bytes, passes=passes)
     except BaseException:
         model.load_state_dict(saved)
         raise
@@ -171,7 +179,7 @@ def reconstruct_(
             f"calibration rows (samples x positions) for up to {worst.max_support} weights per output, so the "
             "damping decides part of the solution: use more calibration samples", stacklevel=2)
     return ReconstructReport(reports, time.perf_counter() - start,
-                             {"trace": 1, "model": passes, "reference": targets.passes}, skipped)
+                             {"trace": 1, "model": made, "reference": targets.passes}, skipped)
 
 
 def _solve_layer(fqn: str, module: nn.Module, gram: Gram, bn: _BatchNorm | None, damping: float) -> LayerReconstruction:

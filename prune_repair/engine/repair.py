@@ -32,6 +32,8 @@ from . import distributed
 from ._forward import ForwardFn, as_batches, batch_size_of, hooked_pass
 from .checks import check_finite
 from .fold import Correction, fold_correction_
+from .lockstep import Passes
+from .lockstep_repair import lockstep_repair_pass
 from .renorm import RepairMode, Variant
 from .reconstruct import reconstruct_
 from .report import RepairReport, SiteReport
@@ -51,6 +53,7 @@ def repair_(
     forward_fn: ForwardFn | None = None,
     add_bias: bool = False,
     mode: RepairMode | str | None = None,
+    passes: Passes | str = Passes.LOCKSTEP,
     **reconstruct_options: Any,
 ) -> RepairReport:
     """Correct ``model`` in place so its site statistics match ``reference``, and fold.
@@ -61,21 +64,29 @@ def repair_(
             ``stats_a.interpolate(stats_b, alpha)`` for a merge; or the unpruned model
             itself (its statistics are then collected on ``data``). The ``reconstruct``
             modes need the model.
-        data: calibration data (one batch = one pass; several batches are exact too,
-            with one pass per site).
+        data: calibration data: one batch, or several (a list, a DataLoader); the exact
+            variant is exact over several batches too (see ``passes``).
         repair: a :class:`RepairMode` (``auto`` resets BatchNorm sites and repairs others).
         variant: ``exact`` (upstream corrections applied while measuring) or ``all-at-once``.
         forward_fn: ``forward_fn(model, batch)`` for batches that are not plain tensors.
         add_bias: give layers without bias a bias to hold the shift (changes state_dict
             keys); by default such sites get the scale only, reported as ``shift_dropped``.
         mode: deprecated name of ``repair``.
+        passes: how the exact variant goes over several batches: ``lockstep`` (default) runs
+            them through the model side by side, ONE pass in all (one forward per batch), in
+            step at every site (:mod:`~prune_repair.engine.lockstep`); the activations of all
+            batches at the current site are alive at once, like one batch of their total size.
+            ``per-site`` makes one prefix pass per site over the data (one batch in memory at a
+            time, about ``sites / 2`` times the forwards); use it when memory is short, or for a
+            model whose batches take data-dependent paths (lockstep then says so).
         reconstruct_options: for the ``reconstruct`` modes, keywords of
             :func:`~prune_repair.engine.reconstruct.reconstruct_` (``damping``, ``select``,
             ``kept``, ``max_gram_bytes``, ``progress``); its report is under
             ``report.extra["reconstruct"]``.
 
     Returns:
-        a :class:`RepairReport`; the model keeps its train/eval mode. Sites that were not
+        a :class:`RepairReport` (``passes``: passes over the calibration data, each running
+            every batch once); the model keeps its train/eval mode. Sites that were not
         corrected (they never ran on ``data``, or ``reset`` found no BatchNorm there) are
         reported with ``mode="skipped"`` and the reason, and a warning names them.
 
@@ -95,9 +106,13 @@ def repair_(
         warnings.warn("repair_(mode=...) is renamed repair_(repair=...)", DeprecationWarning, stacklevel=2)
         repair = mode
     mode, variant = RepairMode.parse(repair, "correction"), Variant.parse(variant, "variant")
+    passes = Passes.parse(passes, "passes")
+    if passes is not Passes.LOCKSTEP and variant is not Variant.EXACT:
+        raise ValueError(f"passes='{passes.value}' chooses how the exact variant goes over several batches; the "
+                         f"'{variant.value}' variant makes one pass anyway: leave passes at its default")
     if mode.reconstructs:
         return _reconstruct_then_repair_(model, reference, data, mode, variant, forward_fn, add_bias,
-                                         reconstruct_options)
+                                         {**reconstruct_options, "passes": passes})
     if reconstruct_options:
         raise TypeError(f"repair_() got {', '.join(sorted(reconstruct_options))}, which only the reconstruct modes take")
     if isinstance(reference, nn.Module):
@@ -122,20 +137,26 @@ def repair_(
                          "BatchNorm: use repair='repair' (or 'auto')")
     saved = {id(p): (p.module.running_mean.clone(), p.module.running_var.clone())
              for p in plans if p.is_reset and p.module.running_mean is not None}
-    passes = 0
+    made = 0
 
     def run(measuring: set, inline: bool, applying: set, stop_after: SitePlan | None = None) -> None:
-        nonlocal passes
+        nonlocal made
         pre, sites, observe, correction = plan_hooks(plans, measuring, inline, applying, stop_after)
         with (hooked_pass(model, pre_hooks=pre, forward_fn=forward_fn) as forward,
               SiteTaps(model, sites, observe, correction).attached(forward) as tapped):
             for batch in batches:
                 tapped(batch)
-        passes += 1
+        made += 1
 
     try:
         if plans and variant is Variant.EXACT and not several:
             run(set(plans), inline=True, applying=set())
+            for plan in plans:
+                if plan.acc is None:
+                    plan.finalize()
+        elif plans and variant is Variant.EXACT and passes is Passes.LOCKSTEP:
+            lockstep_repair_pass(model, plans, batches, forward_fn)  # one pass: every batch once, in step
+            made = 1
             for plan in plans:
                 if plan.acc is None:
                     plan.finalize()
@@ -162,7 +183,7 @@ def repair_(
             fold_correction_(model, plan.site, corrections[plan.site.fqn])
     order = {site.fqn: i for i, site in enumerate(reference.sites)}
     reports = sorted([p.report for p in plans] + skipped, key=lambda r: order[r.fqn])
-    report = RepairReport(mode.value, variant.value, passes, time.perf_counter() - start, reports, corrections)
+    report = RepairReport(mode.value, variant.value, made, time.perf_counter() - start, reports, corrections)
     if report.skipped:
         listed = ", ".join(f"'{fqn}' ({why})" for fqn, why in report.skipped.items())
         warnings.warn(f"{len(report.skipped)} of {len(reports)} sites were not corrected: {listed}", stacklevel=2)
@@ -181,7 +202,8 @@ def _reconstruct_then_repair_(model: nn.Module, reference: Any, data: Any, mode:
         report = RepairReport(mode.value, variant.value, sum(rebuilt.passes.values()), 0.0, [])
     else:
         report = repair_(model, collect_stats(reference, data, forward_fn=forward_fn), data,
-                         repair=RepairMode.AUTO, variant=variant, forward_fn=forward_fn, add_bias=add_bias)
+                         repair=RepairMode.AUTO, variant=variant, forward_fn=forward_fn, add_bias=add_bias,
+                         passes=options["passes"])
         report.mode = mode.value
     report.extra["reconstruct"] = rebuilt.to_dict()
     report.seconds = time.perf_counter() - start
