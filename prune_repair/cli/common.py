@@ -148,7 +148,8 @@ def common_options(command: Callable) -> Callable:
                      "mean=0.485/0.456/0.406,std=0.229/0.224/0.225 (any of them). Not for tensor data."),
         click.option("--batch-size", default=None, type=click.IntRange(min=1),
                      help=f"samples per batch in evaluation [default: {BATCH_SIZE}] and in calibration [default: "
-                          "all --calib-size samples in one batch, so the exact repair takes one pass]."),
+                          "all --calib-size samples in one batch]; the exact repair and reconstruction still run "
+                          "one forward per calibration batch (the batches meet at every site)."),
         click.option("--eval-size", default=None, type=click.IntRange(min=1),
                      help="evaluate on this many samples of --eval-data (a subset drawn with --seed) "
                           "[default: all]."),
