@@ -16,6 +16,7 @@ in one pass, no solve), all on the same 1,024 samples, measured side by side (me
 Usage (from the repository root):
     python benchmarks/bench_reconstruct_sweep.py                  # prints rows as they finish
     python benchmarks/bench_reconstruct_sweep.py --write          # and its section of RESULTS.md
+    python benchmarks/bench_reconstruct_sweep.py --write-only     # re-render it from benchmarks/cache/
     python benchmarks/bench_reconstruct_sweep.py --models mnist-mlp --calib 1024 --sparsities 0.95
 """
 
@@ -138,7 +139,7 @@ def write(rows: list[dict], speeds: list[dict], args) -> None:
             if not sel:
                 cells.append("-")
                 continue
-            gap = min(100 * (r["dense"] - max(r["reconstruct"], r["reconstruct+repair"], r["obs"])) for r in sel)
+            gap = round(min(100 * (r["dense"] - max(r["reconstruct"], r["reconstruct+repair"], r["obs"])) for r in sel), 2)
             cells.append(f"{gap:.2f} {'met' if gap <= target else 'MISSED'}")
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     if speeds:
@@ -162,7 +163,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="for the speed table")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md and the raw JSON")
+    parser.add_argument("--write-only", action="store_true", help="re-render RESULTS.md from the cached raw JSON")
     args = parser.parse_args()
+    if args.write_only:
+        raw = json.loads(RAW.read_text())
+        write(raw["rows"], raw["speed"], args)
+        return
     torch.set_num_threads(args.threads)
     names = args.models.split(",")
     x, y = load_dataset("mnist:train")
