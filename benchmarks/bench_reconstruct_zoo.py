@@ -96,7 +96,8 @@ def write(rows: list[dict], args) -> None:
     replace_section(RESULTS, "\n".join(lines))
 
 
-def write_layers(x: torch.Tensor, y: torch.Tensor, sparsity: float = 0.95) -> None:
+def write_layers(x: torch.Tensor, y: torch.Tensor, sparsity: float = 0.95,
+                 names: tuple[str, ...] = (*MODELS, "resnet20-bn", "resnet20-ln")) -> None:
     """Where the remaining error comes from: relative output error ||Y - Y_hat|| / ||Y|| per layer
     before and after reconstruction (on the calibration data), at the sparsity the targets miss."""
     c1k, _ = calibration_batch(x, y, 1024, seed=0)
@@ -106,8 +107,11 @@ def write_layers(x: torch.Tensor, y: torch.Tensor, sparsity: float = 0.95) -> No
              "reconstructed). Reproduce: `python benchmarks/bench_reconstruct_zoo.py --layers-only`", "",
              "| model | layer | weights per row (max kept) | inputs (rows) | error before | error after |",
              "|---|---|---:|---:|---:|---:|"]
-    for name in MODELS:
-        dense = zoo.load(name)
+    from bench_prune import build_models  # the cached ResNet-20s (trained on first use)
+
+    resnets = build_models(x, y, [n for n in names if n not in MODELS])
+    for name in names:
+        dense = zoo.load(name) if name in MODELS else resnets[name]["model"]
         model = copy.deepcopy(dense)
         prune_(model, sparsity, method="global-magnitude")
         report = pr.reconstruct_(model, dense, c1k)
