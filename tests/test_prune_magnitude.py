@@ -85,3 +85,36 @@ def test_no_prunable_layer():
         prune_(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)), 0.5)
     with pytest.raises(PruneError, match="no prunable layer after skip"):
         prune_(nn.Sequential(nn.Linear(3, 3)), 0.5, skip_classifier=True)
+
+
+def test_selection_matches_a_stable_sort_with_ties_and_small_brackets(monkeypatch):
+    """The chunked selection prunes exactly the k lowest (ties by position), like a stable sort."""
+    import random
+
+    from prune_repair.prune import select
+
+    monkeypatch.setattr(select, "CHUNK", 1000)
+    monkeypatch.setattr(select, "SAMPLE", 256)
+    monkeypatch.setattr(select, "MIN_CAP", 50)  # force the bracket search on small inputs
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    for trial in range(60):
+        kind = trial % 4
+        scores = []
+        for _ in range(rng.randint(1, 3)):
+            n = rng.randint(1, 4000)
+            s = [torch.randn(n), torch.randint(0, 5, (n,)).float(),
+                 torch.randn(n).abs() * (torch.rand(n) > 0.7), torch.randn(n, dtype=torch.float64)][kind]
+            scores.append(s)
+        flat = torch.cat([s.double() for s in scores])
+        k = rng.randint(0, flat.numel())
+        expected = torch.ones(flat.numel(), dtype=torch.bool)
+        expected[torch.sort(flat, stable=True).indices[:k]] = False
+        got = torch.cat(select.keep_masks(scores, k))
+        assert torch.equal(got, expected), (trial, k)
+
+
+def test_pruned_weights_are_plain_zeros():
+    model = nn.Sequential(nn.Linear(8, 8))
+    prune_(model, 0.5)
+    assert int((model[0].weight == 0).sum()) == 32 and not bool(torch.signbit(model[0].weight[model[0].weight == 0]).any())

@@ -67,3 +67,18 @@ def test_float32_feature_maps_keep_float64_grade_precision_far_from_zero():
     exact = y.double().transpose(0, 1).reshape(8, -1)
     assert_close(s.mean, exact.mean(1), rtol=1e-10, atol=0)
     assert_close(s.var, exact.var(1, unbiased=False), rtol=1e-6, atol=0)
+
+
+def test_channel_last_and_chunked_outputs_keep_float64_grade_precision(monkeypatch):
+    from prune_repair.engine import stats as stats_module
+
+    monkeypatch.setattr(stats_module, "CHUNK_ELEMENTS", {"cpu": 1000})  # many chunks
+    torch.manual_seed(0)
+    for y, cdim in [(torch.randn(6, 37, 5, 24) * 0.01 + 1000.0, -1), (torch.randn(203, 24) * 3 - 7, -1),
+                    (torch.randn(64, 8, 12, 12) * 0.01 + 1000.0, 1),
+                    (torch.randn(32, 8, 6, 6).contiguous(memory_format=torch.channels_last) * 2 + 5, 1)]:
+        s = ChannelStats.of(y, cdim)
+        exact = y.double().movedim(cdim, -1).reshape(-1, y.shape[cdim])
+        assert s.count == exact.shape[0]
+        assert_close(s.mean, exact.mean(0), rtol=1e-10, atol=1e-7 * float(exact.std()))  # float32 runs of <= 16 values
+        assert_close(s.var, exact.var(0, unbiased=False), rtol=1e-6, atol=0)

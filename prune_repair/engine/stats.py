@@ -68,9 +68,10 @@ class ChannelStats:
         >>> ChannelStats.of(y, -1, mask=torch.tensor([[True, True, False]])).mean
         tensor([2.], dtype=torch.float64)
 
-        Channel-last outputs are reduced in float64 by two passes of column sums;
-        float32 feature maps on the CPU by :meth:`_of_feature_maps` (no float64 copy of
-        the activations); anything else is converted to float64 first.
+        Floating outputs below float64 are reduced by :func:`_shifted_moments` (float32 sums
+        of small chunks about a first estimate of the mean, float64 across chunks: no float64
+        copy of the activations and a temporary of at most one chunk); float64 and integer
+        outputs in float64 directly.
         """
         y = y.detach()
         if mask is not None:
@@ -82,32 +83,18 @@ class ChannelStats:
         channels = y.shape[cdim]
         if y.dim() == 1:  # a (C,) output: one value per channel
             return cls(1, y.to(torch.float64), torch.zeros_like(y, dtype=torch.float64))
-        if cdim == y.dim() - 1:  # (..., C): column sums, two passes in float64
-            rows = y.reshape(-1, channels).to(torch.float64)
-            mean = rows.mean(dim=0)
-            m2 = (rows - mean).square().sum(dim=0)
-            return cls(rows.shape[0], mean, m2)
-        if cdim == 1 and y.dim() >= 3 and y.dtype == torch.float32 and y.device.type == "cpu":
-            return cls._of_feature_maps(y)
+        if y.dtype in (torch.float32, torch.float16, torch.bfloat16) and y.numel() > 0:
+            if cdim == y.dim() - 1 or (cdim == 1 and y.movedim(1, -1).is_contiguous()):
+                rows = y.movedim(cdim, -1).reshape(-1, channels)  # a view when contiguous
+                return cls(rows.shape[0], *_shifted_moments(rows, rows=True))
+            if cdim == 1:
+                maps = y.reshape(y.shape[0], channels, -1)
+                return cls(maps.shape[0] * maps.shape[2], *_shifted_moments(maps, rows=False))
         y = y.to(torch.float64)
         dims = [d for d in range(y.dim()) if d != cdim]
         count = y.numel() // max(channels, 1)
         var, mean = torch.var_mean(y, dim=dims, correction=0)
         return cls(count, mean, var * count)
-
-    @classmethod
-    def _of_feature_maps(cls, y: torch.Tensor) -> "ChannelStats":
-        """(N, C, ...) float32 on the CPU: contiguous row sums over each sample's map in
-        float32, everything across rows in float64. Moments are taken about a first
-        estimate of the mean and corrected exactly, so large offsets cause no cancellation."""
-        n, c = y.shape[0], y.shape[1]
-        rows = y.reshape(n, c, -1)
-        count = n * rows.shape[2]
-        shift = (rows.sum(-1).to(torch.float64).sum(0) / count).to(torch.float32)
-        centered = rows - shift[None, :, None]  # exact near the mean (Sterbenz)
-        offset = centered.sum(-1).to(torch.float64).sum(0)
-        m2 = centered.square_().sum(-1).to(torch.float64).sum(0) - offset.square() / count
-        return cls(count, shift.to(torch.float64) + offset / count, m2.clamp_min(0))
 
     def merge(self, other: "ChannelStats") -> "ChannelStats":
         """Pooled statistics of both (order does not matter)."""
@@ -133,6 +120,49 @@ class ChannelStats:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ChannelStats":
         return cls(int(d["count"]), d["mean"].to(torch.float64), d["m2"].to(torch.float64))
+
+
+CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
+"""Elements per temporary in :func:`_shifted_moments`: a small part of a large activation
+(little added to the peak memory), yet few enough chunks that per-op costs stay small."""
+
+ROW_GROUP = 16
+"""Rows of a channel-last output summed in float32 before the float64 sum."""
+
+
+def _shifted_moments(x: torch.Tensor, rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 ``(mean, m2)`` per channel of ``(R, C)`` rows (``rows=True``) or ``(N, C, S)`` maps.
+
+    Values are centred, one chunk along dim 0 at a time, about the float32 rounding of the
+    first chunk's mean (exact near the mean, Sterbenz); short runs (each map's ``S`` values,
+    or ``ROW_GROUP`` rows) are summed in float32, everything across them in float64, and
+    the shift is corrected exactly, so large offsets cause no cancellation and the
+    activations are never copied whole (the temporary is one chunk).
+    """
+    work, c = torch.float32, x.shape[1]
+    count = x.numel() // max(c, 1)
+    if rows:  # (R, C) -> (R // K, K, C) groups, plus the leftover rows as groups of one
+        cut = x.shape[0] - x.shape[0] % ROW_GROUP
+        pieces = [p for p in (x[:cut].view(-1, ROW_GROUP, c), x[cut:].unsqueeze(1)) if p.numel()]
+        inner, view = 1, (c,)
+    else:
+        pieces, inner, view = [x], 2, (c, 1)
+    budget = CHUNK_ELEMENTS.get(x.device.type, 1 << 22)
+    s1 = torch.zeros(c, dtype=torch.float64, device=x.device)
+    s2 = torch.zeros(c, dtype=torch.float64, device=x.device)
+    shift = None
+    for piece in pieces:
+        step = max(1, budget // max(piece[0].numel(), 1))
+        for start in range(0, piece.shape[0], step):
+            chunk = piece[start:start + step].to(work)
+            if shift is None:  # the first chunk's mean: close to the mean, in float32
+                first = chunk.sum(inner).sum(0, dtype=torch.float64) / (chunk.numel() // c)
+                shift = first.to(work)
+            d = chunk - shift.view(view)  # one centred chunk (a new tensor)
+            s1 += d.sum(inner).sum(0, dtype=torch.float64)
+            s2 += torch.linalg.vecdot(d, d, dim=inner).sum(0, dtype=torch.float64)
+    offset = s1 / count
+    return shift.to(torch.float64) + offset, (s2 - s1 * offset).clamp_min(0)
 
 
 class ActivationStats(Mapping[str, ChannelStats]):

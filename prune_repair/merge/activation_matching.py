@@ -1,8 +1,8 @@
 """Activation matching, and moments of paired units of several models.
 
 :func:`activation_matching` pairs the hidden units of B with those of A by the correlation
-of their activations (Li et al. 2015; REPAIR). Per-batch moments are accumulated in float64
-and merged exactly (Chan's update), for every group in ONE pass over the data: each batch
+of their activations (Li et al. 2015; REPAIR). Per-batch moments are taken in float32 about the
+batch mean (float64 for float64 models) and merged in float64 (Chan's update), for every group in ONE pass over the data: each batch
 runs through A and then B with hooks that capture the tensors of all groups. The
 activations of a group are the inputs of the layers that consume its channels (after the
 nonlinearity); a group that no layer consumes is observed at its producers' outputs.
@@ -94,16 +94,18 @@ def probes_of(model: nn.Module, group: PermGroup) -> list[Probe]:
 
 
 def _samples(y: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    """(samples, channels) float64 copy of a probed tensor (blocks become samples)."""
+    """(samples, channels) copy of a probed tensor (blocks become samples), float32 for
+    float32 and narrower activations (no float64 copy), else float64."""
     c, k = index.shape
+    dtype = torch.float64 if y.dtype == torch.float64 or not y.is_floating_point() else torch.float32
     moved = y.detach().movedim(dim, -1)
     flat = index.flatten()
     start = int(flat[0])
     if k == 1 and torch.equal(flat, torch.arange(start, start + c)):  # plain channels: no gather
         picked = moved.narrow(-1, start, c)
-        return torch.empty(picked.shape, dtype=torch.float64, device=y.device).copy_(picked).view(-1, c)
+        return torch.empty(picked.shape, dtype=dtype, device=y.device).copy_(picked).view(-1, c)
     picked = moved.index_select(-1, flat.to(y.device)).reshape(-1, c, k)
-    return picked.transpose(1, 2).reshape(-1, c).to(torch.float64)
+    return picked.transpose(1, 2).reshape(-1, c).to(dtype)
 
 
 def _capture(model: nn.Module, batch: Any, probes: dict[nn.Module, list], forward_fn: ForwardFn | None) -> dict:
@@ -152,11 +154,19 @@ class _Cross(_Moments):
     """Cross co-moment (C x C) of two models' units, with both variances as two extra rows."""
 
     def add_pair(self, ya: torch.Tensor, yb: torch.Tensor) -> None:
-        """``ya``, ``yb``: (n, C) float64 copies (centered in place)."""
-        mean = torch.stack([ya.mean(0), yb.mean(0)])
-        ya.sub_(mean[0])
-        yb.sub_(mean[1])
-        self._merge(ya.shape[0], mean, self._comoment((ya, yb)))
+        """``ya``, ``yb``: (n, C) copies (centred in place). Float32 blocks are centred on the
+        float32 rounding of their float64 mean and multiplied in float32; the co-moments are
+        then corrected in float64 for that rounding (exact up to the float32 products)."""
+        n = ya.shape[0]
+        mean = torch.stack([ya.sum(0, dtype=torch.float64), yb.sum(0, dtype=torch.float64)]) / n
+        centre = mean.to(ya.dtype)
+        ya.sub_(centre[0])
+        yb.sub_(centre[1])
+        m2 = self._comoment((ya, yb)).to(torch.float64)
+        if ya.dtype != torch.float64:  # moments about `centre`, not about `mean`: shift them back
+            e = centre.to(torch.float64) - mean
+            m2 = m2 - n * self._comoment(e[:, None, :])
+        self._merge(n, mean, m2)
 
     @staticmethod
     def _comoment(c) -> torch.Tensor:  # (2, n, C) -> (C + 2, C)

@@ -3,7 +3,8 @@
 Scores are keyed by layer FQN; the lowest scores are pruned. :func:`masks_from_scores`
 prunes exactly ``round(sparsity * n)`` weights (over all layers for ``global``, in
 each layer for ``layer``), breaking ties by position: layer order first, then the
-flat index inside a layer, so the result is deterministic. :func:`apply_masks_`
+flat index inside a layer, so the result is deterministic. The threshold is found by
+selection on chunks (:mod:`~prune_repair.prune.select`), not by sorting a copy. :func:`apply_masks_`
 writes the masks as plain zeros or through ``torch.nn.utils.prune`` (keeping
 ``weight_orig`` / ``weight_mask``). Sparsity is zeros / prunable weights.
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
+from .select import keep_masks
 from .targets import PruneError, Target
 
 
@@ -63,28 +65,11 @@ def masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float, scope: s
         if not bool(torch.isfinite(s).all()):
             raise PruneError(f"the scores of layer '{fqn}' hold NaN/Inf: check the model weights and the data")
     if scope == "global":
-        flat = torch.cat([s.detach().reshape(-1).to(torch.float64).cpu() for s in scores.values()])
-        keep = _keep_lowest_pruned(flat, round(sparsity * flat.numel()))
-        masks, start = {}, 0
-        for fqn, s in scores.items():
-            masks[fqn] = keep[start:start + s.numel()].view(s.shape).to(s.device)
-            start += s.numel()
-        return masks
+        total = sum(s.numel() for s in scores.values())
+        return dict(zip(scores, keep_masks(list(scores.values()), round(sparsity * total))))
     if scope == "layer":
-        return {
-            fqn: _keep_lowest_pruned(s.detach().reshape(-1).to(torch.float64).cpu(), round(sparsity * s.numel()))
-            .view(s.shape).to(s.device)
-            for fqn, s in scores.items()
-        }
+        return {fqn: keep_masks([s], round(sparsity * s.numel()))[0] for fqn, s in scores.items()}
     raise PruneError(f"unknown pruning scope {scope!r}: use 'global' or 'layer'")
-
-
-def _keep_lowest_pruned(flat: torch.Tensor, k: int) -> torch.Tensor:
-    keep = torch.ones(flat.numel(), dtype=torch.bool)
-    if k > 0:
-        order = torch.sort(flat, stable=True).indices
-        keep[order[:k]] = False
-    return keep
 
 
 def apply_masks_(targets: list[Target], masks: dict[str, torch.Tensor], style: MaskStyle | str = MaskStyle.ZEROS) -> None:
@@ -108,7 +93,7 @@ def apply_masks_(targets: list[Target], masks: dict[str, torch.Tensor], style: M
             if style is MaskStyle.TORCH:
                 torch_prune.custom_from_mask(target.module, target.name, mask)
             else:
-                target.stored.mul_(mask.to(target.stored.dtype))
+                target.stored.masked_fill_(~mask, 0)  # a 1-byte temporary, not a float copy
             if hasattr(target.module, target.name + "_orig"):
                 # the cached masked weight, current and a graph leaf (so the model can be deep-copied);
                 # torch's pre-forward hook recomputes it on every forward anyway
