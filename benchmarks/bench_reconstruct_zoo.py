@@ -118,7 +118,11 @@ def write_layers(x: torch.Tensor, y: torch.Tensor, sparsity: float = 0.95,
         for layer in report.layers:
             lines.append(f"| {name} | {layer.fqn} | {layer.d_in} ({layer.max_support}) | {layer.rows} | "
                          f"{layer.error_before:.3f} | {layer.error_after:.3f} |")
-    lines.append("<!-- reconstruct-layers:end -->")
+    lines += ["", "Where the misses come from: global magnitude leaves the widest layers the fewest weights per row "
+              "(ResNet-20 stage 3: 6-26 of 576), and there no refit of the survivors brings the error below 0.67-0.98; "
+              "the early layers, with 50-70 of 144 kept, drop from 0.2-0.5 to 0.05-0.15. The allocation, not the "
+              "solve, is the limit (compare `obs`, which chooses the mask, at 98% in the sweep above).",
+              "<!-- reconstruct-layers:end -->"]
     replace_section(RESULTS, "\n".join(lines))
 
 
