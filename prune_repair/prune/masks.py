@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -54,11 +55,14 @@ def check_sparsity(sparsity: float) -> float:
     return value
 
 
-def masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float, scope: str = "global") -> dict[str, torch.Tensor]:
+def masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float, scope: str = "global",
+                      transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Boolean keep-masks pruning the ``round(sparsity * n)`` lowest scores.
 
     ``scope="global"`` ranks all weights together; ``scope="layer"`` prunes the same
     fraction of every layer. Ties go to the earlier position (see module doc).
+    ``transform`` is applied to ``scores`` chunk by chunk (``torch.abs``: magnitude pruning
+    straight from the weights, without a score copy of them).
     """
     sparsity = check_sparsity(sparsity)
     for fqn, s in scores.items():
@@ -66,9 +70,9 @@ def masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float, scope: s
             raise PruneError(f"the scores of layer '{fqn}' hold NaN/Inf: check the model weights and the data")
     if scope == "global":
         total = sum(s.numel() for s in scores.values())
-        return dict(zip(scores, keep_masks(list(scores.values()), round(sparsity * total))))
+        return dict(zip(scores, keep_masks(list(scores.values()), round(sparsity * total), transform)))
     if scope == "layer":
-        return {fqn: keep_masks([s], round(sparsity * s.numel()))[0] for fqn, s in scores.items()}
+        return {fqn: keep_masks([s], round(sparsity * s.numel()), transform)[0] for fqn, s in scores.items()}
     raise PruneError(f"unknown pruning scope {scope!r}: use 'global' or 'layer'")
 
 

@@ -30,7 +30,7 @@ from .fisher import Progress, fisher_scores, labeled_data
 from .magnitude import magnitude_scores
 from .obs import ObsOptions, obs_prune_
 from .masks import MaskStyle, apply_masks_, check_sparsity, masks_from_scores, measure_sparsity, sparsity_all_params
-from .targets import PruneError, Target, find_targets
+from .targets import PruneError, Target, effective_weights, find_targets
 from .woodfisher import InverseFisher, inverse_fisher, woodfisher_scores
 
 
@@ -228,6 +228,12 @@ def prune_(
     options = options or FisherOptions()
     targets = find_targets(model, select=select, skip_first=skip_first, skip_classifier=skip_classifier,
                            example_inputs=_example(data) if data is not None else None, include_tied=include_tied)
+    if scores is None and method in (PruneMethod.GLOBAL_MAGNITUDE, PruneMethod.LAYER_MAGNITUDE):
+        # magnitude needs no score tensors: |w| is taken chunk by chunk from the weights themselves
+        scores = PruneScores(method, effective_weights(targets), 0.0)
+        transform = torch.abs
+    else:
+        transform = None
     if scores is None:
         scores = score_weights(model, method, data, targets=targets, options=options, progress=progress)
     elif scores.method is not method:
@@ -236,7 +242,7 @@ def prune_(
     if missing:
         raise PruneError(f"the scores have no entry for layer '{missing[0]}': score the same layers you prune")
     start = time.perf_counter()
-    masks = masks_from_scores({t.fqn: scores.scores[t.fqn] for t in targets}, sparsity, method.scope)
+    masks = masks_from_scores({t.fqn: scores.scores[t.fqn] for t in targets}, sparsity, method.scope, transform)
     if options.obs_update and method is PruneMethod.WOODFISHER and sparsity > 0:
         _obs_update_(targets, masks, scores.inverse_fisher)
     apply_masks_(targets, masks, style)

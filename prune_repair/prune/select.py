@@ -15,8 +15,11 @@ gathered for ``kthvalue``. Extra memory is a few chunk-sized temporaries plus th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+
+Transform = Callable[[torch.Tensor], torch.Tensor] | None
 
 CHUNK = 1 << 22
 """Elements per temporary of a counting pass."""
@@ -26,24 +29,30 @@ SAMPLE = 1 << 17
 """Values in the sample whose quantiles bracket the threshold."""
 
 
-def _chunks(flats: list[torch.Tensor], dtype: torch.dtype):
+def _view(x: torch.Tensor, dtype: torch.dtype, transform: Transform) -> torch.Tensor:
+    """A chunk as scores: ``transform`` (e.g. ``torch.abs``) applied per chunk, never to the whole tensor."""
+    return (x if transform is None else transform(x)).to(dtype)
+
+
+def _chunks(flats: list[torch.Tensor], dtype: torch.dtype, transform: Transform = None):
     for x in flats:
         for start in range(0, x.numel(), CHUNK):
-            yield x[start:start + CHUNK].to(dtype)
+            yield _view(x[start:start + CHUNK], dtype, transform)
 
 
-def _count(flats: list[torch.Tensor], dtype: torch.dtype, lo: torch.Tensor, hi: torch.Tensor) -> tuple[int, int]:
+def _count(flats: list[torch.Tensor], dtype: torch.dtype, lo: torch.Tensor, hi: torch.Tensor,
+           transform: Transform = None) -> tuple[int, int]:
     """``(#values < lo, #values <= hi)`` in one pass (one host sync)."""
     below = upto = None
-    for c in _chunks(flats, dtype):
+    for c in _chunks(flats, dtype, transform):
         b, u = (c < lo).sum(), (c <= hi).sum()
         below, upto = (b, u) if below is None else (below + b, upto + u)
     both = torch.stack([below, upto]).tolist()
     return int(both[0]), int(both[1])
 
 
-def kth_smallest(flats: list[torch.Tensor], k: int, dtype: torch.dtype) -> torch.Tensor:
-    """The ``k``-th smallest (1-based) of all values of the 1-d ``flats``, as a 0-d tensor."""
+def kth_smallest(flats: list[torch.Tensor], k: int, dtype: torch.dtype, transform: Transform = None) -> torch.Tensor:
+    """The ``k``-th smallest (1-based) of all values of the 1-d ``flats`` (after ``transform``), as a 0-d tensor."""
     n = sum(x.numel() for x in flats)
     device = flats[0].device
     lo = torch.tensor(-math.inf, dtype=dtype, device=device)
@@ -54,7 +63,7 @@ def kth_smallest(flats: list[torch.Tensor], k: int, dtype: torch.dtype) -> torch
     for _ in range(16):
         if upto - below <= cap or bool(lo == hi):
             break
-        sample = torch.cat([x[::stride].to(dtype) for x in flats])
+        sample = torch.cat([_view(x[::stride], dtype, transform) for x in flats])
         sample = sample[(sample >= lo) & (sample <= hi)].sort().values
         if sample.numel() < 16:
             stride = max(1, stride // 16)
@@ -63,7 +72,7 @@ def kth_smallest(flats: list[torch.Tensor], k: int, dtype: torch.dtype) -> torch
         last = sample.numel() - 1
         p_lo = sample[max(0, math.floor((q - delta) * last))]
         p_hi = sample[min(last, math.ceil((q + delta) * last))]
-        b, u = _count(flats, dtype, p_lo, p_hi)
+        b, u = _count(flats, dtype, p_lo, p_hi, transform)
         if b < k <= u:
             lo, hi, below, upto = p_lo, p_hi, b, u
         elif k <= b:  # the threshold is below p_lo
@@ -72,26 +81,30 @@ def kth_smallest(flats: list[torch.Tensor], k: int, dtype: torch.dtype) -> torch
             lo, below = torch.nextafter(p_hi, hi), u
     if bool(lo == hi):
         return lo
-    inside = torch.cat([c[(c >= lo) & (c <= hi)] for c in _chunks(flats, dtype)])
+    inside = torch.cat([c[(c >= lo) & (c <= hi)] for c in _chunks(flats, dtype, transform)])
     return inside.kthvalue(k - below).values
 
 
-def keep_masks(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Boolean keep-masks (shaped like ``scores``) pruning exactly the ``k`` lowest values."""
+def keep_masks(scores: list[torch.Tensor], k: int, transform: Transform = None) -> list[torch.Tensor]:
+    """Boolean keep-masks (shaped like ``scores``) pruning exactly the ``k`` lowest values.
+
+    ``transform`` maps raw tensors to scores chunk by chunk (``torch.abs`` prunes by magnitude
+    straight from the weights, with no score copy)."""
     if k <= 0:
         return [torch.ones(s.shape, dtype=torch.bool, device=s.device) for s in scores]
     dtype = torch.promote_types(torch.float32, scores[0].dtype)
     for s in scores[1:]:
         dtype = torch.promote_types(dtype, s.dtype)
     flats = [s.detach().reshape(-1) for s in scores]
-    v = kth_smallest(flats, k, dtype)
-    counts = torch.stack([torch.stack([(c < v).sum(), (c == v).sum()]) for c in _chunks(flats, dtype)]).tolist()
+    v = kth_smallest(flats, k, dtype, transform)
+    counts = torch.stack([torch.stack([(c < v).sum(), (c == v).sum()])
+                          for c in _chunks(flats, dtype, transform)]).tolist()
     ties = k - sum(lt for lt, _ in counts)  # values equal to v to prune, earliest first
     masks, chunk = [], 0
     for s, x in zip(scores, flats):
         keep = torch.empty(x.numel(), dtype=torch.bool, device=x.device)
         for start in range(0, x.numel(), CHUNK):
-            c = x[start:start + CHUNK].to(dtype)
+            c = _view(x[start:start + CHUNK], dtype, transform)
             eq = counts[chunk][1]
             chunk += 1
             if ties >= eq:  # every tie in this chunk is pruned
