@@ -14,6 +14,7 @@ from prune_repair.prune import (
     masks_from_scores,
     measure_sparsity,
     prune_,
+    score_weights,
 )
 
 
@@ -118,3 +119,19 @@ def test_pruned_weights_are_plain_zeros():
     model = nn.Sequential(nn.Linear(8, 8))
     prune_(model, 0.5)
     assert int((model[0].weight == 0).sum()) == 32 and not bool(torch.signbit(model[0].weight[model[0].weight == 0]).any())
+
+
+@pytest.mark.parametrize("method", ["global-magnitude", "layer-magnitude"])
+def test_masks_from_the_weights_equal_masks_from_score_tensors(method):
+    """prune_ takes |w| chunk by chunk from the weights; precomputed |w| scores give the same masks."""
+    torch.manual_seed(0)
+    model = PlainCNN()
+    with torch.no_grad():
+        model.features.conv2.weight[:, :2] = 0.01  # ties across a layer
+    copy_ = PlainCNN()
+    copy_.load_state_dict(model.state_dict())
+    direct = prune_(model, 0.7, method)
+    scored = prune_(copy_, 0.7, method, scores=score_weights(copy_, method))
+    assert direct.masks.keys() == scored.masks.keys()
+    for fqn in direct.masks:
+        assert torch.equal(direct.masks[fqn], scored.masks[fqn]), fqn
