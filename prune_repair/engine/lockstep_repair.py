@@ -25,65 +25,17 @@ Example:
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._forward import ForwardFn, StopForward, hooked_pass
 from .lockstep import Lockstep
-from .producers import PARTS
 from .site_plan import SitePlan, plan_hooks
 from .sites import Site
 from .taps import SiteTaps
-
-
-class ThreadTaps(SiteTaps):
-    """:class:`~.taps.SiteTaps` that lockstep threads can share.
-
-    The batch's attention mask is kept per thread, and an attention's q/k/v are all measured
-    before any correction is folded into its in-projection: a thread waits for the other
-    batches at each measurement, so a fold made before one would be seen by the others.
-    (q/k/v are measured from the attention's inputs, so the order changes no value.)
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        self._local = threading.local()
-        super().__init__(*args, **kwargs)
-
-    @property
-    def mask(self) -> torch.Tensor | None:  # type: ignore[override]
-        return getattr(self._local, "mask", None)
-
-    @mask.setter
-    def mask(self, value: torch.Tensor | None) -> None:
-        self._local.mask = value
-
-    def _measure(self, site: Site, y: torch.Tensor) -> None:
-        if not getattr(self._local, "premeasured", False):
-            super()._measure(site, y)
-
-    def _attention_hooks(self, mha: nn.MultiheadAttention, parts: dict[str, Site], out: Site | None):
-        pre, post = super()._attention_hooks(mha, parts, out)
-
-        def measure_then_fold(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            inputs = list(args[:3]) + [kwargs.get(k) for k in ("query", "key", "value")[len(args):]]
-            e, weight, bias = mha.embed_dim, mha.in_proj_weight, mha.in_proj_bias
-            for i, part in enumerate(PARTS):
-                if part in parts:
-                    rows = slice(i * e, (i + 1) * e)
-                    y = F.linear(inputs[i], weight[rows], None if bias is None else bias[rows])
-                    self._measure(parts[part], y if mha.batch_first or y.dim() != 3 else y.transpose(0, 1))
-            self._local.premeasured = True
-            try:
-                return pre(module, args, kwargs)  # folds the decided corrections, measures nothing
-            finally:
-                self._local.premeasured = False
-
-        return measure_then_fold, post
 
 
 def lockstep_repair_pass(model: nn.Module, plans: Sequence[SitePlan], batches: Sequence[Any],
@@ -114,5 +66,5 @@ def lockstep_repair_pass(model: nn.Module, plans: Sequence[SitePlan], batches: S
     pre_hooks = {module: (lambda mod, args, hook=hook, plan=by_module[module]: meet(plan, lambda: hook(mod, args)))
                  for module, hook in pre.items()}
     with (hooked_pass(model, pre_hooks=pre_hooks, forward_fn=forward_fn) as forward,
-          ThreadTaps(model, sites, meet_observe, correction).attached(forward) as tapped):
+          SiteTaps(model, sites, meet_observe, correction).attached(forward) as tapped):
         lock.run([lambda batch=batch: tapped(batch) for batch in batches])

@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -94,8 +95,17 @@ class SiteTaps:
     def __init__(self, model: nn.Module, sites: list[Site], observe: Observe, correction: Correction | None = None):
         self.model, self.sites, self.observe = model, list(sites), observe
         self.correction = correction or (lambda site: None)
-        self.mask: torch.Tensor | None = None
+        self._local = threading.local()  # the batch's attention mask, per thread (lockstep passes share the taps)
         self._warned: set[str] = set()
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The attention mask of the batch the calling thread is running (None: no padding)."""
+        return getattr(self._local, "mask", None)
+
+    @mask.setter
+    def mask(self, value: torch.Tensor | None) -> None:
+        self._local.mask = value
 
     def _mask_for(self, site: Site, y: torch.Tensor) -> torch.Tensor | None:
         mask = self.mask
@@ -136,12 +146,11 @@ class SiteTaps:
             inputs = list(args[:3]) + [kwargs.get(k) for k in ("query", "key", "value")[len(args):]]
             e = mha.embed_dim
             weight, bias = mha.in_proj_weight, mha.in_proj_bias
-            for i, p in enumerate(PARTS):
-                if p not in parts:
-                    continue
-                rows = slice(i * e, (i + 1) * e)
+            present = [(i, p, slice(i * e, (i + 1) * e)) for i, p in enumerate(PARTS) if p in parts]
+            for i, p, rows in present:  # measure q, k, v all before any fold (threads in lockstep share the weight)
                 y = F.linear(inputs[i], weight[rows], None if bias is None else bias[rows])
                 self._measure(parts[p], y if mha.batch_first or y.dim() != 3 else y.transpose(0, 1))
+            for i, p, rows in present:
                 c = self.correction(parts[p])
                 if c is None:
                     continue
