@@ -66,10 +66,11 @@ def scenarios(part: slice) -> dict:
     ref = collect_stats(cnn, xs)
     out["stats"] = {k: v.to_dict() for k, v in ref.items()}
     for name, kwargs in {"exact": {}, "all-at-once": {"variant": "all-at-once"}, "reset": {"repair": "reset"},
-                         "exact-2-batches": {}}.items():
+                         "exact-2-batches": {}, "blockwise": {"passes": "blockwise"}}.items():
         model = _damage_(copy.deepcopy(cnn))
-        data = list(xs.chunk(2)) if name == "exact-2-batches" else xs
-        repair_(model, ref, data, repair=kwargs.get("repair", "repair"), variant=kwargs.get("variant", "exact"))
+        data = list(xs.chunk(2)) if name in ("exact-2-batches", "blockwise") else xs
+        repair_(model, ref, data, repair=kwargs.get("repair", "repair"), variant=kwargs.get("variant", "exact"),
+                passes=kwargs.get("passes", "lockstep"))
         out[name] = model.state_dict()
     if distributed.is_distributed():  # the same through a DistributedDataParallel wrapper
         model = _damage_(copy.deepcopy(cnn))
@@ -206,8 +207,8 @@ def test_fsdp_is_refused_with_what_to_do():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("key", ["stats", "exact", "all-at-once", "reset", "exact-2-batches", "moments", "fisher",
-                                 "woodfisher", "reconstruct"])
+@pytest.mark.parametrize("key", ["stats", "exact", "all-at-once", "reset", "exact-2-batches", "blockwise", "moments",
+                                 "fisher", "woodfisher", "reconstruct"])
 def test_two_processes_match_one(ranks, single, key):
     for r in ranks:
         assert_close(r[key], single[key])

@@ -172,6 +172,9 @@ def layerwise_(
     """Run ``step(i, gram)`` for every layer in order (see the module doc). Returns the forwards
     made (batches x passes); ``passes`` chooses how several batches are gone over."""
     batches, layers, passes = list(batches), list(layers), Passes.parse(passes, "passes")
+    if passes is Passes.BLOCKWISE:
+        raise ValueError("passes='blockwise' is not supported by reconstruction yet: use passes='per-site' "
+                         "(one batch in memory at a time) or 'lockstep'")
     masks = [batch_mask(batch) for batch in batches]  # padded token positions are left out of the Grams
     done = [False] * len(layers)
     inline = len(batches) == 1

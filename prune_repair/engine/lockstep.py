@@ -51,6 +51,9 @@ class Passes(MethodEnum):
 
     LOCKSTEP = "lockstep", "one pass per batch, the batches in step at every site (memory: all batches at once)"
     PER_SITE = "per-site", "one prefix pass per site (layer) and batch (memory: one batch at a time)"
+    BLOCKWISE = "blockwise", ("one block of the model at a time over all batches, its inputs stored (memory: one "
+                              "block input per batch and one batch inside one block; about 1 + sites per block / 2 "
+                              "forwards)")
 
 
 class _Abort(BaseException):

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +34,7 @@ from . import distributed
 from ._forward import ForwardFn, as_batches, batch_size_of, hooked_pass
 from .checks import check_finite
 from .fold import Correction, fold_correction_
+from .blockwise_repair import blockwise_repair_pass
 from .lockstep import Passes
 from .lockstep_repair import lockstep_repair_pass
 from .renorm import RepairMode, Variant
@@ -54,6 +57,8 @@ def repair_(
     add_bias: bool = False,
     mode: RepairMode | str | None = None,
     passes: Passes | str = Passes.LOCKSTEP,
+    blocks: Sequence[str] | None = None,
+    offload: str | Path | None = None,
     **reconstruct_options: Any,
 ) -> RepairReport:
     """Correct ``model`` in place so its site statistics match ``reference``, and fold.
@@ -78,7 +83,14 @@ def repair_(
             batches at the current site are alive at once, like one batch of their total size.
             ``per-site`` makes one prefix pass per site over the data (one batch in memory at a
             time, about ``sites / 2`` times the forwards); use it when memory is short, or for a
-            model whose batches take data-dependent paths (lockstep then says so).
+            model whose batches take data-dependent paths (lockstep then says so). ``blockwise``
+            runs the model one block at a time over all batches (:mod:`~prune_repair.engine.
+            blockwise_repair`), keeping only the current block's inputs: for models whose
+            activations do not fit at once, at about ``1 + sites per block / 2`` forwards.
+        blocks: with ``passes="blockwise"``, the blocks' module names in call order (by default
+            the longest chain of ``nn.Sequential`` / ``nn.ModuleList`` children is found).
+        offload: with ``passes="blockwise"``, where block inputs wait: ``"cpu"`` (host memory,
+            when the model is on a GPU) or a folder (files, removed afterwards).
         reconstruct_options: for the ``reconstruct`` modes, keywords of
             :func:`~prune_repair.engine.reconstruct.reconstruct_` (``damping``, ``select``,
             ``kept``, ``max_gram_bytes``, ``progress``); its report is under
@@ -107,6 +119,8 @@ def repair_(
         repair = mode
     mode, variant = RepairMode.parse(repair, "correction"), Variant.parse(variant, "variant")
     passes = Passes.parse(passes, "passes")
+    if (blocks is not None or offload is not None) and passes is not Passes.BLOCKWISE:
+        raise ValueError("blocks= and offload= apply to passes='blockwise' only: add passes='blockwise'")
     if passes is not Passes.LOCKSTEP and variant is not Variant.EXACT:
         raise ValueError(f"passes='{passes.value}' chooses how the exact variant goes over several batches; the "
                          f"'{variant.value}' variant makes one pass anyway: leave passes at its default")
@@ -137,7 +151,7 @@ def repair_(
                          "BatchNorm: use repair='repair' (or 'auto')")
     saved = {id(p): (p.module.running_mean.clone(), p.module.running_var.clone())
              for p in plans if p.is_reset and p.module.running_mean is not None}
-    made = 0
+    made, blockwise = 0, None
 
     def run(measuring: set, inline: bool, applying: set, stop_after: SitePlan | None = None) -> None:
         nonlocal made
@@ -153,6 +167,13 @@ def repair_(
             run(set(plans), inline=True, applying=set())
             for plan in plans:
                 if plan.acc is None:
+                    plan.finalize()
+        elif plans and variant is Variant.EXACT and passes is Passes.BLOCKWISE:
+            blockwise = blockwise_repair_pass(model, plans, batches, forward_fn, blocks=blocks, offload=offload,
+                                              inline=not several)
+            made = blockwise["max_passes"]
+            for plan in plans:
+                if plan.acc is None and not several:
                     plan.finalize()
         elif plans and variant is Variant.EXACT and passes is Passes.LOCKSTEP:
             lockstep_repair_pass(model, plans, batches, forward_fn)  # one pass: every batch once, in step
@@ -184,6 +205,8 @@ def repair_(
     order = {site.fqn: i for i, site in enumerate(reference.sites)}
     reports = sorted([p.report for p in plans] + skipped, key=lambda r: order[r.fqn])
     report = RepairReport(mode.value, variant.value, made, time.perf_counter() - start, reports, corrections)
+    if blockwise is not None:
+        report.extra["blockwise"] = blockwise
     if report.skipped:
         listed = ", ".join(f"'{fqn}' ({why})" for fqn, why in report.skipped.items())
         warnings.warn(f"{len(report.skipped)} of {len(reports)} sites were not corrected: {listed}", stacklevel=2)

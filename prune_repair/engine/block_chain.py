@@ -1,0 +1,356 @@
+"""A model's forward cut into a chain of blocks, run one block at a time over the data.
+
+Large models are calibrated the way the LLM one-shot compressors do it: the calibration
+batches go through the *stem* (everything before the first block) and stop there; then each
+block runs over all batches, its outputs kept (on the device, in host memory or in files)
+as the next block's inputs; the *tail* (everything after the last block) runs last. Only
+one block's inputs and one batch's activations are alive at a time.
+
+:func:`find_block_chain` finds the blocks: the children of ``nn.Sequential`` /
+``nn.ModuleList`` containers (nested containers flattened, so ResNet's ``layer1`` ...
+``layer4`` give one chain of residual blocks) that a traced forward calls one after the
+other, each taking the previous one's output as its first argument, with nothing else
+computed in between, the same extra arguments (an attention mask ...) and no later use of
+an inner block's output. The longest-in-parameters such run is the chain.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8), nn.ReLU()), nn.Linear(8, 2))
+    >>> chain = find_block_chain(model, torch.randn(3, 4))
+    >>> chain.names
+    ['0', '1', '2.0', '2.1', '3']
+    >>> x = torch.randn(5, 4)
+    >>> store = BlockInputs(chain, [x])
+    >>> with torch.no_grad():
+    ...     for s in range(len(chain.names) + 1):  # the stem, then each block
+    ...         _ = store.run_segment(s, 0)         # stores its output ...
+    ...         store.advance()                     # ... as the next segment's input
+    ...     out = store.run_segment(len(chain.names) + 1, 0)  # the tail: the model's output
+    >>> torch.allclose(out, model(x))
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ._forward import ForwardFn, StopForward, default_forward, eval_mode, first_tensor, head
+
+NO_CHAIN = ("the model's layers are not run as a chain of blocks in an nn.Sequential / nn.ModuleList (each "
+            "taking the previous one's output, nothing computed in between)")
+
+
+@dataclass
+class BlockChain:
+    """The blocks of a forward, in call order (see :func:`find_block_chain`)."""
+
+    model: nn.Module
+    names: list[str]
+    blocks: list[nn.Module]
+    tuple_rest: list[tuple | None]  # per block: None if it returns a tensor, else the rest of its tuple
+    forward_fn: ForwardFn = default_forward
+
+    def segment_of(self, module_name: str) -> int | None:
+        """``1 + index`` of the block holding the module named ``module_name``, or None."""
+        for k, name in enumerate(self.names):
+            if module_name == name or module_name.startswith(name + "."):
+                return k + 1
+        return None
+
+
+def candidate_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Children of the outermost ``nn.Sequential`` / ``nn.ModuleList`` containers (nested ones flattened)."""
+    found: list[tuple[str, nn.Module]] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        container = isinstance(module, (nn.Sequential, nn.ModuleList))
+        for name, child in module.named_children():
+            fqn = f"{prefix}.{name}" if prefix else name
+            if container and not isinstance(child, (nn.Sequential, nn.ModuleList)):
+                found.append((fqn, child))
+            else:
+                visit(child, fqn)
+
+    visit(model, "")
+    return found
+
+
+@dataclass
+class _Call:
+    name: str
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    output: Any = None
+    ops_before: int = 0  # tensor ops run outside every block before this call started
+    escaped: bool = False  # its output was read by an op outside the blocks
+    params: int = field(default=0)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _linked(prev: _Call, call: _Call, first: _Call) -> bool:
+    """Whether ``call`` may follow ``prev`` in a chain that starts at ``first``."""
+    out = first_tensor(prev.output)
+    if out is None or not call.args or call.args[0] is not out or prev.escaped:
+        return False
+    if call.ops_before != prev.ops_before or _rest(prev.output) is False:
+        return False
+    if len(call.args) != len(first.args) or set(call.kwargs) != set(first.kwargs):
+        return False
+    return (all(_same(a, b) for a, b in zip(call.args[1:], first.args[1:]))
+            and all(_same(call.kwargs[k], first.kwargs[k]) for k in call.kwargs))
+
+
+def _rest(output: Any) -> tuple | None | bool:
+    """None for a tensor output, the non-tensor rest of a ``(tensor, ...)`` tuple, False otherwise."""
+    if isinstance(output, torch.Tensor):
+        return None
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        rest = output[1:]
+        return False if any(isinstance(r, torch.Tensor) for r in rest) else tuple(rest)
+    return False
+
+
+def _trace(model: nn.Module, batch: Any, candidates: list[tuple[str, nn.Module]], forward_fn: ForwardFn) -> list[_Call]:
+    calls: list[_Call] = []
+    open_calls: list[_Call] = []
+    outputs: dict[int, _Call] = {}
+    ops = [0]
+    names = {id(m): n for n, m in candidates}
+
+    def pre(module, args, kwargs):
+        call = _Call(names[id(module)], module, args, kwargs, ops_before=ops[0])
+        calls.append(call)
+        open_calls.append(call)
+
+    def post(module, args, kwargs, output):
+        call = open_calls.pop()
+        call.output = output
+        if first_tensor(output) is not None:
+            outputs[id(first_tensor(output))] = call
+
+    class OutsideOps(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not open_calls and isinstance(out, torch.Tensor):
+                ops[0] += 1
+                for a in list(args) + list((kwargs or {}).values()):
+                    if isinstance(a, torch.Tensor) and id(a) in outputs:
+                        outputs[id(a)].escaped = True
+            return out
+
+    handles = []
+    try:
+        for _, module in candidates:
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(post, with_kwargs=True))
+        with eval_mode(model), torch.no_grad(), OutsideOps():
+            forward_fn(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def find_block_chain(model: nn.Module, batch: Any, *, forward_fn: ForwardFn | None = None,
+                     blocks: Sequence[str] | None = None) -> BlockChain:
+    """The chain of blocks of ``model``'s forward on ``batch`` (traced on its first 2 samples).
+
+    Args:
+        blocks: the chain's module names, in call order, instead of finding them; they must
+            form a chain (see the module docstring).
+
+    Raises:
+        ValueError: no chain (or ``blocks`` do not form one), naming the fix.
+    """
+    forward_fn = forward_fn or default_forward
+    if blocks is not None:
+        try:
+            candidates = [(name, model.get_submodule(name)) for name in blocks]
+        except AttributeError as e:
+            raise ValueError(f"blocks: {e}: name the blocks as model.named_modules() does") from None
+    else:
+        candidates = candidate_blocks(model)
+    calls = _trace(model, head(batch, 2), candidates, forward_fn)
+    counts: dict[str, int] = {}
+    for call in calls:
+        counts[call.name] = counts.get(call.name, 0) + 1
+    runs: list[list[_Call]] = []
+    for call in calls:
+        if counts[call.name] != 1:
+            continue
+        if runs and _linked(runs[-1][-1], call, runs[-1][0]):
+            runs[-1].append(call)
+        else:
+            runs.append([call])
+    runs = [r[:-1] if _rest(r[-1].output) is False else r for r in runs]
+    if blocks is not None:
+        if len(runs) != 1 or [c.name for c in runs[0]] != list(blocks):
+            raise ValueError(f"blocks={list(blocks)} do not form a chain: {NO_CHAIN}; check the names and their order")
+    runs = [r for r in runs if len(r) >= 2]
+    if not runs:
+        raise ValueError(f"no chain of blocks found: {NO_CHAIN}; name them with blocks=[...], or use passes='per-site'")
+    best = max(runs, key=lambda r: sum(p.numel() for c in r for p in c.module.parameters()))
+    return BlockChain(model, [c.name for c in best], [c.module for c in best], [_rest(c.output) for c in best],
+                      forward_fn)
+
+
+class BlockInputs:
+    """The current segment's inputs for every calibration batch, and how to run a segment.
+
+    Segment 0 is the stem (the model's forward, stopped at the first block's input), segment
+    ``k`` (1..n) the ``k``-th block, segment ``n + 1`` the tail (the model's forward with the
+    blocks skipped and the last one answering with its stored output).
+
+    Args:
+        offload: where block inputs wait: ``None`` (where they are, e.g. on the GPU),
+            ``"cpu"`` (host memory) or a folder (one file per batch, removed afterwards).
+    """
+
+    def __init__(self, chain: BlockChain, batches: Sequence[Any], offload: str | Path | None = None):
+        self.chain, self.batches = chain, list(batches)
+        self.extra: list[tuple[tuple, dict] | None] = [None] * len(self.batches)  # the first block's other arguments
+        self.current: list[Any] = [None] * len(self.batches)  # the current segment's inputs
+        self.next: list[Any] = [None] * len(self.batches)
+        self.device: torch.device | None = None
+        self.folder: Path | None = None
+        self.offload = offload
+        if offload not in (None, "cpu"):
+            Path(offload).mkdir(parents=True, exist_ok=True)
+            self.folder = Path(tempfile.mkdtemp(prefix="blockwise-", dir=offload))
+
+    def close(self) -> None:
+        """Drop every stored input and remove the offload files."""
+        self.current = self.next = [None] * len(self.batches)
+        if self.folder is not None:
+            for f in self.folder.glob("*.pt"):
+                f.unlink()
+            self.folder.rmdir()
+            self.folder = None
+
+    def _put(self, x: torch.Tensor) -> Any:
+        self.device = x.device
+        if self.folder is not None:
+            path = self.folder / f"{uuid.uuid4().hex}.pt"
+            torch.save(x, path)
+            return path
+        return x.to("cpu") if self.offload == "cpu" else x
+
+    def _get(self, stored: Any) -> torch.Tensor:
+        if isinstance(stored, Path):
+            return torch.load(stored, weights_only=True, map_location=self.device)
+        return stored.to(self.device)
+
+    def _drop(self, stored: Any) -> None:
+        if isinstance(stored, Path):
+            stored.unlink(missing_ok=True)
+
+    def advance(self) -> None:
+        """Make the outputs stored by the last :meth:`run_segment` calls (``store=True``) the inputs."""
+        for stored in self.current:
+            self._drop(stored)
+        self.current, self.next = self.next, [None] * len(self.batches)
+
+    def run_segment(self, s: int, i: int, *, store: bool = True) -> Any:
+        """Run segment ``s`` on batch ``i``; with ``store``, its output becomes batch ``i``'s next input.
+
+        Returns the segment's output (the model's output for the tail), or None when a hook stopped it.
+        """
+        n = len(self.chain.blocks)
+        if s == 0:
+            return self._stem(i, store)
+        if s == n + 1:
+            return self._tail(i)
+        args, kwargs = _fresh(self.extra[i])
+        x = self._get(self.current[i])
+        output = self.chain.blocks[s - 1](x, *args, **kwargs)
+        y = first_tensor(output)
+        if store:
+            self.next[i] = self._put(y)
+        return y
+
+    def _stem(self, i: int, store: bool) -> torch.Tensor | None:
+        got: list[torch.Tensor] = []
+
+        def catch(module, args, kwargs):
+            got.append(args[0])
+            self.extra[i] = _fresh((args[1:], kwargs))
+            raise StopForward
+
+        handle = self.chain.blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            self.chain.forward_fn(self.chain.model, self.batches[i])
+        except StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not got:
+            return None
+        if store:
+            self.next[i] = self._put(got[0])
+        return got[0]
+
+    def _tail(self, i: int) -> Any:
+        last = self._get(self.current[i])
+        with _skipping_blocks(self.chain, last):
+            return self.chain.forward_fn(self.chain.model, self.batches[i])
+
+
+def _fresh(value: Any) -> Any:
+    """``value`` with every object that is not a tensor, a plain value or a container of them
+    deep-copied: a state the blocks update as they run (a key/value cache) is replayed to each
+    block as it was before the first one."""
+    if isinstance(value, (torch.Tensor, str, int, float, bool, type(None), torch.dtype, torch.device)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_fresh(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _fresh(v) for k, v in value.items()}
+    return copy.deepcopy(value)
+
+
+@contextlib.contextmanager
+def _skipping_blocks(chain: BlockChain, last_output: torch.Tensor) -> Iterator[None]:
+    """Every block passes its input through; the last answers ``last_output`` (as it would)."""
+    n = len(chain.blocks)
+
+    def skip(k: int):
+        def forward(x, *args, **kwargs):
+            y = last_output if k == n - 1 else x
+            rest = chain.tuple_rest[k]
+            return y if rest is None else (y, *rest)
+        return forward
+
+    saved = [block.__dict__.get("forward") for block in chain.blocks]
+    for k, block in enumerate(chain.blocks):
+        block.forward = skip(k)
+    try:
+        yield
+    finally:
+        for block, own in zip(chain.blocks, saved):
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own
