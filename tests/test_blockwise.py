@@ -47,15 +47,15 @@ def _repaired(model, goal, data, **kw):
     return m, report
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vit", "convnext"])
-def test_blockwise_equals_per_site_passes(name):
+@pytest.mark.parametrize("name, other", [("resnet18", "per-site"), ("vit", "per-site"), ("convnext", "lockstep")])
+def test_blockwise_equals_per_site_and_lockstep_passes(name, other):
     model, x = _models()[name]
     goal = collect_stats(model, x)
     damage_(model)
     batches = list(x.split(4 if name != "convnext" else 3))
-    per_site, _ = _repaired(model, goal, batches, passes="per-site")
+    expected, _ = _repaired(model, goal, batches, passes=other)
     blockwise, report = _repaired(model, goal, batches, passes="blockwise")
-    assert_same_weights(blockwise, per_site)
+    assert_same_weights(blockwise, expected)
     assert any(not torch.equal(a, b) for a, b in zip(blockwise.state_dict().values(), model.state_dict().values()))
     info = report.extra["blockwise"]
     assert info["blocks"] >= 3 and report.passes == info["max_passes"]

@@ -274,7 +274,8 @@ class BlockInputs:
         self.current, self.next = self.next, [None] * len(self.batches)
 
     def run_segment(self, s: int, i: int, *, store: bool = True) -> Any:
-        """Run segment ``s`` on batch ``i``; with ``store``, its output becomes batch ``i``'s next input.
+        """Run segment ``s`` on batch ``i``; with ``store``, its output replaces batch ``i``'s input
+        (made the current one by :meth:`advance`).
 
         Returns the segment's output (the model's output for the tail), or None when a hook stopped it.
         """
@@ -287,7 +288,9 @@ class BlockInputs:
         x = self._get(self.current[i])
         output = self.chain.blocks[s - 1](x, *args, **kwargs)
         y = first_tensor(output)
-        if store:
+        if store:  # the input is not needed again: only one block input per batch stays alive
+            self._drop(self.current[i])
+            self.current[i] = None
             self.next[i] = self._put(y)
         return y
 
