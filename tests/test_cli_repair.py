@@ -92,10 +92,14 @@ def bad_inputs(tmp_path, pruned_ckpt):
         ("calib", [pruned_ckpt, *ref, *data, "--calib-size", 1, "--out", out], "at least 2 samples"),
         ("out=input", [pruned_ckpt, *ref, *data, "--out", pruned_ckpt], "is also an input"),
         ("mode", [pruned_ckpt, *ref, *data, "--repair", "rescue", "--out", out], "Invalid value for '--repair'"),
+        ("offload", [pruned_ckpt, *ref, *data, "--offload", tmp_path / "spill", "--out", out],
+         "apply to passes='blockwise' only"),
+        ("blockwise", [pruned_ckpt, *ref, *data, "--repair", "reconstruct", "--passes", "blockwise", "--out", out],
+         "not supported by reconstruction yet"),
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(13))
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, pruned_ckpt):
     name, args, message = bad_inputs(tmp_path, pruned_ckpt)[case]
     before = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
@@ -107,6 +111,19 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, prun
     assert re.search(message, result.output), (name, result.output)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
     assert pruned_ckpt.read_bytes() == pruned_bytes
+
+
+def test_blockwise_passes_write_the_same_checkpoint_and_leave_no_files(pruned_ckpt, tmp_path):
+    lockstep, blockwise, spill = tmp_path / "lockstep.pt", tmp_path / "blockwise.pt", tmp_path / "spill"
+    batches = ["--batch-size", 16]
+    assert run("repair", *base_args(pruned_ckpt, lockstep), *batches).exit_code == 0
+    result = run("repair", *base_args(pruned_ckpt, blockwise), *batches, "--passes", "blockwise", "--offload", spill,
+                 "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    a, b = torch.load(lockstep, weights_only=True), torch.load(blockwise, weights_only=True)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+    assert json.loads((tmp_path / "r.json").read_text())["passes"] == "blockwise"
+    assert not spill.exists()  # the folder it made for the block inputs is gone
 
 
 def test_existing_out_needs_force(pruned_ckpt, tmp_path):

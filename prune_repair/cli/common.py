@@ -29,6 +29,7 @@ from rich.table import Table
 
 from ..engine import distributed
 from ..engine.checks import check_finite
+from ..engine.lockstep import Passes
 from ..io import atomic_write, check_output_path, output_transaction
 from ..merge.groups import HAND_HELP
 from .data_loading import (_LOADED, BATCH_SIZE, CALIB_SIZE, RECONSTRUCT_CALIB_SIZE, Data, calib_size_for,  # noqa: F401
@@ -190,6 +191,16 @@ def check_outputs(out: str, report: str | None, inputs: list[str], force: bool) 
     check_output_path(out, inputs, force)
     if report is not None:
         check_output_path(report, inputs + [out], force, what="--report")
+
+
+def passes_option(command: Callable) -> Callable:
+    """``--passes`` and ``--offload``: how the exact repair goes over the calibration batches."""
+    command = click.option("--offload", default=None, metavar="cpu|DIR",
+                           help="with --passes blockwise: keep the block inputs in host memory (cpu) or in files "
+                                "under DIR (removed afterwards) instead of on the device.")(command)
+    return click.option("--passes", default=Passes.LOCKSTEP.value, show_default=True, type=click.Choice(Passes.choices()),
+                        help="how the exact repair goes over the calibration batches (--batch-size splits them): "
+                             + Passes.describe() + ".")(command)
 
 
 def damping_option(command: Callable) -> Callable:

@@ -212,7 +212,7 @@ def _prune_table(run, d: HFData, out: str) -> Table:
 
 
 def repair(*, pruned, reference, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, out, report, force,
-           mode, variant, include_classifier, damping, **_: Any) -> None:
+           mode, variant, include_classifier, damping, passes="lockstep", offload=None, **_: Any) -> None:
     _check_not_distributed(_)
     arch = resolve_hf_arch(arch, [reference, pruned], arch_kwargs)
     _output_checks(out, report, [pruned, reference, arch], force)
@@ -225,10 +225,11 @@ def repair(*, pruned, reference, arch, arch_kwargs, data, eval_data, calib_size,
     metrics = {"reference": d.evaluate(ref_model), "before": d.evaluate(model)}
     start = time.perf_counter()
     if RepairMode.parse(mode, "correction").reconstructs:  # refit the layers to the reference's outputs
-        result = repair_(model, ref_model, d.calib, repair=mode, variant=variant, damping=damping)
+        result = repair_(model, ref_model, d.calib, repair=mode, variant=variant, damping=damping, passes=passes,
+                         offload=offload)
     else:
         goal = collect_stats(ref_model, d.calib, include_classifier=include_classifier)
-        result = repair_(model, goal, d.calib, repair=mode, variant=variant)
+        result = repair_(model, goal, d.calib, repair=mode, variant=variant, passes=passes, offload=offload)
     seconds = time.perf_counter() - start
     metrics["after"] = d.evaluate(model)
     save_hf_model(model, out, force=force)
@@ -236,7 +237,8 @@ def repair(*, pruned, reference, arch, arch_kwargs, data, eval_data, calib_size,
     write_report(report, {**metrics, "seconds": {"repair": seconds}, "sites": details["sites"],
                           **({"reconstruct": details["reconstruct"], "damping": damping} if "reconstruct" in details else {}),
                           "repair": mode,
-                          "variant": variant, "include_classifier": include_classifier, "calib_size": calib_size,
+                          "variant": variant, "passes": passes, "include_classifier": include_classifier,
+                          "calib_size": calib_size,
                           "seed": seed, "eval_data": d.eval_name, "arch": arch, "task": d.task, "metric": d.metric,
                           "out_format": "hf"})
     lm = d.task == "lm"

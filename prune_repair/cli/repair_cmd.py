@@ -18,6 +18,7 @@ from .common import (
     check_finite_models,
     calib_size_for,
     damping_option,
+    passes_option,
     check_fits,
     check_outputs,
     common_options,
@@ -46,11 +47,12 @@ REPAIR_CHOICES = [m.value for m in RepairMode if m is not RepairMode.NONE]
               help="exact: each site measured with upstream corrections applied (one pass).")
 @click.option("--include-classifier", is_flag=True, help="also correct the final classifier's logits.")
 @damping_option
+@passes_option
 @goal_stats_option
 @handle_errors
 def repair_command(pruned, reference, arch, arch_kwargs, data, eval_data, calib_size, seed, device, out, report,
-                   force, mode, variant, include_classifier, damping, goal_stats=None, preprocess=None,
-                   batch_size=None, eval_size=None, workers=None) -> None:
+                   force, mode, variant, include_classifier, damping, passes="lockstep", offload=None, goal_stats=None,
+                   preprocess=None, batch_size=None, eval_size=None, workers=None) -> None:
     """Repair PRUNED (a checkpoint pruned elsewhere) toward the statistics of --reference.
 
     Checkpoints saved with torch.nn.utils.prune masks (weight_orig/weight_mask) are
@@ -59,6 +61,10 @@ def repair_command(pruned, reference, arch, arch_kwargs, data, eval_data, calib_
     \b
     Example:
       prune-repair repair pruned.pt --reference zoo:mnist-cnn --data mnist --out repaired.pt
+
+    A model whose activations do not fit at once: --passes blockwise --batch-size 32
+    runs it one block at a time (add --offload cpu or --offload DIR to move the block
+    inputs off the device).
     """
     if hf_cmd.wants_hf(arch, [reference, pruned]):  # --arch hf:DIR: HF directories, dict batches, perplexity
         return hf_cmd.repair(**locals(), dev=resolve_device(device))
@@ -77,10 +83,11 @@ def repair_command(pruned, reference, arch, arch_kwargs, data, eval_data, calib_
     metrics = {"reference": evaluate(ref_model, d.eval_x, d.eval_y), "before": evaluate(model, d.eval_x, d.eval_y)}
     start = time.perf_counter()
     if reconstructs:  # the layers are refitted to the reference's outputs (its zeros mask kept)
-        result = repair_(model, ref_model, d.calib_batches, repair=mode, variant=variant, damping=damping)
+        result = repair_(model, ref_model, d.calib_batches, repair=mode, variant=variant, damping=damping,
+                         passes=passes, offload=offload)
     else:
         goal = goal if goal is not None else collect_stats(ref_model, d.calib_batches, include_classifier=include_classifier)
-        result = repair_(model, goal, d.calib_batches, repair=mode, variant=variant)
+        result = repair_(model, goal, d.calib_batches, repair=mode, variant=variant, passes=passes, offload=offload)
     seconds = time.perf_counter() - start
     metrics["after"] = evaluate(model, d.eval_x, d.eval_y)
 
@@ -88,7 +95,7 @@ def repair_command(pruned, reference, arch, arch_kwargs, data, eval_data, calib_
     details = result.to_dict()
     write_report(report, {**metrics, "seconds": {"repair": seconds}, "sites": details["sites"],
                           **({"reconstruct": details["reconstruct"], "damping": damping} if reconstructs else {}),
-                          "repair": mode, "variant": variant, "include_classifier": include_classifier,
+                          "repair": mode, "variant": variant, "passes": passes, "include_classifier": include_classifier,
                           "calib_size": calib_size, "seed": seed, "eval_data": d.eval_name, "goal_stats": goal_info,
                           **d.settings})
     out_console.print(metrics_table(

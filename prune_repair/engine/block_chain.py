@@ -237,9 +237,13 @@ class BlockInputs:
         self.device: torch.device | None = None
         self.folder: Path | None = None
         self.offload = offload
+        self._made: list[Path] = []  # folders this store created (removed by close)
         if offload not in (None, "cpu"):
-            Path(offload).mkdir(parents=True, exist_ok=True)
-            self.folder = Path(tempfile.mkdtemp(prefix="blockwise-", dir=offload))
+            root = Path(offload).expanduser()
+            missing = [p for p in [root, *root.parents] if not p.exists()]
+            root.mkdir(parents=True, exist_ok=True)
+            self.folder = Path(tempfile.mkdtemp(prefix="blockwise-", dir=root))
+            self._made = [self.folder, *missing]
 
     def close(self) -> None:
         """Drop every stored input and remove the offload files."""
@@ -247,8 +251,9 @@ class BlockInputs:
         if self.folder is not None:
             for f in self.folder.glob("*.pt"):
                 f.unlink()
-            self.folder.rmdir()
-            self.folder = None
+            for folder in self._made:
+                folder.rmdir()
+            self.folder, self._made = None, []
 
     def _put(self, x: torch.Tensor) -> Any:
         self.device = x.device
