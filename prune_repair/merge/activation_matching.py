@@ -165,13 +165,19 @@ class _Cross(_Moments):
         m2 = self._comoment((ya, yb)).to(torch.float64)
         if ya.dtype != torch.float64:  # moments about `centre`, not about `mean`: shift them back
             e = centre.to(torch.float64) - mean
-            m2 = m2 - n * self._comoment(e[:, None, :])
+            m2[:-2].addr_(e[0], e[1], alpha=-n)
+            m2[-2].addcmul_(e[0], e[0], value=-n)
+            m2[-1].addcmul_(e[1], e[1], value=-n)
         self._merge(n, mean, m2)
 
     @staticmethod
-    def _comoment(c) -> torch.Tensor:  # (2, n, C) -> (C + 2, C)
-        return torch.cat([c[0].T @ c[1], torch.linalg.vecdot(c[0], c[0], dim=0)[None],
-                          torch.linalg.vecdot(c[1], c[1], dim=0)[None]])
+    def _comoment(c) -> torch.Tensor:  # (2, n, C) -> (C + 2, C), written in place (no concatenation)
+        a, b = c[0], c[1]
+        out = torch.empty(a.shape[-1] + 2, b.shape[-1], dtype=a.dtype, device=a.device)
+        torch.mm(a.T, b, out=out[:-2])
+        out[-2] = torch.linalg.vecdot(a, a, dim=0)
+        out[-1] = torch.linalg.vecdot(b, b, dim=0)
+        return out
 
 
 class _PerChannel(_Moments):
@@ -228,9 +234,9 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
                 moments.setdefault(key, _Cross()).add_pair(_samples(ya[key], p.dim, p.index),
                                                            _samples(yb[key], p.dim, p.index))
     _Moments.all_reduce_([moments[k] for k in sorted(moments)])  # pooled over ranks (distributed)
-    perms, dead = {}, {}
+    perms, dead, assigning = {}, {}, 0.0
     for g in groups:
-        corr = torch.zeros(g.size, g.size, dtype=torch.float64)
+        corr = None
         dead_any = torch.zeros(g.size, dtype=torch.bool)
         for key, m in moments.items():
             if key[0] != g.name:
@@ -239,16 +245,21 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
             std_a, std_b = var_a.clamp_min(0).sqrt(), var_b.clamp_min(0).sqrt()
             dead_a = std_a <= 1e-12 * (std_a.max() + 1e-300)
             dead_b = std_b <= 1e-12 * (std_b.max() + 1e-300)
-            c = cross / (torch.where(dead_a, 1.0, std_a)[:, None] * torch.where(dead_b, 1.0, std_b)[None, :])
-            c[dead_a, :] = 0
-            c[:, dead_b] = 0
+            c = cross.div(torch.where(dead_a, 1.0, std_a)[:, None]).div_(torch.where(dead_b, 1.0, std_b)[None, :])
+            if dead_a.any():
+                c[dead_a, :] = 0
+            if dead_b.any():
+                c[:, dead_b] = 0
             probe = probe_lists[g.name][key[1]]
-            corr += probe.weight * c.cpu()
+            c = c.cpu()
+            corr = c.mul_(probe.weight) if corr is None else corr.add_(c, alpha=probe.weight)
             if probe.weight == 1.0:
                 dead_any |= (dead_a | dead_b).cpu()
+        started = time.perf_counter()
         perms[g.name] = assign(corr, g.labels)
+        assigning += time.perf_counter() - started
         dead[g.name] = int(dead_any.sum())
-    return Alignment(perms, "activation", time.perf_counter() - start, dead_units=dead)
+    return Alignment(perms, "activation", time.perf_counter() - start, dead_units=dead, assign_seconds=assigning)
 
 
 def _each_batch(data: Any) -> Iterator[Any]:

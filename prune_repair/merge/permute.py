@@ -43,9 +43,11 @@ class Alignment:
     sweeps: int = 0
     objective: float | None = None
     dead_units: dict[str, int] = field(default_factory=dict)
+    assign_seconds: float = 0.0  # of ``seconds``: solving the assignment problems (not data-dependent)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "seconds": self.seconds, "sweeps": self.sweeps,
+        return {"method": self.method, "seconds": self.seconds, "assign_seconds": self.assign_seconds,
+                "sweeps": self.sweeps,
                 "objective": self.objective, "dead_units": dict(self.dead_units),
                 "perms": {k: v.tolist() for k, v in self.perms.items()}}
 
