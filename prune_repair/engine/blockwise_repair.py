@@ -36,7 +36,8 @@ from typing import Any
 from torch import nn
 
 from ._forward import ForwardFn, hooked_pass
-from .block_chain import BlockChain, BlockInputs, find_block_chain
+from .block_chain import BlockChain, find_block_chain
+from .block_inputs import BlockInputs
 from .site_plan import SitePlan, plan_hooks
 from .taps import SiteTaps, batch_mask
 
