@@ -144,7 +144,8 @@ def main() -> None:
                                      for k in got if got[k].is_floating_point())
     fwd = results["forward"]
     lines = [f"| {c} | {r['seconds']:.1f} | {r['seconds'] / fwd['seconds']:.2f}x | {r['bytes'] / 2**30:.2f} | "
-             f"{r['bytes'] / fwd['bytes']:.2f}x | {r.get('diff', float('nan')):.1e} |" for c, r in results.items()]
+             f"{r['bytes'] / fwd['bytes']:.2f}x | {format(r['diff'], '.1e') if 'diff' in r else '-'} |"
+             for c, r in results.items()]
     table = ["| configuration | seconds | x forward | peak memory rise GiB | x forward's | max abs diff vs lockstep |",
              "|---|---:|---:|---:|---:|---:|", *lines]
     print("\n".join(table))

@@ -70,10 +70,14 @@ def test_offload_to_host_memory_or_files_gives_the_same_weights_and_leaves_nothi
     batches = list(x.split(4))
     on_device, _ = _repaired(model, goal, batches, passes="blockwise")
     in_host, _ = _repaired(model, goal, batches, passes="blockwise", offload="cpu")
-    in_files, _ = _repaired(model, goal, batches, passes="blockwise", offload=tmp_path / "spill")
+    in_files, _ = _repaired(model, goal, batches, passes="blockwise", offload=tmp_path / "new" / "spill")
+    (tmp_path / "kept").mkdir()
+    in_kept, _ = _repaired(model, goal, batches, passes="blockwise", offload=tmp_path / "kept")
     assert_same_weights(in_host, on_device, tol=0)
     assert_same_weights(in_files, on_device, tol=0)
-    assert list((tmp_path / "spill").iterdir()) == []  # the files were removed
+    assert_same_weights(in_kept, on_device, tol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]  # the folders it made are gone ...
+    assert list((tmp_path / "kept").iterdir()) == []  # ... and so are its files in the user's one
 
 
 def test_one_batch_is_one_inline_pass_per_segment_and_equals_the_default():
