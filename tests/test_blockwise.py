@@ -181,3 +181,26 @@ def test_hf_decoders_with_a_kv_cache_and_padding_equal_per_site(arch):
     per_site, _ = _repaired(model, goal, batches, passes="per-site")
     blockwise, _ = _repaired(model, goal, batches, passes="blockwise")
     assert_same_weights(blockwise, per_site)
+
+
+class _FewInBlocks(nn.Module):
+    """Most layers are plain attributes; only a small nn.Sequential forms a chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.tail = nn.Sequential(nn.ReLU(), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.tail(self.c(torch.relu(self.b(torch.relu(self.a(x))))))
+
+
+def test_a_chain_holding_few_sites_is_exact_but_warns():
+    torch.manual_seed(0)
+    model, x = _FewInBlocks().double(), torch.randn(20, 4, dtype=torch.float64)
+    goal = collect_stats(model, x)
+    damage_(model)
+    per_site, _ = _repaired(model, goal, list(x.split(5)), passes="per-site")
+    with pytest.warns(UserWarning, match=r"holds only 0 of the 3 sites.*blocks=\[...\]"):
+        blockwise, _ = _repaired(model, goal, list(x.split(5)), passes="blockwise")
+    assert_same_weights(blockwise, per_site)

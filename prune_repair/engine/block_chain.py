@@ -11,7 +11,7 @@ one block's inputs and one batch's activations are alive at a time.
 ``layer4`` give one chain of residual blocks) that a traced forward calls one after the
 other, each taking the previous one's output as its first argument, with nothing else
 computed in between, the same extra arguments (an attention mask ...) and no later use of
-an inner block's output. The longest-in-parameters such run is the chain.
+an inner block's output. The run holding the most conv/linear layers is the chain.
 
 Example:
     >>> import torch
@@ -35,6 +35,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._forward import ForwardFn, default_forward, eval_mode, first_tensor, head
+from .producers import is_producer
 
 NO_CHAIN = ("the model's layers are not run as a chain of blocks in an nn.Sequential / nn.ModuleList (each "
             "taking the previous one's output, nothing computed in between)")
@@ -199,6 +200,6 @@ def find_block_chain(model: nn.Module, batch: Any, *, forward_fn: ForwardFn | No
     runs = [r for r in runs if len(r) >= 2]
     if not runs:
         raise ValueError(f"no chain of blocks found: {NO_CHAIN}; name them with blocks=[...], or use passes='per-site'")
-    best = max(runs, key=lambda r: sum(p.numel() for c in r for p in c.module.parameters()))
+    best = max(runs, key=lambda r: sum(is_producer(m) for c in r for m in c.module.modules()))
     return BlockChain(model, [c.name for c in best], [c.module for c in best], [_rest(c.output) for c in best],
                       forward_fn)

@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,11 @@ def blockwise_repair_pass(model: nn.Module, plans: Sequence[SitePlan], batches: 
     batches = list(batches)
     chain = find_block_chain(model, batches[0], forward_fn=forward_fn, blocks=blocks)
     segments = segments_of(model, chain, plans)
+    outside = len(segments[0]) + len(segments[-1])
+    if blocks is None and 2 * outside > len(plans):
+        warnings.warn(f"the chain of blocks found ({chain.names[0]} ... {chain.names[-1]}) holds only "
+                      f"{len(plans) - outside} of the {len(plans)} sites; the others run in the stem and tail, one "
+                      "prefix pass per site: name the model's blocks with blocks=[...]", stacklevel=3)
     store = BlockInputs(chain, batches, offload)
     counts = [0] * len(segments)
 
