@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.models import convnext_tiny, resnet18
 from torchvision.models.vision_transformer import VisionTransformer
 
-from prune_repair import collect_stats, repair_
+from prune_repair import collect_stats, reconstruct_, repair_
 from prune_repair.engine.block_chain import find_block_chain
 from engine_helpers import damage_
 from test_lockstep import assert_same_weights
@@ -90,6 +90,24 @@ def test_one_batch_is_one_inline_pass_per_segment_and_equals_the_default():
     assert report.passes == 1
 
 
+@pytest.mark.filterwarnings("ignore:reconstruction is under-determined")  # few rows on purpose: small and fast
+@pytest.mark.parametrize("name", ["resnet18", "vit"])
+def test_blockwise_reconstruction_equals_per_site_and_one_batch(name):
+    reference, x = _models()[name]
+    model = copy.deepcopy(reference)
+    damage_(model)
+    out = {}
+    for key, data, passes in (("per-site", list(x.split(4)), "per-site"), ("blockwise", list(x.split(4)), "blockwise"),
+                              ("one", x, "lockstep"), ("blockwise, one", x, "blockwise")):
+        out[key] = copy.deepcopy(model)
+        report = reconstruct_(out[key], reference, data, passes=passes)
+        assert report.passes["model"] > 0
+    assert_same_weights(out["blockwise"], out["per-site"])
+    assert_same_weights(out["blockwise, one"], out["one"])
+    assert any(not torch.equal(a, b) for a, b in zip(out["blockwise"].state_dict().values(),
+                                                     model.state_dict().values()))
+
+
 def test_reset_mode_blockwise_equals_lockstep():
     model, x = _models()["resnet18"]
     goal = collect_stats(model, x)
@@ -153,8 +171,8 @@ def test_clear_errors_where_blockwise_does_not_apply(tmp_path):
         find_block_chain(seq, xs, blocks=["layer9"])
     with pytest.raises(ValueError, match="apply to passes='blockwise' only"):
         repair_(copy.deepcopy(model), goal, x, offload=tmp_path)
-    with pytest.raises(ValueError, match="not supported by reconstruction yet"):
-        repair_(copy.deepcopy(model), model, list(x.split(5)), repair="reconstruct", passes="blockwise")
+    with pytest.raises(ValueError, match="apply to passes='blockwise' only"):
+        reconstruct_(copy.deepcopy(model), model, x, blocks=["a"])
     assert not any(tmp_path.iterdir())
 
 

@@ -94,12 +94,10 @@ def bad_inputs(tmp_path, pruned_ckpt):
         ("mode", [pruned_ckpt, *ref, *data, "--repair", "rescue", "--out", out], "Invalid value for '--repair'"),
         ("offload", [pruned_ckpt, *ref, *data, "--offload", tmp_path / "spill", "--out", out],
          "apply to passes='blockwise' only"),
-        ("blockwise", [pruned_ckpt, *ref, *data, "--repair", "reconstruct", "--passes", "blockwise", "--out", out],
-         "not supported by reconstruction yet"),
     ]
 
 
-@pytest.mark.parametrize("case", range(13))
+@pytest.mark.parametrize("case", range(12))
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, pruned_ckpt):
     name, args, message = bad_inputs(tmp_path, pruned_ckpt)[case]
     before = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
@@ -113,9 +111,10 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, prun
     assert pruned_ckpt.read_bytes() == pruned_bytes
 
 
-def test_blockwise_passes_write_the_same_checkpoint_and_leave_no_files(pruned_ckpt, tmp_path):
+@pytest.mark.parametrize("mode", ["auto", "reconstruct"])
+def test_blockwise_passes_write_the_same_checkpoint_and_leave_no_files(pruned_ckpt, tmp_path, mode):
     lockstep, blockwise, spill = tmp_path / "lockstep.pt", tmp_path / "blockwise.pt", tmp_path / "spill"
-    batches = ["--batch-size", 16]
+    batches = ["--batch-size", 16, "--repair", mode]
     assert run("repair", *base_args(pruned_ckpt, lockstep), *batches).exit_code == 0
     result = run("repair", *base_args(pruned_ckpt, blockwise), *batches, "--passes", "blockwise", "--offload", spill,
                  "--report", tmp_path / "r.json")

@@ -173,8 +173,8 @@ def layerwise_(
     made (batches x passes); ``passes`` chooses how several batches are gone over."""
     batches, layers, passes = list(batches), list(layers), Passes.parse(passes, "passes")
     if passes is Passes.BLOCKWISE:
-        raise ValueError("passes='blockwise' is not supported by reconstruction yet: use passes='per-site' "
-                         "(one batch in memory at a time) or 'lockstep'")
+        raise ValueError("layerwise_ runs the whole model: blockwise passes are blockwise_layerwise_'s "
+                         "(reconstruct_(passes='blockwise'))")
     masks = [batch_mask(batch) for batch in batches]  # padded token positions are left out of the Grams
     done = [False] * len(layers)
     inline = len(batches) == 1

@@ -68,8 +68,10 @@ class BlockInputs:
         if self.folder is not None:
             for f in self.folder.glob("*.pt"):
                 f.unlink()
-            for folder in self._made:
-                folder.rmdir()
+            self.folder.rmdir()
+            for folder in self._made[1:]:  # parents it made: kept while another store still uses them
+                if not any(folder.iterdir()):
+                    folder.rmdir()
             self.folder, self._made = None, []
 
     def _put(self, x: torch.Tensor) -> Any:

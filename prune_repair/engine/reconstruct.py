@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._forward import ForwardFn, as_batches, head
 from ._layerwise import ReferenceOutputs, layerwise_
+from .blockwise_reconstruct import blockwise_layerwise_
 from .lockstep import Passes
 from .checks import parameter_holders, stored_weight
 from .gram import DEFAULT_MAX_GRAM_BYTES, Gram, check_gram_memory, has_gram, row_view, rows_to_weight
@@ -100,6 +102,8 @@ def reconstruct_(
     reference_cache_bytes: int = 2**30,
     progress: Progress | None = None,
     passes: Passes | str = Passes.LOCKSTEP,
+    blocks: Sequence[str] | None = None,
+    offload: str | Path | None = None,
 ) -> ReconstructReport:
     """Reconstruct every conv/linear layer of ``model`` toward ``reference``, in place.
 
@@ -119,7 +123,10 @@ def reconstruct_(
         progress: ``progress(done, total)`` after each layer.
         passes: how several batches are gone over: ``lockstep`` (default; one pass per
             batch, all batches' activations at the current layer alive at once) or
-            ``per-site`` (one prefix pass per layer and batch, one batch in memory at a time).
+            ``per-site`` (one prefix pass per layer and batch, one batch in memory at a time)
+            or ``blockwise`` (one block at a time, see
+            :mod:`~prune_repair.engine.blockwise_reconstruct`; ``blocks`` and ``offload`` as
+            in :func:`~prune_repair.engine.repair.repair_`).
 
     Memory: ``O(d_in^2 + d_in * d_out)`` per layer (one layer at a time), never
     ``O(N * d_in)``: im2col patches are unfolded a chunk of samples at a time.
@@ -137,6 +144,8 @@ def reconstruct_(
             non-finite weights, or a layer over ``max_gram_bytes``.
     """
     start = time.perf_counter()
+    if (blocks is not None or offload is not None) and Passes.parse(passes, "passes") is not Passes.BLOCKWISE:
+        raise ValueError("blocks= and offload= apply to passes='blockwise' only: add passes='blockwise'")
     if reference is model:
         raise ValueError("the reference must be a separate copy of the unoperated model, not the model itself")
     batches, kept = as_batches(data), dict(kept or {})
@@ -153,8 +162,6 @@ def reconstruct_(
         check_gram_memory(module, fqn, max_gram_bytes)
     norms = {s.producer: s.norm for s in sites_from_calls(calls, include_classifier=True)}
     modules = dict(model.named_modules())
-    targets = ReferenceOutputs(reference, batches, [f for f, _ in layers], kept=kept, forward_fn=forward_fn,
-                               max_bytes=reference_cache_bytes)
     reports: list[LayerReconstruction] = []
 
     def step(i: int, gram: Gram) -> None:
@@ -166,8 +173,17 @@ def reconstruct_(
 
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
-        made = layerwise_(model, batches, layers, step=step, target=targets, forward_fn=forward_fn,
-                          max_gram_bytes=max_gram_bytes, passes=passes)
+        if Passes.parse(passes, "passes") is Passes.BLOCKWISE:
+            made, ref_made = blockwise_layerwise_(
+                model, reference, batches, layers, step=step, kept=kept, forward_fn=forward_fn,
+                max_gram_bytes=max_gram_bytes, reference_cache_bytes=reference_cache_bytes, blocks=blocks,
+                offload=offload)
+        else:
+            targets = ReferenceOutputs(reference, batches, [f for f, _ in layers], kept=kept,
+                                       forward_fn=forward_fn, max_bytes=reference_cache_bytes)
+            made = layerwise_(model, batches, layers, step=step, target=targets, forward_fn=forward_fn,
+                              max_gram_bytes=max_gram_bytes, passes=passes)
+            ref_made = targets.passes
     except BaseException:
         model.load_state_dict(saved)
         raise
@@ -179,7 +195,7 @@ def reconstruct_(
             f"calibration rows (samples x positions) for up to {worst.max_support} weights per output, so the "
             "damping decides part of the solution: use more calibration samples", stacklevel=2)
     return ReconstructReport(reports, time.perf_counter() - start,
-                             {"trace": 1, "model": made, "reference": targets.passes}, skipped)
+                             {"trace": 1, "model": made, "reference": ref_made}, skipped)
 
 
 def _solve_layer(fqn: str, module: nn.Module, gram: Gram, bn: _BatchNorm | None, damping: float) -> LayerReconstruction:

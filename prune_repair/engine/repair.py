@@ -126,7 +126,8 @@ def repair_(
                          f"'{variant.value}' variant makes one pass anyway: leave passes at its default")
     if mode.reconstructs:
         return _reconstruct_then_repair_(model, reference, data, mode, variant, forward_fn, add_bias,
-                                         {**reconstruct_options, "passes": passes})
+                                         {**reconstruct_options, "passes": passes, "blocks": blocks,
+                                          "offload": offload})
     if reconstruct_options:
         raise TypeError(f"repair_() got {', '.join(sorted(reconstruct_options))}, which only the reconstruct modes take")
     if isinstance(reference, nn.Module):
@@ -226,7 +227,7 @@ def _reconstruct_then_repair_(model: nn.Module, reference: Any, data: Any, mode:
     else:
         report = repair_(model, collect_stats(reference, data, forward_fn=forward_fn), data,
                          repair=RepairMode.AUTO, variant=variant, forward_fn=forward_fn, add_bias=add_bias,
-                         passes=options["passes"])
+                         passes=options["passes"], blocks=options["blocks"], offload=options["offload"])
         report.mode = mode.value
     report.extra["reconstruct"] = rebuilt.to_dict()
     report.seconds = time.perf_counter() - start
