@@ -48,7 +48,7 @@ from ..engine._forward import ForwardFn, as_batches, head
 from ..engine._layerwise import ReferenceOutputs, layerwise_
 from ..engine.checks import masked_weight
 from ..engine.gram import DEFAULT_MAX_GRAM_BYTES, GRAM_TYPES, Gram, check_gram_memory
-from ..engine.reconstruct import check_gram, current_rows, intercept_kind, write_rows_
+from ..engine.layer_rows import check_gram, current_rows, intercept_kind, write_rows_
 from ..engine.ridge import masked_ridge
 from ..engine.sites import Selector, make_filter, sites_from_calls, trace_calls
 from .fisher import Progress
