@@ -81,6 +81,9 @@ def scenarios(part: slice) -> dict:
     model = _damage_(copy.deepcopy(cnn))  # reconstruction: Gram statistics summed over ranks
     reconstruct_(model, cnn, xs)
     out["reconstruct"] = model.state_dict()
+    model = _damage_(copy.deepcopy(cnn))
+    reconstruct_(model, cnn, list(xs.chunk(2)), passes="blockwise")
+    out["reconstruct-blockwise"] = model.state_dict()
     groups = find_groups(a, x[:2])
     out["perms"] = activation_matching(a, b, xs, groups).perms
     m = site_moments([a, b], xs, find_sites(a, x[:2]))
@@ -208,11 +211,17 @@ def test_fsdp_is_refused_with_what_to_do():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key", ["stats", "exact", "all-at-once", "reset", "exact-2-batches", "blockwise", "moments",
-                                 "fisher", "woodfisher", "reconstruct"])
+                                 "fisher", "woodfisher", "reconstruct", "reconstruct-blockwise"])
 def test_two_processes_match_one(ranks, single, key):
     for r in ranks:
         assert_close(r[key], single[key])
     assert_close(ranks[1][key], ranks[0][key], rtol=0, atol=0)  # every rank holds the same result
+
+
+@pytest.mark.slow
+def test_blockwise_reconstruction_on_two_ranks_equals_one_process_on_the_whole_set(ranks, single):
+    for r in ranks:  # two batches per rank, one block at a time, Grams summed over ranks
+        assert_close(r["reconstruct-blockwise"], single["reconstruct"])
 
 
 @pytest.mark.slow
