@@ -19,7 +19,7 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.models.vision_transformer import VisionTransformer
 
 from prune_repair import collect_stats, reconstruct_, repair_
-from prune_repair.engine.block_chain import find_block_chain
+from prune_repair.engine.block_chain import BlockChain, find_block_chain
 from engine_helpers import damage_
 from test_lockstep import assert_same_weights
 
@@ -168,6 +168,16 @@ class _NoContainers(nn.Module):
 
     def forward(self, x):
         return self.b(torch.relu(self.a(x)))
+
+
+def test_layers_are_split_into_stem_blocks_and_tail_in_run_order():
+    seq = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.ReLU()), nn.Linear(2, 2), nn.Linear(2, 2))
+    chain = BlockChain(seq, ["1", "2"], [seq[1], seq[2]], [None, None])
+    assert chain.split(["0", "1.0", "1.1", "2", "3"]) == [[0], [1, 2], [3], [4]]
+    with pytest.raises(ValueError, match="layer '3' runs between the blocks 1 ... 2"):
+        chain.split(["1.0", "3", "2"])
+    with pytest.raises(ValueError, match="site 'b' of block '1' comes after a later block's"):
+        chain.split(["2", "1.0"], labels=["a", "b"], what="site")
 
 
 def test_clear_errors_where_blockwise_does_not_apply(tmp_path):

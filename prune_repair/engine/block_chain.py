@@ -58,6 +58,37 @@ class BlockChain:
                 return k + 1
         return None
 
+    def split(self, module_names: Sequence[str], labels: Sequence[str] | None = None,
+              what: str = "layer") -> list[list[int]]:
+        """Indices into ``module_names`` (in run order) for each segment: stem, each block, tail.
+
+        Modules before the first block go to the stem, after the last to the tail; errors name
+        the items by ``labels`` (default: the module names).
+
+        Raises:
+            ValueError: a module outside the blocks runs between two of them, or the order
+                goes back to an earlier block.
+        """
+        n, labels = len(self.blocks), list(labels if labels is not None else module_names)
+        inside = [self.segment_of(name) for name in module_names]
+        first = next((k for k, s in enumerate(inside) if s is not None), len(inside))
+        last = max((k for k, s in enumerate(inside) if s is not None), default=-1)
+        segments: list[list[int]] = [[] for _ in range(n + 2)]
+        seen = 0
+        for k, s in enumerate(inside):
+            if s is None:
+                if first < k < last:
+                    raise ValueError(f"{what} '{labels[k]}' runs between the blocks {self.names[0]} ... "
+                                     f"{self.names[-1]} but is in none of them: name the blocks with blocks=[...] "
+                                     "or use passes='per-site'")
+                s = 0 if k < first else n + 1
+            if s < seen:
+                raise ValueError(f"{what} '{labels[k]}' of block '{self.names[s - 1]}' comes after a later "
+                                 "block's: the order is not the one the blocks run in; use passes='per-site'")
+            seen = s
+            segments[s].append(k)
+        return segments
+
 
 def candidate_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Children of the outermost ``nn.Sequential`` / ``nn.ModuleList`` containers (nested ones flattened)."""

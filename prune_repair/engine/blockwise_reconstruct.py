@@ -43,28 +43,6 @@ from .lockstep import Passes
 from .taps import batch_mask
 
 
-def _layer_segments(chain: BlockChain, layers: Sequence[Layer]) -> list[list[int]]:
-    """Indices of ``layers`` in each segment (stem, blocks, tail)."""
-    n = len(chain.blocks)
-    inside = [chain.segment_of(fqn) for fqn, _ in layers]
-    first = next((k for k, s in enumerate(inside) if s is not None), len(layers))
-    last = max((k for k, s in enumerate(inside) if s is not None), default=-1)
-    segments: list[list[int]] = [[] for _ in range(n + 2)]
-    seen = 0
-    for k, s in enumerate(inside):
-        if s is None:
-            if first < k < last:
-                raise ValueError(f"layer '{layers[k][0]}' runs between the blocks {chain.names[0]} ... "
-                                 f"{chain.names[-1]} but is in none of them: name the blocks with blocks=[...] "
-                                 "or use passes='per-site'")
-            s = 0 if k < first else n + 1
-        if s < seen:
-            raise ValueError(f"layer '{layers[k][0]}' runs after a later block's layers: use passes='per-site'")
-        seen = s
-        segments[s].append(k)
-    return segments
-
-
 def blockwise_layerwise_(model: nn.Module, reference: nn.Module, batches: Sequence[Any], layers: Sequence[Layer], *,
                          step: StepFn, kept: dict[str, torch.Tensor] | None = None,
                          forward_fn: ForwardFn | None = None, max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES,
@@ -83,7 +61,7 @@ def blockwise_layerwise_(model: nn.Module, reference: nn.Module, batches: Sequen
     except AttributeError:
         raise ValueError("the reference does not have the model's blocks: pass a reference of the same "
                          "architecture") from None
-    segments = _layer_segments(chain, layers)
+    segments = chain.split([fqn for fqn, _ in layers])
     mine, ref = BlockInputs(chain, batches, offload), BlockInputs(theirs, batches, offload)
     tokens = [{"index": b, **({"attention_mask": m} if (m := batch_mask(batch)) is not None else {})}
               for b, batch in enumerate(batches)]

@@ -50,25 +50,8 @@ def segments_of(model: nn.Module, chain: BlockChain, plans: Sequence[SitePlan]) 
         ValueError: a site outside the blocks runs between two blocks.
     """
     names = {module: name for name, module in model.named_modules()}
-    n = len(chain.blocks)
-    segments: list[list[SitePlan]] = [[] for _ in range(n + 2)]
-    inside = [chain.segment_of(names.get(plan.module, "")) for plan in plans]
-    first = next((k for k, s in enumerate(inside) if s is not None), len(plans))
-    last = max((k for k, s in enumerate(inside) if s is not None), default=-1)
-    seen = 0
-    for k, (plan, s) in enumerate(zip(plans, inside)):
-        if s is None:
-            if first < k < last:
-                raise ValueError(f"site '{plan.site.fqn}' runs between the blocks {chain.names[0]} ... "
-                                 f"{chain.names[-1]} but is in none of them: name the blocks with blocks=[...] "
-                                 "or use passes='per-site'")
-            s = 0 if k < first else n + 1
-        if s < seen:
-            raise ValueError(f"site '{plan.site.fqn}' of block '{chain.names[s - 1]}' is listed after a later "
-                             "block's sites: the statistics were not collected in the order the blocks run")
-        seen = s
-        segments[s].append(plan)
-    return segments
+    where = chain.split([names.get(plan.module, "") for plan in plans], [plan.site.fqn for plan in plans], "site")
+    return [[plans[k] for k in indices] for indices in where]
 
 
 def blockwise_repair_pass(model: nn.Module, plans: Sequence[SitePlan], batches: Sequence[Any],
