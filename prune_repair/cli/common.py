@@ -194,13 +194,13 @@ def check_outputs(out: str, report: str | None, inputs: list[str], force: bool) 
 
 
 def passes_option(command: Callable) -> Callable:
-    """``--passes`` and ``--offload``: how the exact repair goes over the calibration batches."""
+    """``--passes`` and ``--offload``: how the exact repair and reconstruction go over the calibration batches."""
     command = click.option("--offload", default=None, metavar="cpu|DIR",
                            help="with --passes blockwise: keep the block inputs in host memory (cpu) or in files "
                                 "under DIR (removed afterwards) instead of on the device.")(command)
     return click.option("--passes", default=Passes.LOCKSTEP.value, show_default=True, type=click.Choice(Passes.choices()),
-                        help="how the exact repair goes over the calibration batches (--batch-size splits them): "
-                             + Passes.describe() + ".")(command)
+                        help="how the exact repair and reconstruction go over the calibration batches "
+                             "(--batch-size splits them): " + Passes.describe() + ".")(command)
 
 
 def damping_option(command: Callable) -> Callable:
