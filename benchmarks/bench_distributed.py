@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from prune_repair import zoo
-from prune_repair.engine import collect_stats, distributed, repair_
+from prune_repair.engine import collect_stats, repair_
+from prune_repair.engine.run import distributed
 from prune_repair.io.data import calibration_batch, load_dataset
 
 

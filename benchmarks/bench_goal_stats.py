@@ -5,8 +5,8 @@ from different sources; the test accuracy (mnist:test, 10k) is printed as a mark
 
 Goal sources:
 - ``data-64``: ``collect_stats`` of the dense model on the 64-sample calibration batch;
-- ``batchnorm``: :func:`~prune_repair.engine.goal_stats.batchnorm_goal` (BN net only; no data);
-- ``rec-eval``: :class:`~prune_repair.engine.goal_stats.RecordStats` over ONE pass of the whole
+- ``batchnorm``: :func:`~prune_repair.engine.stats.goal.batchnorm_goal` (BN net only; no data);
+- ``rec-eval``: :class:`~prune_repair.engine.stats.goal.RecordStats` over ONE pass of the whole
   training set (60k, batches of 256) in eval mode, as one would run after training;
 - ``rec-train``: RecordStats of training-mode forwards (gradients on, no optimizer step, so
   the weights stay those of the checkpoint) over the last 200 batches of 256 of one
@@ -33,8 +33,8 @@ import torch
 
 from prune_repair import zoo
 from prune_repair.engine import collect_stats, repair_
-from prune_repair.engine.evaluate import evaluate
-from prune_repair.engine.goal_stats import RecordStats, batchnorm_goal
+from prune_repair.metrics.classify import evaluate
+from prune_repair.engine.stats.goal import RecordStats, batchnorm_goal
 from prune_repair.io.data import calibration_batch, load_dataset
 from prune_repair.prune import prune_
 

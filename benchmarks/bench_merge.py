@@ -37,7 +37,7 @@ from results_md import replace_section
 from torch import nn
 
 from prune_repair.io.data import calibration_batch, load_dataset
-from prune_repair.engine.evaluate import evaluate
+from prune_repair.metrics.classify import evaluate
 from prune_repair.merge import (
     activation_matching,
     barrier_curve,

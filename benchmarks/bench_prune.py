@@ -35,7 +35,7 @@ from bench_prune_report import write_outputs  # noqa: E402
 
 from prune_repair import collect_stats, repair_, zoo  # noqa: E402
 from prune_repair.io.data import calibration_batch, load_dataset  # noqa: E402
-from prune_repair.engine.evaluate import evaluate  # noqa: E402
+from prune_repair.metrics.classify import evaluate  # noqa: E402
 from prune_repair.zoo.models import ResNetMini  # noqa: E402
 from prune_repair.prune import FisherOptions, PruneMethod, prune_, score_weights  # noqa: E402
 from training import load_or_train  # noqa: E402

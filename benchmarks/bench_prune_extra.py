@@ -29,7 +29,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from prune_repair import collect_stats, repair_
-from prune_repair.engine.evaluate import evaluate
+from prune_repair.metrics.classify import evaluate
 from prune_repair.prune import find_targets, measure_sparsity, prune_
 
 HERE = Path(__file__).resolve().parent

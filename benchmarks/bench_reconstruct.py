@@ -24,8 +24,8 @@ from torch import nn
 
 
 def bench_solve(sparsities: list[float]) -> None:
-    from prune_repair.engine.gram import Gram
-    from prune_repair.engine.ridge import masked_ridge
+    from prune_repair.engine.refit.gram import Gram
+    from prune_repair.engine.refit.ridge import masked_ridge
 
     torch.manual_seed(0)
     conv = nn.Conv2d(512, 512, 3, padding=1)
@@ -59,8 +59,8 @@ def bench_solve(sparsities: list[float]) -> None:
 
 def bench_zoo(calib: int = 1024, sparsity: float = 0.95) -> None:
     from prune_repair import zoo
-    from prune_repair.engine.evaluate import evaluate
-    from prune_repair.engine.reconstruct import reconstruct_
+    from prune_repair.metrics.classify import evaluate
+    from prune_repair.engine.refit.reconstruct import reconstruct_
     from prune_repair.io.data import calibration_batch, load_dataset
     from prune_repair.prune import prune_
     from prune_repair.prune.obs import obs_prune_

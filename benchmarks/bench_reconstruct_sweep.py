@@ -37,9 +37,9 @@ from bench_prune import CACHE, build_models  # noqa: E402
 from results_md import replace_section  # noqa: E402
 
 import prune_repair as pr  # noqa: E402
-from prune_repair.engine._layerwise import layerwise_  # noqa: E402
-from prune_repair.engine.evaluate import evaluate  # noqa: E402
-from prune_repair.engine.gram import GRAM_TYPES  # noqa: E402
+from prune_repair.engine.refit.layerwise import layerwise_  # noqa: E402
+from prune_repair.metrics.classify import evaluate  # noqa: E402
+from prune_repair.engine.refit.gram import GRAM_TYPES  # noqa: E402
 from prune_repair.io.data import calibration_batch, load_dataset  # noqa: E402
 from prune_repair.prune import prune_  # noqa: E402
 

@@ -21,7 +21,7 @@ import torch
 
 import prune_repair as pr
 from prune_repair import zoo
-from prune_repair.engine.evaluate import evaluate
+from prune_repair.metrics.classify import evaluate
 from prune_repair.io.data import calibration_batch, load_dataset
 from prune_repair.prune import prune_
 from results_md import replace_section

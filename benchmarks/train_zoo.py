@@ -22,7 +22,7 @@ import torch
 
 from prune_repair import zoo
 from prune_repair.io.data import load_dataset
-from prune_repair.engine.evaluate import evaluate
+from prune_repair.metrics.classify import evaluate
 from training import train
 
 SETTINGS = {

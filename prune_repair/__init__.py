@@ -19,19 +19,19 @@ Example:
 __version__ = "0.1.0"
 
 # the engine: sites, statistics, corrections, folding
-from .engine.fold import (Correction, fold_affine, fold_affine_into_bn, fold_corrections, fold_corrections_, fuse_batchnorm,
+from .engine.sites.fold import (Correction, fold_affine, fold_affine_into_bn, fold_corrections, fold_corrections_, fuse_batchnorm,
                           fuse_bn)
-from .engine.fold import fold_batchnorm, fold_bn, fuse, fuse_  # noqa: F401  (deprecated names)
-from .engine.renorm import RepairMode, Variant
-from .engine.lockstep import Passes
+from .engine.sites.fold import fold_batchnorm, fold_bn, fuse, fuse_  # noqa: F401  (deprecated names)
+from .engine.correct.modes import RepairMode, Variant
+from .engine.run.lockstep import Passes
 from .engine.checks import check_finite
-from .engine.report import RepairReport, SiteReport
-from .engine.preserve import preserve_statistics
-from .engine.goal_stats import RecordStats, batchnorm_goal
-from .engine.reconstruct import ReconstructReport, reconstruct_
-from .engine.repair import repair_
-from .engine.sites import Site, find_sites, make_filter
-from .engine.stats import ActivationStats, ChannelStats, collect_stats
+from .engine.correct.report import RepairReport, SiteReport
+from .engine.correct.preserve import preserve_statistics
+from .engine.stats.goal import RecordStats, batchnorm_goal
+from .engine.refit.reconstruct import ReconstructReport, reconstruct_
+from .engine.correct.repair import repair_
+from .engine.sites.find import Site, find_sites, make_filter
+from .engine.stats.activation import ActivationStats, ChannelStats, collect_stats
 
 # front end: pruning
 from .prune.pipeline import PruneRun, prune_and_repair

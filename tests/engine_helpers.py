@@ -6,7 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
-from prune_repair.engine._forward import hooked_pass
+from prune_repair.engine.run.forward import hooked_pass
 from prune_repair.zoo.models import MLP, PlainCNN, ResNetMini, TokenMLP
 
 

@@ -1,4 +1,9 @@
-"""The layout is the architecture: the engine stands alone and no module imports itself back.
+"""The layout is the architecture: each part imports only the parts below it, and nothing cycles.
+
+The rule table :data:`MAY_IMPORT` is the picture of ARCHITECTURE.md in code: a part of
+the package (an engine sub-package, a front end, io, ...) may import its own modules and
+the parts listed for it, nothing else. Outside the engine, no module imports a private
+engine module or a private engine name.
 
 Imports are read from the source (``ast``), including imports inside functions, so a lazy
 import cannot hide a cycle (a submodule importing its own package's ``__init__``, which
@@ -14,7 +19,26 @@ import prune_repair
 
 ROOT = Path(prune_repair.__file__).resolve().parent
 ENGINE_MAY_NOT_IMPORT = ("prune_repair.prune", "prune_repair.merge", "prune_repair.io", "prune_repair.cli",
-                         "prune_repair.zoo")
+                         "prune_repair.zoo", "prune_repair.metrics")
+
+ENGINE_PARTS = ("engine.base", "engine.run", "engine.sites", "engine.stats", "engine.refit", "engine.correct")
+MAY_IMPORT: dict[str, set[str]] = {
+    "engine.base": set(),                       # registry, checks, producers: layer kinds and checks
+    "engine.run": {"engine.base"},              # passes over the data, lockstep, blockwise, ranks
+    "engine.sites": {"engine.base", "engine.run"},
+    "engine.stats": {"engine.base", "engine.run", "engine.sites"},
+    "engine.refit": {"engine.base", "engine.run", "engine.sites"},
+    "engine.correct": {"engine.base", "engine.run", "engine.sites", "engine.stats", "engine.refit"},
+    "engine": set(ENGINE_PARTS),                # engine/__init__.py: the engine's public names
+    "io": {"engine.base", "zoo"},
+    "metrics": {"engine.run", "io"},
+    "zoo": set(),
+    "prune": {*ENGINE_PARTS, "engine", "io", "metrics"},
+    "merge": {*ENGINE_PARTS, "engine", "metrics"},
+    "cli": {*ENGINE_PARTS, "engine", "io", "metrics", "prune", "merge", "zoo", "root"},
+    "root": {*ENGINE_PARTS, "engine", "prune", "merge", "metrics"},
+    "__main__": {"cli"},
+}
 
 
 def module_name(path: Path) -> str:
@@ -54,6 +78,40 @@ def test_the_engine_imports_no_front_end_and_no_io():
     assert not bad, f"engine modules import front ends or io: {bad}"
 
 
+def part_of(module: str) -> str:
+    """``prune_repair.engine.run.lockstep`` -> ``engine.run``; ``prune_repair.engine.checks`` -> ``engine.base``."""
+    parts = module.split(".")[1:]
+    if not parts:
+        return "root"
+    if parts[0] != "engine":
+        return parts[0]
+    if len(parts) == 1:
+        return "engine"
+    sub = f"engine.{parts[1]}"
+    return sub if sub in ENGINE_PARTS else "engine.base"
+
+
+def test_every_part_imports_only_what_the_rule_table_allows():
+    assert {part_of(m) for m in MODULES} <= MAY_IMPORT.keys(), "a new part of the package needs its row in MAY_IMPORT"
+    bad = sorted((name, dep) for name, deps in GRAPH.items() for dep in deps
+                 if part_of(dep) != part_of(name) and part_of(dep) not in MAY_IMPORT[part_of(name)])
+    assert not bad, f"imports against the rule table: {bad}"
+
+
+def test_no_module_outside_the_engine_imports_private_engine_names():
+    bad = []
+    for name, path in MODULES.items():
+        if name.startswith("prune_repair.engine"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and "engine" in node.module.split("."):
+                tail = node.module.split(".")[node.module.split(".").index("engine"):]
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                if any(p.startswith("_") for p in tail) or private:
+                    bad.append(f"{name}:{node.lineno}")
+    assert not bad, f"private engine modules or names imported from outside the engine: {bad}"
+
+
 def test_there_are_no_import_cycles():
     edges = GRAPH
     state: dict[str, int] = {}
@@ -78,5 +136,5 @@ def test_there_are_no_import_cycles():
 
 
 def test_the_graph_is_read():
-    assert "prune_repair.engine.sites" in GRAPH["prune_repair.engine.stats"]
+    assert "prune_repair.engine.sites.find" in GRAPH["prune_repair.engine.stats.activation"]
     assert len(MODULES) > 30

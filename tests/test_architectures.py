@@ -35,7 +35,7 @@ from torchvision.models.swin_transformer import SwinTransformer
 from torchvision.models.vision_transformer import VisionTransformer
 
 import prune_repair as pr
-from prune_repair.engine.sites import split_owner
+from prune_repair.engine.sites.find import split_owner
 
 CONV_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 

@@ -10,7 +10,7 @@ from torchvision.models import VisionTransformer
 from torchvision.models.swin_transformer import SwinTransformer
 
 from prune_repair import collect_stats, find_sites, repair_
-from prune_repair.engine.taps import SiteTaps
+from prune_repair.engine.sites.taps import SiteTaps
 from prune_repair.prune import find_targets, prune_
 
 VIT_ATTN = "encoder.layers.encoder_layer_0.self_attention"

@@ -19,7 +19,7 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.models.vision_transformer import VisionTransformer
 
 from prune_repair import collect_stats, reconstruct_, repair_
-from prune_repair.engine.block_chain import BlockChain, find_block_chain
+from prune_repair.engine.run.block_chain import BlockChain, find_block_chain
 from engine_helpers import damage_
 from test_lockstep import assert_same_weights
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from prune_repair.io import data, mnist
 from prune_repair.io.data import DataError, batches, calibration_batch, load_dataset
-from prune_repair.engine.evaluate import evaluate
+from prune_repair.metrics.classify import evaluate
 
 
 @pytest.fixture(scope="module")

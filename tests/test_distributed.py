@@ -19,8 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-from prune_repair.engine import collect_stats, distributed, find_sites, reconstruct_, repair_
-from prune_repair.engine.stats import ChannelStats
+from prune_repair.engine import collect_stats, find_sites, reconstruct_, repair_
+from prune_repair.engine.run import distributed
+from prune_repair.engine.stats.activation import ChannelStats
 from prune_repair.merge import activation_matching, find_groups, site_moments
 from prune_repair.prune.fisher import fisher_scores
 from prune_repair.prune.targets import find_targets

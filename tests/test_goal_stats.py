@@ -11,7 +11,7 @@ from torch import nn
 from prune_repair import zoo
 from prune_repair.cli import main
 from prune_repair.engine import ActivationStats, collect_stats, repair_
-from prune_repair.engine.goal_stats import RecordStats, batchnorm_goal, match_goal
+from prune_repair.engine.stats.goal import RecordStats, batchnorm_goal, match_goal
 from prune_repair.io.data import calibration_batch, load_dataset
 from prune_repair.prune import prune_
 

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from prune_repair import collect_stats  # noqa: E402
 from prune_repair.cli import main  # noqa: E402
-from prune_repair.engine.evaluate_lm import perplexity  # noqa: E402
+from prune_repair.metrics.lm import perplexity  # noqa: E402
 from prune_repair.io import tokens as tok  # noqa: E402
 
 VOCAB = 40

@@ -11,7 +11,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from prune_repair import collect_stats, repair_
-from prune_repair.engine.lockstep import Lockstep, Stream
+from prune_repair.engine.run.lockstep import Lockstep, Stream
 from prune_repair.zoo.models import ResNetMini
 from engine_helpers import damage_
 
@@ -280,7 +280,7 @@ def test_lockstep_primitives():
 def test_layerwise_lockstep_equals_per_layer_passes_with_torch_prune_masks():
     from torch.nn.utils import prune as torch_prune
 
-    from prune_repair.engine._layerwise import ReferenceOutputs, layerwise_
+    from prune_repair.engine.refit.layerwise import ReferenceOutputs, layerwise_
 
     torch.manual_seed(0)
     reference = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).double()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from prune_repair import zoo
-from prune_repair.engine.evaluate import evaluate
+from prune_repair.metrics.classify import evaluate
 from prune_repair.io.data import calibration_batch, load_dataset
 from prune_repair.merge import prepare_merge
 

@@ -98,7 +98,7 @@ def test_real_effect_on_the_zoo_mlp_at_95_percent():
     (seed 0 / 1): a gap of at least 0.126. Asserted: half of that gap.
     """
     from prune_repair import zoo
-    from prune_repair.engine.evaluate import evaluate
+    from prune_repair.metrics.classify import evaluate
     from prune_repair.io.data import calibration_batch, load_dataset
     from prune_repair.prune import prune_
 

@@ -11,7 +11,7 @@ import torch_pruning as tp
 import prune_repair as pr
 from prune_repair import zoo
 from prune_repair.io.data import calibration_batch, load_dataset
-from prune_repair.engine.evaluate import evaluate
+from prune_repair.metrics.classify import evaluate
 from prune_repair.zoo.models import ResNetMini
 from prune_repair.prune import PruneError
 from prune_repair.prune.structured import kept_channels, load_structured_, repair_structured_, save_structured

@@ -8,7 +8,7 @@ from torch import nn
 import prune_repair as pr
 from prune_repair import zoo
 from prune_repair.io.data import calibration_batch, load_dataset
-from prune_repair.engine.evaluate import evaluate
+from prune_repair.metrics.classify import evaluate
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import torch
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
-from prune_repair.engine.gram import Gram, conv_patches
-from prune_repair.engine.reconstruct import reconstruct_
-from prune_repair.engine.ridge import masked_ridge
+from prune_repair.engine.refit.gram import Gram, conv_patches
+from prune_repair.engine.refit.reconstruct import reconstruct_
+from prune_repair.engine.refit.ridge import masked_ridge
 from prune_repair.zoo.models import MLP, PlainCNN, TokenMLP
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # exact checks in float64
@@ -334,7 +334,7 @@ def test_real_effect_on_the_zoo_mlp_at_95_percent():
     Asserted: half of that gap.
     """
     from prune_repair import zoo
-    from prune_repair.engine.evaluate import evaluate
+    from prune_repair.metrics.classify import evaluate
     from prune_repair.io.data import calibration_batch, load_dataset
     from prune_repair.prune import prune_
 

@@ -32,7 +32,7 @@ from safety_helpers import state_digest
 
 # plain imports: a module that stops importing fails this file instead of silently losing its cases
 from prune_repair import prune
-from prune_repair.engine import evaluate
+from prune_repair.metrics import evaluate
 from prune_repair.prune import pipeline, structured
 
 merge = importlib.import_module("prune_repair.merge")  # the package (pr.merge is the function)
@@ -173,7 +173,7 @@ def _(i):
     a.select_channels({"features.fc1": torch.tensor([0, 2])})
 
 
-@case("prune_repair.engine.evaluate.evaluate")
+@case("prune_repair.metrics.classify.evaluate")
 def _(i):
     evaluate(i.cnn, i.x, i.y, batch_size=7)
 

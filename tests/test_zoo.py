@@ -10,7 +10,7 @@ import torch
 
 from prune_repair import zoo
 from prune_repair.io.data import load_dataset
-from prune_repair.engine.evaluate import evaluate
+from prune_repair.metrics.classify import evaluate
 from prune_repair.zoo.models import MLP, PlainCNN
 
 NAMES = ["mnist-cnn", "mnist-cnn-bn", "mnist-mlp", "mnist-mlp6-a", "mnist-mlp6-b"]

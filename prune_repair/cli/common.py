@@ -27,9 +27,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..engine import distributed
+from ..engine.run import distributed
 from ..engine.checks import check_finite
-from ..engine.lockstep import Passes
+from ..engine.run.lockstep import Passes
 from ..io import atomic_write, check_output_path, output_transaction
 from ..merge.groups import HAND_HELP
 from .data_loading import (_LOADED, BATCH_SIZE, CALIB_SIZE, RECONSTRUCT_CALIB_SIZE, Data, calib_size_for,  # noqa: F401

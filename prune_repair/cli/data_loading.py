@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from ..engine import distributed
-from ..engine._forward import eval_mode
-from ..engine.renorm import RepairMode
+from ..engine.run import distributed
+from ..engine.run.forward import eval_mode
+from ..engine.correct.modes import RepairMode
 from ..io import current_transaction
 from ..io.data import DataError
 from ..io.errors import _first_line

@@ -4,7 +4,7 @@ The goal (the unoperated model's per-channel statistics) comes from a file writt
 ``ActivationStats.save`` / ``RecordStats.save`` or from the reference's BatchNorm layers
 instead of a forward pass over ``--data``. ``--data`` is still read: the operated model's
 own statistics are measured on the calibration batch (see
-:mod:`prune_repair.engine.goal_stats`).
+:mod:`prune_repair.engine.stats.goal`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import click
 import torch
 from torch import nn
 
-from ..engine.goal_stats import batchnorm_goal, match_goal
-from ..engine.renorm import RepairMode
-from ..engine.sites import find_sites
-from ..engine.stats import ActivationStats
+from ..engine.stats.goal import batchnorm_goal, match_goal
+from ..engine.correct.modes import RepairMode
+from ..engine.sites.find import find_sites
+from ..engine.stats.activation import ActivationStats
 
 BATCHNORM = "batchnorm"
 

@@ -17,14 +17,14 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from ..engine import distributed
+from ..engine.run import distributed
 from ..engine.checks import check_finite
-from ..engine.evaluate import DataError
-from ..engine.evaluate_lm import accuracy, logits_of, perplexity
-from ..engine.renorm import RepairMode
-from ..engine.repair import repair_
-from ..engine.stats import collect_stats
-from ..engine._forward import default_forward, eval_mode, head
+from ..io.errors import DataError
+from ..metrics.lm import accuracy, logits_of, perplexity
+from ..engine.correct.modes import RepairMode
+from ..engine.correct.repair import repair_
+from ..engine.stats.activation import collect_stats
+from ..engine.run.forward import default_forward, eval_mode, head
 from ..io import tokens as tok
 from ..io.data import calibration_batch, load_dataset
 from ..io.errors import CheckpointError, _first_line

@@ -11,17 +11,17 @@ import click
 import torch
 
 from .. import zoo
-from ..engine.evaluate import evaluate
+from ..metrics.classify import evaluate
 from ..merge.groups import GroupError
 from ..io import ZOO_PREFIX, atomic_write, check_output_path, load_model, load_state_dict, resolve_arch, save_state_dict
 from ..merge import Align, barrier_curve, check_alpha, check_same_architecture, prepare_merge
 from ..merge.barrier import BarrierCurve, CurvePoint, alpha_grid, plot_curve, require_matplotlib
-from ..engine.renorm import RepairMode, Variant
+from ..engine.correct.modes import RepairMode, Variant
 from .main import main
 from .common import (BATCH_SIZE, calib_size_for, check_fits, check_outputs, common_options, console, data_options,
                      handle_errors, load_data, metrics_table, out_console, progress, resolve_device, write_report,
                      written)
-from ..engine.distributed import shard
+from ..engine.run.distributed import shard
 from ..io.sources import draw_indices
 
 MERGE_REPAIRS = [m.value for m in (RepairMode.AUTO, RepairMode.REPAIR, RepairMode.RESCALE, RepairMode.RESCALE_LAYER,

@@ -10,9 +10,9 @@ from ..io import load_model, resolve_arch, save_state_dict
 from ..prune.pipeline import PruneRun, parse_sparsities, prune_and_repair
 from ..prune.methods import DEFAULT_FISHER_SAMPLES, FisherOptions, PruneMethod
 from ..prune.obs import ObsOptions
-from ..engine.renorm import RepairMode
+from ..engine.correct.modes import RepairMode
 from ..engine.checks import check_finite
-from ..engine.distributed import shard
+from ..engine.run.distributed import shard
 from .main import main
 from . import hf_cmd
 from .goal_option import goal_inputs, goal_note, goal_stats_option, load_goal

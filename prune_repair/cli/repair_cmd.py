@@ -6,11 +6,11 @@ import time
 
 import click
 
-from ..engine.evaluate import evaluate
+from ..metrics.classify import evaluate
 from ..io import load_model, resolve_arch, save_state_dict
-from ..engine.renorm import RepairMode, Variant
-from ..engine.repair import repair_
-from ..engine.stats import collect_stats
+from ..engine.correct.modes import RepairMode, Variant
+from ..engine.correct.repair import repair_
+from ..engine.stats.activation import collect_stats
 from .main import main
 from . import hf_cmd
 from .goal_option import goal_inputs, goal_note, goal_stats_option, load_goal

@@ -15,25 +15,23 @@ Example:
     ['0']
 """
 
-from .evaluate import DataError, evaluate
-from .fold import (Correction, fold_affine, fold_affine_into_bn, fold_corrections, fold_corrections_, fuse_batchnorm,
+from .sites.fold import (Correction, fold_affine, fold_affine_into_bn, fold_corrections, fold_corrections_, fuse_batchnorm,
                    fuse_bn)
-from .renorm import RepairMode, Variant
-from .lockstep import Passes
+from .correct.modes import RepairMode, Variant
+from .run.lockstep import Passes
 from .checks import check_finite
-from .report import RepairReport, SiteReport
-from .preserve import preserve_statistics
-from .goal_stats import RecordStats, batchnorm_goal
-from .reconstruct import ReconstructReport, reconstruct_
-from .repair import repair_
-from .sites import Site, find_sites, make_filter
-from .stats import ActivationStats, ChannelStats, collect_stats
+from .correct.report import RepairReport, SiteReport
+from .correct.preserve import preserve_statistics
+from .stats.goal import RecordStats, batchnorm_goal
+from .refit.reconstruct import ReconstructReport, reconstruct_
+from .correct.repair import repair_
+from .sites.find import Site, find_sites, make_filter
+from .stats.activation import ActivationStats, ChannelStats, collect_stats
 
 __all__ = [
     "ActivationStats",
     "ChannelStats",
     "Correction",
-    "DataError",
     "Passes",
     "RepairMode",
     "RepairReport",
@@ -42,7 +40,6 @@ __all__ = [
     "Variant",
     "check_finite",
     "collect_stats",
-    "evaluate",
     "find_sites",
     "fold_affine",
     "fold_affine_into_bn",

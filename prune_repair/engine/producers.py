@@ -100,7 +100,7 @@ def output_rows(owner: nn.Module, part: str | None = None) -> tuple[torch.Tensor
 
 
 def site_owner(model: nn.Module, fqn: "str | object") -> tuple[nn.Module, str | None]:
-    """The module named by a site FQN (or a :class:`~prune_repair.engine.sites.Site`'s ``fqn``)
+    """The module named by a site FQN (or a :class:`~prune_repair.engine.sites.find.Site`'s ``fqn``)
     and the projection it names: ``'a.in_proj:q'`` -> ``(model.a, 'q')``.
 
     Raises ``AttributeError`` when the model has no such module.

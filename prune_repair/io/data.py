@@ -33,13 +33,13 @@ import os
 import pickle
 import re
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..engine.evaluate import DataError, batches
-from .errors import _first_line
+from .errors import DataError, _first_line
 from .mnist import MNIST_MEAN, MNIST_STD, load_mnist
 
 __all__ = [
@@ -240,3 +240,19 @@ def _refused_global(message: str) -> str | None:
     """The class/function name torch's weights-only unpickler refused, if that was the failure."""
     match = re.search(r"([\w.]+) was not an allowed global", message) or re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
     return match.group(1) if match else None
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive ``(x, y)`` slices of at most ``batch_size`` samples, in order.
+
+    Example:
+        >>> x, y = torch.zeros(5, 2), torch.zeros(5, dtype=torch.long)
+        >>> [len(xb) for xb, _ in batches(x, y, 2)]
+        [2, 2, 1]
+    """
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    if len(x) != len(y):
+        raise DataError(f"x has {len(x)} samples but y has {len(y)}: give one label per sample")
+    for start in range(0, len(x), batch_size):
+        yield x[start : start + batch_size], y[start : start + batch_size]

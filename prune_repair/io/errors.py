@@ -19,6 +19,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _RESAVE = "re-save it with torch.save(model.state_dict(), path)"
 
 
+class DataError(ValueError):
+    """A data spec or data file the user gave cannot be used; the message says why and what to do."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint or architecture the user gave cannot be used (message says what to do)."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.evaluate import DataError
+from .errors import DataError
 
 __all__ = ["MNIST_INSTALL", "MNIST_MEAN", "MNIST_STD", "load_mnist"]
 

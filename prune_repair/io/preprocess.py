@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..engine.evaluate import DataError
+from .errors import DataError
 from .errors import _first_line
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..engine.evaluate import DataError
+from .errors import DataError
 from .data import _is_image, load_dataset
 from .errors import _first_line
 from .preprocess import Preprocess

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.evaluate import DataError
+from .errors import DataError
 from .errors import _first_line
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "labels")

@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine import distributed
-from ..engine._forward import ForwardFn, as_batches, first_tensor, hooked_pass
-from ..engine.sites import Site
-from ..engine.stats import ActivationStats, ChannelStats, merge_moments
+from ..engine.run import distributed
+from ..engine.run.forward import ForwardFn, as_batches, first_tensor, hooked_pass
+from ..engine.sites.find import Site
+from ..engine.stats.activation import ActivationStats, ChannelStats, merge_moments
 from .groups import PermGroup
 from .permute import Alignment
 from .weight_matching import assign

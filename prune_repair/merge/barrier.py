@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.evaluate import evaluate
-from ..engine.renorm import RepairMode
-from ..engine.renorm import Variant
+from ..metrics.classify import evaluate
+from ..engine.correct.modes import RepairMode
+from ..engine.correct.modes import Variant
 from .merge import Align, MergePlan, prepare_merge
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine._forward import ForwardFn, as_batches, default_forward
+from ..engine.run.forward import ForwardFn, as_batches, default_forward
 from .groups import HAND_HELP, Axis, GroupError, PermGroup, _check_fit, check_disjoint, groups_from_spec
 from .permute import check_function_preserved
 from .unsupported import check_traceable

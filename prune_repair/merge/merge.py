@@ -32,16 +32,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine._forward import ForwardFn, as_batches, batch_size_of
-from ..engine.fold import Correction, can_shift, fold_correction_
+from ..engine.run.forward import ForwardFn, as_batches, batch_size_of
+from ..engine.sites.fold import Correction, can_shift, fold_correction_
 from .find_groups import find_groups
 from .groups import PermGroup
 from ..engine.registry import MethodEnum
-from ..engine.renorm import RepairMode, Variant, channel_affine
+from ..engine.correct.modes import RepairMode, Variant, channel_affine
 from ..engine.checks import check_finite
-from ..engine.report import RepairReport, SiteReport
-from ..engine.repair import repair_
-from ..engine.sites import Selector, find_sites
+from ..engine.correct.report import RepairReport, SiteReport
+from ..engine.correct.repair import repair_
+from ..engine.sites.find import Selector, find_sites
 from .activation_matching import SiteMoments, activation_matching, site_moments
 from .interpolate import _weights, check_same_architecture, interpolate
 from .permute import Alignment, identity_perms, permute
@@ -57,7 +57,7 @@ class Align(MethodEnum):
 
 
 MergeVariant = Variant
-"""Deprecated name of :class:`~prune_repair.engine.renorm.Variant` (merging adds ``closed-form``)."""
+"""Deprecated name of :class:`~prune_repair.engine.correct.modes.Variant` (merging adds ``closed-form``)."""
 
 
 def _check_mergeable(mode: RepairMode) -> None:

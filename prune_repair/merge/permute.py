@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine._forward import ForwardFn, first_tensor, hooked_pass
+from ..engine.run.forward import ForwardFn, first_tensor, hooked_pass
 from .groups import HAND_HELP, Axis, GroupError, PermGroup
 
 Perms = dict[str, torch.Tensor]

@@ -24,8 +24,8 @@ from typing import Any
 
 from torch import nn
 
-from ..engine._forward import ForwardFn
-from ..engine.sites import FunctionCall, trace_calls
+from ..engine.run.forward import ForwardFn
+from ..engine.sites.find import FunctionCall, trace_calls
 from .groups import HAND_HELP, GroupError
 
 

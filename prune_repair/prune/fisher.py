@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ..engine import distributed
-from ..engine._forward import eval_mode
+from ..engine.run import distributed
+from ..engine.run.forward import eval_mode
 from .targets import PruneError, Target, effective_weights
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine import distributed
+from ..engine.run import distributed
 from ..engine.registry import MethodEnum
-from ..engine.sites import Selector
+from ..engine.sites.find import Selector
 from .fisher import Progress, fisher_scores, labeled_data
 from .magnitude import magnitude_scores
 from .obs import ObsOptions, obs_prune_

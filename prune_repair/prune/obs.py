@@ -1,7 +1,7 @@
 """OBS pruning: choose the mask while reconstructing, layer by layer (OBC / SparseGPT ideas).
 
 Layers are visited in execution order with the Gram statistics of
-:mod:`prune_repair.engine.gram` (inputs from the model as pruned so far, targets: the
+:mod:`prune_repair.engine.refit.gram` (inputs from the model as pruned so far, targets: the
 dense reference model's outputs, or with ``target="layer"`` the dense layer's own output
 on those inputs). Per layer, with ``H = G + lam I`` (``lam = damping * mean(diag G)``,
 the bias column last and never pruned):
@@ -13,7 +13,7 @@ the bias column last and never pruned):
    eliminated) go, each removal compensated on the block's later columns at once and on
    the columns after the block lazily with one matrix product (SparseGPT's update);
 3. with ``refit`` (default) the kept weights are then solved exactly for that mask by
-   :func:`~prune_repair.engine.ridge.masked_ridge`, which can only lower the error.
+   :func:`~prune_repair.engine.refit.ridge.masked_ridge`, which can only lower the error.
 
 Allocation: ``uniform`` prunes ``round(sparsity * n)`` weights of every layer. ``global``
 takes each layer's budget from one threshold on the saliency ``w_q^2`` over all layers
@@ -44,13 +44,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..engine._forward import ForwardFn, as_batches, head
-from ..engine._layerwise import ReferenceOutputs, layerwise_
+from ..engine.run.forward import ForwardFn, as_batches, head
+from ..engine.refit.layerwise import ReferenceOutputs, layerwise_
 from ..engine.checks import masked_weight
-from ..engine.gram import DEFAULT_MAX_GRAM_BYTES, GRAM_TYPES, Gram, check_gram_memory
-from ..engine.layer_rows import check_gram, current_rows, intercept_kind, write_rows_
-from ..engine.ridge import masked_ridge
-from ..engine.sites import Selector, make_filter, sites_from_calls, trace_calls
+from ..engine.refit.gram import DEFAULT_MAX_GRAM_BYTES, GRAM_TYPES, Gram, check_gram_memory
+from ..engine.refit.layer_rows import check_gram, current_rows, intercept_kind, write_rows_
+from ..engine.refit.ridge import masked_ridge
+from ..engine.sites.find import Selector, make_filter, sites_from_calls, trace_calls
 from .fisher import Progress
 from .masks import check_sparsity
 from .targets import PruneError

@@ -27,18 +27,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.evaluate import evaluate
-from ..engine._forward import head
+from ..metrics.classify import evaluate
+from ..engine.run.forward import head
 from .fisher import Progress
 from .masks import check_sparsity, measure_sparsity, sparsity_all_params
 from .obs import ObsOptions
 from .methods import FisherOptions, PruneMethod, parse_method, prune_, score_weights
 from .targets import PruneError, find_targets
 from .woodfisher import check_woodfisher_memory
-from ..engine.renorm import RepairMode
-from ..engine.repair import repair_
-from ..engine.sites import Selector
-from ..engine.stats import ActivationStats, collect_stats
+from ..engine.correct.modes import RepairMode
+from ..engine.correct.repair import repair_
+from ..engine.sites.find import Selector
+from ..engine.stats.activation import ActivationStats, collect_stats
 
 Metrics = dict[str, float]
 
@@ -146,14 +146,14 @@ def prune_and_repair(
         include_tied: also prune weights tied to other modules (see :func:`~prune_repair.prune.find_targets`).
         progress, on_row: callbacks for gradient progress and each finished row.
         obs: settings of ``method="obs"`` (:class:`~prune_repair.prune.obs.ObsOptions`).
-        reconstruct_options: keywords of :func:`~prune_repair.engine.reconstruct.reconstruct_`
+        reconstruct_options: keywords of :func:`~prune_repair.engine.refit.reconstruct.reconstruct_`
             (``damping``, ...) for ``repair="reconstruct"`` / ``"reconstruct+repair"``, which fit
             each layer to the dense model's outputs on ``calib``.
         goal: goal statistics to repair toward instead of measuring the dense model on
-            ``calib`` (e.g. :func:`~prune_repair.engine.goal_stats.batchnorm_goal`, or a file
+            ``calib`` (e.g. :func:`~prune_repair.engine.stats.goal.batchnorm_goal`, or a file
             saved by ``RecordStats``); ``calib`` still measures the pruned models.
         evaluate_fn: ``evaluate_fn(model, eval_x, eval_y) -> {"acc", "loss", ...}`` in place of
-            :func:`~prune_repair.engine.evaluate.evaluate` (dict batches, perplexity of HF LMs).
+            :func:`~prune_repair.metrics.classify.evaluate` (dict batches, perplexity of HF LMs).
         calib_batch_size: statistics and repair see ``calib`` in batches of this many samples
             (exact all the same; bounds the memory of one pass). Default: one batch.
     """

@@ -47,13 +47,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine._forward import ForwardFn, as_batches
+from ..engine.run.forward import ForwardFn, as_batches
 from ..io.outputs import atomic_write
 from ..engine.producers import out_channels
-from ..engine.renorm import RepairMode, Variant
-from ..engine.repair import RepairReport, repair_  # noqa: F401  (RepairReport: annotation)
-from ..engine.sites import PRODUCER_TYPES
-from ..engine.stats import ActivationStats
+from ..engine.correct.modes import RepairMode, Variant
+from ..engine.correct.repair import RepairReport, repair_  # noqa: F401  (RepairReport: annotation)
+from ..engine.sites.find import PRODUCER_TYPES
+from ..engine.stats.activation import ActivationStats
 from .targets import PruneError
 
 History = list[tuple[str, bool, list[int]]]

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..engine.checks import masked_weight, parameter_holders, stored_weight
 from ..engine.producers import is_packed_attention, is_producer
-from ..engine.sites import Selector, executed_producers, make_filter, trace_calls
+from ..engine.sites.find import Selector, executed_producers, make_filter, trace_calls
 
 
 class PruneError(ValueError):

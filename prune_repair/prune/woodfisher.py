@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine import distributed
+from ..engine.run import distributed
 from .fisher import LossFn, Progress, gradient_chunks, labeled_data, local_share
 from .targets import PruneError, Target, effective_weights
 

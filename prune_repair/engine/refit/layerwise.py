@@ -1,7 +1,7 @@
 """Layer-by-layer passes: Gram statistics of each layer with every upstream layer already updated.
 
 :func:`layerwise_` visits conv/linear layers in execution order. For each it accumulates
-a :class:`~prune_repair.engine.gram.Gram` from the layer's input in the model as it is
+a :class:`~prune_repair.engine.refit.gram.Gram` from the layer's input in the model as it is
 NOW (upstream layers already changed) and a target, then calls ``step(i, gram)``, which
 may rewrite the layer. Targets come from ``target(batch_index, layer_index)`` (e.g.
 :class:`ReferenceOutputs`), or, with ``target=None``, are the layer's own output before
@@ -11,7 +11,7 @@ Cost: with one batch, ONE pass of the model (each step runs inside a hook, befor
 layer computes, so downstream layers see the updated output) and, with
 :class:`ReferenceOutputs` targets, one streamed pass of the reference. With several batches, by
 default (``passes="lockstep"``) also one pass per batch: the batches run side by side in
-threads that meet at every layer (:mod:`~prune_repair.engine.lockstep`), each adds its Gram
+threads that meet at every layer (:mod:`~prune_repair.engine.run.lockstep`), each adds its Gram
 statistics, the step runs once all have, and all go on with the updated layer; the
 activations of all batches at the current layer (of the model, and of the reference) are
 alive at once, like one batch of their total size. ``passes="per-site"`` makes one prefix pass per layer per batch instead (one
@@ -44,10 +44,10 @@ import torch
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
-from ._forward import ForwardFn, StopForward, first_tensor, hooked_pass
+from ..run.forward import ForwardFn, StopForward, first_tensor, hooked_pass
 from .gram import DEFAULT_MAX_GRAM_BYTES, Gram, reads_last_dim
-from .taps import batch_mask
-from .lockstep import Lockstep, Passes, Stream
+from ..sites.taps import batch_mask
+from ..run.lockstep import Lockstep, Passes, Stream
 
 Layer = tuple[str, nn.Module]
 TargetFn = Callable[[int, int], torch.Tensor]
@@ -91,7 +91,7 @@ class ReferenceOutputs:
     @contextlib.contextmanager
     def streaming(self) -> Iterator["ReferenceOutputs"]:
         """Within the block, the reference runs ONCE per batch, in a thread that pauses at each
-        layer until its output is asked for (:class:`~prune_repair.engine.lockstep.Stream`):
+        layer until its output is asked for (:class:`~prune_repair.engine.run.lockstep.Stream`):
         nothing is cached ahead and no prefix pass is repeated. The paused forwards are
         stopped on exit."""
         modules = dict(self.reference.named_modules())

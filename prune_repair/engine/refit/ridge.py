@@ -13,7 +13,7 @@ When most weights are kept, the complement formula with one shared ``H = (G + la
 is cheaper: ``w = H c - H[:, Z] H[Z, Z]^-1 (H c)[Z]`` (``Z`` = the zeroed positions). Rows
 whose supports are large but far from full (around 50% sparsity of a wide layer) are
 iterated together by preconditioned conjugate gradients with ``H[S, S]`` as preconditioner
-(:mod:`~prune_repair.engine.ridge_cg`), at matrix-multiply speed, to a relative residual of
+(:mod:`~prune_repair.engine.refit.ridge_cg`), at matrix-multiply speed, to a relative residual of
 1e-10; a row that does not converge is solved directly. The cheapest path is chosen per
 support pattern from a flop count (:func:`_choose_methods`). A factorization that fails is retried with 10x the damping
 (never NaN); :attr:`RidgeSolution.damping` reports the largest damping used.
@@ -238,7 +238,7 @@ class _Solver:
         return rhs
 
     def iterative(self, pats, p_group, p_support, order, starts, counts, local, out) -> list[int]:
-        """Rows of ``pats`` by :func:`~prune_repair.engine.ridge_cg.masked_pcg`, in chunks of bounded
+        """Rows of ``pats`` by :func:`~prune_repair.engine.refit.ridge_cg.masked_pcg`, in chunks of bounded
         memory; returns the patterns with a row that did not converge (to be solved directly)."""
         A, H, lam = self.inverse()
         rhs, n = self.rhs(lam), self.G.shape[1]

@@ -1,7 +1,7 @@
 """The exact repair one block at a time: for models whose activations do not fit at once.
 
 :func:`blockwise_repair_pass` cuts the forward into stem, blocks and tail
-(:mod:`~prune_repair.engine.block_chain`) and repairs segment by segment: inside a segment
+(:mod:`~prune_repair.engine.run.block_chain`) and repairs segment by segment: inside a segment
 each site is decided from all batches with the corrections before it applied (one prefix
 pass of the segment per site, one batch at a time; with a single batch one inline pass),
 then one more pass stores the corrected segment's outputs as the next segment's inputs.
@@ -11,9 +11,9 @@ batch's activations inside one block. Time: about ``1 + sites per block / 2`` fo
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from .renorm import RepairMode
+    >>> from .modes import RepairMode
     >>> from .site_plan import make_plans
-    >>> from .stats import collect_stats
+    >>> from ..stats.activation import collect_stats
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).double()
     >>> x = torch.randn(40, 4, dtype=torch.float64)
@@ -36,11 +36,11 @@ from typing import Any
 
 from torch import nn
 
-from ._forward import ForwardFn, hooked_pass
-from .block_chain import BlockChain, find_block_chain
-from .block_inputs import BlockInputs
+from ..run.forward import ForwardFn, hooked_pass
+from ..run.block_chain import BlockChain, find_block_chain
+from ..run.block_inputs import BlockInputs
 from .site_plan import SitePlan, plan_hooks
-from .taps import SiteTaps, batch_mask
+from ..sites.taps import SiteTaps, batch_mask
 
 
 def segments_of(model: nn.Module, chain: BlockChain, plans: Sequence[SitePlan]) -> list[list[SitePlan]]:

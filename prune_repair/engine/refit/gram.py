@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed
-from .producers import is_conv1d
+from ..run import distributed
+from ..producers import is_conv1d
 
 GRAM_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 """Layer classes whose Gram statistics :class:`Gram` can accumulate (and HF ``Conv1D``, see :func:`has_gram`)."""

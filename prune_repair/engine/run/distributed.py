@@ -12,7 +12,7 @@ over ranks in place, in float64, on the device the backend needs.
 
 Example (one process: nothing to reduce):
     >>> import torch
-    >>> from prune_repair.engine.stats import ChannelStats
+    >>> from prune_repair.engine.stats.activation import ChannelStats
     >>> s = ChannelStats.of(torch.arange(6.0).reshape(3, 2), -1)
     >>> pooled = all_reduce_channel_stats({"l": s}, {"l": 2})["l"]
     >>> pooled is s, world_size(), shard(10)
@@ -171,7 +171,7 @@ def pool_moments(parts: Sequence[Moments], comoments: Sequence[Comoment] | None 
 
 def all_reduce_channel_stats(stats: Mapping[str, Any], channels: Mapping[str, int], cls: type | None = None
                              ) -> dict[str, Any]:
-    """Pool per-site :class:`~prune_repair.engine.stats.ChannelStats` over ranks (two
+    """Pool per-site :class:`~prune_repair.engine.stats.activation.ChannelStats` over ranks (two
     collectives for all sites); ``cls(count, mean, m2)`` builds the results (default:
     the class of the given statistics).
 

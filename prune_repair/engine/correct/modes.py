@@ -1,7 +1,7 @@
 """Correction modes: from measured and goal statistics to a per-channel affine.
 
 Pure functions on float64 tensors; the passes over the model live in
-:mod:`prune_repair.engine.repair`.
+:mod:`prune_repair.engine.correct.repair`.
 
 Example:
     >>> import torch
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .registry import MethodEnum
+from ..registry import MethodEnum
 
 
 class RepairMode(MethodEnum):

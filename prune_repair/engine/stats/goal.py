@@ -45,12 +45,12 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import distributed
-from ._forward import ForwardFn, default_forward, head
-from .producers import site_owner
-from .sites import Selector, Site, find_sites
-from .stats import ActivationStats, ChannelStats
-from .taps import SiteTaps
+from ..run import distributed
+from ..run.forward import ForwardFn, default_forward, head
+from ..producers import site_owner
+from ..sites.find import Selector, Site, find_sites
+from .activation import ActivationStats, ChannelStats
+from ..sites.taps import SiteTaps
 
 __all__ = ["RecordStats", "batchnorm_goal", "match_goal"]
 

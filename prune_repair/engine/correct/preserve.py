@@ -18,10 +18,10 @@ from typing import Any
 
 from torch import nn
 
-from .renorm import RepairMode
+from .modes import RepairMode
 from .repair import repair_
 from .report import RepairReport
-from .stats import collect_stats
+from ..stats.activation import collect_stats
 
 __all__ = ["preserve_statistics"]
 

@@ -12,37 +12,19 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._forward import eval_mode
+from ..engine.run.forward import eval_mode
+from ..io.data import batches
+from ..io.errors import DataError
 
 
-__all__ = ["DataError", "batches", "evaluate"]
-
-
-class DataError(ValueError):
-    """A data spec or data file the user gave cannot be used; the message says why and what to do."""
-
-
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive ``(x, y)`` slices of at most ``batch_size`` samples, in order.
-
-    Example:
-        >>> x, y = torch.zeros(5, 2), torch.zeros(5, dtype=torch.long)
-        >>> [len(xb) for xb, _ in batches(x, y, 2)]
-        [2, 2, 1]
-    """
-    if batch_size < 1:
-        raise DataError(f"batch size must be at least 1, got {batch_size}")
-    if len(x) != len(y):
-        raise DataError(f"x has {len(x)} samples but y has {len(y)}: give one label per sample")
-    for start in range(0, len(x), batch_size):
-        yield x[start : start + batch_size], y[start : start + batch_size]
+__all__ = ["evaluate"]
 
 
 def evaluate(

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._forward import ForwardFn, as_batches, first_tensor, hooked_pass
-from .distributed import unwrap
-from .producers import PARTS, is_packed_attention, is_producer, out_channels, part_fqn
+from ..run.forward import ForwardFn, as_batches, first_tensor, hooked_pass
+from ..run.distributed import unwrap
+from ..producers import PARTS, is_packed_attention, is_producer, out_channels, part_fqn
 
 PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 """Layers whose output channels are weight rows a correction can be folded into (plus HF
@@ -60,7 +60,7 @@ class Site:
         call: how the output is reached: ``"module"`` (a hook on ``fqn``), ``"function"``
             (a linear whose weight a parent passes to ``F.linear``) or ``"attention"`` (the
             q/k/v projections ``<mha>.in_proj:q`` ... and ``<mha>.out_proj`` of an
-            ``nn.MultiheadAttention``); see :mod:`prune_repair.engine.taps`.
+            ``nn.MultiheadAttention``); see :mod:`prune_repair.engine.sites.taps`.
     """
 
     fqn: str

@@ -8,9 +8,9 @@ goes on with it applied, as the one-batch exact pass does inline.
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from .renorm import RepairMode
+    >>> from .modes import RepairMode
     >>> from .site_plan import make_plans
-    >>> from .stats import collect_stats
+    >>> from ..stats.activation import collect_stats
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).double()
     >>> x = torch.randn(40, 4, dtype=torch.float64)
@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._forward import ForwardFn, StopForward, hooked_pass
-from .lockstep import Lockstep
+from ..run.forward import ForwardFn, StopForward, hooked_pass
+from ..run.lockstep import Lockstep
 from .site_plan import SitePlan, plan_hooks
-from .sites import Site
-from .taps import SiteTaps
+from ..sites.find import Site
+from ..sites.taps import SiteTaps
 
 
 def lockstep_repair_pass(model: nn.Module, plans: Sequence[SitePlan], batches: Sequence[Any],

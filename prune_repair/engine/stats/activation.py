@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed
-from ._forward import ForwardFn, as_batches, head, hooked_pass
-from .producers import site_owner
-from .sites import Selector, Site, find_sites
-from .taps import SiteTaps
+from ..run import distributed
+from ..run.forward import ForwardFn, as_batches, head, hooked_pass
+from ..producers import site_owner
+from ..sites.find import Selector, Site, find_sites
+from ..sites.taps import SiteTaps
 
 
 def merge_moments(a: tuple, b: tuple, comoment: Callable[[torch.Tensor], torch.Tensor] = torch.square) -> tuple:
@@ -168,7 +168,7 @@ def _shifted_moments(x: torch.Tensor, rows: bool) -> tuple[torch.Tensor, torch.T
 class ActivationStats(Mapping[str, ChannelStats]):
     """Statistics of every site of a model, keyed by the site's FQN.
 
-    Carries the :class:`~prune_repair.engine.sites.Site` list it was measured on, so a
+    Carries the :class:`~prune_repair.engine.sites.find.Site` list it was measured on, so a
     repair can reuse it without tracing the model again. Saves with
     :meth:`save` and loads with ``weights_only=True``.
     """
@@ -277,11 +277,11 @@ def collect_stats(
         data: one batch, or an iterable of batches (a DataLoader).
         sites: sites to measure; found by tracing two samples of the first batch
             when omitted.
-        select, include_classifier, blocks: site selection, see :func:`~prune_repair.engine.sites.find_sites`.
+        select, include_classifier, blocks: site selection, see :func:`~prune_repair.engine.sites.find.find_sites`.
         forward_fn: ``forward_fn(model, batch)`` for batches that are not tensors.
 
     Under ``torch.distributed`` each rank passes its shard of the data and every rank
-    gets the exact pooled statistics (see :mod:`~prune_repair.engine.distributed`);
+    gets the exact pooled statistics (see :mod:`~prune_repair.engine.run.distributed`);
     a ``DistributedDataParallel`` model is measured through its ``.module``.
     """
     model = distributed.unwrap(model)

@@ -1,7 +1,7 @@
 """Layer-by-layer reconstruction one block at a time: for models whose activations do not fit.
 
-:func:`blockwise_layerwise_` runs :func:`~prune_repair.engine._layerwise.layerwise_` on each
-segment of the forward (stem, blocks, tail; :mod:`~prune_repair.engine.block_chain`) of the
+:func:`blockwise_layerwise_` runs :func:`~prune_repair.engine.refit.layerwise.layerwise_` on each
+segment of the forward (stem, blocks, tail; :mod:`~prune_repair.engine.run.block_chain`) of the
 model and of the reference side by side: inside a segment, one prefix pass per layer and
 batch (one batch in memory at a time; one pass when there is a single batch), the targets
 being the reference segment's layer outputs; then both segments run once more to store
@@ -34,13 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._forward import ForwardFn, hooked_pass
-from ._layerwise import Layer, ReferenceOutputs, StepFn, layerwise_
-from .block_chain import BlockChain, find_block_chain
-from .block_inputs import BlockInputs
+from ..run.forward import ForwardFn, hooked_pass
+from .layerwise import Layer, ReferenceOutputs, StepFn, layerwise_
+from ..run.block_chain import BlockChain, find_block_chain
+from ..run.block_inputs import BlockInputs
 from .gram import DEFAULT_MAX_GRAM_BYTES
-from .lockstep import Passes
-from .taps import batch_mask
+from ..run.lockstep import Passes
+from ..sites.taps import batch_mask
 
 
 def blockwise_layerwise_(model: nn.Module, reference: nn.Module, batches: Sequence[Any], layers: Sequence[Layer], *,

@@ -30,19 +30,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed
-from ._forward import ForwardFn, as_batches, batch_size_of, hooked_pass
-from .checks import check_finite
-from .fold import Correction, fold_correction_
+from ..run import distributed
+from ..run.forward import ForwardFn, as_batches, batch_size_of, hooked_pass
+from ..checks import check_finite
+from ..sites.fold import Correction, fold_correction_
 from .blockwise_repair import blockwise_repair_pass
-from .lockstep import Passes
+from ..run.lockstep import Passes
 from .lockstep_repair import lockstep_repair_pass
-from .renorm import RepairMode, Variant
-from .reconstruct import reconstruct_
+from .modes import RepairMode, Variant
+from ..refit.reconstruct import reconstruct_
 from .report import RepairReport, SiteReport
 from .site_plan import SitePlan, make_plans, plan_hooks
-from .stats import ActivationStats, collect_stats
-from .taps import SiteTaps
+from ..stats.activation import ActivationStats, collect_stats
+from ..sites.taps import SiteTaps
 
 __all__ = ["RepairReport", "SiteReport", "check_finite", "repair_"]
 
@@ -79,7 +79,7 @@ def repair_(
         mode: deprecated name of ``repair``.
         passes: how the exact variant goes over several batches: ``lockstep`` (default) runs
             them through the model side by side, ONE pass in all (one forward per batch), in
-            step at every site (:mod:`~prune_repair.engine.lockstep`); the activations of all
+            step at every site (:mod:`~prune_repair.engine.run.lockstep`); the activations of all
             batches at the current site are alive at once, like one batch of their total size.
             ``per-site`` makes one prefix pass per site over the data (one batch in memory at a
             time, about ``sites / 2`` times the forwards); use it when memory is short, or for a
@@ -92,7 +92,7 @@ def repair_(
         offload: with ``passes="blockwise"``, where block inputs wait: ``"cpu"`` (host memory,
             when the model is on a GPU) or a folder (files, removed afterwards).
         reconstruct_options: for the ``reconstruct`` modes, keywords of
-            :func:`~prune_repair.engine.reconstruct.reconstruct_` (``damping``, ``select``,
+            :func:`~prune_repair.engine.refit.reconstruct.reconstruct_` (``damping``, ``select``,
             ``kept``, ``max_gram_bytes``, ``progress``); its report is under
             ``report.extra["reconstruct"]``.
 

@@ -17,7 +17,7 @@ are measured on the unmasked positions only.
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from .sites import find_sites
+    >>> from .find import find_sites
     >>> mha = nn.MultiheadAttention(4, 2, batch_first=True)
     >>> x = torch.randn(3, 5, 4)
     >>> seen = {}
@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ._forward import first_tensor
-from .producers import PARTS, split_part
-from .sites import Site
+from ..run.forward import first_tensor
+from ..producers import PARTS, split_part
+from .find import Site
 
 Observe = Callable[[Site, torch.Tensor, "torch.Tensor | None"], None]
 """``observe(site, output, mask)``: ``mask`` (bool, the output's leading dims) or None."""

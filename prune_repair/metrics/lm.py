@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._forward import default_forward, eval_mode
-from .evaluate import DataError
+from ..engine.run.forward import default_forward, eval_mode
+from ..io.errors import DataError
 
 IGNORE_INDEX = -100
 

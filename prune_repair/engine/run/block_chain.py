@@ -21,7 +21,7 @@ Example:
     >>> chain.names
     ['0', '1', '2.0', '2.1', '3']
 
-:class:`~prune_repair.engine.block_inputs.BlockInputs` runs the segments.
+:class:`~prune_repair.engine.run.block_inputs.BlockInputs` runs the segments.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ._forward import ForwardFn, default_forward, eval_mode, first_tensor, head
-from .producers import is_producer
+from .forward import ForwardFn, default_forward, eval_mode, first_tensor, head
+from ..producers import is_producer
 
 NO_CHAIN = ("the model's layers are not run as a chain of blocks in an nn.Sequential / nn.ModuleList (each "
             "taking the previous one's output, nothing computed in between)")

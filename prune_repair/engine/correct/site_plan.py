@@ -1,5 +1,5 @@
 """One site's part in a repair: what is measured there, the correction it gets, and the hooks
-that measure and correct it during a pass (used by :func:`~prune_repair.engine.repair.repair_`)."""
+that measure and correct it during a pass (used by :func:`~prune_repair.engine.correct.repair.repair_`)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import distributed
-from ._forward import StopForward
-from .producers import out_channels as producer_out_channels, site_owner
-from .fold import can_shift
-from .renorm import ChannelAffine, RepairMode, channel_affine, site_mode
-from .sites import Site
+from ..run import distributed
+from ..run.forward import StopForward
+from ..producers import out_channels as producer_out_channels, site_owner
+from ..sites.fold import can_shift
+from .modes import ChannelAffine, RepairMode, channel_affine, site_mode
+from ..sites.find import Site
 from .report import SiteReport
-from .stats import ActivationStats, ChannelStats
+from ..stats.activation import ActivationStats, ChannelStats
 
 NEVER_RAN = "it never ran on the calibration data (a branch the data does not reach?)"
 
@@ -119,7 +119,7 @@ def make_plans(model: nn.Module, reference: ActivationStats, mode: RepairMode, a
 
 def plan_hooks(plans: list[SitePlan], measuring: set, inline: bool, applying: set, stop_after: SitePlan | None):
     """Pre-hooks (reset sites) and site taps (affine sites) for one kind of pass:
-    ``(pre_hooks, sites, observe, correction)``, see :class:`~prune_repair.engine.taps.SiteTaps`."""
+    ``(pre_hooks, sites, observe, correction)``, see :class:`~prune_repair.engine.sites.taps.SiteTaps`."""
     pre_hooks, by_site = {}, {}
     for plan in plans:
         if plan.is_reset:

@@ -1,4 +1,4 @@
-"""What a correction did, per site and in total: the reports of :func:`~prune_repair.engine.repair.repair_`.
+"""What a correction did, per site and in total: the reports of :func:`~prune_repair.engine.correct.repair.repair_`.
 
 Example:
     >>> site = SiteReport("fc1", "skipped", 8, skipped="it never ran on the calibration data")
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .fold import Correction
+from ..sites.fold import Correction
 
 
 @dataclass
@@ -32,7 +32,7 @@ class SiteReport:
 
 @dataclass
 class RepairReport:
-    """Result of :func:`~prune_repair.engine.repair.repair_`; ``corrections`` holds the folded affine of each site."""
+    """Result of :func:`~prune_repair.engine.correct.repair.repair_`; ``corrections`` holds the folded affine of each site."""
 
     mode: str
     variant: str

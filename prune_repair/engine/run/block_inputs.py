@@ -1,4 +1,4 @@
-"""The inputs of the current segment of a :class:`~prune_repair.engine.block_chain.BlockChain`
+"""The inputs of the current segment of a :class:`~prune_repair.engine.run.block_chain.BlockChain`
 for every calibration batch, and how to run a segment (the stem, one block, the tail).
 
 Example:
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ._forward import StopForward, first_tensor
+from .forward import StopForward, first_tensor
 from .block_chain import BlockChain
 
 

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .checks import stored_weight
-from .producers import output_rows, site_owner
-from .sites import Site, find_sites
+from ..checks import stored_weight
+from ..producers import output_rows, site_owner
+from .find import Site, find_sites
 
 
 @dataclass

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .registry import MethodEnum
+from ..registry import MethodEnum
 
 T = TypeVar("T")
 WAIT_TIMEOUT_S = 3600.0

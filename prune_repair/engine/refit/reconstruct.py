@@ -35,16 +35,16 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._forward import ForwardFn, as_batches, head
-from ._layerwise import ReferenceOutputs, layerwise_
+from ..run.forward import ForwardFn, as_batches, head
+from .layerwise import ReferenceOutputs, layerwise_
 from .blockwise_reconstruct import blockwise_layerwise_
-from .lockstep import Passes
-from .checks import parameter_holders, stored_weight
+from ..run.lockstep import Passes
+from ..checks import parameter_holders, stored_weight
 from .gram import DEFAULT_MAX_GRAM_BYTES, Gram, check_gram_memory, has_gram
 from .layer_rows import check_gram, current_rows, intercept_kind, write_rows_
-from .producers import is_packed_attention, is_producer
+from ..producers import is_packed_attention, is_producer
 from .ridge import masked_ridge
-from .sites import Selector, make_filter, sites_from_calls, trace_calls
+from ..sites.find import Selector, make_filter, sites_from_calls, trace_calls
 
 Progress = Callable[[int, int], None]
 
@@ -126,8 +126,8 @@ def reconstruct_(
             batch, all batches' activations at the current layer alive at once) or
             ``per-site`` (one prefix pass per layer and batch, one batch in memory at a time)
             or ``blockwise`` (one block at a time, see
-            :mod:`~prune_repair.engine.blockwise_reconstruct`; ``blocks`` and ``offload`` as
-            in :func:`~prune_repair.engine.repair.repair_`).
+            :mod:`~prune_repair.engine.refit.blockwise_reconstruct`; ``blocks`` and ``offload`` as
+            in :func:`~prune_repair.engine.correct.repair.repair_`).
 
     Memory: ``O(d_in^2 + d_in * d_out)`` per layer (one layer at a time), never
     ``O(N * d_in)``: im2col patches are unfolded a chunk of samples at a time.
@@ -137,7 +137,7 @@ def reconstruct_(
     ``passes="per-site"``, one prefix pass of ``model`` per layer and batch instead. Plus,
     per layer, the Gram accumulation (``rows * d_in^2``) and the masked solves (about
     ``|S|^3 / 3`` per row, or CG iterations at matrix-product speed for wide supports, see
-    :mod:`~prune_repair.engine.ridge`). Padded token positions (``attention_mask`` 0 in a
+    :mod:`~prune_repair.engine.refit.ridge`). Padded token positions (``attention_mask`` 0 in a
     batch dict) are left out of the Gram statistics.
 
     Raises:

@@ -1,8 +1,8 @@
 """A conv/linear layer's weights as rows of its Gram problem: read them, write solved rows back.
 
-Reconstruction (:mod:`~prune_repair.engine.reconstruct`) and OBS pruning
+Reconstruction (:mod:`~prune_repair.engine.refit.reconstruct`) and OBS pruning
 (:mod:`~prune_repair.prune.obs`) solve per output row over the layer's unfolded inputs
-(:mod:`~prune_repair.engine.gram`); these helpers move between that row view and the module:
+(:mod:`~prune_repair.engine.refit.gram`); these helpers move between that row view and the module:
 the effective weights with their keep-mask, where the intercept lives (bias, the running mean
 of a following BatchNorm, or nowhere), and the in-place write that keeps pruned zeros zero.
 
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .checks import stored_weight
+from ..checks import stored_weight
 from .gram import Gram, row_view, rows_to_weight
 
 
