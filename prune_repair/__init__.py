@@ -21,7 +21,6 @@ __version__ = "0.1.0"
 # the engine: sites, statistics, corrections, folding
 from .engine.sites.fold import (Correction, fold_affine, fold_affine_into_bn, fold_corrections, fold_corrections_, fuse_batchnorm,
                           fuse_bn)
-from .engine.sites.fold import fold_batchnorm, fold_bn, fuse, fuse_  # noqa: F401  (deprecated names)
 from .engine.correct.modes import RepairMode, Variant
 from .engine.run.lockstep import Passes
 from .engine.checks import check_finite
@@ -36,12 +35,12 @@ from .engine.stats.activation import ActivationStats, ChannelStats, collect_stat
 # front end: pruning
 from .prune.pipeline import PruneRun, prune_and_repair
 from .prune import FisherOptions, PruneError, PruneMethod, PruneReport, find_targets, measure_sparsity, prune_, score_weights
-from .prune.structured import kept_channels, load_structured, load_structured_, repair_structured_, save_structured  # noqa: F401 (load_structured: deprecated alias)
+from .prune.structured import kept_channels, load_structured_, repair_structured_, save_structured
 
 # front end: merging
 from .merge.find_groups import find_groups
 from .merge.groups import GroupError, PermGroup, groups_from_spec
-from .merge import Align, MergeVariant, barrier_curve, merge, merge_many, prepare_merge
+from .merge import Align, barrier_curve, merge, merge_many, prepare_merge
 
 __all__ = [
     # engine
@@ -88,7 +87,6 @@ __all__ = [
     # merging
     "Align",
     "GroupError",
-    "MergeVariant",
     "PermGroup",
     "barrier_curve",
     "find_groups",

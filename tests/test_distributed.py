@@ -8,6 +8,7 @@ with the same computation done here in one process, in float64.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import socket
@@ -21,7 +22,7 @@ from torch import nn
 
 from prune_repair.engine import collect_stats, find_sites, reconstruct_, repair_
 from prune_repair.engine.run import distributed
-from prune_repair.engine.stats.activation import ChannelStats
+from prune_repair.engine.stats.activation import ChannelStats, merge_moments
 from prune_repair.merge import activation_matching, find_groups, site_moments
 from prune_repair.prune.fisher import fisher_scores
 from prune_repair.prune.targets import find_targets
@@ -171,7 +172,7 @@ def test_pooled_moments_equal_the_direct_ones():
     torch.manual_seed(0)
     y = torch.randn(37, 5, dtype=torch.float64) * 3 + 1e4  # a large offset: no cancellation allowed
     parts = [ChannelStats.of(p, -1) for p in (y[:10], y[10:])]
-    n, mean, m2 = distributed.combine_moments([(s.count, s.mean, s.m2) for s in parts])
+    n, mean, m2 = functools.reduce(merge_moments, [(s.count, s.mean, s.m2) for s in parts])
     var, direct = torch.var_mean(y, dim=0, correction=0)
     assert n == 37
     torch.testing.assert_close(mean, direct, rtol=1e-14, atol=0)
@@ -187,7 +188,7 @@ def test_pooled_co_moments_equal_the_direct_ones():
     for s in (slice(0, 7), slice(7, 20)):
         a, b = ya[s] - ya[s].mean(0), yb[s] - yb[s].mean(0)
         parts.append((a.shape[0], torch.stack([ya[s].mean(0), yb[s].mean(0)]), a.T @ b))
-    _, _, m2 = distributed.combine_moments(parts, comoment=lambda d: torch.outer(d[0], d[1]))
+    _, _, m2 = merge_moments(*parts, comoment=lambda d: torch.outer(d[0], d[1]))
     direct = (ya - ya.mean(0)).T @ (yb - yb.mean(0))
     torch.testing.assert_close(m2, direct, rtol=1e-12, atol=1e-12)
 

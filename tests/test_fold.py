@@ -72,15 +72,3 @@ def test_fuse_returns_a_corrected_copy_and_leaves_the_input_alone():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     expected = model.features.fc1(x.flatten(1)) * 2 + 1
     assert_close(fused.features.fc1(x.flatten(1)), expected)
-
-
-def test_the_old_names_still_work_and_say_they_are_deprecated():
-    import prune_repair as pr
-
-    conv, bn = torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2).eval()
-    with pytest.warns(DeprecationWarning, match="fold_bn is renamed fuse_bn"):
-        old = pr.fold_bn(conv.weight, None, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-    new = pr.fuse_bn(conv.weight, None, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-    assert all(torch.equal(a, b) for a, b in zip(old, new))
-    with pytest.warns(DeprecationWarning, match="fuse_ is renamed fold_corrections_"):
-        pr.fuse_(torch.nn.Sequential(torch.nn.Linear(2, 2)), {}, [])

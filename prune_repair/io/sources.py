@@ -52,9 +52,6 @@ class TensorSource:
     def batches(self, index: torch.Tensor | None, batch_size: int, workers: int = 0) -> "Batches":
         return Batches(self, index, batch_size, workers)
 
-    def sample_shape(self) -> tuple[int, ...]:
-        return tuple(self.x.shape[1:])
-
 
 class ImageFolderSource:
     """An ImageFolder directory read from disk on demand: only the files asked for are

@@ -29,7 +29,6 @@ import json
 import os
 import pickle
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -201,10 +200,3 @@ def draw(data: dict[str, torch.Tensor], size: int, seed: int = 0) -> dict[str, t
         raise DataError(f"calibration size {size} exceeds the {n} sequences in the data: ask for fewer samples")
     index = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:size]
     return select(data, index)
-
-
-def token_batches(data: dict[str, torch.Tensor], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Consecutive batches of at most ``batch_size`` sequences, each trimmed to its longest."""
-    n = num_sequences(data)
-    for start in range(0, n, batch_size):
-        yield select(data, slice(start, start + batch_size))

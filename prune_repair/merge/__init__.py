@@ -15,14 +15,14 @@ from .find_groups import find_groups
 from .groups import GroupError, PermGroup, groups_from_spec
 from .barrier import BarrierCurve, CurvePoint, PlotError, alpha_grid, barrier, barrier_curve, plot_curve
 from .interpolate import ArchitectureMismatch, check_same_architecture, interpolate, lerp_state_dicts
-from .merge import Align, MergePlan, MergeVariant, check_alpha, find_alignment, merge, merge_many, prepare_merge
+from .merge import Align, MergePlan, check_alpha, find_alignment, merge, merge_many, prepare_merge
 from .permute import (Alignment, Perms, check_function_preserved, identity_perms, invert, permute,
                       permute_state_dict, random_perms)
 from .weight_matching import assign, weight_matching
 
 __all__ = [
     "Align", "Alignment", "ArchitectureMismatch", "BarrierCurve", "CurvePoint", "GroupError", "MergePlan",
-    "MergeVariant", "PermGroup", "find_groups", "groups_from_spec",
+    "PermGroup", "find_groups", "groups_from_spec",
     "Perms", "PlotError", "Probe", "SiteMoments", "activation_matching", "alpha_grid", "assign", "barrier",
     "barrier_curve", "check_alpha", "check_function_preserved", "check_same_architecture", "find_alignment",
     "identity_perms", "interpolate", "invert", "lerp_state_dicts", "merge", "merge_many", "permute",

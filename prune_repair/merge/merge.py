@@ -56,8 +56,6 @@ class Align(MethodEnum):
     NONE = "none", "average the models as they are"
 
 
-MergeVariant = Variant
-"""Deprecated name of :class:`~prune_repair.engine.correct.modes.Variant` (merging adds ``closed-form``)."""
 
 
 def _check_mergeable(mode: RepairMode) -> None:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import copy
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,10 +212,3 @@ def load_structured_(path: str | os.PathLike[str], model: nn.Module) -> nn.Modul
         raise PruneError(f"{path} does not fit this architecture after replaying its history "
                          f"({str(err).splitlines()[0]}): build the model with the same architecture and arguments") from None
     return model.eval()
-
-
-def load_structured(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
-    """Deprecated name of :func:`load_structured_` (it changes ``model``, hence the ``_``)."""
-    warnings.warn("load_structured is renamed load_structured_ (it changes the model it is given)",
-                  DeprecationWarning, stacklevel=2)
-    return load_structured_(path, model)

@@ -108,22 +108,6 @@ def _square(delta: torch.Tensor) -> torch.Tensor:
     return delta.square()
 
 
-def combine_moments(parts: Sequence[Moments], comoment: Comoment = _square) -> Moments:
-    """The pooled ``(count, mean, m2)`` of ``parts`` (one per rank), by the same formula
-    :func:`pool_moments` computes with collectives; for checks without processes.
-
-    >>> x = torch.tensor([1.0, 2.0, 3.0, 10.0], dtype=torch.float64)
-    >>> n, mean, m2 = combine_moments([(2, x[:2].mean(), x[:2].var(correction=0) * 2),
-    ...                                (2, x[2:].mean(), x[2:].var(correction=0) * 2)])
-    >>> n, float(mean), float(m2 / n) == float(x.var(correction=0))
-    (4, 4.0, True)
-    """
-    total = sum(n for n, _, _ in parts)
-    mean = sum(float(n) * m.to(torch.float64) for n, m, _ in parts) / total
-    m2 = sum(m2.to(torch.float64) + float(n) * comoment(m.to(torch.float64) - mean) for n, m, m2 in parts if n > 0)
-    return total, mean, m2
-
-
 def pool_moments(parts: Sequence[Moments], comoments: Sequence[Comoment] | None = None) -> list[Moments]:
     """Pooled ``(count, mean, m2)`` of each part over all ranks: two collectives in all.
 
@@ -221,19 +205,6 @@ def unwrap(model: nn.Module) -> nn.Module:
                 "torch.distributed.checkpoint.state_dict.get_model_state_dict with full_state_dict=True), "
                 "load it into an unwrapped model on every rank (or wrap it in DistributedDataParallel) "
                 "and repair that")
-    return model
-
-
-def broadcast_module_(model: nn.Module, src: int = 0) -> nn.Module:
-    """Copy every parameter and buffer of rank ``src``'s ``model`` to all ranks, in place."""
-    if not is_distributed():
-        return model
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            device = _comm_device(t)
-            work = t.detach().to(device).contiguous()
-            torch.distributed.broadcast(work, src)
-            t.copy_(work)
     return model
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -187,20 +186,3 @@ def fuse_batchnorm(model: nn.Module, example_inputs: Any, forward_fn=None) -> nn
         parent_name, _, child = site.norm.rpartition(".")
         setattr(fused.get_submodule(parent_name) if parent_name else fused, child, nn.Identity())
     return fused
-
-
-def _renamed(new: Callable, old: str) -> Callable:
-    def old_name(*args: Any, **kwargs: Any) -> Any:
-        warnings.warn(f"{old} is renamed {new.__name__}", DeprecationWarning, stacklevel=2)
-        return new(*args, **kwargs)
-
-    old_name.__name__ = old_name.__qualname__ = old
-    old_name.__doc__ = f"Deprecated name of :func:`{new.__name__}`."
-    return old_name
-
-
-# deprecated names (before "fold" and "fuse" were told apart)
-fuse_ = _renamed(fold_corrections_, "fuse_")
-fuse = _renamed(fold_corrections, "fuse")
-fold_bn = _renamed(fuse_bn, "fold_bn")
-fold_batchnorm = _renamed(fuse_batchnorm, "fold_batchnorm")
