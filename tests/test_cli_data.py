@@ -1,5 +1,5 @@
 """ImageFolder data on the CLI: --preprocess, streaming, --batch-size, --eval-size, --workers;
-merge --align-size (DESIGN.md sec. 4, issue 9 "ImageNet-style data on the CLI")."""
+merge --align-size (the CLI contract in ARCHITECTURE.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`prune-repair repair`: the post-step for checkpoints pruned elsewhere (DESIGN.md sec. 4)."""
+"""`prune-repair repair`: the post-step for checkpoints pruned elsewhere (the CLI contract in ARCHITECTURE.md)."""
 
 import json
 import re

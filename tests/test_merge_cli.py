@@ -1,4 +1,4 @@
-"""`prune-repair merge` (DESIGN.md sec. 4): report keys, exit code 2 with one line, nothing written."""
+"""`prune-repair merge` (the CLI contract in ARCHITECTURE.md): report keys, exit code 2 with one line, nothing written."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`prune-repair prune` (DESIGN.md sec. 4): several sparsities, the report, bad input."""
+"""`prune-repair prune` (the CLI contract in ARCHITECTURE.md): several sparsities, the report, bad input."""
 
 from __future__ import annotations
 

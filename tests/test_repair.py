@@ -1,4 +1,4 @@
-"""The engine's exact properties, in float64 (DESIGN.md sec. 6)."""
+"""The engine's exact properties, in float64."""
 
 import copy
 

@@ -129,7 +129,7 @@ def parse_arch_kwargs(ctx: click.Context, param: click.Parameter, value: str | N
 
 
 def common_options(command: Callable) -> Callable:
-    """Options shared by all commands (DESIGN.md sec. 4)."""
+    """Options shared by all commands (the CLI contract in ARCHITECTURE.md)."""
     options = [
         click.option("--arch", default=None, help="torchvision model name (resnet18) or package.module:Factory; "
                      "implied by a zoo:NAME checkpoint."),

@@ -1,7 +1,7 @@
 """Barrier curves: metrics along the interpolation path, with and without repair.
 
 The barrier of a metric is ``max over alpha of [metric(merged) - ((1-alpha) metric(A) +
-alpha metric(B))]`` (DESIGN.md sec. 3). Accuracy enters as the error ``1 - acc``, so its
+alpha metric(B))]`` (ARCHITECTURE.md, "Merging"). Accuracy enters as the error ``1 - acc``, so its
 barrier is the largest drop of accuracy below the straight line between the endpoints,
 as a fraction (0.2 = 20 points); loss barriers are in loss units.
 

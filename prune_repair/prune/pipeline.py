@@ -3,7 +3,7 @@
 Reference statistics are measured once on the dense model, weights are scored once
 (Fisher/WoodFisher scores do not depend on the sparsity), then each sparsity is
 applied to a fresh copy of the dense model, repaired and evaluated. The returned
-:class:`PruneRun` renders the ``--report`` JSON of DESIGN.md sec. 4.
+:class:`PruneRun` renders the ``--report`` JSON of the CLI contract (ARCHITECTURE.md).
 
 Example:
     >>> import torch
@@ -59,7 +59,7 @@ class PruneRow:
     correction: dict[str, Any] = field(default_factory=dict)  # the repair report: sites, reconstruct layers
 
     def to_dict(self) -> dict[str, Any]:
-        """The row of the ``--report`` JSON: the keys of DESIGN.md sec. 4, plus ``sites`` (and
+        """The row of the ``--report`` JSON: the keys of the CLI contract (ARCHITECTURE.md), plus ``sites`` (and
         ``reconstruct``, per layer, for the reconstruct modes)."""
         row = {k: v for k, v in self.__dict__.items() if k not in ("dead_channels", "correction")}
         row.update({k: self.correction[k] for k in ("sites", "reconstruct", "prune_layers") if k in self.correction})
@@ -78,7 +78,7 @@ class PruneRun:
     seconds: dict[str, float] = field(default_factory=dict)  # once per run, not per row
 
     def to_report(self) -> dict[str, Any]:
-        """The ``--report`` JSON (DESIGN.md sec. 4), plus the method and repair mode."""
+        """The ``--report`` JSON (the CLI contract in ARCHITECTURE.md), plus the method and repair mode."""
         return {"method": self.method, "repair": self.repair, "dense": dict(self.dense),
                 "results": [r.to_dict() for r in self.rows],
                 "dead_channels": [r.dead_channels for r in self.rows], "seconds": dict(self.seconds)}

@@ -31,7 +31,7 @@ class RepairMode(MethodEnum):
     RESHIFT = "reshift", "x - mean_now + goal_mean (ablation)", "Qu & Horvath 2024"
     RESET = "reset", "recompute BatchNorm running statistics", "Jordan et al. 2022, sec. 5"
     RECONSTRUCT = ("reconstruct", "least-squares refit of each layer's remaining weights to the reference's "
-                   "outputs (zeros kept)", "OBC / AdaPrune layer-wise reconstruction; DESIGN.md sec. 7")
+                   "outputs (zeros kept)", "OBC / AdaPrune layer-wise reconstruction")
     RECONSTRUCT_REPAIR = "reconstruct+repair", "reconstruct, then the statistics correction of auto on top"
     NONE = "none", "measure nothing, change nothing"
 

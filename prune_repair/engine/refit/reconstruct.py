@@ -1,4 +1,4 @@
-"""Reconstruction: rebuild each layer's output from the weights that remain (DESIGN.md sec. 7).
+"""Reconstruction: rebuild each layer's output from the weights that remain (ARCHITECTURE.md, "Reconstruction").
 
 :func:`reconstruct_` solves, per conv/linear layer in execution order, a ridge least-squares
 problem for every output row over its NONZERO weights (plus the bias): the input is what the
