@@ -39,7 +39,9 @@ from torch import nn
 
 from ..engine.run import distributed
 from ..engine.run.forward import ForwardFn, as_batches, first_tensor, hooked_pass
+from ..engine.producers import site_owner
 from ..engine.sites.find import Site
+from ..engine.sites.taps import SiteTaps
 from ..engine.stats.activation import ActivationStats, ChannelStats, merge_moments
 from .groups import PermGroup
 from .permute import Alignment
@@ -313,22 +315,47 @@ class SiteMoments:
 def site_moments(models: Sequence[nn.Module], data: Any, sites: Sequence[Site], *,
                  forward_fn: ForwardFn | None = None) -> SiteMoments:
     """Moments of the paired channels of ``models`` at ``sites``, in one pass over ``data``
-    (pooled exactly over ranks under ``torch.distributed``)."""
+    (pooled exactly over ranks under ``torch.distributed``).
+
+    Each model's site outputs are read by :class:`~prune_repair.engine.sites.taps.SiteTaps`,
+    the taps repair itself uses, so attention projections (``<mha>.in_proj:q``), layers run
+    through ``F.linear`` by a parent (swin_t) and padding masks are handled as in a repair."""
     models = [distributed.unwrap(m) for m in models]
+    sites = list(sites)
+    for model in models:
+        for s in sites:
+            try:
+                site_owner(model, s)
+            except AttributeError:
+                raise ValueError(f"site '{s.fqn}' is not a layer of every model: merge models of the same "
+                                 "architecture") from None
     acc: dict[str, _PerChannel] = {s.fqn: _PerChannel() for s in sites}
     for batch in as_batches(data):
-        captured = []
-        for model in models:
-            mods = dict(model.named_modules())
-            if any(s.fqn not in mods for s in sites):
-                raise ValueError("a site is missing from one of the models: merge models of the same architecture")
-            captured.append(_capture(model, batch, {mods[s.fqn]: [(s.fqn, "out")] for s in sites}, forward_fn))
+        captured = [_site_outputs(model, batch, sites, forward_fn) for model in models]
         for s in sites:
             if any(s.fqn not in c for c in captured):
                 raise ValueError(f"site '{s.fqn}' never ran in the forward pass: check forward_fn")
-            ys = [c[s.fqn].detach().movedim(s.channel_dim, -1).reshape(-1, s.channels).to(torch.float64)
-                  for c in captured]
-            acc[s.fqn].add(torch.stack(ys))
+            counts = {c[s.fqn].shape[0] for c in captured}
+            if len(counts) != 1:
+                raise ValueError(f"site '{s.fqn}' gave {sorted(counts)} values per channel in different models: "
+                                 "merge models of the same architecture")
+            acc[s.fqn].add(torch.stack([c[s.fqn] for c in captured]))
     _Moments.all_reduce_([acc[s.fqn] for s in sites])
-    return SiteMoments(list(sites), {k: v.n for k, v in acc.items()}, {k: v.mean for k, v in acc.items()},
+    return SiteMoments(sites, {k: v.n for k, v in acc.items()}, {k: v.mean for k, v in acc.items()},
                        {k: v.m2 / v.n for k, v in acc.items()})
+
+
+def _site_outputs(model: nn.Module, batch: Any, sites: Sequence[Site],
+                  forward_fn: ForwardFn | None) -> dict[str, torch.Tensor]:
+    """{site fqn: (values, channels) float64} of one batch (padded positions dropped)."""
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def observe(site: Site, y: torch.Tensor, mask: torch.Tensor | None) -> None:
+        y = y.detach()
+        y = y[mask] if mask is not None else y.movedim(site.channel_dim, -1)
+        seen.setdefault(site.fqn, []).append(y.reshape(-1, site.channels).to(torch.float64))
+
+    with hooked_pass(model, forward_fn=forward_fn) as forward, SiteTaps(model, list(sites), observe).attached(
+            forward) as run:
+        run(batch)
+    return {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in seen.items()}
