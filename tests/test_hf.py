@@ -214,6 +214,18 @@ def test_jsonl_is_padded_to_the_longest_with_the_mask(tmp_path):
     assert torch.equal(a["input_ids"], b["input_ids"])
 
 
+@pytest.mark.parametrize("line, key", [('{"input_ids": [1, 2.5, 3]}', "input_ids"),
+                                       ('{"input_ids": [1, 2], "attention_mask": [1, true]}', "attention_mask"),
+                                       ('{"input_ids": [1, 2], "labels": ["a", 2]}', "labels")])
+def test_jsonl_token_ids_must_be_whole_numbers_as_in_pt_and_npz(tmp_path, line, key):
+    f = tmp_path / "t.jsonl"
+    f.write_text(line + "\n")
+    with pytest.raises(tok.DataError, match=f"line 1: '{key}' must hold integers"):
+        tok.load_tokens(f)
+    f.write_text('{"input_ids": [1.0, 2, 3]}\n')  # a whole number written as a float is a whole number
+    assert tok.load_tokens(f)["input_ids"].tolist() == [[1, 2, 3]]
+
+
 def _error(result):
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert result.exit_code == 2, result.output

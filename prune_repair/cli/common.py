@@ -203,6 +203,23 @@ def passes_option(command: Callable) -> Callable:
                              "(--batch-size splits them): " + Passes.describe() + ".")(command)
 
 
+def check_passes(passes: str, offload: str | None) -> None:
+    """Refuse an ``--offload`` that would be ignored or fail late.
+
+    >>> check_passes("blockwise", "cpu")
+    >>> check_passes("lockstep", "cpu")
+    Traceback (most recent call last):
+    ...
+    click.exceptions.UsageError: --offload applies to --passes blockwise only: add --passes blockwise or drop --offload
+    """
+    if offload is not None and passes != Passes.BLOCKWISE.value:
+        raise click.UsageError("--offload applies to --passes blockwise only: add --passes blockwise or drop --offload")
+    if offload not in (None, "cpu"):
+        folder = Path(offload).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise click.UsageError(f"--offload {offload} is a file: give a folder (it is created if missing) or cpu")
+
+
 def damping_option(command: Callable) -> Callable:
     """``--damping`` of the reconstruct modes."""
     return click.option("--damping", default=1e-2, show_default=True, type=click.FloatRange(min=0),

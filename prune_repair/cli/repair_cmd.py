@@ -16,6 +16,7 @@ from . import hf_cmd
 from .goal_option import goal_inputs, goal_note, goal_stats_option, load_goal
 from .common import (
     check_finite_models,
+    check_passes,
     calib_size_for,
     damping_option,
     passes_option,
@@ -66,6 +67,7 @@ def repair_command(pruned, reference, arch, arch_kwargs, data, eval_data, calib_
     runs it one block at a time (add --offload cpu or --offload DIR to move the block
     inputs off the device).
     """
+    check_passes(passes, offload)
     if hf_cmd.wants_hf(arch, [reference, pruned]):  # --arch hf:DIR: HF directories, dict batches, perplexity
         return hf_cmd.repair(**locals(), dev=resolve_device(device))
     check_outputs(out, report, [pruned, reference, *goal_inputs(goal_stats)], force)

@@ -114,6 +114,12 @@ def _load_jsonl(p: Path) -> dict[str, torch.Tensor]:
         for key in ("attention_mask",) + (("labels",) if isinstance(row.get("labels"), list) else ()):
             if key in row and (not isinstance(row[key], list) or len(row[key]) != n):
                 raise DataError(f"{p} line {number}: '{key}' must be a list as long as 'input_ids' ({n})")
+        for key in ("input_ids", "attention_mask", "labels"):
+            values = row.get(key, [])
+            bad = [v for v in (values if isinstance(values, list) else [values]) if not _is_integer(v)]
+            if bad:
+                raise DataError(f"{p} line {number}: '{key}' must hold integers, found {bad[0]!r}: write token ids "
+                                "as whole numbers")
         rows.append(row)
     if not rows:
         raise DataError(f"{p} holds no sequences: write one JSON object per line")
@@ -137,6 +143,13 @@ def _load_jsonl(p: Path) -> dict[str, torch.Tensor]:
             raise
         raise DataError(f"{p}: token ids, masks and labels must be integers ({_first_line(err)})") from None
     return out
+
+
+def _is_integer(value: object) -> bool:
+    """A whole number, as ``.pt`` / ``.npz`` data accept (``3`` or ``3.0``; not ``2.5``, not ``true``)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
 
 
 def _validated(raw: dict, source: str) -> dict[str, torch.Tensor]:
