@@ -1,0 +1,198 @@
+"""Remove a fraction of every MLP's hidden units, block by block, and refit the consumer.
+
+For each MLP in module order (:func:`~prune_repair.prune.mlp_units.find_mlps`), one pass
+over the calibration data accumulates the float64 Gram statistics of its consumer layer
+(``fc2`` / ``c_proj`` / ``down_proj``): ``X`` = the hidden units as the model being pruned
+computes them (the MLPs before it already pruned and refitted), ``Y`` = the DENSE model's
+consumer output on the same samples. From ``G = X^T X`` alone:
+
+- unit ``j`` is scored ``sqrt(E[x_j^2]) * ||W[:, j]||`` (activation energy times the norm of
+  its outgoing weights) and the lowest-scored units are removed (the same count in every MLP
+  of one width);
+- the consumer is then refitted (``refit``):
+
+  ``ridge``  closed-form ridge over the kept units plus the bias, toward the dense outputs
+             (:func:`~prune_repair.engine.refit.ridge.masked_ridge`); the intercept absorbs
+             the removed units' mean contribution, and the target being the dense model's
+             output also undoes the drift of the blocks before;
+  ``bias``   only the removed units' mean contribution ``W[:, removed] @ E[x_removed]`` is
+             folded into the bias (FLAP-style compensation; nothing without a bias);
+  ``none``   the units are dropped.
+
+The relative output error of every consumer before (units dropped) and after the refit is
+reported, computed from the same statistics. With ``damping`` 0 the ridge solution is the
+least-squares optimum over the kept units, so its error is never above the drop's.
+
+Example:
+    >>> import copy, torch
+    >>> from prune_repair.zoo.models import TokenMLP
+    >>> _ = torch.manual_seed(0)
+    >>> dense = TokenMLP(dim=8, depth=2).eval()
+    >>> model, x = copy.deepcopy(dense), torch.randn(64, 1, 28, 28)
+    >>> result = prune_mlps_(model, dense, x, 0.25)
+    >>> model.blocks[0].fc1.out_features, [r["kept"] for r in result.layers]
+    (12, [12, 12])
+    >>> all(r["error"] <= r["error_dropped"] for r in result.layers)
+    True
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine.refit.gram import Gram
+from ..engine.refit.ridge import masked_ridge
+from ..engine.registry import MethodEnum
+from ..engine.run.forward import ForwardFn, StopForward, as_batches, first_tensor, hooked_pass
+from .mlp_units import MLPUnits, consumer_rows, find_mlps, set_config_width_, shrink_mlp_, units_to_remove
+from .targets import PruneError
+
+
+class Refit(MethodEnum):
+    """How the consumer of the removed units is corrected."""
+
+    RIDGE = "ridge", "closed-form ridge over the kept units toward the dense outputs", "CORP; DESIGN.md sec. 7"
+    BIAS = "bias", "the removed units' mean contribution folded into the bias", "FLAP (An et al. 2024)"
+    NONE = "none", "units dropped, nothing corrected"
+
+
+@dataclass
+class StructuredMLPResult:
+    """Kept unit indices per producer layer, per-MLP report rows, seconds."""
+
+    kept: dict[str, torch.Tensor]
+    layers: list[dict[str, Any]]
+    seconds: float
+    config_key: str | None = None
+    history: list[tuple[str, bool, list[int]]] = field(default_factory=list)
+
+
+def _mask_of(batch: Any) -> torch.Tensor | None:
+    return batch.get("attention_mask") if isinstance(batch, dict) else None
+
+
+def consumer_gram(model: nn.Module, reference: nn.Module, mlp: MLPUnits, data: Any,
+                  forward_fn: ForwardFn | None = None) -> Gram:
+    """Gram statistics of ``mlp``'s consumer: inputs from ``model``, targets from ``reference``."""
+    mine, theirs = model.get_submodule(mlp.consumer), reference.get_submodule(mlp.consumer)
+    gram = Gram.for_layer(mine, name=mlp.consumer)
+    seen: dict[str, torch.Tensor] = {}
+
+    def take_output(_m, _inp, out):
+        seen["y"] = first_tensor(out)
+        raise StopForward
+
+    def take_input(_m, inp):
+        seen["x"] = inp[0]
+        raise StopForward
+
+    with hooked_pass(reference, forward_hooks={theirs: take_output}, forward_fn=forward_fn) as run_ref, \
+            hooked_pass(model, pre_hooks={mine: take_input}, forward_fn=forward_fn) as run:
+        for batch in as_batches(data):
+            run_ref(batch)
+            run(batch)
+            gram.add(seen.pop("x"), seen.pop("y"), mask=_mask_of(batch))
+    return gram
+
+
+def unit_scores(gram: Gram, consumer: nn.Module) -> torch.Tensor:
+    """``sqrt(E[x_j^2]) * ||W[:, j]||`` per hidden unit (float64)."""
+    energy = gram.G[0].diagonal()[:-1] / max(gram.rows, 1)
+    norms = consumer_rows(consumer).detach().to(torch.float64).norm(dim=0).to(energy.device)
+    return energy.clamp_min(0).sqrt() * norms
+
+
+def _full_weight(rows: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, width: int) -> torch.Tensor:
+    """``(1, out, width + 1)``: ``rows`` on the kept columns, zeros elsewhere, the bias last."""
+    full = torch.zeros(rows.shape[0], width + 1, dtype=torch.float64, device=rows.device)
+    full[:, kept.to(rows.device)] = rows.to(torch.float64)
+    if bias is not None:
+        full[:, -1] = bias.to(torch.float64)
+    return full[None]
+
+
+def refit_consumer(gram: Gram, consumer: nn.Module, kept: torch.Tensor, refit: Refit,
+                   damping: float) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:
+    """New consumer rows ``(out, len(kept))`` and bias, and the relative output errors with the
+    units dropped and after the refit."""
+    W = consumer_rows(consumer).detach().to(torch.float64).to(gram.G.device)
+    b = consumer.bias.detach().to(torch.float64).to(gram.G.device) if consumer.bias is not None else None
+    width, kept = W.shape[1], kept.to(gram.G.device)
+    err = lambda r, bb: float(gram.relative_error(_full_weight(r, bb, kept, width)))  # noqa: E731
+    rows, bias = W[:, kept], b
+    dropped = err(rows, b)
+    if refit is Refit.RIDGE:
+        idx = torch.cat([kept, kept.new_tensor([width])]) if b is not None else kept
+        G, C = gram.G[0][idx][:, idx], gram.C[0][idx]
+        mask = torch.ones(1, W.shape[0], len(kept), dtype=torch.bool, device=G.device)
+        sol = masked_ridge(G[None], C[None], mask, damping=damping, intercept=b is not None).weight[0]
+        rows, bias = sol[:, :len(kept)], (sol[:, -1] if b is not None else None)
+    elif refit is Refit.BIAS and b is not None:
+        removed = torch.ones(width, dtype=torch.bool, device=W.device)
+        removed[kept] = False
+        mean = gram.G[0][:width, -1] / max(gram.rows, 1)  # X^T 1 / n
+        bias = b + W[:, removed] @ mean[removed]
+    return rows, bias, dropped, err(rows, bias)
+
+
+def prune_mlps_(
+    model: nn.Module,
+    reference: nn.Module,
+    data: Any,
+    ratio: float,
+    *,
+    refit: Refit | str = Refit.RIDGE,
+    damping: float = 1e-2,
+    kept: dict[str, torch.Tensor] | None = None,
+    forward_fn: ForwardFn | None = None,
+) -> StructuredMLPResult:
+    """Remove ``ratio`` of every MLP's hidden units of ``model`` in place (see the module doc).
+
+    ``reference`` is the dense model (same architecture, not changed); ``model`` starts as
+    its copy. ``kept`` (MLP FQN -> kept unit indices) replaces the scoring, e.g. to drop
+    the units another run chose. Raises :class:`PruneError` when ``model`` has no
+    recognizable MLP or the ratio is outside [0, 1).
+    """
+    start = time.perf_counter()
+    refit = Refit.parse(refit, "refit")
+    if not 0 <= ratio < 1:
+        raise PruneError(f"--structured {ratio} is outside [0, 1): give the fraction of MLP units to remove, e.g. 0.25")
+    mlps = find_mlps(model)
+    if not mlps:
+        raise PruneError("no recognizable MLP (fc1/fc2, c_fc/c_proj, gate/up/down_proj, intermediate/output.dense, "
+                         "torchvision MLPBlock) in the model: --structured on transformer MLPs needs one")
+    chosen, layers, history = {}, [], []
+    for mlp in mlps:
+        consumer = model.get_submodule(mlp.consumer)
+        n_keep = mlp.width - units_to_remove(mlp.width, ratio)
+        if kept is None and n_keep == mlp.width:  # nothing removed: the MLP stays exactly as it is
+            chosen[mlp.fqn] = torch.arange(mlp.width)
+            layers.append({"fqn": mlp.fqn, "width": mlp.width, "kept": mlp.width})
+            continue
+        needs_pass = refit is not Refit.NONE or kept is None
+        gram = consumer_gram(model, reference, mlp, data, forward_fn) if needs_pass else None
+        if kept is not None:
+            idx = torch.as_tensor(kept[mlp.fqn], dtype=torch.long)
+        else:
+            idx = torch.topk(unit_scores(gram, consumer), n_keep).indices.sort().values
+        row = {"fqn": mlp.fqn, "width": mlp.width, "kept": int(idx.numel())}
+        if gram is not None:
+            rows, bias, row["error_dropped"], row["error"] = refit_consumer(gram, consumer, idx, refit, damping)
+            shrink_mlp_(model, mlp, idx.cpu(), rows, bias)
+        else:
+            shrink_mlp_(model, mlp, idx.cpu())
+        chosen[mlp.fqn] = idx.cpu()
+        removed = sorted(set(range(mlp.width)) - set(idx.tolist()))
+        if removed:  # torch-pruning's history: replaying it shrinks a fresh model the same way
+            history.append((mlp.producers[0], True, removed))
+        layers.append(row)
+    widths = {(m.width, int(chosen[m.fqn].numel())) for m in mlps}
+    key = set_config_width_(model, *widths.pop()) if len(widths) == 1 else None
+    kept_layers = {p: chosen[m.fqn] for m in mlps for p in m.producers}
+    return StructuredMLPResult(kept_layers | {m.fqn: chosen[m.fqn] for m in mlps}, layers,
+                               time.perf_counter() - start, key, history)
