@@ -9,9 +9,10 @@ nonlinearity); a group that no layer consumes is observed at its producers' outp
 Units with zero spread ("dead") get zero correlation and are counted; the producers'
 pre-activation correlations, with a tiny weight, decide between units that tie.
 
-:func:`site_moments` gathers, in one lockstep pass, the per-channel means and the
-covariance between models at every repair site: the goal statistics of a merge and the
-cross-covariances the closed-form REPAIR variant needs.
+:func:`site_moments` (the moments a merge is repaired toward) lives in :mod:`.moments`.
+Attention: the packed q/k/v projections of an ``nn.MultiheadAttention`` are observed token
+by token (recomputed in a pre-hook) and head groups are assigned with :mod:`.heads`;
+padded tokens (a dict batch's ``attention_mask``) are left out.
 
 Example:
     >>> import torch
@@ -35,15 +36,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..engine.run import distributed
 from ..engine.run.forward import ForwardFn, as_batches, first_tensor, hooked_pass
-from ..engine.producers import site_owner
 from ..engine.sites.find import Site
-from ..engine.sites.taps import SiteTaps
-from ..engine.stats.activation import ActivationStats, ChannelStats, merge_moments
+from ..engine.sites.taps import batch_mask
 from .groups import PermGroup
+from .attention_groups import check_same_heads
+from .heads import assign_heads, units
+from .moments import SiteMoments, _Moments, site_moments  # noqa: F401  (site_moments: public here too)
 from .permute import Alignment
 from .weight_matching import assign
 
@@ -55,7 +58,7 @@ class Probe:
     correlations in the matching (tie-breakers get a tiny one)."""
 
     module: str
-    side: str  # "in" or "out"
+    side: str  # "in", "out", or "proj" (the packed q/k/v projections of an nn.MultiheadAttention)
     dim: int
     index: torch.Tensor
     weight: float = 1.0
@@ -74,12 +77,16 @@ def probes_of(model: nn.Module, group: PermGroup) -> list[Probe]:
     """Probes of ``group``: the inputs of its consumers (weight 1) plus its producers' outputs
     as tie-breakers, or the producers' outputs alone (weight 1) when nothing consumes it."""
     modules = dict(model.named_modules())
+    inside_attention = {f"{n}.out_proj" for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
     ins, outs = [], []
     for axis in group.axes:
         name, _, param = axis.key.rpartition(".")
         m = modules.get(name)
-        if m is None or param not in ("weight", "running_mean"):
+        if isinstance(m, nn.MultiheadAttention) and param == "in_proj_weight" and axis.dim == 0:
+            ins.append(Probe(name, "proj", -1, axis.index))  # q/k/v of each token, pooled over tokens
             continue
+        if m is None or param not in ("weight", "running_mean") or name in inside_attention:
+            continue  # (an attention's out_proj runs inside F.multi_head_attention_forward: no hooks fire)
         conv = isinstance(m, nn.modules.conv._ConvNd) and not m.transposed
         if axis.dim == 1 and (isinstance(m, nn.Linear) or (conv and m.groups == 1)):
             ins.append(Probe(name, "in", -1 if isinstance(m, nn.Linear) else 1, axis.index))
@@ -95,10 +102,14 @@ def probes_of(model: nn.Module, group: PermGroup) -> list[Probe]:
     return ins + [Probe(p.module, p.side, p.dim, p.index, TIE_BREAK) for p in outs]
 
 
-def _samples(y: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+def _samples(y: torch.Tensor, dim: int, index: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """(samples, channels) copy of a probed tensor (blocks become samples), float32 for
-    float32 and narrower activations (no float64 copy), else float64."""
+    float32 and narrower activations (no float64 copy), else float64. ``mask`` (N, T) drops
+    the padded tokens of an (N, T, ..., C) tensor with channels last."""
     c, k = index.shape
+    if (mask is not None and y.dim() >= 3 and dim % y.dim() == y.dim() - 1
+            and tuple(y.shape[:2]) == tuple(mask.shape)):
+        y, dim = y[mask.to(y.device)], -1
     dtype = torch.float64 if y.dtype == torch.float64 or not y.is_floating_point() else torch.float32
     moved = y.detach().movedim(dim, -1)
     flat = index.flatten()
@@ -119,37 +130,30 @@ def _capture(model: nn.Module, batch: Any, probes: dict[nn.Module, list], forwar
             pre[module] = lambda m, inputs, w=wanted: seen.update({k: inputs[0] for k, s in w if s == "in"})
         if any(side == "out" for _, side in wanted):
             post[module] = lambda m, i, out, w=wanted: seen.update({k: first_tensor(out) for k, s in w if s == "out"})
-    with hooked_pass(model, forward_hooks=post, pre_hooks=pre, forward_fn=forward_fn) as run:
-        run(batch)
+    handles = [module.register_forward_pre_hook(_projections(module, wanted, seen), with_kwargs=True)
+               for module, wanted in probes.items() if any(side == "proj" for _, side in wanted)]
+    try:
+        with hooked_pass(model, forward_hooks=post, pre_hooks=pre, forward_fn=forward_fn) as run:
+            run(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
     return seen
 
 
-class _Moments:
-    """Float64 count/means/co-moment of paired (samples, C) blocks, merged exactly."""
-
-    def __init__(self):
-        self.n, self.mean, self.m2 = 0, None, None
-
-    def add(self, y: torch.Tensor) -> None:
-        """``y``: (K, n, C) -> per channel K x K co-moment."""
-        self._merge(y.shape[1], y.mean(dim=1), self._comoment(y - y.mean(dim=1)[:, None, :]))
-
-    def _merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
-        if self.mean is None:
-            self.n, self.mean, self.m2 = n, mean, m2
-            return
-        self.n, self.mean, self.m2 = merge_moments((self.n, self.mean, self.m2), (n, mean, m2),
-                                                   lambda delta: self._comoment(delta[:, None, :]))
-
-    @staticmethod
-    def all_reduce_(moments: Sequence["_Moments"]) -> None:
-        """Pool each of ``moments`` (same order on every rank) over ranks, exactly: two collectives."""
-        if not distributed.is_distributed():
-            return
-        parts = [(m.n, m.mean, m.m2) for m in moments]
-        comoments = [lambda d, m=m: m._comoment(d[:, None, :]) for m in moments]
-        for m, (n, mean, m2) in zip(moments, distributed.pool_moments(parts, comoments)):
-            m.n, m.mean, m.m2 = n, mean, m2
+def _projections(mha: nn.MultiheadAttention, wanted: list, seen: dict) -> Any:
+    """Pre-hook storing the packed q/k/v projections (N, T, 3E) of an ``nn.MultiheadAttention``,
+    recomputed from its inputs (the attention function runs them out of reach of hooks)."""
+    def pre(module, args, kwargs):
+        inputs = list(args[:3]) + [kwargs.get(k) for k in ("query", "key", "value")[len(args):]]
+        e, w, b = mha.embed_dim, mha.in_proj_weight, mha.in_proj_bias
+        parts = [F.linear(x, w[i * e:(i + 1) * e], None if b is None else b[i * e:(i + 1) * e])
+                 for i, x in enumerate(inputs)]
+        y = torch.cat(parts, -1)
+        y = y if mha.batch_first or y.dim() != 3 else y.transpose(0, 1)
+        seen.update({k: y for k, side in wanted if side == "proj"})
+        return None
+    return pre
 
 
 class _Cross(_Moments):
@@ -182,12 +186,6 @@ class _Cross(_Moments):
         return out
 
 
-class _PerChannel(_Moments):
-    @staticmethod
-    def _comoment(c: torch.Tensor) -> torch.Tensor:  # (K, n, C) -> (K, K, C)
-        return torch.einsum("knc,lnc->klc", c, c)
-
-
 def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[PermGroup], *,
                         forward_fn: ForwardFn | None = None) -> Alignment:
     """Permutations aligning ``b`` to ``a`` by the correlation of paired units (one pass).
@@ -203,6 +201,7 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
     """
     start = time.perf_counter()
     a, b = distributed.unwrap(a), distributed.unwrap(b)
+    check_same_heads([a, b], ["the reference", "the model to align"])
     probe_lists = {g.name: probes_of(a, g) for g in groups}
     for g in groups:
         if not probe_lists[g.name]:
@@ -220,23 +219,25 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
     for batch in _each_batch(data):
         ya = _capture(a, batch, specs[0], forward_fn)
         yb = _capture(b, batch, specs[1], forward_fn)
+        mask = batch_mask(batch)  # padded tokens are left out
         for name, plist in probe_lists.items():
-            used: set[tuple[int, int]] = set()
+            used: set[tuple] = set()
             for i, p in enumerate(plist):
                 key = (name, i)
                 if key not in ya or key not in yb:
                     raise ValueError(f"layer '{p.module}' did not run in the forward pass: check forward_fn")
-                if (id(ya[key]), id(yb[key])) in used:
+                seen_as = (id(ya[key]), id(yb[key]), p.dim, int(p.index.min()), p.index.numel())
+                if seen_as in used:
                     continue  # two consumers of one tensor: count it once
-                used.add((id(ya[key]), id(yb[key])))
+                used.add(seen_as)
                 if ya[key].dim() == 0 or ya[key].shape[p.dim] <= int(p.index.max()):
                     raise ValueError(f"layer '{p.module}' has {ya[key].shape[p.dim] if ya[key].dim() else 0} "
                                      f"channels on dim {p.dim} of its {p.side}put {list(ya[key].shape)} but group "
                                      f"'{name}' needs {int(p.index.max()) + 1}: use align='weight' for this model")
-                moments.setdefault(key, _Cross()).add_pair(_samples(ya[key], p.dim, p.index),
-                                                           _samples(yb[key], p.dim, p.index))
+                moments.setdefault(key, _Cross()).add_pair(_samples(ya[key], p.dim, p.index, mask),
+                                                           _samples(yb[key], p.dim, p.index, mask))
     _Moments.all_reduce_([moments[k] for k in sorted(moments)])  # pooled over ranks (distributed)
-    perms, dead, assigning = {}, {}, 0.0
+    perms, dead, corrs, assigning = {}, {}, {}, 0.0
     for g in groups:
         corr = None
         dead_any = torch.zeros(g.size, dtype=torch.bool)
@@ -257,10 +258,15 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
             corr = c.mul_(probe.weight) if corr is None else corr.add_(c, alpha=probe.weight)
             if probe.weight == 1.0:
                 dead_any |= (dead_a | dead_b).cpu()
-        started = time.perf_counter()
-        perms[g.name] = assign(corr, g.labels)
-        assigning += time.perf_counter() - started
+        corrs[g.name] = corr
         dead[g.name] = int(dead_any.sum())
+    started = time.perf_counter()
+    for unit in units(groups):
+        if unit[0].head_size is not None:  # attention: heads move as units, alike in q/k and v/out
+            perms.update(zip([g.name for g in unit], assign_heads([corrs[g.name] for g in unit], unit)))
+        else:
+            perms[unit[0].name] = assign(corrs[unit[0].name], unit[0].labels)
+    assigning += time.perf_counter() - started
     return Alignment(perms, "activation", time.perf_counter() - start, dead_units=dead, assign_seconds=assigning)
 
 
@@ -276,86 +282,3 @@ def _each_batch(data: Any) -> Iterator[Any]:
         yield batch
     if empty:
         raise ValueError("the calibration data is empty: pass at least one batch")
-
-
-@dataclass
-class SiteMoments:
-    """Per-channel means ``(K, C)`` and between-model covariances ``(K, K, C)`` at each site."""
-
-    sites: list[Site]
-    count: dict[str, int]
-    mean: dict[str, torch.Tensor]
-    cov: dict[str, torch.Tensor]
-
-    def stats(self, k: int) -> ActivationStats:
-        """The :class:`ActivationStats` of model ``k`` alone."""
-        return self.goal([1.0 if i == k else 0.0 for i in range(next(iter(self.mean.values())).shape[0])])
-
-    def goal(self, weights: Sequence[float]) -> ActivationStats:
-        """Goal statistics of a merge with ``weights``: weighted means and weighted STDs."""
-        w = torch.tensor(list(weights), dtype=torch.float64)
-        out = {}
-        for s in self.sites:
-            std = self.cov[s.fqn].diagonal(dim1=0, dim2=1).T.clamp_min(0).sqrt()  # (K, C)
-            out[s.fqn] = ChannelStats.from_moments(w.to(std.device) @ self.mean[s.fqn], w.to(std.device) @ std,
-                                                   self.count[s.fqn])
-        return ActivationStats(self.sites, out)
-
-    def predicted(self, weights: Sequence[float]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """(mean, std) of each channel of ``sum_k w_k X_k`` (REPAIR eq. 5), per site."""
-        w = torch.tensor(list(weights), dtype=torch.float64)
-        out = {}
-        for s in self.sites:
-            cov, wd = self.cov[s.fqn], w.to(self.cov[s.fqn].device)
-            var = torch.einsum("k,klc,l->c", wd, cov, wd)
-            out[s.fqn] = (wd @ self.mean[s.fqn], var.clamp_min(0).sqrt())
-        return out
-
-
-def site_moments(models: Sequence[nn.Module], data: Any, sites: Sequence[Site], *,
-                 forward_fn: ForwardFn | None = None) -> SiteMoments:
-    """Moments of the paired channels of ``models`` at ``sites``, in one pass over ``data``
-    (pooled exactly over ranks under ``torch.distributed``).
-
-    Each model's site outputs are read by :class:`~prune_repair.engine.sites.taps.SiteTaps`,
-    the taps repair itself uses, so attention projections (``<mha>.in_proj:q``), layers run
-    through ``F.linear`` by a parent (swin_t) and padding masks are handled as in a repair."""
-    models = [distributed.unwrap(m) for m in models]
-    sites = list(sites)
-    for model in models:
-        for s in sites:
-            try:
-                site_owner(model, s)
-            except AttributeError:
-                raise ValueError(f"site '{s.fqn}' is not a layer of every model: merge models of the same "
-                                 "architecture") from None
-    acc: dict[str, _PerChannel] = {s.fqn: _PerChannel() for s in sites}
-    for batch in as_batches(data):
-        captured = [_site_outputs(model, batch, sites, forward_fn) for model in models]
-        for s in sites:
-            if any(s.fqn not in c for c in captured):
-                raise ValueError(f"site '{s.fqn}' never ran in the forward pass: check forward_fn")
-            counts = {c[s.fqn].shape[0] for c in captured}
-            if len(counts) != 1:
-                raise ValueError(f"site '{s.fqn}' gave {sorted(counts)} values per channel in different models: "
-                                 "merge models of the same architecture")
-            acc[s.fqn].add(torch.stack([c[s.fqn] for c in captured]))
-    _Moments.all_reduce_([acc[s.fqn] for s in sites])
-    return SiteMoments(sites, {k: v.n for k, v in acc.items()}, {k: v.mean for k, v in acc.items()},
-                       {k: v.m2 / v.n for k, v in acc.items()})
-
-
-def _site_outputs(model: nn.Module, batch: Any, sites: Sequence[Site],
-                  forward_fn: ForwardFn | None) -> dict[str, torch.Tensor]:
-    """{site fqn: (values, channels) float64} of one batch (padded positions dropped)."""
-    seen: dict[str, list[torch.Tensor]] = {}
-
-    def observe(site: Site, y: torch.Tensor, mask: torch.Tensor | None) -> None:
-        y = y.detach()
-        y = y[mask] if mask is not None else y.movedim(site.channel_dim, -1)
-        seen.setdefault(site.fqn, []).append(y.reshape(-1, site.channels).to(torch.float64))
-
-    with hooked_pass(model, forward_fn=forward_fn) as forward, SiteTaps(model, list(sites), observe).attached(
-            forward) as run:
-        run(batch)
-    return {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in seen.items()}

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..engine.run.forward import ForwardFn, as_batches, default_forward
+from .attention_groups import transformer_groups
 from .groups import HAND_HELP, Axis, GroupError, PermGroup, _check_fit, check_disjoint, groups_from_spec
 from .permute import check_function_preserved
 from .unsupported import check_traceable
@@ -54,8 +55,10 @@ def find_groups(
     """
     batch = as_batches(example_inputs)[0]
     if groups is None:
-        check_traceable(model, batch, forward_fn)  # attention: one clear line in seconds, not a long trace
-        found = _trace_groups(model, batch, forward_fn)
+        found = transformer_groups(model)  # heads as units: read from the blocks, checked below
+        if found is None:
+            check_traceable(model, batch, forward_fn)  # other attention: one clear line in seconds
+            found = _trace_groups(model, batch, forward_fn)
     elif isinstance(groups, Mapping):
         found = groups_from_spec(groups, model.state_dict())
     else:

@@ -65,11 +65,20 @@ class Axis:
 @dataclass(eq=False)
 class PermGroup:
     """Channels permuted together; ``labels`` (optional) restricts a permutation to map
-    each channel onto one with the same label (GroupNorm with several groups)."""
+    each channel onto one with the same label (GroupNorm with several groups).
+
+    Attention heads: ``head_size`` d makes the channels ``heads x d`` units that move as
+    whole heads (channel ``h*d + i`` is dim ``i`` of head ``h``); groups sharing a ``tie``
+    (q/k and v/out of one attention) move their heads the same way; ``inner`` allows a
+    permutation of the d dims inside each head as well (never with rotary embeddings).
+    """
 
     name: str
     axes: list[Axis]
     labels: torch.Tensor | None = field(default=None)
+    head_size: int | None = None
+    tie: str | None = None
+    inner: bool = False
 
     @property
     def size(self) -> int:
@@ -77,7 +86,8 @@ class PermGroup:
 
     def to_dict(self) -> dict[str, Any]:
         labels = None if self.labels is None else self.labels.tolist()
-        return {"name": self.name, "size": self.size, "axes": [a.to_dict() for a in self.axes], "labels": labels}
+        return {"name": self.name, "size": self.size, "axes": [a.to_dict() for a in self.axes], "labels": labels,
+                "head_size": self.head_size, "tie": self.tie, "inner": self.inner}
 
 
 def groups_from_spec(spec: Mapping[str, Sequence[str]], state_dict: Mapping[str, torch.Tensor]) -> list[PermGroup]:

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..engine.run.forward import ForwardFn, first_tensor, hooked_pass
 from .groups import HAND_HELP, Axis, GroupError, PermGroup
+from .heads import check_unit, random_unit, units
 
 Perms = dict[str, torch.Tensor]
 """Group name -> permutation (int64 tensor): new channel ``c`` is old channel ``perm[c]``."""
@@ -59,9 +60,13 @@ def identity_perms(groups: Sequence[PermGroup]) -> Perms:
 
 def random_perms(groups: Sequence[PermGroup], generator: torch.Generator | None = None) -> Perms:
     """A random permutation per group, never the identity when a non-trivial one exists;
-    channels stay within their label (GroupNorm groups)."""
+    channels stay within their label (GroupNorm groups); attention heads move as units."""
     perms = {}
-    for g in groups:
+    for unit in units(groups):
+        if unit[0].head_size is not None:
+            perms.update(random_unit(unit, generator))
+            continue
+        g = unit[0]
         labels = g.labels if g.labels is not None else torch.zeros(g.size, dtype=torch.long)
         perm = torch.arange(g.size)
         for value in labels.unique():
@@ -95,6 +100,9 @@ def _check_perms(groups: Sequence[PermGroup], perms: Mapping[str, torch.Tensor])
             continue
         if p.numel() != g.size or not torch.equal(p.sort().values.cpu(), torch.arange(g.size)):
             raise ValueError(f"the permutation for group '{g.name}' is not a permutation of {g.size} channels")
+    for unit in units(groups):
+        if unit[0].head_size is not None:
+            check_unit(unit, perms)
 
 
 def permute_state_dict(state: Mapping[str, torch.Tensor], groups: Sequence[PermGroup],

@@ -1,9 +1,10 @@
 """Fail fast, naming the layer, on models whose permutation groups cannot be traced yet.
 
-Attention is the case today: ``nn.MultiheadAttention`` (ViT) and layers whose weights a
-parent passes to ``F.linear`` (swin_t's ``ShiftedWindowAttention``). Heads would have to
-be permuted as units, which the automatic groups do not do; tracing swin_t for groups also
-ran for minutes. One traced forward pass (about the cost of one forward) finds them.
+Attention outside the transformers of :mod:`.attention_groups` is the case today:
+``nn.MultiheadAttention`` in other models and layers whose weights a parent passes to
+``F.linear`` (swin_t's ``ShiftedWindowAttention``). Heads must be permuted as units, which
+the traced groups do not do; tracing swin_t for groups also ran for minutes. One traced
+forward pass (about the cost of one forward) finds them.
 
 Example:
     >>> import torch
@@ -26,6 +27,7 @@ from torch import nn
 
 from ..engine.run.forward import ForwardFn
 from ..engine.sites.find import FunctionCall, trace_calls
+from .attention_groups import SUPPORTED
 from .groups import HAND_HELP, GroupError
 
 
@@ -46,5 +48,5 @@ def check_traceable(model: nn.Module, batch: Any, forward_fn: ForwardFn | None =
             where = f"layer '{parent}' ({kind}), which runs '{fqn}' through F.linear,"
         else:
             continue
-        raise GroupError(f"{where} is attention: permutation groups for attention heads are not supported "
-                         f"yet; align='none', or {HAND_HELP}")
+        raise GroupError(f"{where} is attention: head-aware permutation groups are built for {SUPPORTED} "
+                         f"only, not for {type(model).__name__}; align='none', or {HAND_HELP}")

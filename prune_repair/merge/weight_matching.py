@@ -31,6 +31,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from .groups import Axis, PermGroup
+from .attention_groups import check_same_heads
+from .heads import assign_heads, units
 from .permute import Alignment, Perms, _check_perms, identity_perms, permute_state_dict
 
 
@@ -68,6 +70,14 @@ def assign(similarity: torch.Tensor, labels: torch.Tensor | None = None) -> torc
     return q
 
 
+def _similarity(sa: Mapping[str, torch.Tensor], sb: Mapping[str, torch.Tensor], g: PermGroup) -> torch.Tensor:
+    """(channels, channels) inner products of A's and B's channels over every axis of ``g``."""
+    sim = torch.zeros(g.size, g.size, dtype=torch.float64)
+    for axis in g.axes:
+        sim += _rows(sa[axis.key], axis) @ _rows(sb[axis.key], axis).T
+    return sim
+
+
 def _objective(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     return float(sum((a[k] * b[k]).sum() for k in a))
 
@@ -98,6 +108,8 @@ def weight_matching(
     if max_sweeps < 1:
         raise ValueError(f"max_sweeps must be at least 1, got {max_sweeps}")
     start = time.perf_counter()
+    if isinstance(a, nn.Module) and isinstance(b, nn.Module):
+        check_same_heads([a, b], ["the reference", "the model to align"])
     keys = {axis.key for g in groups for axis in g.axes}
     sa, sb = _state(a, keys), _state(b, keys)
     for k in keys:
@@ -109,18 +121,19 @@ def weight_matching(
     current = permute_state_dict(sb, groups, perms)
     generator = torch.Generator().manual_seed(seed)
     objective, sweeps = _objective(sa, current), 0
+    solve = units(groups)  # attention heads: the groups of one attention are solved together
     for sweeps in range(1, max_sweeps + 1):
         changed = False
-        for gi in torch.randperm(len(groups), generator=generator).tolist():
-            g = groups[gi]
-            sim = torch.zeros(g.size, g.size, dtype=torch.float64)
-            for axis in g.axes:
-                sim += _rows(sa[axis.key], axis) @ _rows(current[axis.key], axis).T
-            q = assign(sim, g.labels)
-            if bool((sim[torch.arange(g.size), q].sum() > sim.diagonal().sum()).item()):
+        for ui in torch.randperm(len(solve), generator=generator).tolist():
+            unit = solve[ui]
+            sims = [_similarity(sa, current, g) for g in unit]
+            qs = assign_heads(sims, unit) if unit[0].head_size is not None else [assign(sims[0], unit[0].labels)]
+            gain = sum(float(s[torch.arange(s.shape[0]), q].sum() - s.diagonal().sum()) for s, q in zip(sims, qs))
+            if gain > 0:
                 changed = True
-                perms[g.name] = perms[g.name][q]
-                current = permute_state_dict(current, [g], {g.name: q})
+                for g, q in zip(unit, qs):
+                    perms[g.name] = perms[g.name][q]
+                current = permute_state_dict(current, unit, {g.name: q for g, q in zip(unit, qs)})
         new = _objective(sa, current)
         improvement, objective = new - objective, new
         if not changed or improvement <= rel_tol * abs(new):
