@@ -93,11 +93,13 @@ def bad_inputs(tmp_path, pruned_ckpt):
         ("out=input", [pruned_ckpt, *ref, *data, "--out", pruned_ckpt], "is also an input"),
         ("mode", [pruned_ckpt, *ref, *data, "--repair", "rescue", "--out", out], "Invalid value for '--repair'"),
         ("offload", [pruned_ckpt, *ref, *data, "--offload", tmp_path / "spill", "--out", out],
-         "apply to passes='blockwise' only"),
+         "--offload applies to --passes blockwise only"),
+        ("offload-file", [pruned_ckpt, *ref, *data, "--passes", "blockwise", "--offload", corrupt, "--out", out],
+         "is a file: give a folder"),
     ]
 
 
-@pytest.mark.parametrize("case", range(12))
+@pytest.mark.parametrize("case", range(13))
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, pruned_ckpt):
     name, args, message = bad_inputs(tmp_path, pruned_ckpt)[case]
     before = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}

@@ -220,6 +220,28 @@ def check_passes(passes: str, offload: str | None) -> None:
             raise click.UsageError(f"--offload {offload} is a file: give a folder (it is created if missing) or cpu")
 
 
+def repair_title(mode: str, result: Any, seconds: float) -> str:
+    """``repair (MODE, N sites|layers, S s)``: layers for a pure reconstruction, sites otherwise."""
+    layers = result.to_dict().get("reconstruct", {}).get("layers", [])
+    count, unit = (len(layers), "layers") if mode == "reconstruct" else (len(result.sites), "sites")
+    return f"repair ({mode}, {count} {unit}, {seconds:.2f} s)"
+
+
+def print_repair_notes(result: Any) -> None:
+    """Say on stderr what a correction left out: dead channels, shifts with no bias to hold them."""
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+    dead = result.dead_channels
+    if dead:
+        console.print(f"{sum(len(v) for v in dead.values())} dead channel(s) (zero or non-finite spread) left as "
+                      f"they were, at {len(dead)} site(s) ({some(list(dead))}); the report lists them")
+    dropped = [s.fqn for s in result.sites if s.shift_dropped]
+    if dropped:
+        console.print(f"no bias to hold the shift at {len(dropped)} site(s) ({some(dropped)}): applied the scale "
+                      "only")
+
+
 def damping_option(command: Callable) -> Callable:
     """``--damping`` of the reconstruct modes."""
     return click.option("--damping", default=1e-2, show_default=True, type=click.FloatRange(min=0),

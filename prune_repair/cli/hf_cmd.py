@@ -32,11 +32,14 @@ from ..io.hf import (check_hf_output, hf_settings, is_causal_lm, is_hf_spec, loa
                      save_hf_model)
 from ..io.outputs import check_output_path
 from ..prune.methods import PruneMethod
+from ..prune.obs import ObsOptions
+from .prune_notes import print_prune_notes
 from ..prune.pipeline import prune_and_repair
-from .common import calib_size_for, check_finite_models, console, progress, write_report
+from .common import (calib_size_for, check_finite_models, console, print_repair_notes, progress, repair_title,
+                     write_report)
 
 EVAL_BATCH = 32
-HF_METHODS = (PruneMethod.GLOBAL_MAGNITUDE, PruneMethod.LAYER_MAGNITUDE)
+HF_METHODS = (PruneMethod.GLOBAL_MAGNITUDE, PruneMethod.LAYER_MAGNITUDE, PruneMethod.WANDA, PruneMethod.OBS)
 
 
 def wants_hf(arch: str | None, checkpoints: list[str]) -> bool:
@@ -154,17 +157,18 @@ def _output_checks(out: str, report: str | None, inputs: list[str], force: bool)
 
 
 def prune(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, out, report, force, sparsities,
-          method, mode, skip_first, skip_classifier, layers, include_classifier, damping, **_: Any) -> None:
+          method, mode, skip_first, skip_classifier, layers, include_classifier, damping, config=None,
+          prune_head=False, no_row_floor=False, allocation="global", block_size=128, **_: Any) -> None:
     _check_not_distributed(_)
     arch = resolve_hf_arch(arch, [ckpt], arch_kwargs)
     method = PruneMethod.parse(method, "pruning method")
     if method not in HF_METHODS:
         raise CheckpointError(f"--method {method.value} is not supported for hf models yet: use "
-                              f"{' or '.join(m.value for m in HF_METHODS)}")
+                              f"{', '.join(m.value for m in HF_METHODS)}")
     _output_checks(out, report, [ckpt, arch], force)
     model = load_hf_model(ckpt, arch).to(dev)
     check_finite(model)
-    calib_size = calib_size_for(calib_size, mode)
+    calib_size = calib_size_for(calib_size, "reconstruct" if method.reconstructs else mode)
     d = load_hf_data(model, data, eval_data, calib_size, seed, dev)
     check_hf_fits(model, d)
     with progress():
@@ -173,6 +177,8 @@ def prune(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, ou
             select=list(layers) or None, skip_first=skip_first, skip_classifier=skip_classifier,
             include_classifier=include_classifier, evaluate_fn=lambda m, _x, _y: {"acc": math.nan, **d.evaluate(m)},
             reconstruct_options={"damping": damping} if RepairMode.parse(mode, "correction").reconstructs else None,
+            obs=ObsOptions(allocation=allocation, damping=damping, block_size=block_size), sparsity_config=config,
+            prune_head=prune_head, floor=not no_row_floor,
         )
     save_hf_model(run.model, out, force=force)
     rep = run.to_report()
@@ -184,9 +190,11 @@ def prune(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, ou
                 row[f"ppl_{stage}"] = _exp(row[f"loss_{stage}"])
     settings = {"arch": arch, "task": d.task, "metric": d.metric, "calib_size": calib_size, "seed": seed,
                 "eval_data": d.eval_name, "skip_first": skip_first, "skip_classifier": skip_classifier,
-                "include_classifier": include_classifier, "layers": list(layers) or None, "out_format": "hf"}
+                "include_classifier": include_classifier, "layers": list(layers) or None, "out_format": "hf",
+                "sparsity_config": config, "prune_head": prune_head, "row_floor": not no_row_floor}
     write_report(report, {**rep, **settings, "fisher": None})
     console.print(_prune_table(run, d, out))
+    print_prune_notes(run)
 
 
 def _exp(loss: float) -> float:
@@ -202,7 +210,8 @@ def _prune_table(run, d: HFData, out: str) -> Table:
         table.add_column(name, justify="right", no_wrap=True)
     fmt = (lambda loss, acc: f"{_exp(loss):.3f}") if lm else (lambda loss, acc: f"{100 * acc:.2f}%")
     for r in run.rows:
-        table.add_row(f"{r.sparsity:g}", f"{100 * r.achieved_sparsity:.2f}%", fmt(run.dense["loss"], run.dense["acc"]),
+        asked = r.pattern if r.pattern != "unstructured" else f"{r.sparsity:g}"
+        table.add_row(asked, f"{100 * r.achieved_sparsity:.2f}%", fmt(run.dense["loss"], run.dense["acc"]),
                       fmt(r.loss_pruned, r.acc_pruned), fmt(r.loss_repaired, r.acc_repaired),
                       f"{r.seconds['prune']:.2f}", f"{r.seconds['repair']:.2f}")
     return table
@@ -242,7 +251,7 @@ def repair(*, pruned, reference, arch, arch_kwargs, data, eval_data, calib_size,
                           "seed": seed, "eval_data": d.eval_name, "arch": arch, "task": d.task, "metric": d.metric,
                           "out_format": "hf"})
     lm = d.task == "lm"
-    table = Table(title=f"repair ({mode}, {len(result.sites)} sites, {seconds:.2f} s)",
+    table = Table(title=repair_title(mode, result, seconds),
                   caption=f"evaluated on {d.eval_name} ({d.eval_count} sequences); written to {out}")
     table.add_column("model")
     table.add_column("perplexity" if lm else "accuracy", justify="right")
@@ -251,6 +260,4 @@ def repair(*, pruned, reference, arch, arch_kwargs, data, eval_data, calib_size,
         m = metrics[key]
         table.add_row(name, f"{m['ppl']:.3f}" if lm else f"{100 * m['acc']:.2f}%", f"{m['loss']:.4f}")
     console.print(table)
-    dropped = [s.fqn for s in result.sites if s.shift_dropped]
-    if dropped:
-        console.print(f"no bias to hold the shift at {len(dropped)} site(s) (e.g. {dropped[0]}): applied the scale only")
+    print_repair_notes(result)

@@ -20,6 +20,8 @@ from .common import (
     calib_size_for,
     damping_option,
     passes_option,
+    print_repair_notes,
+    repair_title,
     check_fits,
     check_outputs,
     common_options,
@@ -101,17 +103,11 @@ def repair_command(pruned, reference, arch, arch_kwargs, data, eval_data, calib_
                           "calib_size": calib_size, "seed": seed, "eval_data": d.eval_name, "goal_stats": goal_info,
                           **d.settings})
     out_console.print(metrics_table(
-        f"repair ({mode}, {len(details.get('reconstruct', {}).get('layers', [])) or len(result.sites)} "
-        f"{'layers' if reconstructs and mode == 'reconstruct' else 'sites'}, {seconds:.2f} s)",
+        repair_title(mode, result, seconds),
         [("reference", metrics["reference"]), ("before repair", metrics["before"]), ("after repair", metrics["after"])],
         caption=f"evaluated on {d.eval_name} ({len(d.eval_y)} samples); written to {out}",
     ))
     written({"checkpoint": out, "report": report})
-    dead = sum(len(v) for v in result.dead_channels.values())
-    if dead:
-        console.print(f"{dead} dead channel(s) left as they were: {result.dead_channels}")
-    dropped = [s.fqn for s in result.sites if s.shift_dropped]
-    if dropped:
-        console.print(f"no bias to hold the shift at {', '.join(dropped)}: applied the scale only")
+    print_repair_notes(result)
     if goal_stats and goal_note([s.mode for s in result.sites]):
         console.print(goal_note([s.mode for s in result.sites]))
