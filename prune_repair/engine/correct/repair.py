@@ -23,28 +23,27 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..run import distributed
-from ..run.forward import ForwardFn, as_batches, batch_size_of, hooked_pass
 from ..checks import check_finite
-from ..sites.fold import Correction, fold_correction_
-from .blockwise_repair import blockwise_repair_pass
-from ..run.lockstep import Passes
-from .lockstep_repair import lockstep_repair_pass
-from .modes import RepairMode, Variant
 from ..refit.reconstruct import reconstruct_
-from .report import RepairReport, SiteReport
-from .site_plan import SitePlan, make_plans, plan_hooks
+from ..run import distributed
+from ..run.forward import ForwardFn, as_batches, batch_size_of
+from ..run.lockstep import Passes
+from ..run.pipeline import PassLog, calibrate
+from ..sites.fold import Correction, fold_correction_
 from ..stats.activation import ActivationStats, collect_stats
-from ..sites.taps import SiteTaps
+from .modes import RepairMode, Variant
+from .report import RepairReport, SiteReport
+from .site_plan import SitePlan, SiteSteps, make_plans
 
 __all__ = ["RepairReport", "SiteReport", "check_finite", "repair_"]
+
 
 def repair_(
     model: nn.Module,
@@ -59,6 +58,7 @@ def repair_(
     passes: Passes | str = Passes.LOCKSTEP,
     blocks: Sequence[str] | None = None,
     offload: str | Path | None = None,
+    progress: bool | Callable[[int, int], None] | None = None,
     **reconstruct_options: Any,
 ) -> RepairReport:
     """Correct ``model`` in place so its site statistics match ``reference``, and fold.
@@ -84,8 +84,8 @@ def repair_(
             ``per-site`` makes one prefix pass per site over the data (one batch in memory at a
             time, about ``sites / 2`` times the forwards); use it when memory is short, or for a
             model whose batches take data-dependent paths (lockstep then says so). ``blockwise``
-            runs the model one block at a time over all batches (:mod:`~prune_repair.engine.
-            blockwise_repair`), keeping only the current block's inputs: for models whose
+            runs the model one block at a time over all batches (:mod:`~prune_repair.engine.run.
+            strategies`), keeping only the current block's inputs: for models whose
             activations do not fit at once, at about ``1 + sites per block / 2`` forwards.
         blocks: with ``passes="blockwise"``, the blocks' module names in call order (by default
             the longest chain of ``nn.Sequential`` / ``nn.ModuleList`` children is found).
@@ -93,8 +93,9 @@ def repair_(
             when the model is on a GPU) or a folder (files, removed afterwards).
         reconstruct_options: for the ``reconstruct`` modes, keywords of
             :func:`~prune_repair.engine.refit.reconstruct.reconstruct_` (``damping``, ``select``,
-            ``kept``, ``max_gram_bytes``, ``progress``); its report is under
-            ``report.extra["reconstruct"]``.
+            ``kept``, ``max_gram_bytes``); its report is under ``report.extra["reconstruct"]``.
+        progress: ``True`` shows the sites as they are decided (stderr), a callable gets
+            ``(done, total)``; silent by default (:mod:`~prune_repair.engine.run.progress`).
 
     Returns:
         a :class:`RepairReport` (``passes``: passes over the calibration data, each running
@@ -117,6 +118,27 @@ def repair_(
     if mode is not None:
         warnings.warn("repair_(mode=...) is renamed repair_(repair=...)", DeprecationWarning, stacklevel=2)
         repair = mode
+    mode, variant, passes = _parse(repair, variant, passes, blocks, offload)
+    where = {"passes": passes, "blocks": blocks, "offload": offload, "progress": progress}
+    if mode.reconstructs:
+        return _reconstruct_then_repair_(model, reference, data, mode, variant, forward_fn, add_bias,
+                                         {**reconstruct_options, **where})
+    if reconstruct_options:
+        raise TypeError(f"repair_() got {', '.join(sorted(reconstruct_options))}, which only the reconstruct modes take")
+    goal = _goal(reference, data, forward_fn, variant)
+    model = distributed.unwrap(model)
+    _check_samples(data)
+    check_finite(model)
+    plans, skipped = ([], []) if mode is RepairMode.NONE else make_plans(model, goal, mode, add_bias)
+    if mode is RepairMode.RESET and not plans:
+        raise ValueError("reset recomputes BatchNorm statistics, but no site of this model is followed by a "
+                         "BatchNorm: use repair='repair' (or 'auto')")
+    log = _run_plans_(model, plans, data, variant is Variant.ALL_AT_ONCE, forward_fn, where) if plans else PassLog([0])
+    return _report_folded_(model, goal, mode, variant, plans, skipped, log, passes, time.perf_counter() - start)
+
+
+def _parse(repair: RepairMode | str, variant: Variant | str, passes: Passes | str, blocks: Sequence[str] | None,
+           offload: str | Path | None) -> tuple[RepairMode, Variant, Passes]:
     mode, variant = RepairMode.parse(repair, "correction"), Variant.parse(variant, "variant")
     passes = Passes.parse(passes, "passes")
     if (blocks is not None or offload is not None) and passes is not Passes.BLOCKWISE:
@@ -124,93 +146,63 @@ def repair_(
     if passes is not Passes.LOCKSTEP and variant is not Variant.EXACT:
         raise ValueError(f"passes='{passes.value}' chooses how the exact variant goes over several batches; the "
                          f"'{variant.value}' variant makes one pass anyway: leave passes at its default")
-    if mode.reconstructs:
-        return _reconstruct_then_repair_(model, reference, data, mode, variant, forward_fn, add_bias,
-                                         {**reconstruct_options, "passes": passes, "blocks": blocks,
-                                          "offload": offload})
-    if reconstruct_options:
-        raise TypeError(f"repair_() got {', '.join(sorted(reconstruct_options))}, which only the reconstruct modes take")
-    if isinstance(reference, nn.Module):
-        reference = collect_stats(reference, data, forward_fn=forward_fn)
     if variant is Variant.CLOSED_FORM:
         raise ValueError("the closed-form variant predicts merged statistics from the endpoints: "
                          "it applies to merging only (prepare_merge(...).merged(variant='closed-form'))")
+    return mode, variant, passes
+
+
+def _goal(reference: ActivationStats | nn.Module, data: Any, forward_fn: ForwardFn | None,
+          variant: Variant) -> ActivationStats:
+    """The goal statistics: given, or measured on the reference model."""
+    if isinstance(reference, nn.Module):
+        reference = collect_stats(reference, data, forward_fn=forward_fn)
     if not reference.sites:
         raise ValueError("the reference statistics hold no sites, so there is nothing to correct: "
                          "the model has no conv/linear output that a correction can be folded into")
-    model = distributed.unwrap(model)
-    batches = as_batches(data)
-    samples, several = float(sum(batch_size_of(b) for b in batches)), float(len(batches) > 1)
-    if distributed.is_distributed():  # every rank must take the same path
-        samples, several = distributed.all_reduce_sum_(torch.tensor([samples, several], dtype=torch.float64)).tolist()
-    if samples < 2:
+    return reference
+
+
+def _check_samples(data: Any) -> None:
+    samples = torch.tensor([float(sum(batch_size_of(b) for b in as_batches(data)))], dtype=torch.float64)
+    if float(distributed.all_reduce_sum_(samples)[0]) < 2:
         raise ValueError("calibration needs at least 2 samples to measure a spread: pass a larger batch")
-    check_finite(model)
-    plans, skipped = ([], []) if mode is RepairMode.NONE else make_plans(model, reference, mode, add_bias)
-    if mode is RepairMode.RESET and not plans:
-        raise ValueError("reset recomputes BatchNorm statistics, but no site of this model is followed by a "
-                         "BatchNorm: use repair='repair' (or 'auto')")
+
+
+def _run_plans_(model: nn.Module, plans: list[SitePlan], data: Any, all_at_once: bool, forward_fn: ForwardFn | None,
+                where: dict[str, Any]) -> PassLog:
+    """Measure and decide every plan on the pipeline; BatchNorm statistics restored if it fails."""
     saved = {id(p): (p.module.running_mean.clone(), p.module.running_var.clone())
              for p in plans if p.is_reset and p.module.running_mean is not None}
-    made, blockwise = 0, None
-
-    def run(measuring: set, inline: bool, applying: set, stop_after: SitePlan | None = None) -> None:
-        nonlocal made
-        pre, sites, observe, correction = plan_hooks(plans, measuring, inline, applying, stop_after)
-        with (hooked_pass(model, pre_hooks=pre, forward_fn=forward_fn) as forward,
-              SiteTaps(model, sites, observe, correction).attached(forward) as tapped):
-            for batch in batches:
-                tapped(batch)
-        made += 1
-
     try:
-        if plans and variant is Variant.EXACT and not several:
-            run(set(plans), inline=True, applying=set())
-            for plan in plans:
-                if plan.acc is None:
-                    plan.finalize()
-        elif plans and variant is Variant.EXACT and passes is Passes.BLOCKWISE:
-            blockwise = blockwise_repair_pass(model, plans, batches, forward_fn, blocks=blocks, offload=offload,
-                                              inline=not several)
-            made = blockwise["max_passes"]
-            for plan in plans:
-                if plan.acc is None and not several:
-                    plan.finalize()
-        elif plans and variant is Variant.EXACT and passes is Passes.LOCKSTEP:
-            lockstep_repair_pass(model, plans, batches, forward_fn)  # one pass: every batch once, in step
-            made = 1
-            for plan in plans:
-                if plan.acc is None:
-                    plan.finalize()
-        elif variant is Variant.EXACT:
-            for k, plan in enumerate(plans):
-                run({plan}, inline=False, applying={p for p in plans[:k] if p.affine is not None}, stop_after=plan)
-                plan.finalize()
-        elif plans:
-            run(set(plans), inline=False, applying=set())
-            for plan in plans:
-                plan.finalize()
+        return calibrate(model, data, SiteSteps(model, plans), all_at_once=all_at_once, forward_fn=forward_fn,
+                         **where)
     except BaseException:
-        for plan in plans:
-            if id(plan) in saved:
-                with torch.no_grad():
+        with torch.no_grad():
+            for plan in plans:
+                if id(plan) in saved:
                     plan.module.running_mean.copy_(saved[id(plan)][0])
                     plan.module.running_var.copy_(saved[id(plan)][1])
         raise
 
+
+def _report_folded_(model: nn.Module, goal: ActivationStats, mode: RepairMode, variant: Variant,
+                    plans: list[SitePlan], skipped: list[SiteReport], log: PassLog, passes: Passes,
+                    seconds: float) -> RepairReport:
+    """Fold every decided affine into the weights; the report (a warning names the skipped sites)."""
     corrections = {}
     for plan in plans:
         if plan.affine is not None:
             corrections[plan.site.fqn] = Correction(plan.affine.scale, plan.affine.shift)
             fold_correction_(model, plan.site, corrections[plan.site.fqn])
-    order = {site.fqn: i for i, site in enumerate(reference.sites)}
+    order = {site.fqn: i for i, site in enumerate(goal.sites)}
     reports = sorted([p.report for p in plans] + skipped, key=lambda r: order[r.fqn])
-    report = RepairReport(mode.value, variant.value, made, time.perf_counter() - start, reports, corrections)
-    if blockwise is not None:
-        report.extra["blockwise"] = blockwise
+    report = RepairReport(mode.value, variant.value, log.max_passes, seconds, reports, corrections)
+    if passes is Passes.BLOCKWISE and plans:
+        report.extra["blockwise"] = log.blockwise()
     if report.skipped:
         listed = ", ".join(f"'{fqn}' ({why})" for fqn, why in report.skipped.items())
-        warnings.warn(f"{len(report.skipped)} of {len(reports)} sites were not corrected: {listed}", stacklevel=2)
+        warnings.warn(f"{len(report.skipped)} of {len(reports)} sites were not corrected: {listed}", stacklevel=3)
     return report
 
 
@@ -227,7 +219,8 @@ def _reconstruct_then_repair_(model: nn.Module, reference: Any, data: Any, mode:
     else:
         report = repair_(model, collect_stats(reference, data, forward_fn=forward_fn), data,
                          repair=RepairMode.AUTO, variant=variant, forward_fn=forward_fn, add_bias=add_bias,
-                         passes=options["passes"], blocks=options["blocks"], offload=options["offload"])
+                         passes=options["passes"], blocks=options["blocks"], offload=options["offload"],
+                         progress=options["progress"])
         report.mode = mode.value
     report.extra["reconstruct"] = rebuilt.to_dict()
     report.seconds = time.perf_counter() - start

@@ -1,19 +1,42 @@
 """One site's part in a repair: what is measured there, the correction it gets, and the hooks
-that measure and correct it during a pass (used by :func:`~prune_repair.engine.correct.repair.repair_`)."""
+that measure and correct it during a pass of the calibration pipeline
+(:mod:`~prune_repair.engine.run.pipeline`; used by :func:`~prune_repair.engine.correct.repair.repair_`).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from ..run.pipeline import calibrate
+    >>> from ..stats.activation import collect_stats
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    >>> x = torch.randn(40, 4, dtype=torch.float64)
+    >>> goal = collect_stats(model, x)
+    >>> with torch.no_grad():
+    ...     _ = model[0].weight.mul_(3.0)
+    >>> plans, _ = make_plans(model, goal, RepairMode.REPAIR, add_bias=False)
+    >>> calibrate(model, [x[:15], x[15:]], SiteSteps(model, plans), passes="per-site").passes
+    [2]
+    >>> [p.affine is not None for p in plans]
+    [True, True]
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..run import distributed
-from ..run.forward import StopForward
+from ..run.pipeline import Arrive, Context
 from ..producers import out_channels as producer_out_channels, site_owner
 from ..sites.fold import can_shift
 from .modes import ChannelAffine, RepairMode, channel_affine, site_mode
 from ..sites.find import Site
+from ..sites.taps import SiteTaps
 from .report import SiteReport
 from ..stats.activation import ActivationStats, ChannelStats
 
@@ -25,6 +48,7 @@ class SitePlan:
 
     def __init__(self, model: nn.Module, site: Site, mode: RepairMode, goal: ChannelStats):
         self.site, self.mode, self.goal = site, mode, goal
+        self.name, self.where = site.fqn, ""  # where: the module's name (set by make_plans)
         self.module = site_owner(model, site)[0]
         self.shift_ok = can_shift(model, site)
         self.acc: ChannelStats | None = None
@@ -47,10 +71,14 @@ class SitePlan:
         self.acc = s if self.acc is None else self.acc.merge(s)
         self.rel_tol = 4 * torch.finfo(y.dtype).eps if y.dtype.is_floating_point else 1e-12
 
-    def finalize(self) -> None:
-        if distributed.is_distributed():  # pool the ranks' statistics before deciding (2 collectives)
-            pooled = distributed.all_reduce_channel_stats({"s": self.acc}, {"s": self.site.channels}, ChannelStats)
-            self.acc = pooled["s"]
+    def pool(self) -> None:
+        """Pool the ranks' statistics (two collectives), before :meth:`decide`."""
+        pooled = distributed.all_reduce_channel_stats({"s": self.acc}, {"s": self.site.channels}, ChannelStats)
+        self.acc = pooled["s"]
+
+    def decide(self) -> None:
+        """The correction from the statistics measured (BatchNorm statistics reset at once);
+        a site nothing reached is reported as skipped."""
         acc = self.acc
         if acc is None:  # the site never ran: nothing measured, nothing to correct
             self.report.mode, self.report.skipped = "skipped", NEVER_RAN
@@ -114,41 +142,51 @@ def make_plans(model: nn.Module, reference: ActivationStats, mode: RepairMode, a
             weight = producer.weight
             producer.bias = nn.Parameter(torch.zeros(out, dtype=weight.dtype, device=weight.device))
         plans.append(SitePlan(model, site, m, reference[site.fqn]))
+    names = {module: name for name, module in model.named_modules()}
+    for plan in plans:
+        plan.where = names.get(plan.module, "")
     return plans, skipped
 
 
-def plan_hooks(plans: list[SitePlan], measuring: set, inline: bool, applying: set, stop_after: SitePlan | None):
-    """Pre-hooks (reset sites) and site taps (affine sites) for one kind of pass:
-    ``(pre_hooks, sites, observe, correction)``, see :class:`~prune_repair.engine.sites.taps.SiteTaps`."""
-    pre_hooks, by_site = {}, {}
-    for plan in plans:
-        if plan.is_reset:
+class SiteSteps:
+    """The plans as steps of the calibration pipeline: a reset plan observes its BatchNorm's input
+    (a pre-hook), the others their site's output (:class:`~prune_repair.engine.sites.taps.SiteTaps`),
+    which carries the plan's correction once it is decided."""
 
-            def pre(module, inputs, plan=plan):
-                if plan in measuring:
-                    plan.measure(inputs[0])
-                    if inline:
-                        plan.finalize()
-                if plan is stop_after:
-                    raise StopForward
+    what, point = "repair", "site"
 
-            pre_hooks[plan.module] = pre
-        else:
-            by_site[plan.site.fqn] = plan
+    def __init__(self, model: nn.Module, plans: Sequence[SitePlan]):
+        self.model, self.steps = model, list(plans)
 
-    def observe(site: Site, y: torch.Tensor, mask: torch.Tensor | None) -> None:
-        plan = by_site[site.fqn]
-        if plan in measuring:
-            plan.measure(y, mask)
-            if inline:
-                plan.finalize()
-        if plan is stop_after:
-            raise StopForward
+    @contextlib.contextmanager
+    def attach(self, forward: Callable[[Any], Any], active: Sequence[int], arrive: Arrive,
+               context: Context) -> Iterator[Callable[[Any], Any]]:
+        by_site, handles = {}, []
 
-    def correction(site: Site) -> tuple[torch.Tensor, torch.Tensor] | None:
-        plan = by_site[site.fqn]
-        if plan.affine is not None and (plan in applying or (inline and plan in measuring)):
-            return plan.affine.scale, plan.affine.shift
-        return None
+        def pre_hook(k: int) -> Callable:
+            plan = self.steps[k]
 
-    return pre_hooks, [p.site for p in by_site.values()], observe, correction
+            def hook(module: nn.Module, args: tuple) -> None:
+                arrive(k, lambda: plan.measure(args[0]))
+            return hook
+
+        def observe(site: Site, y: torch.Tensor, mask: torch.Tensor | None) -> None:
+            k = by_site[site.fqn]
+            arrive(k, lambda: self.steps[k].measure(y, mask))
+
+        def correction(site: Site) -> tuple[torch.Tensor, torch.Tensor] | None:
+            affine = self.steps[by_site[site.fqn]].affine
+            return None if affine is None else (affine.scale, affine.shift)
+
+        try:
+            for k in active:
+                if self.steps[k].is_reset:
+                    handles.append(self.steps[k].module.register_forward_pre_hook(pre_hook(k)))
+                else:
+                    by_site[self.steps[k].site.fqn] = k
+            sites = [self.steps[k].site for k in by_site.values()]
+            with SiteTaps(self.model, sites, observe, correction).attached(forward) as run:
+                yield run
+        finally:
+            for handle in handles:
+                handle.remove()

@@ -81,6 +81,14 @@ def batch_size_of(batch: Any) -> int:
     return 0
 
 
+def batch_mask(batch: Any) -> torch.Tensor | None:
+    """The ``attention_mask`` of a dict batch as bool (True = a real token), else None."""
+    if isinstance(batch, dict) and isinstance(batch.get("attention_mask"), torch.Tensor):
+        mask = batch["attention_mask"]
+        return mask.bool() if mask.dim() == 2 else None
+    return None
+
+
 def head(batch: Any, n: int) -> Any:
     """The first ``n`` samples of a batch (tensors sliced on dim 0; other values kept)."""
     size = batch_size_of(batch)

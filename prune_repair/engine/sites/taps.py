@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..run.forward import first_tensor
+from ..run.forward import batch_mask, first_tensor
 from ..producers import PARTS, split_part
 from .find import Site
 
@@ -59,14 +59,6 @@ def scale_shift(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, chann
     view = [1] * y.dim()
     view[channel_dim] = -1
     return torch.addcmul(shift.to(y.dtype).view(view), y, scale.to(y.dtype).view(view))
-
-
-def batch_mask(batch: Any) -> torch.Tensor | None:
-    """The ``attention_mask`` of a dict batch as bool (True = a real token), else None."""
-    if isinstance(batch, dict) and isinstance(batch.get("attention_mask"), torch.Tensor):
-        mask = batch["attention_mask"]
-        return mask.bool() if mask.dim() == 2 else None
-    return None
 
 
 class _LinearCalls(TorchFunctionMode):

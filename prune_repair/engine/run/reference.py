@@ -1,0 +1,134 @@
+"""A reference model run beside the calibrated one: its outputs at named modules, per batch.
+
+A layer-by-layer refit compares the operated model's layer with the same layer of the
+reference on the same batch. :class:`ReferenceOutputs` hands out those outputs on demand,
+``outputs(batch_index, i)`` for the ``i``-th name, in two ways:
+
+- :meth:`ReferenceOutputs.streaming`: the reference runs ONCE per batch, in a thread that
+  pauses at each named module until its output is asked for
+  (:class:`~prune_repair.engine.run.lockstep.Stream`): one output alive at a time, nothing
+  re-run (one inline pass, or batches in lockstep);
+- otherwise a prefix pass of the reference caches the outputs of upcoming modules up to a
+  memory budget; a further pass refills the cache only when the budget was reached (one
+  prefix pass per step, one batch at a time).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> reference = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> x = torch.randn(5, 3)
+    >>> outputs = ReferenceOutputs(reference, [x], ["0", "2"])
+    >>> with torch.no_grad():
+    ...     torch.equal(outputs(0, 1), reference(x))
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .forward import ForwardFn, StopForward, first_tensor, hooked_pass
+from .lockstep import Stream
+
+Keep = Callable[[str, nn.Module, torch.Tensor], torch.Tensor]
+"""``keep(name, module, output)``: the part of a module's output to hand out (a copy)."""
+
+
+def copy_output(name: str, module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """The whole output, copied (a later in-place op, e.g. ``ReLU(inplace=True)``, must not change it)."""
+    return y.clone()
+
+
+class ReferenceOutputs:
+    """Outputs of the reference model's modules named ``names``, per batch (see the module doc).
+
+    ``keep`` chooses what is kept of each output (default: a copy of all of it);
+    ``max_bytes`` bounds what the cached (not streamed) mode holds ahead.
+    """
+
+    def __init__(self, reference: nn.Module, batches: Sequence[Any], names: Sequence[str], *,
+                 keep: Keep = copy_output, forward_fn: ForwardFn | None = None, max_bytes: int = 2**30):
+        self.reference, self.batches, self.names = reference, list(batches), list(names)
+        self.keep, self.forward_fn = keep, forward_fn
+        self.per_batch = max(1, max_bytes // max(1, len(self.batches)))
+        self.cache: dict[tuple[int, int], torch.Tensor] = {}
+        self.passes = 0
+        self._streams: dict[int, Stream] | None = None
+        self._produce: Callable[[int], Callable] | None = None
+
+    def __call__(self, b: int, i: int) -> torch.Tensor:
+        for key in [k for k in self.cache if k[0] == b and k[1] < i]:
+            del self.cache[key]  # modules already done
+        if self._streams is not None:
+            self._pull(b, i)
+        elif (b, i) not in self.cache:
+            self._fill(b, i)
+        return self.cache.pop((b, i))
+
+    def _hooks(self, names: Sequence[str], on_output: Callable[[int, torch.Tensor], None]) -> dict:
+        modules, index = dict(self.reference.named_modules()), {n: j for j, n in enumerate(self.names)}
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"the reference has no module '{missing[0]}': pass a reference of the same architecture")
+
+        def hook(module: nn.Module, output: Any, name: str) -> None:
+            on_output(index[name], self.keep(name, module, first_tensor(output)))
+
+        return {modules[n]: (lambda m, a, o, n=n: hook(m, o, n)) for n in names}
+
+    @contextlib.contextmanager
+    def streaming(self) -> Iterator["ReferenceOutputs"]:
+        """Within the block, each batch's reference forward runs once, paused at every named
+        module until its output is asked for; the paused forwards are stopped on exit."""
+        local = threading.local()
+        hooks = self._hooks(self.names, lambda j, y: local.emit((j, y)))
+        with hooked_pass(self.reference, forward_hooks=hooks, forward_fn=self.forward_fn) as run:
+
+            def produce(b: int) -> Callable:
+                def forward(emit: Callable[[Any], None]) -> None:
+                    local.emit = emit
+                    run(self.batches[b])
+                return forward
+
+            self._streams, self._produce = {}, produce
+            try:
+                yield self
+            finally:
+                streams, self._streams, self._produce = self._streams, None, None
+                for stream in streams.values():
+                    stream.close()
+
+    def _pull(self, b: int, i: int) -> None:
+        while (b, i) not in self.cache:
+            if b not in self._streams:
+                self._streams[b] = Stream(self._produce(b))
+                self.passes += 1
+            more, item = self._streams[b].next()
+            if not more:
+                raise ValueError(f"layer '{self.names[i]}' of the reference did not run on the calibration data")
+            j, y = item
+            if j >= i:  # an earlier module the model has passed is not needed any more
+                self.cache[(b, j)] = y
+
+    def _fill(self, b: int, i: int) -> None:
+        used = 0
+
+        def keep(j: int, y: torch.Tensor) -> None:
+            nonlocal used
+            self.cache[(b, j)] = y
+            used += y.numel() * y.element_size()
+            if used >= self.per_batch and j >= i or j == len(self.names) - 1:
+                raise StopForward
+
+        with hooked_pass(self.reference, forward_hooks=self._hooks(self.names[i:], keep),
+                         forward_fn=self.forward_fn) as run:
+            run(self.batches[b])
+        self.passes += 1
+        if (b, i) not in self.cache:
+            raise ValueError(f"layer '{self.names[i]}' of the reference did not run on the calibration data")
