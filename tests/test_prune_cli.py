@@ -33,7 +33,7 @@ def test_several_sparsities_report_and_output(tmp_path):
     assert set(data["dense"]) == {"acc", "loss"}
     assert [r["sparsity"] for r in data["results"]] == [0.5, 0.9, 0.95]
     for row in data["results"]:
-        assert ROW_KEYS <= set(row) <= ROW_KEYS | {"sites", "reconstruct"}
+        assert ROW_KEYS <= set(row) <= ROW_KEYS | {"sites", "reconstruct", "layers", "pattern"}
         assert {"fqn", "mode", "channels"} <= set(row["sites"][0])
         assert set(row["seconds"]) == {"prune", "repair"}
         assert abs(row["achieved_sparsity"] - row["sparsity"]) < 1e-4

@@ -23,7 +23,7 @@ def test_global_magnitude_exact_sparsity_and_threshold(sparsity):
     torch.manual_seed(0)
     model = PlainCNN(channels=(4, 8))
     before = {t.fqn: t.weight.detach().abs().clone() for t in find_targets(model)}
-    report = prune_(model, sparsity, "global-magnitude")
+    report = prune_(model, sparsity, "global-magnitude", floor=False)  # the plain threshold (no row floor)
     assert report.zeros == round(sparsity * report.prunable)
     assert report.achieved_sparsity == report.zeros / report.prunable
     if 0 < sparsity:

@@ -15,6 +15,8 @@ from ..engine.checks import check_finite
 from ..engine.run.distributed import shard
 from .main import main
 from . import hf_cmd
+from .prune_notes import print_prune_notes
+from ..prune.sparsity_config import load_sparsity_config
 from .goal_option import goal_inputs, goal_note, goal_stats_option, load_goal
 from .common import (
     calib_size_for,
@@ -38,7 +40,15 @@ from .common import (
 @click.argument("ckpt")
 @common_options
 @click.option("--sparsity", "sparsity", required=True, help="fraction of conv/linear weights to zero, in [0, 1); "
-              "several as 0.5,0.8,0.9 (--out gets the last).")
+              "several as 0.5,0.8,0.9 (--out gets the last); or one N:M pattern such as 2:4 (N of every M inputs of "
+              "each output row stay).")
+@click.option("--sparsity-config", "sparsity_config", default=None,
+              help="JSON or YAML file of layer FQN or re:PATTERN -> sparsity; the layers it names get their own "
+                   "sparsity, the others --sparsity.")
+@click.option("--prune-head", is_flag=True, help="also prune a language model's output head (lm_head; dense by "
+              "default).")
+@click.option("--no-row-floor", "no_row_floor", is_flag=True, help="global thresholds may empty output rows and "
+              "layers (by default every output row keeps its best weight).")
 @click.option("--method", default=PruneMethod.GLOBAL_MAGNITUDE.value, show_default=True,
               type=click.Choice(PruneMethod.choices()), help=f"how weights are scored. {PruneMethod.describe()}.")
 @click.option("--repair", "mode", default="auto", show_default=True, type=click.Choice(RepairMode.choices()),
@@ -68,6 +78,7 @@ from .common import (
 def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, device, out, report, force, sparsity,
                   method, mode, skip_first, skip_classifier, layers, include_classifier, fisher_samples,
                   fisher_batch, damp, block_size, obs_update, max_memory_gb, allocation, damping,
+                  sparsity_config=None, prune_head=False, no_row_floor=False,
                   goal_stats=None, preprocess=None, batch_size=None, eval_size=None, workers=None) -> None:
     """Prune CKPT (a path or zoo:NAME) at each --sparsity, repair toward its statistics, evaluate.
 
@@ -76,8 +87,10 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
       prune-repair prune zoo:mnist-cnn --data mnist --sparsity 0.9 --out pruned.pt
       prune-repair prune zoo:mnist-mlp --data mnist --sparsity 0.5,0.8,0.9,0.95 \\
           --method woodfisher --report report.json --out pruned.pt
+      prune-repair prune zoo:mnist-cnn --data mnist --sparsity 2:4 --method wanda --out pruned.pt
     """
     sparsities = parse_sparsities(sparsity)
+    config = load_sparsity_config(sparsity_config) if sparsity_config else None
     if hf_cmd.wants_hf(arch, [ckpt]):  # --arch hf:DIR: HF directories, dict batches, perplexity
         return hf_cmd.prune(**locals(), dev=resolve_device(device))
     check_outputs(out, report, [ckpt, *goal_inputs(goal_stats)], force)
@@ -108,12 +121,14 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             obs=ObsOptions(allocation=allocation, damping=damping, block_size=block_size),
             reconstruct_options={"damping": damping} if RepairMode.parse(mode, "correction").reconstructs else None,
-            goal=goal, calib_batch_size=batch_size,
+            goal=goal, calib_batch_size=batch_size, sparsity_config=config, prune_head=prune_head,
+            floor=not no_row_floor,
         )
     save_state_dict(run.model, out)
     settings = {"calib_size": calib_size, "seed": seed, "eval_data": d.eval_name, "skip_first": skip_first,
                 "skip_classifier": skip_classifier, "include_classifier": include_classifier,
-                "layers": list(layers) or None, "goal_stats": goal_info, **d.settings}
+                "layers": list(layers) or None, "goal_stats": goal_info, "sparsity_config": config,
+                "prune_head": prune_head, "row_floor": not no_row_floor, **d.settings}
     if method.reconstructs or RepairMode.parse(mode, "correction").reconstructs:
         settings["damping"] = damping
     if method.reconstructs:
@@ -121,6 +136,7 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
     write_report(report, {**run.to_report(), **settings, "fisher": _fisher_settings(method, options)})
     out_console.print(_table(run, d.eval_name, len(d.eval_y), out))
     written({"checkpoint": out, "report": report})
+    print_prune_notes(run)
     note = goal_note([s["mode"] for s in run.rows[-1].correction.get("sites", [])]) if goal_stats else None
     if note:
         console.print(note)
@@ -142,7 +158,8 @@ def _table(run: PruneRun, eval_name: str, eval_count: int, out: str) -> Table:
     for name in ("sparsity", "achieved", "dense", "pruned", "repaired", "prune s", "repair s"):
         table.add_column(name, justify="right", no_wrap=True)
     for r in run.rows:
-        table.add_row(f"{r.sparsity:g}", f"{100 * r.achieved_sparsity:.2f}%", f"{100 * run.dense['acc']:.2f}%",
+        asked = r.pattern if r.pattern != "unstructured" else f"{r.sparsity:g}"
+        table.add_row(asked, f"{100 * r.achieved_sparsity:.2f}%", f"{100 * run.dense['acc']:.2f}%",
                       f"{100 * r.acc_pruned:.2f}%", f"{100 * r.acc_repaired:.2f}%",
                       f"{r.seconds['prune']:.2f}", f"{r.seconds['repair']:.2f}")
     return table

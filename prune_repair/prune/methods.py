@@ -29,8 +29,13 @@ from ..engine.sites.find import Selector
 from .fisher import Progress, fisher_scores, labeled_data
 from .magnitude import magnitude_scores
 from .obs import ObsOptions, obs_prune_
-from .masks import MaskStyle, apply_masks_, check_sparsity, masks_from_scores, measure_sparsity, sparsity_all_params
+from .allocate import build_masks, warn_empty
+from .head import head_filter
+from .masks import MaskStyle, apply_masks_, measure_sparsity, sparsity_all_params
+from .nm import NMPattern, check_divides, parse_sparsity
+from .sparsity_config import layer_sparsities
 from .targets import PruneError, Target, effective_weights, find_targets
+from .wanda import wanda_scores
 from .woodfisher import InverseFisher, inverse_fisher, woodfisher_scores
 
 
@@ -47,10 +52,13 @@ class PruneMethod(MethodEnum):
     WOODFISHER = "woodfisher", "w^2 / (2 [F^-1]_qq), blockwise inverse empirical Fisher", "Singh & Alistarh 2020"
     OBS = ("obs", "layer by layer, w^2 / [H^-1]_qq from each layer's input Gram matrix, survivors refitted "
            "to the dense outputs", "OBC, Frantar & Alistarh 2022; SparseGPT 2023")
+    WANDA = ("wanda", "|w| * input feature norm on calibration data, the same sparsity in every output row",
+             "Sun et al. 2023")
 
     @property
     def scope(self) -> str:
-        return "layer" if self is PruneMethod.LAYER_MAGNITUDE else "global"
+        """How the sparsity is shared: one threshold (``global``), per layer, or per output row."""
+        return {PruneMethod.LAYER_MAGNITUDE: "layer", PruneMethod.WANDA: "row"}.get(self, "global")
 
     @property
     def needs_labels(self) -> bool:
@@ -136,7 +144,8 @@ class PruneReport:
     seconds: dict[str, float]
     masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     sparsity_all_params: float = float("nan")  # zeros / every parameter of the model
-    layers: list[dict[str, Any]] = field(default_factory=list)  # obs: per layer sparsity and error before/after
+    layers: list[dict[str, Any]] = field(default_factory=list)  # {"fqn", "sparsity", "pattern"} (+ obs errors)
+    pattern: str = "unstructured"  # or "N:M"
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "masks"}
@@ -174,6 +183,10 @@ def score_weights(
     start, inv = time.perf_counter(), None
     if method in (PruneMethod.GLOBAL_MAGNITUDE, PruneMethod.LAYER_MAGNITUDE):
         scores = magnitude_scores(targets)
+    elif method is PruneMethod.WANDA:
+        if data is None:
+            raise PruneError("wanda scores weights by their input norms on calibration data: pass data=x (or (x, y))")
+        scores = wanda_scores(model, targets, _inputs(data))
     elif method is PruneMethod.FISHER:
         scores = fisher_scores(model, targets, data, num_grads=options.gradients_for(_samples(data)),
                                chunk=options.chunk, seed=options.seed, progress=progress)
@@ -187,9 +200,16 @@ def score_weights(
     return PruneScores(method, scores, time.perf_counter() - start, inv)
 
 
+def _inputs(data: Any) -> Any:
+    """Model inputs of calibration data: ``x`` of an ``(x, y)`` pair (y a tensor or None), else ``data``."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and (data[1] is None or torch.is_tensor(data[1])):
+        return data[0]
+    return data
+
+
 def prune_(
     model: nn.Module,
-    sparsity: float,
+    sparsity: float | str | NMPattern,
     method: PruneMethod | str = PruneMethod.GLOBAL_MAGNITUDE,
     data: Any = None,
     *,
@@ -202,12 +222,16 @@ def prune_(
     progress: Progress | None = None,
     include_tied: bool = False,
     obs: ObsOptions | None = None,
+    sparsity_config: dict[str, float] | None = None,
+    prune_head: bool = False,
+    floor: bool = True,
 ) -> PruneReport:
     """Prune ``model`` in place to ``sparsity`` (zeros / conv+linear weights) and report.
 
     Args:
         model: the network; its conv/linear weights are the candidates.
-        sparsity: fraction of prunable weights to zero, in [0, 1).
+        sparsity: fraction of prunable weights to zero, in [0, 1), or an ``"N:M"`` pattern
+            (:mod:`~prune_repair.prune.nm`: N of every M inputs of each output row stay).
         method: a :class:`PruneMethod` value.
         data: ``(x, y)`` calibration tensors (required by ``fisher`` / ``woodfisher``;
             for the others it only fixes the layer order for ``skip_first``).
@@ -218,16 +242,31 @@ def prune_(
         progress: ``progress(done, total)`` callback while gradients are computed.
         include_tied: also prune weights shared with other modules (see :func:`find_targets`).
         obs: :class:`~prune_repair.prune.obs.ObsOptions` for ``method="obs"``, which needs
-            calibration inputs as ``data`` (``x`` or ``(x, y)``).
+            calibration inputs as ``data`` (``x`` or ``(x, y)``); ``wanda`` needs them too.
+        sparsity_config: layer FQN or ``re:`` pattern -> sparsity for the layers it names
+            (:mod:`~prune_repair.prune.sparsity_config`); the others get ``sparsity``.
+        prune_head: also prune a language model's output head (left dense by default, see
+            :mod:`~prune_repair.prune.head`).
+        floor: global thresholds keep every output row's best weight (no layer emptied; see
+            :mod:`~prune_repair.prune.allocate`).
 
-    ``achieved_sparsity`` counts the prunable weights; ``sparsity_all_params`` every parameter.
+    ``achieved_sparsity`` counts the prunable weights; ``sparsity_all_params`` every parameter;
+    ``layers`` lists ``{"fqn", "sparsity", "pattern"}`` per pruned layer. A layer left all
+    zero is warned about.
     """
-    sparsity, method, style = check_sparsity(sparsity), parse_method(method), MaskStyle(style)
+    sparsity, method, style = parse_sparsity(sparsity), parse_method(method), MaskStyle(style)
+    if isinstance(sparsity, NMPattern) and sparsity_config:
+        raise PruneError(f"an N:M pattern ({sparsity}) applies to every layer: it does not mix with a sparsity config")
+    select = head_filter(model, select, prune_head, sparsity_config)
     if method.reconstructs:
-        return _obs_prune(model, sparsity, data, obs or ObsOptions(), select, skip_first, skip_classifier, style)
+        return _obs_prune(model, sparsity, data, obs or ObsOptions(), select, skip_first, skip_classifier, style,
+                          sparsity_config, floor)
     options = options or FisherOptions()
     targets = find_targets(model, select=select, skip_first=skip_first, skip_classifier=skip_classifier,
                            example_inputs=_example(data) if data is not None else None, include_tied=include_tied)
+    overrides = layer_sparsities(targets, sparsity_config) if sparsity_config else {}
+    if isinstance(sparsity, NMPattern):
+        check_divides(targets, sparsity)
     if scores is None and method in (PruneMethod.GLOBAL_MAGNITUDE, PruneMethod.LAYER_MAGNITUDE):
         # magnitude needs no score tensors: |w| is taken chunk by chunk from the weights themselves
         scores = PruneScores(method, effective_weights(targets), 0.0)
@@ -242,32 +281,44 @@ def prune_(
     if missing:
         raise PruneError(f"the scores have no entry for layer '{missing[0]}': score the same layers you prune")
     start = time.perf_counter()
-    masks = masks_from_scores({t.fqn: scores.scores[t.fqn] for t in targets}, sparsity, method.scope, transform)
-    if options.obs_update and method is PruneMethod.WOODFISHER and sparsity > 0:
+    masks = build_masks(targets, {t.fqn: scores.scores[t.fqn] for t in targets}, sparsity, method.scope, transform,
+                        overrides, floor)
+    if options.obs_update and method is PruneMethod.WOODFISHER and (isinstance(sparsity, NMPattern) or sparsity > 0):
         _obs_update_(targets, masks, scores.inverse_fisher)
     apply_masks_(targets, masks, style)
+    warn_empty(targets)
     count = measure_sparsity(targets)
     seconds = {"score": scores.seconds, "mask": time.perf_counter() - start}
-    return PruneReport(method.value, sparsity, count.fraction, count.zeros, count.total, count.per_layer,
-                       seconds, masks, sparsity_all_params(model))
+    pattern = str(sparsity) if isinstance(sparsity, NMPattern) else "unstructured"
+    asked = sparsity.sparsity if isinstance(sparsity, NMPattern) else sparsity
+    return PruneReport(method.value, asked, count.fraction, count.zeros, count.total, count.per_layer,
+                       seconds, masks, sparsity_all_params(model), _layer_rows(count.per_layer, pattern), pattern)
 
 
-def _obs_prune(model: nn.Module, sparsity: float, data: Any, obs: ObsOptions, select: Selector,
-               skip_first: bool, skip_classifier: bool, style: MaskStyle) -> PruneReport:
+def _layer_rows(per_layer: dict[str, float], pattern: str) -> list[dict[str, Any]]:
+    return [{"fqn": fqn, "sparsity": value, "pattern": pattern} for fqn, value in per_layer.items()]
+
+
+def _obs_prune(model: nn.Module, sparsity: float | NMPattern, data: Any, obs: ObsOptions, select: Selector,
+               skip_first: bool, skip_classifier: bool, style: MaskStyle, config: dict[str, float] | None,
+               floor: bool) -> PruneReport:
     if data is None:
         raise PruneError("obs pruning reconstructs each layer on calibration data: pass data=x (or (x, y))")
     if style is not MaskStyle.ZEROS:
         raise PruneError("obs pruning writes plain zeros (it updates the kept weights too): use style='zeros'")
-    x = data[0] if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[1]) else data
-    result = obs_prune_(model, x, sparsity, allocation=obs.allocation, damping=obs.damping, block_size=obs.block_size,
-                        target=obs.target, select=select, skip_first=skip_first, skip_classifier=skip_classifier)
+    result = obs_prune_(model, _inputs(data), sparsity, allocation=obs.allocation, damping=obs.damping,
+                        block_size=obs.block_size, target=obs.target, select=select, skip_first=skip_first,
+                        skip_classifier=skip_classifier, sparsity_config=config, floor=floor)
     modules = dict(model.named_modules())
     masks = {la.fqn: modules[la.fqn].weight.detach() != 0 for la in result.layers}
     zeros = sum(int((~m).sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
-    return PruneReport(PruneMethod.OBS.value, sparsity, zeros / max(total, 1), zeros, total,
+    pattern = str(sparsity) if isinstance(sparsity, NMPattern) else "unstructured"
+    asked = sparsity.sparsity if isinstance(sparsity, NMPattern) else sparsity
+    return PruneReport(PruneMethod.OBS.value, asked, zeros / max(total, 1), zeros, total,
                        {la.fqn: la.sparsity for la in result.layers}, {"score": 0.0, "mask": sum(result.seconds.values())},
-                       masks, sparsity_all_params(model), [la.to_dict() for la in result.layers])
+                       masks, sparsity_all_params(model), [{**la.to_dict(), "pattern": pattern} for la in result.layers],
+                       pattern)
 
 
 def _obs_update_(targets: list[Target], masks: dict[str, torch.Tensor], inv: InverseFisher | None) -> None:

@@ -47,13 +47,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..engine.run.forward import ForwardFn, as_batches, head
 from ..engine.refit.layerwise import ReferenceOutputs, layerwise_
 from ..engine.checks import masked_weight
-from ..engine.refit.gram import DEFAULT_MAX_GRAM_BYTES, GRAM_TYPES, Gram, check_gram_memory
+from ..engine.refit.gram import DEFAULT_MAX_GRAM_BYTES, Gram, check_gram_memory, has_gram, layer_shape
 from ..engine.refit.layer_rows import check_gram, current_rows, intercept_kind, write_rows_
 from ..engine.refit.ridge import masked_ridge
 from ..engine.sites.find import Selector, make_filter, sites_from_calls, trace_calls
+from .allocate import global_keep_masks
 from .fisher import Progress
-from .masks import check_sparsity
-from .targets import PruneError
+from .nm import NMPattern, parse_sparsity
+from .sparsity_config import layer_sparsities
+from .targets import PruneError, Target
 
 
 @dataclass
@@ -104,7 +106,7 @@ class ObsReport:
 def obs_prune_(
     model: nn.Module,
     data: Any,
-    sparsity: float,
+    sparsity: float | str | NMPattern,
     *,
     allocation: str = "uniform",
     damping: float = 1e-2,
@@ -117,6 +119,8 @@ def obs_prune_(
     forward_fn: ForwardFn | None = None,
     max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES,
     progress: Progress | None = None,
+    sparsity_config: dict[str, float] | None = None,
+    floor: bool = True,
 ) -> ObsReport:
     """Prune ``model`` in place to ``sparsity`` (zeros / weights of the pruned layers), see the module doc.
 
@@ -125,9 +129,17 @@ def obs_prune_(
     Memory: the Gram statistics of one layer, ``O(d_in^2 + d_in * d_out)``, plus a dense
     copy of the model for ``target="reference"``. Cost: one pass per calibration batch
     (one prefix pass per layer and batch with several batches), twice for ``global``.
+
+    ``sparsity`` ``"N:M"``: in each group of M input columns, the N of highest saliency when
+    the sweep reaches the group are kept (SparseGPT's semi-structured choice); the refit keeps
+    the pattern. ``sparsity_config``: layer -> sparsity for the layers it names. ``floor``:
+    a ``global`` budget leaves every layer at least as many weights as it has output rows.
     """
     start = time.perf_counter()
-    sparsity = check_sparsity(sparsity)
+    sparsity = parse_sparsity(sparsity)
+    pattern = sparsity if isinstance(sparsity, NMPattern) else None
+    if pattern is not None and sparsity_config:
+        raise PruneError(f"an N:M pattern ({pattern}) applies to every layer: it does not mix with a sparsity config")
     if allocation not in ("uniform", "global"):
         raise PruneError(f"unknown allocation {allocation!r}: use 'uniform' or 'global'")
     if target not in ("reference", "layer"):
@@ -139,16 +151,25 @@ def obs_prune_(
     layers = _layers(calls, skip_first, skip_classifier, select)
     for fqn, module in layers:
         check_gram_memory(module, fqn, max_gram_bytes)
+        if pattern is not None and layer_shape(module)[1] % pattern.m:
+            raise PruneError(f"N:M pattern {pattern} does not fit layer '{fqn}': its output rows read "
+                             f"{layer_shape(module)[1]} inputs, not a multiple of {pattern.m}; use an M that divides "
+                             "it or leave the layer out (--layers)")
     norms = {s.producer: s.norm for s in sites_from_calls(calls, include_classifier=True)}
     modules = dict(model.named_modules())
     bns = {f: modules[norms[f]] if isinstance(modules.get(norms.get(f) or ""), _BatchNorm) else None for f, _ in layers}
     numels = [m.weight.numel() for _, m in layers]
     seconds: dict[str, float] = {}
-    if allocation == "uniform":
-        budgets = [round(sparsity * n) for n in numels]
+    overrides = layer_sparsities([Target(f, m, n) for (f, m), n in zip(layers, numels)],
+                                 sparsity_config) if sparsity_config else {}
+    if pattern is not None:
+        budgets = [round(pattern.sparsity * n) for n in numels]
+        sparsity = pattern.sparsity
+    elif allocation == "uniform":
+        budgets = [round(overrides.get(f, sparsity) * n) for (f, _), n in zip(layers, numels)]
     else:
         t0 = time.perf_counter()
-        budgets = _global_budgets(layers, sparsity)
+        budgets = _global_budgets(layers, sparsity, overrides, floor)
         seconds["allocate"] = time.perf_counter() - t0
     reference = None
     if target == "reference":
@@ -166,7 +187,7 @@ def obs_prune_(
         rhs = C.clone()
         rhs[:, :gram.d_in] += lam[:, None, None] * current[..., :gram.d_in].transpose(1, 2)
         best = torch.cholesky_solve(rhs, torch.linalg.cholesky(H)).transpose(1, 2)  # W*, (g, m, n)
-        pruned, keep = obs_rows(best, H, budgets[i], gram.d_in, block_size, forced=~mask)
+        pruned, keep = obs_rows(best, H, budgets[i], gram.d_in, block_size, forced=~mask, nm=pattern)
         if refit:
             sol = masked_ridge(G, C, keep, damping=used, intercept=fit, prior=current[..., :gram.d_in] * keep)
             pruned = sol.weight
@@ -189,11 +210,15 @@ def obs_prune_(
 
 
 def obs_rows(W: torch.Tensor, H: torch.Tensor, k: int, d: int, block_size: int = 128,
-             forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             forced: torch.Tensor | None = None, nm: NMPattern | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``k`` of the first ``d`` columns of ``W`` ``(groups, rows, n)`` against ``H``
     ``(groups, n, n)`` with blocked, lazily updated OBS steps. Returns ``(W', keep)``,
     ``keep`` ``(groups, rows, d)`` bool; ``forced`` (True = must go) entries are pruned first.
+    With ``nm`` (``k`` ignored), each group of ``nm.m`` columns loses, per row, its
+    ``m - n`` weights of least saliency at the moment the sweep reaches the group.
     """
+    if nm is not None:
+        block_size = -(-block_size // nm.m) * nm.m  # groups never straddle a block
     g, m, n = W.shape
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     W = W.clone()
@@ -211,8 +236,12 @@ def obs_rows(W: torch.Tensor, H: torch.Tensor, k: int, d: int, block_size: int =
         if quota:
             lowest = torch.sort(score.reshape(-1), stable=True).indices[:quota]
             drop.view(-1)[lowest] = True
+        if nm is not None:
+            drop = must.clone()
         err = torch.zeros_like(W1)
         for i in range(b1 - b0):
+            if nm is not None and i % nm.m == 0:
+                _drop_group_(drop[:, :, i:i + nm.m], W1[:, :, i:i + nm.m], diag[:, i:i + nm.m], nm)
             w = W1[:, :, i]
             e = torch.where(drop[:, :, i], w, torch.zeros_like(w)) / diag[:, None, i]
             W1[:, :, i:] -= e[:, :, None] * U1[:, None, i, i:]
@@ -223,6 +252,14 @@ def obs_rows(W: torch.Tensor, H: torch.Tensor, k: int, d: int, block_size: int =
         keep[:, :, b0:b1] = ~drop
         done += int(drop.sum())
     return W, keep
+
+
+def _drop_group_(drop: torch.Tensor, W: torch.Tensor, diag: torch.Tensor, nm: NMPattern) -> None:
+    """Mark, per row, the ``m - n`` columns of a group with the least saliency ``w^2 / d^2``
+    (weights that must go count first) in ``drop`` ``(groups, rows, m)``."""
+    score = (W.square() / diag[:, None, :].square()).masked_fill(drop, -float("inf"))
+    lowest = torch.argsort(score, dim=-1, stable=True)[..., :nm.m - nm.n]
+    drop.scatter_(-1, lowest, True)
 
 
 def _damped(G: torch.Tensor, d: int, damping: float) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -239,17 +276,15 @@ def _damped(G: torch.Tensor, d: int, damping: float) -> tuple[torch.Tensor, torc
     raise PruneError("the Gram matrix stays singular even with much more damping: the data hold NaN/Inf")
 
 
-def _global_budgets(layers, sparsity) -> list[int]:
-    """Per-layer prune counts from one threshold on ``w^2`` over all layers (module doc)."""
-    scores = []
+def _global_budgets(layers, sparsity: float, overrides: dict[str, float], floor: bool) -> list[int]:
+    """Per-layer prune counts from one threshold on ``w^2`` over the layers the config does
+    not name (module doc); with ``floor`` every output row keeps its largest weight's place."""
+    shared = {f: m for f, m in layers if f not in overrides}
     with torch.no_grad():
-        for _, module in layers:
-            w = masked_weight(module)
-            scores.append(w.detach().reshape(-1).to(torch.float64).square().cpu())
-    flat = torch.cat(scores)
-    drop = torch.zeros(flat.numel(), dtype=torch.bool)
-    drop[torch.sort(flat, stable=True).indices[:round(sparsity * flat.numel())]] = True
-    return [int(part.sum()) for part in torch.split(drop, [len(s) for s in scores])]
+        scores = {f: masked_weight(m).detach().to(torch.float64).square() for f, m in shared.items()}
+    k = round(sparsity * sum(s.numel() for s in scores.values()))
+    keep = global_keep_masks(scores, k, shared, floor=floor) if scores else {}
+    return [round(overrides[f] * m.weight.numel()) if f in overrides else int((~keep[f]).sum()) for f, m in layers]
 
 
 def _layers(calls, skip_first: bool, skip_classifier: bool, select: Selector) -> list[tuple[str, nn.Module]]:
@@ -258,7 +293,7 @@ def _layers(calls, skip_first: bool, skip_classifier: bool, select: Selector) ->
         counts[fqn] = counts.get(fqn, 0) + 1
     order, seen = [], set()
     for fqn, module, *_ in calls:
-        if isinstance(module, GRAM_TYPES) and fqn not in seen and counts[fqn] == 1:
+        if has_gram(module) and fqn not in seen and counts[fqn] == 1:
             seen.add(fqn)
             order.append((fqn, module))
     if skip_first:
