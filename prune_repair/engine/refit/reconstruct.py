@@ -37,16 +37,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..run.forward import ForwardFn, as_batches, head
 from .layerwise import ReferenceOutputs, layerwise_
-from .blockwise_reconstruct import blockwise_layerwise_
 from ..run.lockstep import Passes
 from ..checks import parameter_holders, stored_weight
-from .gram import DEFAULT_MAX_GRAM_BYTES, Gram, check_gram_memory, has_gram
+from .gram import DEFAULT_MAX_GRAM_BYTES, Gram, check_gram_memory, has_gram, reads_last_dim
 from .layer_rows import check_gram, current_rows, intercept_kind, write_rows_
 from ..producers import is_packed_attention, is_producer
 from .ridge import masked_ridge
 from ..sites.find import Selector, make_filter, sites_from_calls, trace_calls
 
-Progress = Callable[[int, int], None]
+Progress = Callable[[int, int], None] | bool | None
 
 
 @dataclass
@@ -121,13 +120,14 @@ def reconstruct_(
         forward_fn: ``forward_fn(model, batch)`` for batches that are not plain tensors.
         max_gram_bytes: refuse layers whose float64 Gram statistics need more memory.
         reference_cache_bytes: memory for reference outputs cached between ``per-site`` passes.
-        progress: ``progress(done, total)`` after each layer.
+        progress: ``progress(done, total)`` after each layer, or ``True`` to show the layers as
+            they are refitted (stderr; see :mod:`~prune_repair.engine.run.progress`).
         passes: how several batches are gone over: ``lockstep`` (default; one pass per
             batch, all batches' activations at the current layer alive at once) or
             ``per-site`` (one prefix pass per layer and batch, one batch in memory at a time)
-            or ``blockwise`` (one block at a time, see
-            :mod:`~prune_repair.engine.refit.blockwise_reconstruct`; ``blocks`` and ``offload`` as
-            in :func:`~prune_repair.engine.correct.repair.repair_`).
+            or ``blockwise`` (one block of the model and of the reference at a time, see
+            :mod:`~prune_repair.engine.run.strategies`; ``blocks`` and ``offload`` as in
+            :func:`~prune_repair.engine.correct.repair.repair_`).
 
     Memory: ``O(d_in^2 + d_in * d_out)`` per layer (one layer at a time), never
     ``O(N * d_in)``: im2col patches are unfolded a chunk of samples at a time.
@@ -169,22 +169,20 @@ def reconstruct_(
         fqn, module = layers[i]
         norm = modules.get(norms.get(fqn) or "", None)
         reports.append(_solve_layer(fqn, module, gram, norm if isinstance(norm, _BatchNorm) else None, damping))
-        if progress is not None:
-            progress(i + 1, len(layers))
+
+    def keep(fqn: str, ref_module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        if fqn in kept:  # the reference's channels the pruned layer kept
+            return y.index_select(-1 if reads_last_dim(ref_module) else 1, kept[fqn].to(y.device))
+        return y.clone()
 
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    targets = ReferenceOutputs(reference, batches, [f for f, _ in layers], keep=keep, forward_fn=forward_fn,
+                               max_bytes=reference_cache_bytes)
     try:
-        if Passes.parse(passes, "passes") is Passes.BLOCKWISE:
-            made, ref_made = blockwise_layerwise_(
-                model, reference, batches, layers, step=step, kept=kept, forward_fn=forward_fn,
-                max_gram_bytes=max_gram_bytes, reference_cache_bytes=reference_cache_bytes, blocks=blocks,
-                offload=offload)
-        else:
-            targets = ReferenceOutputs(reference, batches, [f for f, _ in layers], kept=kept,
-                                       forward_fn=forward_fn, max_bytes=reference_cache_bytes)
-            made = layerwise_(model, batches, layers, step=step, target=targets, forward_fn=forward_fn,
-                              max_gram_bytes=max_gram_bytes, passes=passes)
-            ref_made = targets.passes
+        made = layerwise_(model, batches, layers, step=step, target=targets, forward_fn=forward_fn,
+                          max_gram_bytes=max_gram_bytes, passes=passes, blocks=blocks, offload=offload,
+                          progress=progress, what="reconstruct")
+        ref_made = targets.passes
     except BaseException:
         model.load_state_dict(saved)
         raise

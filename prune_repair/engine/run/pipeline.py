@@ -54,107 +54,20 @@ Example (a step that counts the rows reaching a layer, then halves its weight):
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import torch
 from torch import nn
 
 from . import distributed
 from .forward import ForwardFn, as_batches
 from .lockstep import Passes
 from .progress import Progress
-from .reference import Keep, ReferenceOutputs, copy_output
+from .steps import Arrive, Context, Method, PassLog, Reference, Step
+from .strategies import Runner
 
-Arrive = Callable[[int, Callable[[], None]], bool]
-"""``arrive(k, contribute) -> decided_now``: called by a hook when a batch reaches step ``k``."""
-
-
-class Step(Protocol):
-    """One point of a method: a site or a layer."""
-
-    name: str  # in errors and progress
-    where: str  # the module it runs in (which block holds it; the reference's module of the same name)
-
-    def pool(self) -> None:
-        """Pool this rank's statistics with every other rank's (called only under torch.distributed)."""
-
-    def decide(self) -> None:
-        """Decide from everything observed and apply it (also when nothing was observed)."""
-
-
-class Method(Protocol):
-    """A calibration method: its steps in execution order and the hooks that reach them."""
-
-    what: str  # "repair", "reconstruct", ... (progress)
-    point: str  # "site" or "layer" (errors)
-    steps: Sequence[Step]
-
-    def attach(self, forward: Callable[[Any], Any], active: Sequence[int], arrive: Arrive,
-               context: "Context") -> AbstractContextManager[Callable[[Any], Any]]:
-        """Hook the ``active`` steps into the model for a pass; yields ``run(batch)`` (``forward`` wrapped)."""
-
-
-class Context:
-    """What a step's hook may ask about the batch being run (per thread: lockstep runs several)."""
-
-    def __init__(self, masks: Sequence[torch.Tensor | None]):
-        self.masks = list(masks)
-        self._local = threading.local()
-        self.targets: ReferenceOutputs | None = None
-        self.index_of: dict[int, int] = {}
-
-    @property
-    def batch(self) -> int:
-        """The index of the batch the calling thread runs."""
-        return self._local.batch
-
-    @batch.setter
-    def batch(self, b: int) -> None:
-        self._local.batch = b
-
-    @property
-    def mask(self) -> torch.Tensor | None:
-        """The batch's padding mask (``attention_mask`` as bool, True = a real token), or None."""
-        return self.masks[self.batch]
-
-    def reference(self, k: int) -> torch.Tensor:
-        """The reference model's output of step ``k``'s module on this batch."""
-        if self.targets is None:
-            raise RuntimeError("this calibration runs no reference model beside the model")
-        return self.targets(self.batch, self.index_of[k])
-
-
-@dataclass
-class Reference:
-    """A reference model streamed beside the calibrated one (outputs at each step's module)."""
-
-    model: nn.Module
-    keep: Keep = copy_output
-    cache_bytes: int = 2**30
-
-
-@dataclass
-class PassLog:
-    """What a calibration ran: ``passes`` per segment (one segment unless blockwise; each pass runs
-    every batch once), ``forwards`` (batch runs of the model or of one segment), ``reference``
-    (batch runs of the reference) and ``blocks`` (0 unless blockwise)."""
-
-    passes: list[int] = field(default_factory=lambda: [0])
-    forwards: int = 0
-    reference: int = 0
-    blocks: int = 0
-
-    @property
-    def max_passes(self) -> int:
-        return max(self.passes)
-
-    def blockwise(self) -> dict[str, int]:
-        return {"blocks": self.blocks, "segment_passes": sum(self.passes), "max_passes": self.max_passes}
+__all__ = ["Arrive", "Context", "Method", "PassLog", "Reference", "Step", "calibrate"]
 
 
 def calibrate(model: nn.Module, data: Any, method: Method, *, passes: Passes | str = Passes.LOCKSTEP,
@@ -164,11 +77,9 @@ def calibrate(model: nn.Module, data: Any, method: Method, *, passes: Passes | s
     decided exactly once, in order (a step no batch reached is decided after the passes).
 
     Raises:
-        ValueError: ``blocks``/``offload`` without ``passes='blockwise'``; ``all_at_once`` with
-            another strategy than the default; a strategy that cannot run on this model (named).
+        ValueError: ``blocks``/``offload`` without ``passes='blockwise'``; a strategy that cannot
+            run on this model (the blockwise chain, a lockstep pass on data-dependent paths: named).
     """
-    from .strategies import Runner  # the strategies build on the names above
-
     passes = Passes.parse(passes, "passes")
     if (blocks is not None or offload is not None) and passes is not Passes.BLOCKWISE:
         raise ValueError("blocks= and offload= apply to passes='blockwise' only: add passes='blockwise'")

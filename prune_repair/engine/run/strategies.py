@@ -26,7 +26,7 @@ from .block_chain import BlockChain, find_block_chain
 from .block_inputs import BlockInputs
 from .forward import ForwardFn, StopForward, batch_mask, hooked_pass
 from .lockstep import Lockstep
-from .pipeline import Arrive, Context, Method, PassLog, Reference
+from .steps import Arrive, Context, Method, PassLog, Reference
 from .progress import Progress
 from .reference import ReferenceOutputs
 
