@@ -14,7 +14,8 @@ from ..engine.correct.modes import RepairMode
 from ..engine.checks import check_finite
 from ..engine.run.distributed import shard
 from .main import main
-from . import hf_cmd
+from . import hf_cmd, structured_cmd
+from ..prune.targets import PruneError
 from .prune_notes import print_prune_notes
 from ..prune.sparsity_config import load_sparsity_config
 from .goal_option import goal_inputs, goal_note, goal_stats_option, load_goal
@@ -39,7 +40,7 @@ from .common import (
 @main.command("prune")
 @click.argument("ckpt")
 @common_options
-@click.option("--sparsity", "sparsity", required=True, help="fraction of conv/linear weights to zero, in [0, 1); "
+@click.option("--sparsity", "sparsity", default=None, help="fraction of conv/linear weights to zero, in [0, 1); "
               "several as 0.5,0.8,0.9 (--out gets the last); or one N:M pattern such as 2:4 (N of every M inputs of "
               "each output row stay).")
 @click.option("--sparsity-config", "sparsity_config", default=None,
@@ -51,8 +52,8 @@ from .common import (
               "layers (by default every output row keeps its best weight).")
 @click.option("--method", default=PruneMethod.GLOBAL_MAGNITUDE.value, show_default=True,
               type=click.Choice(PruneMethod.choices()), help=f"how weights are scored. {PruneMethod.describe()}.")
-@click.option("--repair", "mode", default="auto", show_default=True, type=click.Choice(RepairMode.choices()),
-              help=f"correction after pruning. {RepairMode.describe()}.")
+@click.option("--repair", "mode", default=None, type=click.Choice(RepairMode.choices()),
+              help=f"correction after pruning (default: auto; reconstruct with --structured). {RepairMode.describe()}.")
 @click.option("--skip-first", is_flag=True, help="leave the first conv/linear layer dense.")
 @click.option("--skip-classifier", is_flag=True, help="leave the last conv/linear layer (the classifier) dense.")
 @click.option("--layers", multiple=True, help="prune only these layers: FQN or re:REGEX (repeatable).")
@@ -72,6 +73,10 @@ from .common import (
               help="woodfisher: refuse block sizes needing more memory than this.")
 @click.option("--allocation", default="global", show_default=True, type=click.Choice(["global", "uniform"]),
               help="obs: per-layer sparsities from one global magnitude threshold, or the same in every layer.")
+@click.option("--structured", "structured", default=None, type=float,
+              help="remove this fraction, in [0, 1), of every transformer MLP's hidden units (CNNs: of every "
+                   "channel group) before any --sparsity: a physically smaller model (hf:DIR -> an HF directory, "
+                   "else a save_structured file that load_structured_ reads).")
 @damping_option
 @goal_stats_option
 @handle_errors
@@ -79,7 +84,8 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
                   method, mode, skip_first, skip_classifier, layers, include_classifier, fisher_samples,
                   fisher_batch, damp, block_size, obs_update, max_memory_gb, allocation, damping,
                   sparsity_config=None, prune_head=False, no_row_floor=False,
-                  goal_stats=None, preprocess=None, batch_size=None, eval_size=None, workers=None) -> None:
+                  structured=None, goal_stats=None, preprocess=None, batch_size=None, eval_size=None,
+                  workers=None) -> None:
     """Prune CKPT (a path or zoo:NAME) at each --sparsity, repair toward its statistics, evaluate.
 
     \b
@@ -88,7 +94,13 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
       prune-repair prune zoo:mnist-mlp --data mnist --sparsity 0.5,0.8,0.9,0.95 \\
           --method woodfisher --report report.json --out pruned.pt
       prune-repair prune zoo:mnist-cnn --data mnist --sparsity 2:4 --method wanda --out pruned.pt
+      prune-repair prune zoo:mnist-cnn --data mnist --structured 0.25 --out smaller.pt
     """
+    if structured is not None:  # physically smaller: units/channels removed first (structured_cmd)
+        return structured_cmd.run_structured(**locals())
+    if sparsity is None:
+        raise PruneError("--sparsity is missing: give e.g. --sparsity 0.9 (or --structured RATIO)")
+    mode = mode or RepairMode.AUTO.value
     sparsities = parse_sparsities(sparsity)
     config = load_sparsity_config(sparsity_config) if sparsity_config else None
     if hf_cmd.wants_hf(arch, [ckpt]):  # --arch hf:DIR: HF directories, dict batches, perplexity
