@@ -42,6 +42,7 @@ from torch import nn
 from ..engine.run import distributed
 from ..engine.run.forward import ForwardFn, as_batches, first_tensor, hooked_pass
 from ..engine.sites.find import Site
+from ..engine.producers import is_conv1d
 from ..engine.sites.taps import batch_mask
 from .groups import PermGroup
 from .attention_groups import check_same_heads
@@ -87,6 +88,9 @@ def probes_of(model: nn.Module, group: PermGroup) -> list[Probe]:
             continue
         if m is None or param not in ("weight", "running_mean") or name in inside_attention:
             continue  # (an attention's out_proj runs inside F.multi_head_attention_forward: no hooks fire)
+        if is_conv1d(m) and param == "weight":  # HF Conv1D: weight [in, out]
+            (outs if axis.dim == 1 else ins).append(Probe(name, "out" if axis.dim == 1 else "in", -1, axis.index))
+            continue
         conv = isinstance(m, nn.modules.conv._ConvNd) and not m.transposed
         if axis.dim == 1 and (isinstance(m, nn.Linear) or (conv and m.groups == 1)):
             ins.append(Probe(name, "in", -1 if isinstance(m, nn.Linear) else 1, axis.index))

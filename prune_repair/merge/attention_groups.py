@@ -14,7 +14,8 @@ permutation of every group must leave the output unchanged, see
   the dims inside a head may be permuted too (never with rotary embeddings);
 - per block, the MLP hidden units.
 
-Supported: torchvision ``VisionTransformer`` (subclasses included); see :data:`SUPPORTED`.
+Supported: torchvision ``VisionTransformer`` (subclasses included), HF GPT-2 (``Conv1D``) and
+LLaMA (bias-free, RMSNorm, rotary: whole heads only, grouped-query attention); see :data:`SUPPORTED`.
 
 Example:
     >>> import torch
@@ -33,7 +34,7 @@ from torch import nn
 
 from .groups import Axis, GroupError, PermGroup
 
-SUPPORTED = "torchvision VisionTransformer"
+SUPPORTED = "torchvision VisionTransformer, HF GPT-2 and LLaMA"
 """The transformers whose head-aware groups are built here (named in refusals)."""
 
 
@@ -95,6 +96,84 @@ def vit_groups(model: nn.Module, *, inner: bool = True) -> list[PermGroup]:
     return [PermGroup("residual", stream)] + blocks
 
 
+def _maybe(state: dict, key: str, dim: int, channels: int, block: int = 1) -> list[Axis]:
+    """``[Axis]`` for ``key`` when the model has it (optional biases), else ``[]``."""
+    return [Axis.block(key, dim, channels, block)] if key in state else []
+
+
+def _grouped(key: str, dim: int, kv_heads: int, per_kv: int, d: int) -> Axis:
+    """Channel ``(h, i)`` (kv head h, dim i) owns dim i of each of the ``per_kv`` query heads
+    of kv head h (grouped-query attention; one position when ``per_kv`` is 1)."""
+    import torch
+
+    h, j, i = torch.meshgrid(torch.arange(kv_heads), torch.arange(per_kv), torch.arange(d), indexing="ij")
+    index = ((h * per_kv + j) * d + i).permute(0, 2, 1).reshape(kv_heads * d, per_kv)
+    return Axis(key, dim, index)
+
+
+def gpt2_groups(model: nn.Module, *, inner: bool = True) -> list[PermGroup]:
+    """Groups of an HF GPT-2 (``Conv1D`` layers: weights ``[in, out]``; ``c_attn`` holds q, k, v)."""
+    base = "transformer." if hasattr(model, "transformer") else ""
+    core, state = model.transformer if base else model, model.state_dict()
+    e, h = core.config.n_embd, core.config.n_head
+    stream = [Axis.block(f"{base}wte.weight", 1, e), Axis.block(f"{base}wpe.weight", 1, e)]
+    blocks: list[PermGroup] = []
+    for i in range(len(core.h)):
+        p = f"{base}h.{i}"
+        stream += [Axis.block(f"{p}.{k}", 0, e) for k in ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight",
+                                                           "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+                                                           "mlp.c_fc.weight", "mlp.c_proj.bias")]
+        stream += [Axis.block(f"{p}.attn.c_proj.weight", 1, e), Axis.block(f"{p}.mlp.c_proj.weight", 1, e)]
+        w, b = f"{p}.attn.c_attn.weight", f"{p}.attn.c_attn.bias"
+        qk = [_block(w, 1, e, 0), _block(w, 1, e, e), _block(b, 0, e, 0), _block(b, 0, e, e)]
+        vo = [_block(w, 1, e, 2 * e), _block(b, 0, e, 2 * e), _block(f"{p}.attn.c_proj.weight", 0, e)]
+        blocks += [PermGroup(f"{p}.attn:qk", qk, head_size=e // h, tie=f"{p}.attn", inner=inner),
+                   PermGroup(f"{p}.attn:vo", vo, head_size=e // h, tie=f"{p}.attn", inner=inner)]
+        hidden = state[f"{p}.mlp.c_fc.weight"].shape[1]
+        blocks.append(PermGroup(f"{p}.mlp", [Axis.block(f"{p}.mlp.c_fc.weight", 1, hidden),
+                                             Axis.block(f"{p}.mlp.c_fc.bias", 0, hidden),
+                                             Axis.block(f"{p}.mlp.c_proj.weight", 0, hidden)]))
+    stream += [Axis.block(f"{base}ln_f.weight", 0, e), Axis.block(f"{base}ln_f.bias", 0, e)]
+    stream += _maybe(state, "lm_head.weight", 1, e)
+    return [PermGroup("residual", stream)] + blocks
+
+
+def llama_groups(model: nn.Module) -> list[PermGroup]:
+    """Groups of an HF LLaMA (bias-free linears, RMSNorm, rotary embeddings: whole heads only;
+    grouped-query attention: the query heads of one kv head move with it)."""
+    base = "model." if hasattr(model, "model") else ""
+    core, state, cfg = model.model if base else model, model.state_dict(), model.config
+    e, heads = cfg.hidden_size, cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    d = getattr(cfg, "head_dim", None) or e // heads
+    stream = [Axis.block(f"{base}embed_tokens.weight", 1, e)]
+    blocks: list[PermGroup] = []
+    for i in range(len(core.layers)):
+        p = f"{base}layers.{i}"
+        a, m = f"{p}.self_attn", f"{p}.mlp"
+        stream += [Axis.block(f"{p}.{k}", 1, e) for k in ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                                           "self_attn.v_proj.weight", "mlp.gate_proj.weight",
+                                                           "mlp.up_proj.weight")]
+        stream += [Axis.block(f"{p}.{k}", 0, e) for k in ("input_layernorm.weight", "post_attention_layernorm.weight",
+                                                           "self_attn.o_proj.weight", "mlp.down_proj.weight")]
+        stream += _maybe(state, f"{a}.o_proj.bias", 0, e) + _maybe(state, f"{m}.down_proj.bias", 0, e)
+        qk = [_grouped(f"{a}.q_proj.weight", 0, kv, heads // kv, d), Axis.block(f"{a}.k_proj.weight", 0, kv * d)]
+        vo = [Axis.block(f"{a}.v_proj.weight", 0, kv * d), _grouped(f"{a}.o_proj.weight", 1, kv, heads // kv, d)]
+        if f"{a}.q_proj.bias" in state:
+            qk += [_grouped(f"{a}.q_proj.bias", 0, kv, heads // kv, d), Axis.block(f"{a}.k_proj.bias", 0, kv * d)]
+            vo += [Axis.block(f"{a}.v_proj.bias", 0, kv * d)]
+        blocks += [PermGroup(f"{a}:qk", qk, head_size=d, tie=a, inner=False),  # rotary pairs: whole heads only
+                   PermGroup(f"{a}:vo", vo, head_size=d, tie=a, inner=False)]
+        hidden = state[f"{m}.up_proj.weight"].shape[0]
+        blocks.append(PermGroup(m, [Axis.block(f"{m}.gate_proj.weight", 0, hidden),
+                                    Axis.block(f"{m}.up_proj.weight", 0, hidden),
+                                    Axis.block(f"{m}.down_proj.weight", 1, hidden)]
+                                + _maybe(state, f"{m}.gate_proj.bias", 0, hidden)
+                                + _maybe(state, f"{m}.up_proj.bias", 0, hidden)))
+    stream += [Axis.block(f"{base}norm.weight", 0, e)] + _maybe(state, "lm_head.weight", 1, e)
+    return [PermGroup("residual", stream)] + blocks
+
+
 def transformer_groups(model: nn.Module, *, inner: bool = True) -> list[PermGroup] | None:
     """Head-aware groups of a supported transformer, or None when ``model`` is not one
     (the caller then traces the graph, which refuses attention in one line)."""
@@ -102,12 +181,27 @@ def transformer_groups(model: nn.Module, *, inner: bool = True) -> list[PermGrou
 
     if isinstance(model, VisionTransformer):
         return vit_groups(model, inner=inner)
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind == "gpt2" and type(model).__name__ in ("GPT2Model", "GPT2LMHeadModel"):
+        return gpt2_groups(model, inner=inner)
+    if kind == "llama" and type(model).__name__ in ("LlamaModel", "LlamaForCausalLM"):
+        return llama_groups(model)
+    if kind is not None:
+        raise GroupError(f"{type(model).__name__} ({kind}) is an HF model whose head-aware permutation groups are "
+                         f"not built here (only {SUPPORTED}): use align='none'")
     return None
 
 
 def check_same_heads(models: Sequence[nn.Module], names: Sequence[str]) -> None:
     """Raise ``ValueError`` naming the first attention whose head count differs between models
     (same weight shapes, different heads: the heads would not line up)."""
+    configs = [getattr(m, "config", None) for m in models]
+    for key in ("n_head", "num_attention_heads", "num_key_value_heads"):
+        counts = [getattr(c, key, None) for c in configs]
+        for c, name in zip(counts[1:], names[1:]):
+            if c != counts[0]:
+                raise ValueError(f"the configs set {key}={counts[0]} in {names[0]} and {c} in {name}: merge models "
+                                 "with the same heads")
     first = {n: getattr(m, "num_heads", None) for n, m in models[0].named_modules()
              if isinstance(m, nn.MultiheadAttention)}
     for model, name in zip(models[1:], names[1:]):

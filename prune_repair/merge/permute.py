@@ -149,9 +149,10 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def _close(a: Any, b: Any) -> bool:
+def _close(a: Any, b: Any, rtol: float = 1e-9) -> bool:
     if isinstance(a, list) or isinstance(b, list):
-        return isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(map(_close, a, b))
+        return (isinstance(a, list) and isinstance(b, list) and len(a) == len(b)
+                and all(_close(x, y, rtol) for x, y in zip(a, b)))
     if a is None or b is None:
         return a is b
     if a.shape != b.shape:
@@ -159,7 +160,7 @@ def _close(a: Any, b: Any) -> bool:
     if not a.is_floating_point():
         return torch.equal(a, b)
     a, b = a.double(), b.double()
-    return bool(((a - b).abs().max() <= 1e-9 * (1 + b.abs().max())).item()) if a.numel() else True
+    return bool(((a - b).abs().max() <= rtol * (1 + b.abs().max())).item()) if a.numel() else True
 
 
 def _outputs(model: nn.Module, batch: Any, forward_fn: ForwardFn | None, record: bool):
@@ -181,7 +182,7 @@ def _outputs(model: nn.Module, batch: Any, forward_fn: ForwardFn | None, record:
     return out, calls
 
 
-def _permuted_like(y: torch.Tensor, ref: torch.Tensor, perm: torch.Tensor) -> bool:
+def _permuted_like(y: torch.Tensor, ref: torch.Tensor, perm: torch.Tensor, rtol: float) -> bool:
     """Whether ``y`` is ``ref`` with ``perm`` applied to one channel dim (or blocks of one)."""
     c = perm.numel()
     for d in range(1, ref.dim()):
@@ -189,32 +190,36 @@ def _permuted_like(y: torch.Tensor, ref: torch.Tensor, perm: torch.Tensor) -> bo
         if n % c == 0:
             k = n // c
             idx = (perm[:, None] * k + torch.arange(k)).flatten().to(ref.device)
-            if _close(y, ref.index_select(d, idx)):
+            if _close(y, ref.index_select(d, idx), rtol):
                 return True
     return False
 
 
 def check_function_preserved(model: nn.Module, groups: Sequence[PermGroup], batch: Any,
-                             forward_fn: ForwardFn | None = None, seed: int = 0) -> None:
+                             forward_fn: ForwardFn | None = None, seed: int = 0, rtol: float | None = None) -> None:
     """Raise :class:`GroupError` unless random permutations of ``groups`` leave the output of
     ``model`` unchanged (float64 copy, eval mode); the message names the first layer whose
-    output the permutation breaks."""
+    output the permutation breaks. ``rtol`` (relative to the output's size) defaults to 1e-9,
+    and to 1e-5 for models with norms that compute in float32 whatever the model's dtype
+    (HF ``*RMSNorm``: a permuted sum rounds differently in float32)."""
+    if rtol is None:
+        rtol = 1e-5 if any(type(m).__name__.endswith("RMSNorm") for m in model.modules()) else 1e-9
     ref = copy.deepcopy(model).double()
     x = _to_double(batch)
     perms = random_perms(groups, torch.Generator().manual_seed(seed))
     out_ref, calls_ref = _outputs(ref, x, forward_fn, record=False)
     out_all, _ = _outputs(permute(ref, groups, perms), x, forward_fn, record=False)
-    if _close(out_all, out_ref):
+    if _close(out_all, out_ref, rtol):
         return
     _, calls_ref = _outputs(ref, x, forward_fn, record=True)
     for g in groups:
         permuted = permute(ref, [g], {g.name: perms[g.name]})
         out_g, calls_g = _outputs(permuted, x, forward_fn, record=True)
-        if _close(out_g, out_ref):
+        if _close(out_g, out_ref, rtol):
             continue
         where = "the model output"
         for (name, y_ref), (_, y) in zip(calls_ref, calls_g):
-            if y_ref is not None and not (_close(y, y_ref) or _permuted_like(y, y_ref, perms[g.name])):
+            if y_ref is not None and not (_close(y, y_ref, rtol) or _permuted_like(y, y_ref, perms[g.name], rtol)):
                 where = f"layer '{name}' ({type(ref.get_submodule(name)).__name__})"
                 break
         raise GroupError(f"permuting the channels of group '{g.name}' changes the output of {where}, so the "
