@@ -1,4 +1,4 @@
-"""Streaming float64 Gram statistics of one conv/linear layer: ``G = X^T X`` and ``C = X^T Y``.
+"""Streaming Gram statistics of one conv/linear layer: ``G = X^T X`` and ``C = X^T Y``, kept in float64.
 
 ``X`` is what the layer reads, one row per sample (linear, ``(N, ..., d_in)`` inputs give
 one row per sample and token) or per output position (conv: the im2col patch matrix of
@@ -8,10 +8,20 @@ for the bias. ``Y`` holds the targets of the layer's outputs on the same rows. A
 
 Only ``G`` (``(groups, d_in+1, d_in+1)``), ``C`` (``(groups, d_in+1, out/groups)``) and
 ``diag(Y^T Y)`` are kept: memory ``O(d_in^2 + d_in * d_out)``, never ``O(N * d_in)``; the
-patches are unfolded a chunk of samples at a time. :func:`gram_bytes` sizes a layer
-before anything is allocated and :meth:`Gram.for_layer` refuses (``ValueError``) a layer
-over the limit. :meth:`Gram.relative_error` gives ``||Y - X w||/||Y||`` from ``G``, ``C``
+patches are unfolded a chunk of samples at a time (or not at all, see below). :func:`gram_bytes`
+sizes a layer before anything is allocated and :meth:`Gram.for_layer` refuses (``ValueError``)
+a layer over the limit. :meth:`Gram.relative_error` gives ``||Y - X w||/||Y||`` from ``G``, ``C``
 and ``diag(Y^T Y)`` alone.
+
+Speed (:mod:`~prune_repair.engine.refit.gram_options`): the products of a chunk are formed in
+float32 for float32/half inputs (float64 inputs keep float64) and summed across chunks in
+float64; ``precision="float64"`` keeps float64 products throughout. The rounding this adds is
+about 1e-7 of ``||G||`` (measured in benchmarks/RESULTS.md, tested to 1e-6), five orders below the
+default ridge damping of 1e-2. A stride-1 conv forms its patch Gram from shifted correlations
+of the input (:mod:`~prune_repair.engine.refit.corr_gram`, no patch matrix; ``method``), and every
+conv its ``X^T Y`` as a weight gradient (:mod:`~prune_repair.engine.refit.conv_gram`). Layers that
+read the same input tensor (q/k/v, gate/up) can share one ``X^T X``: pass the same
+:class:`~prune_repair.engine.refit.shared_gram.SharedInputs` to their :meth:`Gram.add`.
 
 Example:
     >>> import torch
@@ -30,6 +40,7 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +48,15 @@ from torch import nn
 
 from ..run import distributed
 from ..producers import is_conv1d
+from .conv_gram import conv_method, conv_patches, cross_term, kernel_of, output_size, pad_input, patch_sums, patch_view
+from .corr_gram import add_correlation_gram_
+from .gram_options import GramMethod, GramPrecision, compute_dtype, current_options
+
+if TYPE_CHECKING:
+    from .shared_gram import SharedInputs
+
+__all__ = ["Gram", "GramMethod", "GramPrecision", "conv_patches", "has_gram", "reads_last_dim", "row_view",
+           "rows_to_weight", "check_gram_memory", "gram_bytes", "layer_shape", "DEFAULT_MAX_GRAM_BYTES"]
 
 GRAM_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 """Layer classes whose Gram statistics :class:`Gram` can accumulate (and HF ``Conv1D``, see :func:`has_gram`)."""
@@ -69,6 +89,9 @@ def rows_to_weight(module: nn.Module, rows: torch.Tensor, like: torch.Tensor) ->
 
 DEFAULT_MAX_GRAM_BYTES = 4 * 2**30
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+CROSS_SPAN = 32
+"""Samples x sqrt(positions) per float32 weight-gradient call of a conv's ``X^T Y``: the backend sums
+the samples one after another, so its rounding grows with their count (measured: about 6e-8 relative here)."""
 
 
 def layer_shape(module: nn.Module) -> tuple[int, int, int]:
@@ -115,13 +138,20 @@ def check_gram_memory(module: nn.Module, name: str, max_bytes: int) -> int:
 
 
 class Gram:
-    """Accumulated ``G``, ``C``, ``yy`` and row count of one layer (see the module doc)."""
+    """Accumulated ``G``, ``C``, ``yy`` and row count of one layer (see the module doc).
 
-    def __init__(self, module: nn.Module, G: torch.Tensor, C: torch.Tensor, yy: torch.Tensor, name: str = ""):
+    ``precision`` / ``method``: see :mod:`~prune_repair.engine.refit.gram_options` (default: the
+    current :func:`~prune_repair.engine.refit.gram_options.gram_options`)."""
+
+    def __init__(self, module: nn.Module, G: torch.Tensor, C: torch.Tensor, yy: torch.Tensor, name: str = "", *,
+                 precision: GramPrecision | str | None = None, method: GramMethod | str | None = None):
         self.module, self.name = module, name
         self.groups, self.d_in, self.out = layer_shape(module)
         self.G, self.C, self.yy = G, C, yy
         self.rows = 0
+        default_precision, default_method = current_options()
+        self.precision = GramPrecision.parse(precision if precision is not None else default_precision, "Gram precision")
+        self.method = GramMethod.parse(method if method is not None else default_method, "Gram method")
 
     def all_reduce_(self) -> "Gram":
         """Sum ``G``, ``C``, ``yy`` and the row count over the ranks of a torch.distributed
@@ -140,7 +170,8 @@ class Gram:
     @classmethod
     def for_layer(
         cls, module: nn.Module, *, name: str = "", max_bytes: int = DEFAULT_MAX_GRAM_BYTES,
-        device: torch.device | str | None = None,
+        device: torch.device | str | None = None, precision: GramPrecision | str | None = None,
+        method: GramMethod | str | None = None,
     ) -> "Gram":
         """Zero statistics for ``module`` on ``device`` (default: the layer's), after the memory check."""
         check_gram_memory(module, name or type(module).__name__, max_bytes)
@@ -149,56 +180,98 @@ class Gram:
             device = next((p.device for p in module.parameters()), torch.device("cpu"))
         kw = dict(dtype=torch.float64, device=device)
         return cls(module, torch.zeros(groups, d + 1, d + 1, **kw), torch.zeros(groups, d + 1, out // groups, **kw),
-                   torch.zeros(out, **kw), name)
+                   torch.zeros(out, **kw), name, precision=precision, method=method)
 
     def add(self, x: torch.Tensor, y: torch.Tensor, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-            mask: torch.Tensor | None = None) -> None:
+            mask: torch.Tensor | None = None, shared: "SharedInputs | None" = None) -> None:
         """Accumulate the rows of input ``x`` (what the layer reads) and target ``y`` (its
         output's shape: ``(N, out, ...)`` for a conv, ``(N, ..., out)`` for a linear).
 
         ``mask``: an ``(N, T)`` attention mask for token inputs ``(N, T, d_in)`` of a linear
         layer; positions where it is 0 (padding) are left out.
+        ``shared``: a :class:`~prune_repair.engine.refit.shared_gram.SharedInputs` holding the
+        ``X^T X`` of inputs seen before; a layer reading the same tensor (same geometry, mask
+        and options) adds that instead of forming it again.
         """
+        x_in, reused = x, (shared.lookup(self, x, mask) if shared is not None else None)
+        before = self.G.clone() if shared is not None and reused is None else None
         if mask is not None and reads_last_dim(self.module) and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
             keep = mask.to(device=x.device, dtype=torch.bool)
             x, y = x[keep], y.to(x.device)[keep]
         try:
-            self._add(x, y, chunk_bytes)
+            self._add(x, y, chunk_bytes, with_gram=reused is None)
         finally:
             self._buf = None
+        if reused is not None:
+            self.G += reused
+        elif before is not None:
+            shared.store(self, x_in, mask, self.G - before)
 
-    def _add(self, x: torch.Tensor, y: torch.Tensor, chunk_bytes: int) -> None:
+    def _add(self, x: torch.Tensor, y: torch.Tensor, chunk_bytes: int, with_gram: bool = True) -> None:
         g, d, out = self.groups, self.d_in, self.out
-        y_rows = _target_rows(self.module, y, out, self.name)
+        ct = compute_dtype(self.precision, x.dtype)
         if reads_last_dim(self.module):
+            y_rows = _target_rows(self.module, y, out, self.name)
             x_rows = x.reshape(-1, d)
             if len(x_rows) != len(y_rows):
                 raise ValueError(f"layer '{self.name}': {len(x_rows)} input rows but {len(y_rows)} target rows")
-            step = max(1, chunk_bytes // (8 * (d + 1)))
+            step = max(1, chunk_bytes // (ct.itemsize * (d + 1)))
             for start in range(0, len(x_rows), step):
-                self._accumulate(x_rows[start:start + step].unsqueeze(0), y_rows[start:start + step])
+                self._accumulate(x_rows[start:start + step].unsqueeze(0), y_rows[start:start + step], ct, with_gram)
             return
+        _check_conv_target(self.module, x, y, self.name)
         n = x.shape[0]
-        positions = len(y_rows) // max(n, 1)
-        per_sample = 8 * positions * g * (d + 1)
-        step = max(1, chunk_bytes // max(per_sample, 1))
+        padded_one = pad_input(self.module, x[:1])
+        ho, wo = output_size(self.module, padded_one)
+        if conv_method(self.module, (ho, wo), self.method) is GramMethod.CORRELATION:
+            step = max(1, chunk_bytes // max(1, ct.itemsize * padded_one[0].numel()))
+            for start in range(0, n, step):
+                self._correlate(pad_input(self.module, x[start:start + step]).to(ct), y[start:start + step], with_gram)
+            return
+        y_rows = _target_rows(self.module, y, out, self.name)
+        step = max(1, chunk_bytes // max(ct.itemsize * ho * wo * g * (d + 1), 1))
         for start in range(0, n, step):
-            patches = _patch_view(self.module, x[start:start + step])  # a strided view, not copied
-            self._accumulate(patches, y_rows[start * positions:(start + step) * positions])
+            patches = patch_view(self.module, x[start:start + step])  # a strided view, not copied
+            self._accumulate(patches, y_rows[start * ho * wo:(start + step) * ho * wo], ct, with_gram)
 
-    def _accumulate(self, x_rows: torch.Tensor, y_rows: torch.Tensor) -> None:
+    def _accumulate(self, x_rows: torch.Tensor, y_rows: torch.Tensor, ct: torch.dtype, with_gram: bool) -> None:
         g, m = x_rows.shape[0], len(y_rows)  # x_rows: (g, rows, d), or a conv's 7-d patch view
         buf = getattr(self, "_buf", None)
-        if buf is None or buf.shape[0] != g or buf.shape[1] < m:  # one buffer for all chunks of an add()
-            buf = self._buf = torch.empty(g, m, self.d_in + 1, dtype=torch.float64, device=self.G.device)
+        if buf is None or buf.shape[0] != g or buf.shape[1] < m or buf.dtype != ct:  # one buffer for all chunks
+            buf = self._buf = torch.empty(g, m, self.d_in + 1, dtype=ct, device=self.G.device)
         buf = buf[:, :m]
         buf[..., :-1].view(x_rows.shape).copy_(x_rows)  # one copy: layout, dtype and device
         buf[..., -1] = 1.0
-        y = y_rows.to(device=self.G.device, dtype=torch.float64)
-        self.G.baddbmm_(buf.transpose(1, 2), buf)
-        self.C.baddbmm_(buf.transpose(1, 2), y.view(m, g, -1).transpose(0, 1))
-        self.yy.add_(y.square().sum(0))
+        y = y_rows.to(device=self.G.device, dtype=ct).view(m, g, -1).transpose(0, 1)
+        if ct == torch.float64:  # products straight into the float64 sums
+            if with_gram:
+                self.G.baddbmm_(buf.transpose(1, 2), buf)
+            self.C.baddbmm_(buf.transpose(1, 2), y)
+        else:  # products of this chunk in float32, summed across chunks in float64
+            if with_gram:
+                self.G += torch.bmm(buf.transpose(1, 2), buf)
+            self.C += torch.bmm(buf.transpose(1, 2), y)
+        self.yy.add_(y_rows.to(device=self.G.device, dtype=torch.float64).square().sum(0))
         self.rows += m
+
+    def _correlate(self, padded: torch.Tensor, y: torch.Tensor, with_gram: bool) -> None:
+        """One chunk of a conv by the correlation Gram (``padded`` in the compute dtype): no patch matrix."""
+        d, g = self.d_in, self.groups
+        rows = y.shape[0] * math.prod(y.shape[2:])
+        if with_gram:
+            add_correlation_gram_(self.G[:, :d, :d], padded, kernel_of(self.module))
+            sums = patch_sums(self.module, padded)
+            self.G[:, :d, d] += sums
+            self.G[:, d, :d] += sums
+            self.G[:, d, d] += rows
+        step = max(1, int(CROSS_SPAN / math.sqrt(rows / len(y)))) if padded.dtype != torch.float64 else len(y)
+        for start in range(0, len(y), step):  # the backend sums samples one after another: few per call
+            self.C[:, :d] += cross_term(self.module, padded[start:start + step], y[start:start + step])
+        y = y.to(device=self.G.device, dtype=torch.float64)
+        dims = [i for i in range(y.dim()) if i != 1]
+        self.C[:, d] += y.sum(dims).view(g, -1)
+        self.yy += y.square().sum(dims)
+        self.rows += rows
 
     def relative_error(self, weight: torch.Tensor, *, intercept: bool = True) -> torch.Tensor:
         """``||Y - X w|| / ||Y||`` over the whole layer, from the statistics alone.
@@ -219,44 +292,10 @@ class Gram:
         return bool(torch.isfinite(self.G.sum() + self.C.sum() + self.yy.sum()))
 
 
-def conv_patches(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """im2col rows of a Conv1d/Conv2d input as ``(groups, N * positions, d_in)`` float64.
-
-    Column order matches ``weight.reshape(out, -1)``; padding modes (zeros, reflect,
-    replicate, circular) and string padding ("same", "valid") are honoured.
-
-    >>> conv = nn.Conv2d(2, 4, 3, padding=1, groups=2).double()
-    >>> x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
-    >>> p = conv_patches(conv, x)
-    >>> w = conv.weight.detach().reshape(2, 2, -1)          # (groups, out/groups, d_in)
-    >>> y = torch.einsum("gmd,god->mgo", p, w).reshape(3, 25, 4).transpose(1, 2)
-    >>> torch.allclose(y.reshape(3, 4, 5, 5), conv(x) - conv.bias[:, None, None])
-    True
-    """
-    view = _patch_view(module, x)
-    g, n = view.shape[:2]
-    return view.reshape(g, n * view.shape[2] * view.shape[3], -1).to(torch.float64)
-
-
-def _patch_view(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """im2col of ``x`` as a strided VIEW ``(groups, N, H_out, W_out, C_in/groups, kH, kW)``: no copy
-    but the padding. Copying it into a contiguous buffer gives the ``(groups, N, positions, d_in)``
-    patch rows in ``weight.reshape(out, -1)`` column order, and costs a fraction of ``F.unfold``
-    (which ran single-threaded at about 1 GB/s here)."""
-    one_d = isinstance(module, nn.Conv1d)
-
-    def pair(v):
-        return (1,) + tuple(v) if one_d else tuple(v)
-    pad = tuple(module._reversed_padding_repeated_twice)
-    if any(pad):
-        x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
-    if one_d:
-        x = x.unsqueeze(2)
-    (kh, kw), (dh, dw), (sh, sw) = pair(module.kernel_size), pair(module.dilation), pair(module.stride)
-    view = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)[..., ::dh, ::dw]
-    n, c, ho, wo = view.shape[:4]
-    g = module.groups
-    return view.view(n, g, c // g, ho, wo, kh, kw).permute(1, 0, 3, 4, 2, 5, 6)
+def _check_conv_target(module: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str) -> None:
+    if y.dim() < 2 or y.shape[1] != module.out_channels or y.shape[0] != x.shape[0]:
+        raise ValueError(f"layer '{name}' has {module.out_channels} output channels but its target has shape "
+                         f"{list(y.shape)} for an input of shape {list(x.shape)}")
 
 
 def _target_rows(module: nn.Module, y: torch.Tensor, out: int, name: str) -> torch.Tensor:

@@ -1,0 +1,123 @@
+"""Pieces of a conv layer's Gram statistics: padded inputs, im2col views, the method choice, and the
+cross term ``X^T Y`` and the patch sums without unfolding anything.
+
+A Conv1d is handled as a Conv2d of height 1. ``X^T Y`` of a conv is its weight gradient with the
+targets as output gradient (``torch.nn.grad.conv2d_weight``: the backend's convolution kernel,
+no patch matrix); the ones column of ``X`` gives ``X^T 1``, the sums of each patch column, which
+are box sums of the sample-summed input.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> conv = nn.Conv2d(2, 4, 3, padding=1, groups=2).double()
+    >>> x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    >>> p = conv_patches(conv, x)
+    >>> w = conv.weight.detach().reshape(2, 2, -1)          # (groups, out/groups, d_in)
+    >>> y = torch.einsum("gmd,god->mgo", p, w).reshape(3, 25, 4).transpose(1, 2)
+    >>> torch.allclose(y.reshape(3, 4, 5, 5), conv(x) - conv.bias[:, None, None])
+    True
+    >>> torch.allclose(patch_sums(conv, pad_input(conv, x)), p.sum(1))
+    True
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .corr_gram import correlation_cost, supports
+from .gram_options import GramMethod
+
+MIN_CORRELATION_CHANNELS = 8
+"""Below this many channels per group the per-offset products are too thin to pay for their overhead."""
+CORRELATION_ADVANTAGE = 0.7
+"""``auto`` takes the correlation Gram when it needs at most this share of im2col's multiplications."""
+
+
+def _pair(module: nn.Conv1d | nn.Conv2d, value) -> tuple[int, int]:
+    return (1,) + tuple(value) if isinstance(module, nn.Conv1d) else tuple(value)
+
+
+def kernel_of(module: nn.Conv1d | nn.Conv2d) -> tuple[int, int]:
+    """The kernel as ``(kh, kw)`` (height 1 for a Conv1d)."""
+    return _pair(module, module.kernel_size)
+
+
+def pad_input(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``x`` padded as the layer pads it (any padding mode, string padding), as ``(N, C, H, W)``."""
+    pad = tuple(module._reversed_padding_repeated_twice)
+    if any(pad):
+        x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    return x.unsqueeze(2) if isinstance(module, nn.Conv1d) else x
+
+
+def patch_view(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor, *, padded: bool = False) -> torch.Tensor:
+    """im2col of ``x`` as a strided VIEW ``(groups, N, H_out, W_out, C_in/groups, kH, kW)``: no copy
+    but the padding. Copying it into a contiguous buffer gives the ``(groups, N, positions, d_in)``
+    patch rows in ``weight.reshape(out, -1)`` column order, and costs a fraction of ``F.unfold``
+    (which ran single-threaded at about 1 GB/s here). ``padded``: ``x`` is already :func:`pad_input`'s."""
+    x = x if padded else pad_input(module, x)
+    (kh, kw), (dh, dw), (sh, sw) = kernel_of(module), _pair(module, module.dilation), _pair(module, module.stride)
+    view = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)[..., ::dh, ::dw]
+    n, c, ho, wo = view.shape[:4]
+    g = module.groups
+    return view.view(n, g, c // g, ho, wo, kh, kw).permute(1, 0, 3, 4, 2, 5, 6)
+
+
+def conv_patches(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """im2col rows of a Conv1d/Conv2d input as ``(groups, N * positions, d_in)`` float64.
+
+    Column order matches ``weight.reshape(out, -1)``; padding modes (zeros, reflect,
+    replicate, circular) and string padding ("same", "valid") are honoured.
+    """
+    view = patch_view(module, x)
+    g, n = view.shape[:2]
+    return view.reshape(g, n * view.shape[2] * view.shape[3], -1).to(torch.float64)
+
+
+def output_size(module: nn.Conv1d | nn.Conv2d, padded: torch.Tensor) -> tuple[int, int]:
+    """``(H_out, W_out)`` of the layer on a :func:`pad_input` input."""
+    (kh, kw), (dh, dw), (sh, sw) = kernel_of(module), _pair(module, module.dilation), _pair(module, module.stride)
+    hp, wp = padded.shape[2:]
+    return (hp - (kh - 1) * dh - 1) // sh + 1, (wp - (kw - 1) * dw - 1) // sw + 1
+
+
+def conv_method(module: nn.Conv1d | nn.Conv2d, out_size: tuple[int, int], requested: GramMethod | str) -> GramMethod:
+    """The method that forms the patch Gram: ``auto`` takes the correlation Gram for a stride-1,
+    dilation-1 conv with enough channels per group where it saves multiplications; ``correlation``
+    on a layer it does not apply to is a ``ValueError``."""
+    requested = GramMethod.parse(requested, "Gram method")
+    kernel = kernel_of(module)
+    fits = (_pair(module, module.stride) == (1, 1) and _pair(module, module.dilation) == (1, 1)
+            and supports(out_size, kernel))
+    if requested is GramMethod.CORRELATION:
+        if not fits:
+            raise ValueError(f"method='correlation' needs a stride-1, dilation-1 conv with outputs of at least the "
+                             f"kernel size - 1, not {module}: use method='auto' or 'im2col'")
+        return requested
+    if requested is GramMethod.AUTO and fits and module.in_channels // module.groups >= MIN_CORRELATION_CHANNELS:
+        if correlation_cost(out_size, kernel) <= CORRELATION_ADVANTAGE * math.prod(kernel) ** 2 * math.prod(out_size):
+            return GramMethod.CORRELATION
+    return GramMethod.IM2COL
+
+
+def cross_term(module: nn.Conv1d | nn.Conv2d, padded: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``X^T Y`` as ``(groups, d_in, out/groups)`` in ``padded``'s dtype: the weight gradient of the
+    layer (no padding: ``padded`` is :func:`pad_input`'s) with ``y`` ``(N, out, ...)`` as output gradient."""
+    g, out = module.groups, module.out_channels
+    kh, kw = kernel_of(module)
+    y4 = y.reshape(y.shape[0], out, *output_size(module, padded)).to(padded.dtype)
+    weight = torch.nn.grad.conv2d_weight(padded, (out, padded.shape[1] // g, kh, kw), y4,
+                                         stride=_pair(module, module.stride), dilation=_pair(module, module.dilation),
+                                         groups=g)
+    return weight.reshape(g, out // g, -1).transpose(1, 2)
+
+
+def patch_sums(module: nn.Conv1d | nn.Conv2d, padded: torch.Tensor) -> torch.Tensor:
+    """``X^T 1``: the sum of every patch column over samples and positions, ``(groups, d_in)`` float64."""
+    summed = padded.sum(0, keepdim=True, dtype=torch.float64)
+    view = patch_view(module, summed, padded=True)  # (g, 1, Ho, Wo, C/g, kh, kw)
+    return view.sum((1, 2, 3)).reshape(module.groups, -1)
