@@ -144,7 +144,7 @@ def warn_empty(targets: list[Target]) -> list[str]:
     """Warn (naming them) about layers left all zero; returns their FQNs."""
     empty = empty_layers(targets)
     if empty:
-        warnings.warn(f"{len(empty)} layer(s) are now all zero ({', '.join(empty[:5])}"
+        warnings.warn(f"{len(empty)} pruned layer(s) are all zero ({', '.join(empty[:5])}"
                       f"{', ...' if len(empty) > 5 else ''}): their outputs no longer depend on their inputs; "
                       "lower the sparsity or keep the per-layer floor", stacklevel=3)
     return empty

@@ -232,12 +232,12 @@ def obs_rows(W: torch.Tensor, H: torch.Tensor, k: int, d: int, block_size: int =
         must = forced[:, :, b0:b1] if forced is not None else torch.zeros_like(score, dtype=torch.bool)
         quota = max(0, round(k * b1 / d) - done - int(must.sum()))
         score = score.masked_fill(must, float("inf"))
-        drop = must.clone()
+        drop = must.clone(memory_format=torch.contiguous_format)
         if quota:
             lowest = torch.sort(score.reshape(-1), stable=True).indices[:quota]
             drop.view(-1)[lowest] = True
         if nm is not None:
-            drop = must.clone()
+            drop = must.clone(memory_format=torch.contiguous_format)
         err = torch.zeros_like(W1)
         for i in range(b1 - b0):
             if nm is not None and i % nm.m == 0:

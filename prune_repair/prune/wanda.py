@@ -11,7 +11,10 @@ pass over the calibration data (:func:`input_norms`):
 - conv layers: the norm of each column of the im2col patch matrix (``C_in/groups * kH *
   kW`` per output channel), over samples and output positions;
 - ``nn.MultiheadAttention``'s packed ``in_proj_weight``: the q, k and v rows each use the
-  norm of their own input (query, key, value).
+  norm of their own input (query, key, value); its ``out_proj``, whose weight the attention
+  uses inside ``F.multi_head_attention_forward`` (or a fused kernel) without calling the
+  module, reads the attention's context, recomputed from the same inputs with an identity
+  output projection.
 
 A layer whose inputs the pass never sees (its weight handed to ``F.linear`` by a parent)
 is scored by magnitude alone, with a warning naming it.
@@ -34,6 +37,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..engine.producers import is_conv1d, is_packed_attention
@@ -81,14 +85,50 @@ class _Norms:
             self.add(fqn, total)
         return hook
 
-    def attention_hook(self, fqn: str):
+    def attention_hook(self, fqn: str | None, out_fqn: str | None):
         def hook(module, args, kwargs):
             names = ("query", "key", "value")
             parts = [args[i] if i < len(args) else kwargs.get(names[i]) for i in range(3)]
             first = module.batch_first
-            self.add(fqn, torch.stack([self.tokens(p.detach(), first).to(torch.float64).square().sum(0)
-                                       for p in parts]))
+            if fqn is not None:
+                self.add(fqn, torch.stack([self.tokens(p.detach(), first).to(torch.float64).square().sum(0)
+                                           for p in parts]))
+            if out_fqn is not None:
+                extra = {k: v for k, v in kwargs.items() if k in CONTEXT_ARGS}
+                extra.update({name: args[i] for i, name in ((3, "key_padding_mask"), (5, "attn_mask"),
+                                                            (7, "is_causal")) if i < len(args)})
+                context = attention_context(module, *parts, **extra)
+                self.add(out_fqn, self.tokens(context, first).to(torch.float64).square().sum(0))
         return hook
+
+
+CONTEXT_ARGS = ("key_padding_mask", "attn_mask", "is_causal")
+
+
+def attention_context(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      key_padding_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                      is_causal: bool = False) -> torch.Tensor:
+    """What ``mha.out_proj`` reads: the attention's output before its output projection.
+
+    >>> mha = nn.MultiheadAttention(4, 2, batch_first=True).eval()
+    >>> x = torch.randn(2, 3, 4)
+    >>> torch.allclose(mha.out_proj(attention_context(mha, x, x, x)), mha(x, x, x)[0], atol=1e-6)
+    True
+    """
+    q, k, v = query, key, value
+    if mha.batch_first and q.dim() == 3:
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    e = mha.embed_dim
+    eye = torch.eye(e, dtype=q.dtype, device=q.device)
+    separate = not mha._qkv_same_embed_dim
+    with torch.no_grad():
+        out, _ = F.multi_head_attention_forward(
+            q, k, v, e, mha.num_heads, mha.in_proj_weight, mha.in_proj_bias, mha.bias_k, mha.bias_v,
+            mha.add_zero_attn, 0.0, eye, None, training=False, key_padding_mask=key_padding_mask,
+            need_weights=False, attn_mask=attn_mask, use_separate_proj_weight=separate,
+            q_proj_weight=mha.q_proj_weight if separate else None, k_proj_weight=mha.k_proj_weight if separate else None,
+            v_proj_weight=mha.v_proj_weight if separate else None, is_causal=is_causal)
+    return out.transpose(0, 1) if mha.batch_first and out.dim() == 3 else out
 
 
 def input_norms(model: nn.Module, targets: list[Target], data: Any,
@@ -97,15 +137,21 @@ def input_norms(model: nn.Module, targets: list[Target], data: Any,
     ``(d_in,)`` for linear/Conv1D, ``(groups, d_in)`` for convs, ``(3, embed_dim)`` for
     packed attention. Targets whose inputs were never seen are missing from the result."""
     norms = _Norms()
-    pre_hooks, attention = {}, []
+    by_module = {t.module: t.fqn for t in targets}
+    attention = {m: (by_module.get(m) if is_packed_attention(m) else None, by_module.get(m.out_proj))
+                 for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    attention = {m: fqns for m, fqns in attention.items() if fqns != (None, None)}
+    inside = {fqns[1] for fqns in attention.values()}  # out_proj: measured by its attention
+    pre_hooks = {}
     for t in targets:
-        if is_packed_attention(t.module):
-            attention.append(t)
-        elif isinstance(t.module, (nn.Conv1d, nn.Conv2d)):
+        if is_packed_attention(t.module) or t.fqn in inside:
+            continue
+        if isinstance(t.module, (nn.Conv1d, nn.Conv2d)):
             pre_hooks[t.module] = norms.conv_hook(t.fqn)
         else:
             pre_hooks[t.module] = norms.linear_hook(t.fqn)
-    handles = [t.module.register_forward_pre_hook(norms.attention_hook(t.fqn), with_kwargs=True) for t in attention]
+    handles = [m.register_forward_pre_hook(norms.attention_hook(*fqns), with_kwargs=True)
+               for m, fqns in attention.items()]
     try:
         with hooked_pass(model, pre_hooks=pre_hooks, forward_fn=forward_fn) as run:
             for batch in as_batches(data):
