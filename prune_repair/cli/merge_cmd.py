@@ -17,6 +17,7 @@ from ..io import ZOO_PREFIX, atomic_write, check_output_path, load_model, load_s
 from ..merge import Align, barrier_curve, check_alpha, check_same_architecture, prepare_merge
 from ..merge.barrier import BarrierCurve, CurvePoint, alpha_grid, plot_curve, require_matplotlib
 from ..engine.correct.modes import RepairMode, Variant
+from . import hf_cmd, hf_merge
 from .main import main
 from .common import (BATCH_SIZE, calib_size_for, check_fits, check_outputs, common_options, console, data_options,
                      handle_errors, load_data, metrics_table, out_console, progress, resolve_device, write_report,
@@ -89,6 +90,15 @@ def merge_command(checkpoints, arch, arch_kwargs, data, eval_data, calib_size, s
     if len(checkpoints) < 2:
         raise ValueError("merge needs at least two checkpoints: prune-repair merge A.pt B.pt ...")
     alpha = check_alpha(alpha)
+    if len(checkpoints) > 2 and (alpha != 0.5 or curve is not None):
+        raise ValueError("--alpha and --curve apply to two checkpoints; more checkpoints are merged uniformly")
+    if hf_cmd.wants_hf(arch, checkpoints):  # HF directories, dict batches, perplexity
+        return hf_merge.merge(checkpoints=checkpoints, arch=arch, arch_kwargs=arch_kwargs, data=data,
+                              eval_data=eval_data, calib_size=calib_size, seed=seed, dev=resolve_device(device),
+                              out=out, report=report, force=force, align=align, alpha=alpha, mode=mode,
+                              variant=variant, curve=curve, plot=plot, groups=_groups_spec(groups_file),
+                              include_classifier=include_classifier, align_size=align_size, preprocess=preprocess,
+                              batch_size=batch_size, eval_size=eval_size, workers=workers)
     if plot is not None and curve is None:
         curve = 11
     if len(checkpoints) > 2 and (alpha != 0.5 or curve is not None):
