@@ -235,10 +235,11 @@ def repair(*, pruned, reference, arch, arch_kwargs, data, eval_data, calib_size,
     start = time.perf_counter()
     if RepairMode.parse(mode, "correction").reconstructs:  # refit the layers to the reference's outputs
         result = repair_(model, ref_model, d.calib, repair=mode, variant=variant, damping=damping, passes=passes,
-                         offload=offload)
+                         offload=offload, progress=True)
     else:
         goal = collect_stats(ref_model, d.calib, include_classifier=include_classifier)
-        result = repair_(model, goal, d.calib, repair=mode, variant=variant, passes=passes, offload=offload)
+        result = repair_(model, goal, d.calib, repair=mode, variant=variant, passes=passes, offload=offload,
+                         progress=True)
     seconds = time.perf_counter() - start
     metrics["after"] = d.evaluate(model)
     save_hf_model(model, out, force=force)

@@ -88,10 +88,11 @@ def repair_command(pruned, reference, arch, arch_kwargs, data, eval_data, calib_
     start = time.perf_counter()
     if reconstructs:  # the layers are refitted to the reference's outputs (its zeros mask kept)
         result = repair_(model, ref_model, d.calib_batches, repair=mode, variant=variant, damping=damping,
-                         passes=passes, offload=offload)
+                         passes=passes, offload=offload, progress=True)
     else:
         goal = goal if goal is not None else collect_stats(ref_model, d.calib_batches, include_classifier=include_classifier)
-        result = repair_(model, goal, d.calib_batches, repair=mode, variant=variant, passes=passes, offload=offload)
+        result = repair_(model, goal, d.calib_batches, repair=mode, variant=variant, passes=passes, offload=offload,
+                         progress=True)
     seconds = time.perf_counter() - start
     metrics["after"] = evaluate(model, d.eval_x, d.eval_y)
 

@@ -143,12 +143,15 @@ def _parse(repair: RepairMode | str, variant: Variant | str, passes: Passes | st
     passes = Passes.parse(passes, "passes")
     if (blocks is not None or offload is not None) and passes is not Passes.BLOCKWISE:
         raise ValueError("blocks= and offload= apply to passes='blockwise' only: add passes='blockwise'")
-    if passes is not Passes.LOCKSTEP and variant is not Variant.EXACT:
-        raise ValueError(f"passes='{passes.value}' chooses how the exact variant goes over several batches; the "
-                         f"'{variant.value}' variant makes one pass anyway: leave passes at its default")
     if variant is Variant.CLOSED_FORM:
         raise ValueError("the closed-form variant predicts merged statistics from the endpoints: "
                          "it applies to merging only (prepare_merge(...).merged(variant='closed-form'))")
+    if passes is not Passes.LOCKSTEP and variant is not Variant.EXACT:
+        raise ValueError(f"passes='{passes.value}' chooses how the exact variant goes over several batches; the "
+                         f"'{variant.value}' variant makes one pass anyway: leave passes at its default")
+    if variant is Variant.ALL_AT_ONCE and mode is RepairMode.RECONSTRUCT:
+        raise ValueError("'reconstruct' refits each layer with the layers before it already refitted, so the "
+                         "'all-at-once' variant does not apply: leave variant at 'exact'")
     return mode, variant, passes
 
 

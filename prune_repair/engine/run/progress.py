@@ -4,7 +4,8 @@
 
 - ``None`` or ``False``: silent (the library default);
 - ``True``: shown on stderr, a rich progress bar on a terminal, plain lines otherwise (at
-  most one every :data:`PLAIN_EVERY_S` seconds, plus the last);
+  most one every :data:`PLAIN_EVERY_S` seconds, plus the last); under ``torch.distributed``
+  by rank 0 only;
 - a callable ``progress(done, total)``: called after each step.
 
 Example:
@@ -23,19 +24,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-ProgressArg = "bool | Callable[[int, int], None] | None"
+from . import distributed
+
+ProgressArg = bool | Callable[[int, int], None] | None
 PLAIN_EVERY_S = 5.0
 
 
 class Progress:
     """Counts decided steps of a pass named ``what`` and shows them as ``progress`` asks (module doc)."""
 
-    def __init__(self, what: str, total: int, progress: Any = None):
+    def __init__(self, what: str, total: int, progress: ProgressArg = None):
         if progress is not None and not isinstance(progress, bool) and not callable(progress):
             raise TypeError(f"progress must be True, False, None or a callable(done, total), got {progress!r}")
         self.what, self.total, self.done = what, total, 0
         self.callback = progress if callable(progress) and not isinstance(progress, bool) else None
-        self.shown = progress is True
+        self.shown = progress is True and distributed.is_main_process()
         self.where = ""  # the block being worked on, when blockwise
         self._bar: Any = None
         self._last = 0.0
