@@ -255,7 +255,7 @@ def prune_(
     zero is warned about.
     """
     sparsity, method, style = parse_sparsity(sparsity), parse_method(method), MaskStyle(style)
-    if isinstance(sparsity, NMPattern) and sparsity_config:
+    if isinstance(sparsity, NMPattern) and sparsity_config is not None:
         raise PruneError(f"an N:M pattern ({sparsity}) applies to every layer: it does not mix with a sparsity config")
     select = head_filter(model, select, prune_head, sparsity_config)
     if method.reconstructs:
@@ -264,7 +264,7 @@ def prune_(
     options = options or FisherOptions()
     targets = find_targets(model, select=select, skip_first=skip_first, skip_classifier=skip_classifier,
                            example_inputs=_example(data) if data is not None else None, include_tied=include_tied)
-    overrides = layer_sparsities(targets, sparsity_config) if sparsity_config else {}
+    overrides = layer_sparsities(targets, sparsity_config) if sparsity_config is not None else {}
     if isinstance(sparsity, NMPattern):
         check_divides(targets, sparsity)
     if scores is None and method in (PruneMethod.GLOBAL_MAGNITUDE, PruneMethod.LAYER_MAGNITUDE):

@@ -138,7 +138,7 @@ def obs_prune_(
     start = time.perf_counter()
     sparsity = parse_sparsity(sparsity)
     pattern = sparsity if isinstance(sparsity, NMPattern) else None
-    if pattern is not None and sparsity_config:
+    if pattern is not None and sparsity_config is not None:
         raise PruneError(f"an N:M pattern ({pattern}) applies to every layer: it does not mix with a sparsity config")
     if allocation not in ("uniform", "global"):
         raise PruneError(f"unknown allocation {allocation!r}: use 'uniform' or 'global'")
@@ -161,7 +161,7 @@ def obs_prune_(
     numels = [m.weight.numel() for _, m in layers]
     seconds: dict[str, float] = {}
     overrides = layer_sparsities([Target(f, m, n) for (f, m), n in zip(layers, numels)],
-                                 sparsity_config) if sparsity_config else {}
+                                 sparsity_config) if sparsity_config is not None else {}
     if pattern is not None:
         budgets = [round(pattern.sparsity * n) for n in numels]
         sparsity = pattern.sparsity

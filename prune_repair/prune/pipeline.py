@@ -199,7 +199,7 @@ def prune_and_repair(
                            example_inputs=head(x, 2), include_tied=include_tied)
     if isinstance(sparsities[0], NMPattern) and not method.reconstructs:  # refuse before any work
         check_divides(targets, sparsities[0])
-    if sparsity_config:
+    if sparsity_config is not None:
         layer_sparsities(targets, sparsity_config)
     if method is PruneMethod.WOODFISHER:  # refuse before any work, not after the dense evaluation
         o = options or FisherOptions()
