@@ -21,6 +21,8 @@ Run from the repository root (the package importable)::
     python benchmarks/bench_merge.py mlp-8x128       # some pairs (results cached per pair)
     python benchmarks/bench_merge.py mlp-4x128 --epochs 12   # extra row: longer training
     python benchmarks/bench_merge.py --report-only   # rebuild the RESULTS.md section from the cache
+    python benchmarks/bench_merge.py vit             # two MNIST ViTs (zoo:mnist-vit + zoo:mnist-vit-b when
+                                                     # installed, else two tiny ones trained here): own section
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ from prune_repair.merge import (
     prepare_merge,
     weight_matching,
 )
+from prune_repair import zoo
 from prune_repair.zoo.models import MLP, PlainCNN, ResNetMini
+from prune_repair.zoo.vit import mnist_vit
 from training import load_or_train
 
 HERE = Path(__file__).resolve().parent
@@ -67,6 +71,15 @@ PAIRS: dict[str, dict] = {
                     "train": {"epochs": 3, "lr": 0.1, "batch_size": 128, "samples": 20000}},
 }
 
+VIT_OWN = {"num_layers": 2, "hidden_dim": 32, "num_heads": 4, "mlp_dim": 64}
+TRANSFORMER_PAIRS: dict[str, dict] = {
+    # the zoo's two MNIST ViTs when their weights are installed, else two tiny ones trained here
+    "vit": {"build": lambda: mnist_vit(**VIT_OWN), "zoo": ("mnist-vit", "mnist-vit-b"),
+            "train": {"epochs": 5, "lr": 0.05, "batch_size": 128, "samples": 60000}},
+}
+PAIRS.update(TRANSFORMER_PAIRS)
+VIT_START, VIT_END = "<!-- merge-vit:start -->", "<!-- merge-vit:end -->"
+
 
 def he_init_(model: nn.Module) -> None:
     """He (Kaiming normal, fan-in) weights and zero biases: deep ReLU MLPs train from it."""
@@ -83,6 +96,8 @@ def run_key(name: str, epochs: int | None) -> str:
 
 def trained_pair(name: str, x: torch.Tensor, y: torch.Tensor, epochs: int | None = None) -> list[nn.Module]:
     spec, models = PAIRS[name], []
+    if "zoo" in spec and epochs is None and all(zoo.weights_path(n).is_file() for n in spec["zoo"]):
+        return [zoo.load(f"zoo:{n}").eval() for n in spec["zoo"]]
     t = {**spec["train"], **({} if epochs is None else {"epochs": epochs})}
     key = run_key(name, epochs)
     for seed in (0, 1):
@@ -113,13 +128,22 @@ def forward_both(models: list[nn.Module], batches: list[torch.Tensor]) -> None:
                 m(b)
 
 
+def source_of(name: str, epochs: int | None) -> str:
+    """Where a pair's models come from (zoo weights, or trained here with which budget)."""
+    spec = PAIRS[name]
+    if "zoo" in spec and epochs is None and all(zoo.weights_path(n).is_file() for n in spec["zoo"]):
+        return " + ".join(f"zoo:{n}" for n in spec["zoo"])
+    t = {**spec["train"], **({} if epochs is None else {"epochs": epochs})}
+    return f"trained here, seeds 0/1, {t['epochs']} epochs on {t['samples']} images"
+
+
 def run_pair(name: str, x, y, x_test, y_test, curve_points: int, epochs: int | None = None) -> dict:
     models = trained_pair(name, x, y, epochs)
     calib_x, _ = calibration_batch(x, y, 1000, seed=0)
     calib = list(calib_x.split(250))
     acc = lambda m: evaluate(m, x_test, y_test)["acc"]  # noqa: E731
     has_bn = any(isinstance(m, nn.BatchNorm2d) for m in models[0].modules())
-    row: dict = {"endpoints": [acc(m) for m in models]}
+    row: dict = {"endpoints": [acc(m) for m in models], "source": source_of(name, epochs)}
     row["naive"] = acc(prepare_merge(models, calib, align="none").merged([0.5, 0.5], repair="none")[0])
     plans = {}
     for method in ("weight", "activation"):
@@ -189,6 +213,40 @@ def section(results: dict[str, dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def gap(r: dict, key: str) -> float | None:
+    """Barrier at alpha 0.5: the endpoints' mean accuracy minus the merged model's, in points."""
+    return None if r.get(key) is None else 100 * (sum(r["endpoints"]) / 2 - r[key])
+
+
+def vit_section(results: dict[str, dict], meta: dict) -> str:
+    """RESULTS.md section of the transformer pairs: midpoint accuracy and barriers."""
+    lines = [VIT_START, "## Merging transformers (bench_merge.py vit)", "",
+             f"Measured {meta['date']} with torch {meta['torch']}, {meta['threads']} CPU thread(s) on a shared "
+             "2-core machine. Reproduce: `python benchmarks/bench_merge.py vit` (models trained here are cached "
+             "in benchmarks/cache/, git-ignored). Head-aware permutation groups (heads as units, dims inside "
+             "heads, residual stream, MLP units); calibration 1,000 training images; accuracy on all 10,000 "
+             "test images (%). Exact one-pass repair.", "",
+             "| pair | models | A | B | naive | WM | WM+repair | WM+rescale | AM | AM+repair | AM+rescale |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        cells = [pct(r["endpoints"][0]), pct(r["endpoints"][1]), pct(r["naive"])]
+        cells += [pct(r[k]) for k in ("wm_none", "wm_repair", "wm_rescale", "am_none", "am_repair", "am_rescale")]
+        lines.append(f"| {name} | {r.get('source', '?')} | " + " | ".join(cells) + " |")
+    lines += ["", "Barrier at alpha 0.5 (mean endpoint accuracy minus the merged model's, points; target: aligned + "
+              "repair under half of naive), and over the whole AM path (`--curve` alphas, raw and `auto` repair):", "",
+              "| pair | naive | WM | WM+repair | AM | AM+repair | best aligned+repair / naive | AM path raw | "
+              "AM path repaired | plot |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        g = {k: gap(r, k) for k in ("naive", "wm_none", "wm_repair", "am_none", "am_repair")}
+        best = min(g["wm_repair"], g["am_repair"])
+        b = r["curve"]["barrier"]
+        lines.append(f"| {name} | " + " | ".join(f"{g[k]:.1f}" for k in g) +
+                     f" | {best / g['naive']:.2f} | {pct(b['acc_raw'])} | {pct(b['acc'])} | "
+                     f"[png](merge_curve_{name}.png) |")
+    lines.append(VIT_END)
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pairs", nargs="*", help=f"pairs to run (default: all of {', '.join(PAIRS)})")
@@ -218,9 +276,14 @@ def main() -> None:
         list(PAIRS).index(f.stem[len("merge-results-"):].split("@")[0]), f.stem))
     results = {f.stem[len("merge-results-"):]: json.loads(f.read_text()) for f in files
                if f.stem[len("merge-results-"):].split("@")[0] in PAIRS}
-    if results:
-        replace_section(RESULTS, section(results, next(iter(results.values()))["meta"]))
-        print(f"wrote the merge section of {RESULTS} ({len(results)} pairs)")
+    plain = {k: v for k, v in results.items() if k.split("@")[0] not in TRANSFORMER_PAIRS}
+    transformers = {k: v for k, v in results.items() if k.split("@")[0] in TRANSFORMER_PAIRS}
+    if plain:  # a section is rebuilt only from its own cached results (never emptied)
+        replace_section(RESULTS, section(plain, next(iter(plain.values()))["meta"]))
+        print(f"wrote the merge section of {RESULTS} ({len(plain)} pairs)")
+    if transformers:
+        replace_section(RESULTS, vit_section(transformers, next(iter(transformers.values()))["meta"]))
+        print(f"wrote the merge-vit section of {RESULTS} ({len(transformers)} pairs)")
 
 
 if __name__ == "__main__":
