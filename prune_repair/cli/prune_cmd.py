@@ -93,7 +93,7 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
       prune-repair prune zoo:mnist-cnn --data mnist --sparsity 0.9 --out pruned.pt
       prune-repair prune zoo:mnist-mlp --data mnist --sparsity 0.5,0.8,0.9,0.95 \\
           --method woodfisher --report report.json --out pruned.pt
-      prune-repair prune zoo:mnist-cnn --data mnist --sparsity 2:4 --method wanda --out pruned.pt
+      prune-repair prune zoo:mnist-cnn --data mnist --sparsity 2:4 --skip-first --method wanda --out pruned.pt
       prune-repair prune zoo:mnist-cnn --data mnist --structured 0.25 --out smaller.pt
     """
     if structured is not None:  # physically smaller: units/channels removed first (structured_cmd)

@@ -310,6 +310,7 @@ def _obs_prune(model: nn.Module, sparsity: float | NMPattern, data: Any, obs: Ob
                         block_size=obs.block_size, target=obs.target, select=select, skip_first=skip_first,
                         skip_classifier=skip_classifier, sparsity_config=config, floor=floor)
     modules = dict(model.named_modules())
+    warn_empty([Target(la.fqn, modules[la.fqn], la.weights) for la in result.layers])
     masks = {la.fqn: modules[la.fqn].weight.detach() != 0 for la in result.layers}
     zeros = sum(int((~m).sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
