@@ -97,7 +97,7 @@ def test_models_whose_head_counts_differ_are_refused_in_one_line(align):
     (lambda: nn.Sequential(nn.Conv2d(3, 8, 8, 8), nn.Flatten(2), nn.Unflatten(1, (1, 8)), nn.Flatten(1, 2),
                            nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)),
      r"layer '4\.self_attn' \(MultiheadAttention\) is attention: head-aware permutation groups are built for "
-     r"torchvision VisionTransformer, HF GPT-2 and LLaMA only, not for Sequential"),
+     r"torchvision VisionTransformer, HF GPT-2, LLaMA and BERT only, not for Sequential"),
     (lambda: SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[2, 2],
                              num_classes=10), r"layer 'features\.1\.0\.attn' \(ShiftedWindowAttention\)"),
 ])

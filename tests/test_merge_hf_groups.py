@@ -1,6 +1,7 @@
-"""Head-aware permutation groups of HF GPT-2 (Conv1D) and LLaMA (RMSNorm, rotary, grouped-query
-attention): a permuted copy is recovered exactly by weight and by activation matching and
-merges back to the model at every alpha; padded tokens are left out of the matching."""
+"""Head-aware permutation groups of HF GPT-2 (Conv1D), LLaMA (RMSNorm, rotary, grouped-query
+attention) and BERT (separate q/k/v, post-LayerNorm): a permuted copy is recovered exactly by
+weight and by activation matching and merges back to the model at every alpha; padded tokens
+are left out of the matching."""
 
 import pytest
 import torch
@@ -37,11 +38,19 @@ def tokens(seed=0, n=12, t=10, junk=None):
     return {"input_ids": ids * mask + fill * (1 - mask), "attention_mask": mask}
 
 
+def bert(seed, heads=4):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=heads,
+                                     intermediate_size=32, max_position_embeddings=32, num_labels=3,
+                                     vocab_size=VOCAB, pad_token_id=0)
+    return transformers.BertForSequenceClassification(config).double().eval()
+
+
 # LLaMA's RMSNorm normalizes in float32 whatever the model's dtype: outputs agree to float32 rounding
-OUTPUT_TOL = {"gpt2": 1e-10, "llama": 1e-5}
+OUTPUT_TOL = {"gpt2": 1e-10, "llama": 1e-5, "bert": 1e-10}
 
 
-@pytest.mark.parametrize("name, build", [("gpt2", gpt2), ("llama", llama)])
+@pytest.mark.parametrize("name, build", [("gpt2", gpt2), ("llama", llama), ("bert", bert)])
 @pytest.mark.parametrize("align", ["weight", "activation"])
 def test_a_permuted_copy_is_recovered_and_merges_back_at_every_alpha(name, build, align):
     a, x = build(0), tokens()
@@ -52,7 +61,7 @@ def test_a_permuted_copy_is_recovered_and_merges_back_at_every_alpha(name, build
     for g in groups:
         assert torch.equal(al.perms[g.name], invert(perms[g.name])), g.name
     plan = prepare_merge([a, b], x, align=align)
-    ref = a(**x).logits
+    ref = a(**x).logits  # (BERT: the padding mask keeps padded tokens out of the real ones)
     for alpha in (0.0, 0.3, 0.5, 1.0):
         merged, _ = plan.merged([1 - alpha, alpha], repair="none")
         for key, value in a.state_dict().items():
@@ -78,7 +87,7 @@ def test_padded_tokens_do_not_enter_activation_matching():
     assert all(torch.equal(p1[k], p2[k]) for k in p1)
 
 
-@pytest.mark.parametrize("build", [gpt2, llama])
+@pytest.mark.parametrize("build", [gpt2, llama, bert])
 def test_models_whose_configs_set_other_head_counts_are_refused(build):
     with pytest.raises(ValueError, match=r"_heads?=4 in .* and 2 in .*same heads") as err:
         prepare_merge([build(0, heads=4), build(1, heads=2)], tokens(), align="weight")

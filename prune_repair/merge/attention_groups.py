@@ -15,7 +15,8 @@ permutation of every group must leave the output unchanged, see
 - per block, the MLP hidden units.
 
 Supported: torchvision ``VisionTransformer`` (subclasses included), HF GPT-2 (``Conv1D``) and
-LLaMA (bias-free, RMSNorm, rotary: whole heads only, grouped-query attention); see :data:`SUPPORTED`.
+LLaMA (bias-free, RMSNorm, rotary: whole heads only, grouped-query attention) and BERT
+(separate q/k/v linears, post-LayerNorm); see :data:`SUPPORTED`.
 
 Example:
     >>> import torch
@@ -34,7 +35,7 @@ from torch import nn
 
 from .groups import Axis, GroupError, PermGroup
 
-SUPPORTED = "torchvision VisionTransformer, HF GPT-2 and LLaMA"
+SUPPORTED = "torchvision VisionTransformer, HF GPT-2, LLaMA and BERT"
 """The transformers whose head-aware groups are built here (named in refusals)."""
 
 
@@ -174,6 +175,47 @@ def llama_groups(model: nn.Module) -> list[PermGroup]:
     return [PermGroup("residual", stream)] + blocks
 
 
+def _linear_heads(q: str, k: str, v: str, o: str, state: dict, e: int, d: int, tie: str,
+                  inner: bool) -> list[PermGroup]:
+    """Tied q/k and v/o head groups of attention with separate ``nn.Linear`` projections."""
+    qk = [Axis.block(f"{q}.weight", 0, e), Axis.block(f"{k}.weight", 0, e)]
+    qk += _maybe(state, f"{q}.bias", 0, e) + _maybe(state, f"{k}.bias", 0, e)
+    vo = [Axis.block(f"{v}.weight", 0, e)] + _maybe(state, f"{v}.bias", 0, e) + [Axis.block(f"{o}.weight", 1, e)]
+    return [PermGroup(f"{tie}:qk", qk, head_size=d, tie=tie, inner=inner),
+            PermGroup(f"{tie}:vo", vo, head_size=d, tie=tie, inner=inner)]
+
+
+def bert_groups(model: nn.Module, *, inner: bool = True) -> list[PermGroup]:
+    """Groups of an HF BERT (post-LayerNorm blocks; the pooler's units are a group of their own)."""
+    base = "bert." if hasattr(model, "bert") else ""
+    core, state, cfg = model.bert if base else model, model.state_dict(), model.config
+    e, d = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
+    emb = f"{base}embeddings"
+    stream = [Axis.block(f"{emb}.{k}_embeddings.weight", 1, e) for k in ("word", "position", "token_type")]
+    stream += [Axis.block(f"{emb}.LayerNorm.{k}", 0, e) for k in ("weight", "bias")]
+    blocks: list[PermGroup] = []
+    for i in range(len(core.encoder.layer)):
+        p = f"{base}encoder.layer.{i}"
+        a, o = f"{p}.attention.self", f"{p}.attention.output"
+        stream += [Axis.block(f"{a}.{k}.weight", 1, e) for k in ("query", "key", "value")]
+        stream += [Axis.block(f"{o}.dense.{k}", 0, e) for k in ("weight", "bias")]
+        stream += [Axis.block(f"{o}.LayerNorm.{k}", 0, e) for k in ("weight", "bias")]
+        stream += [Axis.block(f"{p}.intermediate.dense.weight", 1, e)]
+        stream += [Axis.block(f"{p}.output.{k}", 0, e) for k in ("dense.weight", "dense.bias", "LayerNorm.weight",
+                                                                  "LayerNorm.bias")]
+        blocks += _linear_heads(f"{a}.query", f"{a}.key", f"{a}.value", f"{o}.dense", state, e, d,
+                                f"{p}.attention", inner)
+        hidden = state[f"{p}.intermediate.dense.weight"].shape[0]
+        blocks.append(PermGroup(f"{p}.mlp", [Axis.block(f"{p}.intermediate.dense.weight", 0, hidden),
+                                             Axis.block(f"{p}.intermediate.dense.bias", 0, hidden),
+                                             Axis.block(f"{p}.output.dense.weight", 1, hidden)]))
+    if f"{base}pooler.dense.weight" in state:
+        stream.append(Axis.block(f"{base}pooler.dense.weight", 1, e))
+        pooler = [Axis.block(f"{base}pooler.dense.weight", 0, e), Axis.block(f"{base}pooler.dense.bias", 0, e)]
+        blocks.append(PermGroup(f"{base}pooler", pooler + _maybe(state, "classifier.weight", 1, e)))
+    return [PermGroup("residual", stream)] + blocks
+
+
 def transformer_groups(model: nn.Module, *, inner: bool = True) -> list[PermGroup] | None:
     """Head-aware groups of a supported transformer, or None when ``model`` is not one
     (the caller then traces the graph, which refuses attention in one line)."""
@@ -186,6 +228,8 @@ def transformer_groups(model: nn.Module, *, inner: bool = True) -> list[PermGrou
         return gpt2_groups(model, inner=inner)
     if kind == "llama" and type(model).__name__ in ("LlamaModel", "LlamaForCausalLM"):
         return llama_groups(model)
+    if kind == "bert" and type(model).__name__ in ("BertModel", "BertForSequenceClassification"):
+        return bert_groups(model, inner=inner)
     if kind is not None:
         raise GroupError(f"{type(model).__name__} ({kind}) is an HF model whose head-aware permutation groups are "
                          f"not built here (only {SUPPORTED}): use align='none'")

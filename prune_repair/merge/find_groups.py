@@ -56,7 +56,9 @@ def find_groups(
     batch = as_batches(example_inputs)[0]
     if groups is None:
         found = transformer_groups(model)  # heads as units: read from the blocks, checked below
-        if found is None:
+        if found is not None:
+            _check_fit(found, model.state_dict())
+        else:
             check_traceable(model, batch, forward_fn)  # other attention: one clear line in seconds
             found = _trace_groups(model, batch, forward_fn)
     elif isinstance(groups, Mapping):
