@@ -37,7 +37,7 @@ def lm_dirs(tmp_path_factory):
     configs = {"gpt2": (T.GPT2LMHeadModel, T.GPT2Config(n_positions=32, n_embd=16, n_layer=2, n_head=2,
                                                          vocab_size=VOCAB)),
                "llama": (T.LlamaForCausalLM, T.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                                            num_attention_heads=2, num_key_value_heads=1,
+                                                            num_attention_heads=2, num_key_value_heads=2,
                                                             max_position_embeddings=32, vocab_size=VOCAB))}
     out = {}
     for name, (cls, config) in configs.items():
@@ -68,6 +68,24 @@ def test_hf_lm_output_is_smaller_and_loads(lm_dirs, tmp_path, name, key, width):
     tokens = torch.load(data, weights_only=True)
     assert math.isclose(perplexity(model, [tokens])["ppl"], row["ppl_repaired"], rel_tol=1e-4)
     assert "ppl_pruned" in row and "acc_repaired" not in row
+
+
+def test_hf_llama_heads(lm_dirs, tmp_path):
+    dirs, data = lm_dirs
+    out, report = tmp_path / "out", tmp_path / "r.json"
+    result = run("prune", f"hf:{dirs['llama']}", "--data", data, "--structured-heads", "0.5", "--calib-size", 8,
+                 "--out", out, "--report", report)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (1, 1, 32)
+    r = json.loads(report.read_text())
+    assert r["structured_heads"] == 0.5 and r["results"][0]["params_after"] < r["results"][0]["params_before"]
+    msg = _error(run("prune", f"hf:{dirs['llama']}", "--data", data, "--structured-heads", "0.3",
+                     "--out", tmp_path / "o2"))
+    assert "not a whole number" in msg and not (tmp_path / "o2").exists()
+    msg = _error(run("prune", f"hf:{dirs['gpt2']}", "--data", data, "--structured-heads", "0.5",
+                     "--out", tmp_path / "o3"))
+    assert "LLaMA-style attention" in msg and not (tmp_path / "o3").exists()
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,9 @@ from .common import (
               help="remove this fraction, in [0, 1), of every transformer MLP's hidden units (CNNs: of every "
                    "channel group) before any --sparsity: a physically smaller model (hf:DIR -> an HF directory, "
                    "else a save_structured file that load_structured_ reads).")
+@click.option("--structured-heads", "structured_heads", default=None, type=float,
+              help="also remove this fraction of every attention's heads (HF LLaMA-style attention; with grouped "
+                   "queries, whole key/value groups); it must give a whole number per layer.")
 @damping_option
 @goal_stats_option
 @handle_errors
@@ -84,7 +87,7 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
                   method, mode, skip_first, skip_classifier, layers, include_classifier, fisher_samples,
                   fisher_batch, damp, block_size, obs_update, max_memory_gb, allocation, damping,
                   sparsity_config=None, prune_head=False, no_row_floor=False,
-                  structured=None, goal_stats=None, preprocess=None, batch_size=None, eval_size=None,
+                  structured=None, structured_heads=None, goal_stats=None, preprocess=None, batch_size=None, eval_size=None,
                   workers=None) -> None:
     """Prune CKPT (a path or zoo:NAME) at each --sparsity, repair toward its statistics, evaluate.
 
@@ -96,7 +99,7 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
       prune-repair prune zoo:mnist-cnn --data mnist --sparsity 2:4 --skip-first --method wanda --out pruned.pt
       prune-repair prune zoo:mnist-cnn --data mnist --structured 0.25 --out smaller.pt
     """
-    if structured is not None:  # physically smaller: units/channels removed first (structured_cmd)
+    if structured is not None or structured_heads is not None:  # physically smaller: units/channels removed first (structured_cmd)
         return structured_cmd.run_structured(**locals())
     if sparsity is None:
         raise PruneError("--sparsity is missing: give e.g. --sparsity 0.9 (or --structured RATIO)")

@@ -3,7 +3,8 @@
 :mod:`prune_cmd` hands over here when ``--structured`` is given. The model loses ``RATIO``
 of every MLP's hidden units (transformers) or of every channel group (CNNs), is corrected
 with ``--repair`` (default ``reconstruct``), then optionally pruned further at ``--sparsity``
-(unstructured, after the structured step). The result is written so that it loads as it
+(unstructured, after the structured step). ``--structured-heads RATIO`` also removes whole
+attention heads of HF LLaMA-style models (the config's head counts shrink). The result is written so that it loads as it
 is: an HF directory (``from_pretrained``; the config carries the new MLP width) for
 ``hf:DIR`` models, otherwise a :func:`~prune_repair.prune.structured.save_structured` file
 (``load_structured_`` into a fresh model of the same ``--arch``).
@@ -24,6 +25,7 @@ from ..metrics import evaluate as classify
 from ..prune.methods import PruneMethod
 from ..prune.pipeline import PruneRun, parse_sparsities, prune_and_repair
 from ..prune.structured import save_structured
+from ..prune.structured_heads import find_heads, heads_to_remove
 from ..prune.structured_run import StructuredResult, check_ratio, structured_kind
 from ..prune.structured_run import structured_prune
 from ..prune.targets import PruneError
@@ -76,18 +78,19 @@ def _table(res: StructuredResult, rows: list[dict[str, Any]], dense: dict[str, f
     def fmt(value: float) -> str:
         return f"{value:.3f}" if metric == "ppl" else f"{100 * value:.2f}%"
     for r in rows:
-        cells = [f"{res.ratio:g}"] + ([f"{r['sparsity']:g}"] if combined else [])
+        cells = [f"{res.ratio:g}" + (f", heads {res.heads:g}" if res.heads else "")] + ([f"{r['sparsity']:g}"] if combined else [])
         table.add_row(*cells, f"{r['params_ratio']:.3f}x", f"{r['latency_ratio']:.2f}x", fmt(dense[metric]),
                       fmt(r[f"{metric}_pruned"]), fmt(r[f"{metric}_repaired"]))
     return table
 
 
 def run_structured(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, device, out, report, force,
-                   sparsity, method, mode, structured, skip_first, skip_classifier, layers, include_classifier,
+                   sparsity, method, mode, structured, structured_heads, skip_first, skip_classifier, layers, include_classifier,
                    damping, **options: Any) -> None:
     """The ``prune --structured`` command (see the module doc)."""
     _refuse_unsupported(options)
-    ratio = check_ratio(structured)
+    ratio = check_ratio(structured or 0.0)
+    heads = check_ratio(structured_heads or 0.0, "--structured-heads")
     mode = mode or RepairMode.RECONSTRUCT.value
     sparsities = parse_sparsities(sparsity) if sparsity is not None else []
     method = PruneMethod.parse(method, "pruning method")
@@ -101,6 +104,8 @@ def run_structured(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed
         model = load_hf_model(ckpt, hf_arch).to(dev)
         check_finite(model)
         structured_kind(model)
+        if heads:  # uneven or missing heads are refused before any data is read
+            heads_to_remove(find_heads(model), heads)
         d = hf_cmd.load_hf_data(model, data, eval_data, calib_size, seed, dev)
         hf_cmd.check_hf_fits(model, d)
         calib, evaluate, metric = d.calib, d.evaluate, d.metric
@@ -118,7 +123,7 @@ def run_structured(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed
         eval_name, count, settings = d.eval_name, len(d.eval_y), {"out_format": "save_structured"}
     dense = evaluate(model)
     with progress():
-        res = structured_prune(model, calib, ratio, repair=mode, damping=damping,
+        res = structured_prune(model, calib, ratio, heads=heads, repair=mode, damping=damping,
                                include_classifier=include_classifier, evaluate=evaluate)
         run = None
         if sparsities:
@@ -137,7 +142,7 @@ def run_structured(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed
         save_structured(final, out, res.history, d.calib_x[:1].cpu())
     rows = _rows(res, run, metric)
     write_report(report, {"method": method.value if sparsities else "structured", "repair": mode,
-                          "dense": dense, "results": rows, "structured": ratio, "metric": metric,
+                          "dense": dense, "results": rows, "structured": ratio, "structured_heads": heads, "metric": metric,
                           "calib_size": calib_size, "seed": seed, "eval_data": eval_name, "damping": damping,
                           "skip_first": skip_first, "skip_classifier": skip_classifier,
                           "include_classifier": include_classifier, **settings})

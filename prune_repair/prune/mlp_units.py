@@ -47,6 +47,25 @@ class MLPUnits:
     consumer: str
     width: int
 
+    kind = "mlp"
+    unit_size = 1  # consumer columns per unit
+
+    @property
+    def units(self) -> int:
+        return self.width
+
+    def columns(self, kept_units: torch.Tensor) -> torch.Tensor:
+        """The consumer columns of the kept units (here: the units themselves)."""
+        return kept_units
+
+    def kept_rows(self, kept_units: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Output rows each producer keeps."""
+        return {p: kept_units for p in self.producers}
+
+    def shrink_(self, model: nn.Module, kept_units: torch.Tensor, rows: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> None:
+        shrink_mlp_(model, self, kept_units, rows, bias)
+
 
 def _linear(module: nn.Module | None) -> bool:
     return isinstance(module, nn.Linear) or (module is not None and is_conv1d(module))

@@ -19,7 +19,9 @@ consumer output on the same samples. From ``G = X^T X`` alone:
              folded into the bias (FLAP-style compensation; nothing without a bias);
   ``none``   the units are dropped.
 
-The relative output error of every consumer before (units dropped) and after the refit is
+With ``heads``, whole attention heads of LLaMA-style attention go the same way, in module
+order with the MLPs (:mod:`.structured_heads`: the unit is a key/value group, ``o_proj`` is
+its consumer). The relative output error of every consumer before (units dropped) and after the refit is
 reported, computed from the same statistics. With ``damping`` 0 the ridge solution is the
 least-squares optimum over the kept units, so its error is never above the drop's.
 
@@ -49,7 +51,8 @@ from ..engine.refit.gram import Gram
 from ..engine.refit.ridge import masked_ridge
 from ..engine.registry import MethodEnum
 from ..engine.run.forward import ForwardFn, StopForward, as_batches, first_tensor, hooked_pass
-from .mlp_units import MLPUnits, consumer_rows, find_mlps, set_config_width_, shrink_mlp_, units_to_remove
+from .mlp_units import MLPUnits, consumer_rows, find_mlps, set_config_width_, units_to_remove
+from .structured_heads import find_heads, heads_to_remove, set_config_heads_
 from .targets import PruneError
 
 
@@ -140,59 +143,79 @@ def refit_consumer(gram: Gram, consumer: nn.Module, kept: torch.Tensor, refit: R
     return rows, bias, dropped, err(rows, bias)
 
 
-def prune_mlps_(
-    model: nn.Module,
-    reference: nn.Module,
-    data: Any,
-    ratio: float,
-    *,
-    refit: Refit | str = Refit.RIDGE,
-    damping: float = 1e-2,
-    kept: dict[str, torch.Tensor] | None = None,
-    forward_fn: ForwardFn | None = None,
-) -> StructuredMLPResult:
-    """Remove ``ratio`` of every MLP's hidden units of ``model`` in place (see the module doc).
-
-    ``reference`` is the dense model (same architecture, not changed); ``model`` starts as
-    its copy. ``kept`` (MLP FQN -> kept unit indices) replaces the scoring, e.g. to drop
-    the units another run chose. Raises :class:`PruneError` when ``model`` has no
-    recognizable MLP or the ratio is outside [0, 1).
-    """
-    start = time.perf_counter()
-    refit = Refit.parse(refit, "refit")
+def _steps(model: nn.Module, ratio: float, heads: float) -> list[tuple[Any, int]]:
+    """(unit group, units to remove) for every MLP and (with ``heads``) attention module, in
+    module order of their consumers."""
     if not 0 <= ratio < 1:
         raise PruneError(f"--structured {ratio} is outside [0, 1): give the fraction of MLP units to remove, e.g. 0.25")
     mlps = find_mlps(model)
     if not mlps:
         raise PruneError("no recognizable MLP (fc1/fc2, c_fc/c_proj, gate/up/down_proj, intermediate/output.dense, "
                          "torchvision MLPBlock) in the model: --structured on transformer MLPs needs one")
+    steps: list[tuple[Any, int]] = [(m, units_to_remove(m.width, ratio)) for m in mlps]
+    if heads:
+        attention = find_heads(model)
+        n_heads = heads_to_remove(attention, heads)  # refuses no attention / uneven counts
+        steps += [(h, n_heads) for h in attention]
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(steps, key=lambda step: order[step[0].consumer])
+
+
+def prune_mlps_(
+    model: nn.Module,
+    reference: nn.Module,
+    data: Any,
+    ratio: float,
+    *,
+    heads: float = 0.0,
+    refit: Refit | str = Refit.RIDGE,
+    damping: float = 1e-2,
+    kept: dict[str, torch.Tensor] | None = None,
+    forward_fn: ForwardFn | None = None,
+) -> StructuredMLPResult:
+    """Remove ``ratio`` of every MLP's hidden units of ``model`` in place (see the module doc),
+    and ``heads`` of every LLaMA-style attention's heads (:mod:`.structured_heads`: units are
+    key/value groups, scored by the sum of their columns' squared scores, ``o_proj`` refitted).
+
+    ``reference`` is the dense model (same architecture, not changed); ``model`` starts as
+    its copy. ``kept`` (MLP / attention FQN -> kept unit indices) replaces the scoring, e.g.
+    to drop the units another run chose. Raises :class:`PruneError` when ``model`` has no
+    recognizable MLP, a ratio is outside [0, 1) or heads do not divide evenly.
+    """
+    start = time.perf_counter()
+    refit = Refit.parse(refit, "refit")
+    steps = _steps(model, ratio, heads)
     chosen, layers, history = {}, [], []
-    for mlp in mlps:
-        consumer = model.get_submodule(mlp.consumer)
-        n_keep = mlp.width - units_to_remove(mlp.width, ratio)
-        if kept is None and n_keep == mlp.width:  # nothing removed: the MLP stays exactly as it is
-            chosen[mlp.fqn] = torch.arange(mlp.width)
-            layers.append({"fqn": mlp.fqn, "width": mlp.width, "kept": mlp.width})
+    for unit, n_remove in steps:
+        if kept is None and n_remove == 0:  # nothing removed: the layers stay exactly as they are
+            chosen[unit.fqn] = torch.arange(unit.units)
+            layers.append({"fqn": unit.fqn, "kind": unit.kind, "width": unit.units, "kept": unit.units})
             continue
-        needs_pass = refit is not Refit.NONE or kept is None
-        gram = consumer_gram(model, reference, mlp, data, forward_fn) if needs_pass else None
+        consumer = model.get_submodule(unit.consumer)
+        gram = consumer_gram(model, reference, unit, data, forward_fn) if refit is not Refit.NONE or kept is None else None
         if kept is not None:
-            idx = torch.as_tensor(kept[mlp.fqn], dtype=torch.long)
+            idx = torch.as_tensor(kept[unit.fqn], dtype=torch.long)
         else:
-            idx = torch.topk(unit_scores(gram, consumer), n_keep).indices.sort().values
-        row = {"fqn": mlp.fqn, "width": mlp.width, "kept": int(idx.numel())}
+            scores = unit_scores(gram, consumer).square().view(unit.units, unit.unit_size).sum(1)
+            idx = torch.topk(scores, unit.units - n_remove).indices.sort().values.cpu()
+        row = {"fqn": unit.fqn, "kind": unit.kind, "width": unit.units, "kept": int(idx.numel())}
         if gram is not None:
-            rows, bias, row["error_dropped"], row["error"] = refit_consumer(gram, consumer, idx, refit, damping)
-            shrink_mlp_(model, mlp, idx.cpu(), rows, bias)
+            rows, bias, row["error_dropped"], row["error"] = refit_consumer(gram, consumer, unit.columns(idx), refit,
+                                                                            damping)
+            unit.shrink_(model, idx, rows, bias)
         else:
-            shrink_mlp_(model, mlp, idx.cpu())
-        chosen[mlp.fqn] = idx.cpu()
-        removed = sorted(set(range(mlp.width)) - set(idx.tolist()))
-        if removed:  # torch-pruning's history: replaying it shrinks a fresh model the same way
-            history.append((mlp.producers[0], True, removed))
+            unit.shrink_(model, idx)
+        chosen[unit.fqn] = idx
+        removed = sorted(set(range(unit.units)) - set(idx.tolist()))
+        if removed and unit.kind == "mlp":  # torch-pruning's history: replaying it shrinks a fresh model the same way
+            history.append((unit.producers[0], True, removed))
         layers.append(row)
+    mlps = [u for u, _ in steps if u.kind == "mlp"]
     widths = {(m.width, int(chosen[m.fqn].numel())) for m in mlps}
     key = set_config_width_(model, *widths.pop()) if len(widths) == 1 else None
-    kept_layers = {p: chosen[m.fqn] for m in mlps for p in m.producers}
-    return StructuredMLPResult(kept_layers | {m.fqn: chosen[m.fqn] for m in mlps}, layers,
+    attention = [u for u, _ in steps if u.kind == "heads"]
+    if attention and any(int(chosen[a.fqn].numel()) < a.units for a in attention):
+        set_config_heads_(model, attention[0], int(chosen[attention[0].fqn].numel()))
+    kept_layers = {p: r for u, _ in steps for p, r in u.kept_rows(chosen[u.fqn]).items()}
+    return StructuredMLPResult(kept_layers | {u.fqn: chosen[u.fqn] for u, _ in steps}, layers,
                                time.perf_counter() - start, key, history)

@@ -60,6 +60,7 @@ class StructuredResult:
     kind: str  # "mlp" or "channels"
     ratio: float
     repair: str
+    heads: float
     history: History
     params_before: int
     params_after: int
@@ -73,7 +74,7 @@ class StructuredResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The structured fields of a ``--report`` row."""
-        return {"structured": self.ratio, "structured_kind": self.kind, "params_before": self.params_before,
+        return {"structured": self.ratio, "structured_heads": self.heads, "structured_kind": self.kind, "params_before": self.params_before,
                 "params_after": self.params_after, "params_ratio": self.params_after / max(self.params_before, 1),
                 "latency_ratio": self.latency_ratio, "structured_layers": self.layers,
                 "structured_seconds": dict(self.seconds)}
@@ -96,11 +97,11 @@ def structured_kind(model: nn.Module) -> str:
                      "torchvision MLPBlock) or conv channel group in the model: --structured does not apply")
 
 
-def _mlp_step(dense, data, ratio, mode, damping, include_classifier, evaluate, forward_fn):
+def _mlp_step(dense, data, ratio, heads, mode, damping, include_classifier, evaluate, forward_fn):
     model = copy.deepcopy(dense)
     refit = Refit.RIDGE if mode.reconstructs else (Refit.NONE if mode is RepairMode.NONE else Refit.BIAS)
     start = time.perf_counter()
-    result = prune_mlps_(model, dense, data, ratio, refit=refit, damping=damping, forward_fn=forward_fn)
+    result = prune_mlps_(model, dense, data, ratio, heads=heads, refit=refit, damping=damping, forward_fn=forward_fn)
     correction: dict[str, Any] = {}
     if mode not in (RepairMode.NONE, RepairMode.RECONSTRUCT) and any(r["kept"] < r["width"] for r in result.layers):
         goal = collect_stats(dense, data, include_classifier=include_classifier).select_channels(result.kept)
@@ -110,16 +111,20 @@ def _mlp_step(dense, data, ratio, mode, damping, include_classifier, evaluate, f
     before = {}
     if evaluate is not None:
         dropped = copy.deepcopy(dense)
-        prune_mlps_(dropped, dense, data, ratio, refit=Refit.NONE, kept=result.kept)
+        prune_mlps_(dropped, dense, data, ratio, heads=heads, refit=Refit.NONE, kept=result.kept)
         before = evaluate(dropped)
-    if hasattr(model, "save_pretrained") and result.config_key is None and ratio > 0:
+    if hasattr(model, "save_pretrained") and result.config_key is None and any(
+            r["kept"] < r["width"] for r in result.layers if r["kind"] == "mlp"):
         raise PruneError("the model's config names no MLP width (intermediate_size / n_inner / ffn_dim) equal to "
                          "every MLP's, so the smaller model would not load with from_pretrained: --structured "
                          "does not apply to this HF model")
     return model, result.history, result.layers, correction, seconds, before, result.config_key
 
 
-def _channel_step(dense, data, ratio, mode, damping, include_classifier, evaluate, forward_fn):
+def _channel_step(dense, data, ratio, heads, mode, damping, include_classifier, evaluate, forward_fn):
+    if heads:
+        raise PruneError("--structured-heads removes transformer attention heads: this model has no recognizable "
+                         "transformer MLP or attention")
     model = copy.deepcopy(dense)
     start = time.perf_counter()
     history = prune_channels_(model, data, ratio, forward_fn=forward_fn)
@@ -144,6 +149,7 @@ def structured_prune(
     data: Any,
     ratio: float,
     *,
+    heads: float = 0.0,
     repair: RepairMode | str = RepairMode.RECONSTRUCT,
     damping: float = 1e-2,
     include_classifier: bool = False,
@@ -151,15 +157,19 @@ def structured_prune(
     forward_fn: ForwardFn | None = None,
     latency_runs: int = 5,
 ) -> StructuredResult:
-    """A smaller, corrected copy of ``dense`` (see the module doc); ``evaluate(model)`` gives
+    """A smaller, corrected copy of ``dense`` (see the module doc); ``heads``: the fraction of
+    attention heads to remove as well (HF LLaMA-style attention only); ``evaluate(model)`` gives
     the metrics of the model before and after the correction (skipped when None)."""
-    ratio = check_ratio(ratio)
+    ratio, heads = check_ratio(ratio), check_ratio(heads, "--structured-heads")
+    if heads and not hasattr(dense, "save_pretrained"):
+        raise PruneError("--structured-heads writes the new head count into an HF config: it applies to HF models "
+                         "(hf:DIR) with LLaMA-style attention")
     mode = RepairMode.parse(repair, "correction")
     kind = structured_kind(dense)
     step = _mlp_step if kind == "mlp" else _channel_step
-    model, history, layers, correction, seconds, before, key = step(dense, data, ratio, mode, damping,
+    model, history, layers, correction, seconds, before, key = step(dense, data, ratio, heads, mode, damping,
                                                                    include_classifier, evaluate, forward_fn)
     after = evaluate(model) if evaluate is not None else {}
     timing = latency_ratio(model, dense, as_batches(data)[0], runs=latency_runs, forward_fn=forward_fn)
-    return StructuredResult(model.eval(), kind, ratio, mode.value, history, count_params(dense), count_params(model),
+    return StructuredResult(model.eval(), kind, ratio, mode.value, heads, history, count_params(dense), count_params(model),
                             timing.ratio, seconds, before, after, layers, correction, key)
