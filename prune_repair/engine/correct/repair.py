@@ -69,28 +69,20 @@ def repair_(
             ``stats_a.interpolate(stats_b, alpha)`` for a merge; or the unpruned model
             itself (its statistics are then collected on ``data``). The ``reconstruct``
             modes need the model.
-        data: calibration data: one batch, or several (a list, a DataLoader); the exact
-            variant is exact over several batches too (see ``passes``).
+        data: calibration data: one batch, or several (a list, a DataLoader; see ``passes``).
         repair: a :class:`RepairMode` (``auto`` resets BatchNorm sites and repairs others).
         variant: ``exact`` (upstream corrections applied while measuring) or ``all-at-once``.
         forward_fn: ``forward_fn(model, batch)`` for batches that are not plain tensors.
         add_bias: give layers without bias a bias to hold the shift (changes state_dict
             keys); by default such sites get the scale only, reported as ``shift_dropped``.
         mode: deprecated name of ``repair``.
-        passes: how the exact variant goes over several batches: ``lockstep`` (default) runs
-            them through the model side by side, ONE pass in all (one forward per batch), in
-            step at every site (:mod:`~prune_repair.engine.run.lockstep`); the activations of all
-            batches at the current site are alive at once, like one batch of their total size.
-            ``per-site`` makes one prefix pass per site over the data (one batch in memory at a
-            time, about ``sites / 2`` times the forwards); use it when memory is short, or for a
-            model whose batches take data-dependent paths (lockstep then says so). ``blockwise``
-            runs the model one block at a time over all batches (:mod:`~prune_repair.engine.run.
-            strategies`), keeping only the current block's inputs: for models whose
-            activations do not fit at once, at about ``1 + sites per block / 2`` forwards.
-        blocks: with ``passes="blockwise"``, the blocks' module names in call order (by default
-            the longest chain of ``nn.Sequential`` / ``nn.ModuleList`` children is found).
-        offload: with ``passes="blockwise"``, where block inputs wait: ``"cpu"`` (host memory,
-            when the model is on a GPU) or a folder (files, removed afterwards).
+        passes: how the exact variant goes over several batches (:mod:`~prune_repair.engine.run.
+            pipeline`): ``lockstep`` (default) ONE pass, the batches side by side and in step at
+            every site (their activations at a site alive at once); ``per-site`` one prefix pass
+            per site, one batch in memory at a time (also for data-dependent paths);
+            ``blockwise`` one block at a time over all batches, for models whose activations do
+            not fit (``blocks``: the blocks' module names in call order, found by default;
+            ``offload``: where block inputs wait, ``"cpu"`` or a folder removed afterwards).
         reconstruct_options: for the ``reconstruct`` modes, keywords of
             :func:`~prune_repair.engine.refit.reconstruct.reconstruct_` (``damping``, ``select``,
             ``kept``, ``max_gram_bytes``); its report is under ``report.extra["reconstruct"]``.
@@ -98,10 +90,9 @@ def repair_(
             ``(done, total)``; silent by default (:mod:`~prune_repair.engine.run.progress`).
 
     Returns:
-        a :class:`RepairReport` (``passes``: passes over the calibration data, each running
-            every batch once); the model keeps its train/eval mode. Sites that were not
-        corrected (they never ran on ``data``, or ``reset`` found no BatchNorm there) are
-        reported with ``mode="skipped"`` and the reason, and a warning names them.
+        a :class:`RepairReport` (``passes``: passes over the data, each running every batch once;
+        the model keeps its train/eval mode); sites not corrected (never reached, or no BatchNorm
+        to reset) are reported with ``mode="skipped"`` and the reason, and a warning names them.
 
     Raises:
         ValueError: no sites in ``reference``; ``reset`` on a network without BatchNorm;
@@ -109,9 +100,8 @@ def repair_(
 
     Under ``torch.distributed`` each rank passes its shard of the data; each site's
     correction is decided from the exact pooled statistics of all ranks (two small
-    all-reduces of ``channels + 1`` and ``channels`` float64 values per site and pass,
-    taken in the hook, so the one-pass exact repair stays exact), and every rank ends
-    with the same weights. All ranks must run the same sites in the same order. A
+    all-reduces per site, taken before the site's decision, so the one-pass exact repair
+    stays exact), and every rank ends with the same weights. All ranks must run the same sites in the same order. A
     ``DistributedDataParallel`` model is repaired through its ``.module``.
     """
     start = time.perf_counter()
@@ -125,7 +115,7 @@ def repair_(
                                          {**reconstruct_options, **where})
     if reconstruct_options:
         raise TypeError(f"repair_() got {', '.join(sorted(reconstruct_options))}, which only the reconstruct modes take")
-    goal = _goal(reference, data, forward_fn, variant)
+    goal = _goal(reference, data, forward_fn)
     model = distributed.unwrap(model)
     _check_samples(data)
     check_finite(model)
@@ -155,8 +145,7 @@ def _parse(repair: RepairMode | str, variant: Variant | str, passes: Passes | st
     return mode, variant, passes
 
 
-def _goal(reference: ActivationStats | nn.Module, data: Any, forward_fn: ForwardFn | None,
-          variant: Variant) -> ActivationStats:
+def _goal(reference: ActivationStats | nn.Module, data: Any, forward_fn: ForwardFn | None) -> ActivationStats:
     """The goal statistics: given, or measured on the reference model."""
     if isinstance(reference, nn.Module):
         reference = collect_stats(reference, data, forward_fn=forward_fn)

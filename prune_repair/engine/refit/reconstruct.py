@@ -122,12 +122,9 @@ def reconstruct_(
         reference_cache_bytes: memory for reference outputs cached between ``per-site`` passes.
         progress: ``progress(done, total)`` after each layer, or ``True`` to show the layers as
             they are refitted (stderr; see :mod:`~prune_repair.engine.run.progress`).
-        passes: how several batches are gone over: ``lockstep`` (default; one pass per
-            batch, all batches' activations at the current layer alive at once) or
-            ``per-site`` (one prefix pass per layer and batch, one batch in memory at a time)
-            or ``blockwise`` (one block of the model and of the reference at a time, see
-            :mod:`~prune_repair.engine.run.strategies`; ``blocks`` and ``offload`` as in
-            :func:`~prune_repair.engine.correct.repair.repair_`).
+        passes, blocks, offload: how several batches are gone over, as in
+            :func:`~prune_repair.engine.correct.repair.repair_` (``blockwise``: one block of the
+            model and of the reference beside it at a time).
 
     Memory: ``O(d_in^2 + d_in * d_out)`` per layer (one layer at a time), never
     ``O(N * d_in)``: im2col patches are unfolded a chunk of samples at a time.
@@ -150,6 +147,33 @@ def reconstruct_(
     if reference is model:
         raise ValueError("the reference must be a separate copy of the unoperated model, not the model itself")
     batches, kept = as_batches(data), dict(kept or {})
+    layers, bns, skipped = _chosen_layers(model, reference, batches, select, kept, forward_fn, max_gram_bytes)
+    reports: list[LayerReconstruction] = []
+
+    def step(i: int, gram: Gram) -> None:
+        fqn, module = layers[i]
+        reports.append(_solve_layer(fqn, module, gram, bns[fqn], damping))
+
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    targets = ReferenceOutputs(reference, batches, [f for f, _ in layers], keep=_kept_channels(kept),
+                               forward_fn=forward_fn, max_bytes=reference_cache_bytes)
+    try:
+        made = layerwise_(model, batches, layers, step=step, target=targets, forward_fn=forward_fn,
+                          max_gram_bytes=max_gram_bytes, passes=passes, blocks=blocks, offload=offload,
+                          progress=progress, what="reconstruct")
+    except BaseException:
+        model.load_state_dict(saved)
+        raise
+    _warn_thin(reports)
+    return ReconstructReport(reports, time.perf_counter() - start,
+                             {"trace": 1, "model": made, "reference": targets.passes}, skipped)
+
+
+def _chosen_layers(model: nn.Module, reference: nn.Module, batches: list[Any], select: Selector,
+                   kept: dict[str, torch.Tensor], forward_fn: ForwardFn | None, max_gram_bytes: int
+                   ) -> tuple[list[tuple[str, nn.Module]], dict[str, _BatchNorm | None], dict[str, str]]:
+    """The layers to refit in execution order, the BatchNorm after each (or None), and the layers
+    left out with the reason (a warning names them); after the checks of both models."""
     for net, what in ((model, "the model"), (reference, "the reference")):
         _check_finite(net, what)
     calls = trace_calls(model, head(batches[0], 2), forward_fn=forward_fn)
@@ -157,44 +181,33 @@ def reconstruct_(
     skipped.update(_not_covered(model, {f for f, _ in layers} | set(skipped), select))
     if skipped:
         listed = ", ".join(f"'{fqn}' ({why})" for fqn, why in skipped.items())
-        warnings.warn(f"{len(skipped)} layer(s) are not reconstructed and keep their weights: {listed}", stacklevel=2)
+        warnings.warn(f"{len(skipped)} layer(s) are not reconstructed and keep their weights: {listed}", stacklevel=3)
     _check_architecture(layers, reference, kept)
     for fqn, module in layers:
         check_gram_memory(module, fqn, max_gram_bytes)
     norms = {s.producer: s.norm for s in sites_from_calls(calls, include_classifier=True)}
     modules = dict(model.named_modules())
-    reports: list[LayerReconstruction] = []
+    bns = {fqn: modules.get(norms.get(fqn) or "") for fqn, _ in layers}
+    return layers, {f: bn if isinstance(bn, _BatchNorm) else None for f, bn in bns.items()}, skipped
 
-    def step(i: int, gram: Gram) -> None:
-        fqn, module = layers[i]
-        norm = modules.get(norms.get(fqn) or "", None)
-        reports.append(_solve_layer(fqn, module, gram, norm if isinstance(norm, _BatchNorm) else None, damping))
 
+def _kept_channels(kept: dict[str, torch.Tensor]) -> Callable[[str, nn.Module, torch.Tensor], torch.Tensor]:
+    """What is kept of a reference layer's output: the channels the pruned layer kept, else all (a copy)."""
     def keep(fqn: str, ref_module: nn.Module, y: torch.Tensor) -> torch.Tensor:
-        if fqn in kept:  # the reference's channels the pruned layer kept
+        if fqn in kept:
             return y.index_select(-1 if reads_last_dim(ref_module) else 1, kept[fqn].to(y.device))
         return y.clone()
+    return keep
 
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    targets = ReferenceOutputs(reference, batches, [f for f, _ in layers], keep=keep, forward_fn=forward_fn,
-                               max_bytes=reference_cache_bytes)
-    try:
-        made = layerwise_(model, batches, layers, step=step, target=targets, forward_fn=forward_fn,
-                          max_gram_bytes=max_gram_bytes, passes=passes, blocks=blocks, offload=offload,
-                          progress=progress, what="reconstruct")
-        ref_made = targets.passes
-    except BaseException:
-        model.load_state_dict(saved)
-        raise
+
+def _warn_thin(reports: list[LayerReconstruction]) -> None:
     thin = [r for r in reports if r.rows < r.max_support]
     if thin:
         worst = max(thin, key=lambda r: r.max_support - r.rows)
         warnings.warn(
             f"reconstruction is under-determined in {len(thin)} layer(s): layer '{worst.fqn}' has {worst.rows} "
             f"calibration rows (samples x positions) for up to {worst.max_support} weights per output, so the "
-            "damping decides part of the solution: use more calibration samples", stacklevel=2)
-    return ReconstructReport(reports, time.perf_counter() - start,
-                             {"trace": 1, "model": made, "reference": ref_made}, skipped)
+            "damping decides part of the solution: use more calibration samples", stacklevel=3)
 
 
 def _solve_layer(fqn: str, module: nn.Module, gram: Gram, bn: _BatchNorm | None, damping: float) -> LayerReconstruction:
