@@ -87,8 +87,8 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
                   method, mode, skip_first, skip_classifier, layers, include_classifier, fisher_samples,
                   fisher_batch, damp, block_size, obs_update, max_memory_gb, allocation, damping,
                   sparsity_config=None, prune_head=False, no_row_floor=False,
-                  structured=None, structured_heads=None, goal_stats=None, preprocess=None, batch_size=None, eval_size=None,
-                  workers=None) -> None:
+                  structured=None, structured_heads=None, goal_stats=None, preprocess=None, batch_size=None,
+                  eval_size=None, workers=None) -> None:
     """Prune CKPT (a path or zoo:NAME) at each --sparsity, repair toward its statistics, evaluate.
 
     \b
@@ -99,7 +99,7 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
       prune-repair prune zoo:mnist-cnn --data mnist --sparsity 2:4 --skip-first --method wanda --out pruned.pt
       prune-repair prune zoo:mnist-cnn --data mnist --structured 0.25 --out smaller.pt
     """
-    if structured is not None or structured_heads is not None:  # physically smaller: units/channels removed first (structured_cmd)
+    if structured is not None or structured_heads is not None:  # physically smaller, first (structured_cmd)
         return structured_cmd.run_structured(**locals())
     if sparsity is None:
         raise PruneError("--sparsity is missing: give e.g. --sparsity 0.9 (or --structured RATIO)")
