@@ -151,3 +151,22 @@ def test_a_refusal_names_the_option_in_one_line():
     reference, x = _model("mlp")
     with pytest.raises(ValueError, match=re.escape("passes='per-site'")):
         repair_(_damaged(reference), reference, _split(x), variant="all-at-once", passes="per-site")
+
+
+def test_progress_shows_every_decided_site_per_block_and_is_silent_by_default(capsys, monkeypatch):
+    from prune_repair import reconstruct_
+    from prune_repair.engine.run import progress
+
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)  # a line per step (default: at most one per 5 s)
+    reference, x = _model("cnn-bn")
+    report = repair_(_damaged(reference), reference, _split(x), repair="repair", passes="blockwise", progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == len(report.sites) and all(line.startswith("repair: ") for line in lines)
+    assert all(re.match(r"repair: block \d+/9 \(\d\), '\d'", line) for line in lines)  # the chain: 9 children
+    assert lines[-1].endswith(f"[{len(lines)}/{len(lines)}]")
+    seen = []
+    rebuilt = reconstruct_(_damaged(reference), reference, _split(x), progress=lambda done, total: seen.append((done,
+                                                                                                              total)))
+    assert seen == [(k + 1, len(rebuilt.layers)) for k in range(len(rebuilt.layers))]
+    repair_(_damaged(reference), reference, _split(x), repair="repair")  # the library is silent unless asked
+    assert capsys.readouterr().err == ""
