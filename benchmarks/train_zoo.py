@@ -60,19 +60,19 @@ def train_one(name: str, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", help=f"models to train (default: all of {', '.join(zoo.zoo_names())})")
+    parser.add_argument("names", nargs="*", help=f"models to train (default: all of {', '.join(SETTINGS)})")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
     args = parser.parse_args()
-    unknown = [name for name in args.names if name not in zoo.zoo_names()]
+    unknown = [name for name in args.names if name not in SETTINGS]  # the ViTs: benchmarks/train_transformers.py
     if unknown:
-        parser.error(f"unknown zoo model(s) {', '.join(unknown)}: choose from {', '.join(zoo.zoo_names())}")
+        parser.error(f"unknown zoo model(s) {', '.join(unknown)}: choose from {', '.join(SETTINGS)}")
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     x, y = load_dataset("mnist:train")
     x_test, y_test = load_dataset("mnist:test")
     metrics_path = zoo.WEIGHTS_DIR / zoo.METRICS_FILE
     records = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    for name in args.names or zoo.zoo_names():
+    for name in args.names or list(SETTINGS):
         records[name] = train_one(name, x, y, x_test, y_test)
         metrics_path.write_text(json.dumps(dict(sorted(records.items())), indent=2) + "\n")
 

@@ -25,7 +25,7 @@ def test_slice() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_zoo_names() -> None:
-    assert zoo.zoo_names() == NAMES
+    assert zoo.zoo_names() == NAMES + ["mnist-vit", "mnist-vit-b"]  # the ViTs: tests/test_zoo_transformers.py
 
 
 def test_build_gives_the_registered_untrained_architecture() -> None:

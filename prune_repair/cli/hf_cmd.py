@@ -26,6 +26,7 @@ from ..engine.correct.repair import repair_
 from ..engine.stats.activation import collect_stats
 from ..engine.run.forward import default_forward, eval_mode, head
 from ..io import tokens as tok
+from ..io.pysrc import default_eval_spec
 from ..io.data import calibration_batch, load_dataset
 from ..io.errors import CheckpointError, _first_line
 from ..io.hf import (check_hf_output, hf_settings, is_causal_lm, is_hf_spec, load_hf_model, model_inputs_name,
@@ -99,7 +100,7 @@ def load_hf_data(model: torch.nn.Module, data: str, eval_data: str | None, calib
     if calib_size < 2:
         raise DataError(f"--calib-size {calib_size} is too small: statistics need at least 2 samples")
     lm = is_causal_lm(model)
-    eval_data = eval_data or data
+    eval_data = eval_data or default_eval_spec(data) or data  # pysrc -> pysrc:eval
     inputs, labels = _load_split(data, model, lm)
     if "input_ids" in inputs:
         calib = tok.draw(inputs, calib_size, seed)

@@ -8,7 +8,9 @@ in ``config.architectures`` (else ``AutoModel``), in the dtype of its weights.
 A checkpoint argument next to ``--arch hf:DIR`` may be ``DIR`` itself (or ``hf:DIR``),
 another HF directory of the same architecture, or a state_dict file (``.pt`` /
 ``.safetensors``) that loads strictly into it. ``hf:DIR`` as a checkpoint implies
-``--arch hf:DIR`` (as ``zoo:NAME`` does).
+``--arch hf:DIR`` (as ``zoo:NAME`` does). The language models of the zoo
+(:mod:`prune_repair.zoo.lm`, e.g. ``zoo:py-gpt2``) are HF directories inside the package:
+``zoo:NAME`` stands for ``hf:`` their directory wherever ``hf:DIR`` is accepted.
 
 :func:`save_hf_model` writes ``save_pretrained(..., safe_serialization=True)`` into a
 temporary directory beside the target and renames it into place; an existing target is
@@ -31,6 +33,7 @@ from typing import Any
 
 from torch import nn
 
+from ..zoo.lm import is_lm, lm_dir
 from .checkpoints import check_compatible, load_state_dict
 from .errors import CheckpointError, _first_line
 
@@ -40,12 +43,14 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 def is_hf_spec(spec: str | None) -> bool:
-    """Whether ``spec`` (an ``--arch`` or a checkpoint argument) names an HF directory."""
-    return bool(spec) and str(spec).startswith(HF_PREFIX)
+    """Whether ``spec`` (an ``--arch`` or a checkpoint argument) names an HF directory (or a zoo LM)."""
+    return bool(spec) and (str(spec).startswith(HF_PREFIX) or is_lm(str(spec)))
 
 
 def hf_dir(spec: str) -> str:
-    """The directory of ``hf:DIR`` (a plain path is returned as it is)."""
+    """The directory of ``hf:DIR`` or of a zoo LM ``zoo:NAME`` (a plain path is returned as it is)."""
+    if is_lm(spec):
+        return str(lm_dir(spec))
     return spec[len(HF_PREFIX):] if is_hf_spec(spec) else spec
 
 

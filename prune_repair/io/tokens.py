@@ -8,6 +8,8 @@ A token data spec is
 - a ``.npz`` with the same arrays;
 - a ``.jsonl`` file, one ``{"input_ids": [...], "attention_mask": [...], "labels": ...}``
   per line; sequences of different lengths are right-padded (id 0, mask 0, label -100).
+- ``pysrc`` / ``pysrc:calib`` / ``pysrc:eval`` / ``pysrc:train``: the built-in bytes of the Python
+  standard library's sources (:mod:`prune_repair.io.pysrc`), no file needed.
 
 Without ``attention_mask`` every position is a real token. Batches are dicts trimmed to
 their longest sequence, fed to the model as ``model(**batch)`` (labels kept apart).
@@ -36,6 +38,7 @@ import torch
 
 from .errors import DataError
 from .errors import _first_line
+from .pysrc import is_pysrc_spec, load_pysrc
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "labels")
 IGNORE_INDEX = -100
@@ -44,6 +47,8 @@ _SAVE_HINT = "save torch.save({'input_ids': ids, 'attention_mask': mask}, path)"
 
 def is_token_data(spec: str | os.PathLike[str]) -> bool:
     """Whether a data spec is tokenized data: a ``.jsonl`` file, or a ``.pt``/``.npz`` holding ``input_ids``."""
+    if is_pysrc_spec(os.fspath(spec)):  # built-in Python-source bytes (see prune_repair.io.pysrc)
+        return True
     p = Path(os.fspath(spec).strip()).expanduser()
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
@@ -65,6 +70,8 @@ def is_token_data(spec: str | os.PathLike[str]) -> bool:
 def load_tokens(spec: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """``{"input_ids", "attention_mask"[, "labels"]}`` as int64 tensors (see the module docstring)."""
     text = os.fspath(spec).strip()
+    if is_pysrc_spec(text):
+        return load_pysrc(text)
     p = Path(text).expanduser()
     if not p.exists():
         raise DataError(f"data file not found: {text}: check the path")

@@ -1,14 +1,16 @@
-"""Pretrained MNIST models shipped with the package (``zoo:NAME`` on the CLI).
+"""Pretrained models shipped with the package (``zoo:NAME`` on the CLI).
 
-Each entry names an architecture of :mod:`prune_repair.zoo.models`, its keyword
-arguments and a float32 state_dict in ``prune_repair/zoo/weights/``. The models
-expect the normalized MNIST of :func:`prune_repair.io.data.load_dataset`. The test
-accuracy and loss of each model were measured on ``mnist:test`` by
-``benchmarks/train_zoo.py``, which writes them to ``weights/zoo.json``.
+Each entry names an architecture of :mod:`prune_repair.zoo.models` (or the torchvision
+ViT of :mod:`prune_repair.zoo.vit`), its keyword arguments and a float32 state_dict in
+``prune_repair/zoo/weights/``. The models expect the normalized MNIST of
+:func:`prune_repair.io.data.load_dataset`. The test accuracy and loss of each model
+were measured on ``mnist:test`` by ``benchmarks/train_zoo.py`` (the ViTs by
+``benchmarks/train_transformers.py``), which write them to ``weights/zoo.json``.
+The byte-level language models (HF directories) are listed in :mod:`prune_repair.zoo.lm`.
 
 Example:
     >>> zoo_names()
-    ['mnist-cnn', 'mnist-cnn-bn', 'mnist-mlp', 'mnist-mlp6-a', 'mnist-mlp6-b']
+    ['mnist-cnn', 'mnist-cnn-bn', 'mnist-mlp', 'mnist-mlp6-a', 'mnist-mlp6-b', 'mnist-vit', 'mnist-vit-b']
     >>> model = load("zoo:mnist-mlp")
     >>> arch_spec("mnist-cnn"), arch_kwargs("mnist-cnn")
     ('prune_repair.zoo.models:PlainCNN', {'channels': [16, 32], 'batch_norm': False})
@@ -26,7 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .lm import lm_names
 from .models import MLP, PlainCNN
+from .vit import mnist_vit
 
 __all__ = ["ZooEntry", "WEIGHTS_DIR", "zoo_names", "entry", "build", "load", "arch_spec", "arch_kwargs", "weights_path"]
 
@@ -68,6 +72,8 @@ class ZooEntry:
         return self.metrics.get("test_loss")
 
 
+_VIT = {"image_size": 28, "patch_size": 7, "num_layers": 4, "num_heads": 4, "hidden_dim": 64, "mlp_dim": 128}
+
 _REGISTRY: dict[str, ZooEntry] = {
     e.name: e
     for e in (
@@ -77,6 +83,9 @@ _REGISTRY: dict[str, ZooEntry] = {
         # a pair of deeper MLPs from two seeds, for merging (variance collapse shows at depth)
         ZooEntry("mnist-mlp6-a", MLP, {"widths": [64] * 6}, "mnist-mlp6-a.pt"),
         ZooEntry("mnist-mlp6-b", MLP, {"widths": [64] * 6}, "mnist-mlp6-b.pt"),
+        # a torchvision VisionTransformer (7 px patches, 4 layers of width 64), two seeds for merging
+        ZooEntry("mnist-vit", mnist_vit, dict(_VIT), "mnist-vit.pt"),
+        ZooEntry("mnist-vit-b", mnist_vit, dict(_VIT), "mnist-vit-b.pt"),
     )
 }
 
@@ -100,7 +109,7 @@ def entry(name: str) -> ZooEntry:
     """
     key = name[len(PREFIX) :] if name.startswith(PREFIX) else name
     if key not in _REGISTRY:
-        raise ValueError(f"unknown zoo model {name!r}: known models are {', '.join(zoo_names())}")
+        raise ValueError(f"unknown zoo model {name!r}: known models are {', '.join(zoo_names() + lm_names())}")
     return _REGISTRY[key]
 
 
