@@ -52,6 +52,7 @@ from ..engine.refit.ridge import masked_ridge
 from ..engine.registry import MethodEnum
 from ..engine.run.forward import ForwardFn, StopForward, as_batches, first_tensor, hooked_pass
 from .mlp_units import MLPUnits, consumer_rows, find_mlps, set_config_width_, units_to_remove
+from .unit_select import SELECT, obs_keep
 from .structured_heads import find_heads, heads_to_remove, set_config_heads_
 from .targets import PruneError
 
@@ -169,6 +170,7 @@ def prune_mlps_(
     *,
     heads: float = 0.0,
     refit: Refit | str = Refit.RIDGE,
+    select: str = "energy",
     damping: float = 1e-2,
     kept: dict[str, torch.Tensor] | None = None,
     forward_fn: ForwardFn | None = None,
@@ -179,11 +181,14 @@ def prune_mlps_(
 
     ``reference`` is the dense model (same architecture, not changed); ``model`` starts as
     its copy. ``kept`` (MLP / attention FQN -> kept unit indices) replaces the scoring, e.g.
-    to drop the units another run chose. Raises :class:`PruneError` when ``model`` has no
+    to drop the units another run chose. ``select``: ``energy`` (the score above) or ``obs``
+    (greedy least-squares elimination, :mod:`.unit_select`). Raises :class:`PruneError` when ``model`` has no
     recognizable MLP, a ratio is outside [0, 1) or heads do not divide evenly.
     """
     start = time.perf_counter()
     refit = Refit.parse(refit, "refit")
+    if select not in SELECT:
+        raise PruneError(f"unit selection must be one of {', '.join(SELECT)}, got {select!r}")
     steps = _steps(model, ratio, heads)
     chosen, layers, history = {}, [], []
     for unit, n_remove in steps:
@@ -195,6 +200,9 @@ def prune_mlps_(
         gram = consumer_gram(model, reference, unit, data, forward_fn) if refit is not Refit.NONE or kept is None else None
         if kept is not None:
             idx = torch.as_tensor(kept[unit.fqn], dtype=torch.long)
+        elif select == "obs":
+            idx = obs_keep(gram, unit.units, unit.unit_size, n_remove, damping=max(damping, 1e-8),
+                           intercept=consumer.bias is not None)
         else:
             scores = unit_scores(gram, consumer).square().view(unit.units, unit.unit_size).sum(1)
             idx = torch.topk(scores, unit.units - n_remove).indices.sort().values.cpu()
