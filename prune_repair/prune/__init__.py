@@ -6,7 +6,9 @@
 - :func:`find_targets` says which weights are prunable (conv + linear weights).
 - :func:`apply_masks_` / :func:`remove_reparametrization_` write masks as zeros or
   through ``torch.nn.utils.prune``; :func:`measure_sparsity` counts zeros.
-- :mod:`.structured` maps reference statistics onto the channels torch-pruning keeps.
+- :mod:`.structured` maps reference statistics onto the channels torch-pruning keeps;
+  :func:`structured_prune` makes a physically smaller model (transformer MLP units and
+  LLaMA heads by :func:`prune_mlps_`, CNN channel groups by :func:`prune_channels_`).
 
 Example:
     >>> import torch, prune_repair as pr
@@ -42,6 +44,9 @@ from .structured import (
     replay_history_,
     save_structured,
 )
+from .structured_channels import prune_channels_
+from .structured_mlp import prune_mlps_
+from .structured_run import StructuredResult, structured_prune
 from .targets import PruneError, Target, find_targets
 from .woodfisher import InverseFisher, inverse_fisher, woodfisher_memory, woodfisher_scores
 
@@ -58,6 +63,10 @@ __all__ = [
     "PruneScores",
     "Sparsity",
     "StructuredReport",
+    "StructuredResult",
+    "prune_channels_",
+    "prune_mlps_",
+    "structured_prune",
     "Target",
     "apply_masks_",
     "check_sparsity",
