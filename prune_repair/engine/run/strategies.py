@@ -99,8 +99,8 @@ class Runner:
     def inline(self, active: Sequence[int] | None = None, *, stop: bool = False, segment: int = 0,
                forward_fn: ForwardFn | None = None, inputs: Sequence[Any] | None = None,
                reference_fn: ForwardFn | None = None) -> None:
-        """One pass over ONE batch (or a segment's one pass per batch when exact for it): each step
-        contributes and is decided in its hook; with ``stop``, the forward ends at the last step."""
+        """One pass when there is ONE batch (of the model, or of a segment): each step contributes
+        and is decided inside its hook; with ``stop``, the forward ends at the last step."""
         active = list(range(len(self.steps))) if active is None else list(active)
         left = set(active)
 
@@ -154,7 +154,11 @@ class Runner:
 
     def all_at_once(self) -> None:
         """One pass in which every step observes the model as it is; then every step is decided."""
-        self.one_pass(range(len(self.steps)), lambda k, contribute: bool(contribute()))
+        def arrive(k: int, contribute: Callable[[], None]) -> bool:
+            contribute()
+            return False  # nothing is decided during the pass
+
+        self.one_pass(range(len(self.steps)), arrive)
         self.decide_rest()
 
     def blockwise(self, several: bool, blocks: Sequence[str] | None, offload: str | Path | None) -> None:
