@@ -159,3 +159,12 @@ def test_cli_two_four_report_and_bad_input(tmp_path):
     result = CliRunner().invoke(main, ["prune", "zoo:mnist-cnn", "--data", "mnist:test", "--calib-size", "64",
                                        "--out", str(tmp_path / "c.pt"), "--sparsity", "2:4"])
     assert result.exit_code == 2 and "not a multiple of 4" in result.output and not (tmp_path / "c.pt").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["global-magnitude", "wanda", "obs"])
+def test_n_m_on_cuda(method):
+    model, batch = tiny_gpt2().cuda(), {k: v.cuda() for k, v in tokens().items()}
+    report = prune_(model, "2:4", method, batch)
+    assert report.achieved_sparsity == 0.5
+    _layers_follow(model, [layer["fqn"] for layer in report.layers], NMPattern(2, 4))

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -311,6 +312,7 @@ def _obs_prune(model: nn.Module, sparsity: float | NMPattern, data: Any, obs: Ob
                         skip_classifier=skip_classifier, sparsity_config=config, floor=floor)
     modules = dict(model.named_modules())
     warn_empty([Target(la.fqn, modules[la.fqn], la.weights) for la in result.layers])
+    _warn_left_dense(model, {la.fqn for la in result.layers}, select, skip_first, skip_classifier, data)
     masks = {la.fqn: modules[la.fqn].weight.detach() != 0 for la in result.layers}
     zeros = sum(int((~m).sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
@@ -320,6 +322,20 @@ def _obs_prune(model: nn.Module, sparsity: float | NMPattern, data: Any, obs: Ob
                        {la.fqn: la.sparsity for la in result.layers}, {"score": 0.0, "mask": sum(result.seconds.values())},
                        masks, sparsity_all_params(model), [{**la.to_dict(), "pattern": pattern} for la in result.layers],
                        pattern)
+
+
+def _warn_left_dense(model: nn.Module, pruned: set[str], select: Selector, skip_first: bool, skip_classifier: bool,
+                     data: Any) -> None:
+    """Name the selected prunable layers obs could not prune (never a silent skip)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # find_targets' own tied-weight warning was given already
+        targets = find_targets(model, select=select, skip_first=skip_first, skip_classifier=skip_classifier,
+                               example_inputs=_example(data))
+    dense = [t.fqn for t in targets if t.fqn not in pruned]
+    if dense:
+        warnings.warn(f"obs left {len(dense)} selected layer(s) dense, which it cannot prune ({', '.join(dense[:4])}"
+                      f"{', ...' if len(dense) > 4 else ''}): the achieved sparsity counts only the layers it pruned",
+                      stacklevel=3)
 
 
 def _obs_update_(targets: list[Target], masks: dict[str, torch.Tensor], inv: InverseFisher | None) -> None:
