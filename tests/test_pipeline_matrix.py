@@ -170,3 +170,18 @@ def test_progress_shows_every_decided_site_per_block_and_is_silent_by_default(ca
     assert seen == [(k + 1, len(rebuilt.layers)) for k in range(len(rebuilt.layers))]
     repair_(_damaged(reference), reference, _split(x), repair="repair")  # the library is silent unless asked
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn-bn"])
+def test_obs_pruning_under_every_strategy_equals_the_inline_pass(name):
+    from prune_repair.prune.obs import obs_prune_
+
+    reference, x = _model(name)
+    for target in ("reference", "layer"):  # the dense model run beside, or each layer's own output
+        inline = copy.deepcopy(reference)
+        obs_prune_(inline, x, 0.5, block_size=4, target=target)
+        for passes in Passes:
+            model = copy.deepcopy(reference)
+            report = obs_prune_(model, _split(x), 0.5, block_size=4, passes=passes, target=target)
+            assert report.achieved_sparsity == pytest.approx(0.5, abs=0.01)
+            _assert_same(model, inline, f"obs/{target}/{passes.value}")

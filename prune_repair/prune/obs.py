@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +48,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..engine.run.forward import ForwardFn, as_batches, head
 from ..engine.refit.layerwise import ReferenceOutputs, layerwise_
+from ..engine.run.lockstep import Passes
 from ..engine.checks import masked_weight
 from ..engine.refit.gram import DEFAULT_MAX_GRAM_BYTES, Gram, check_gram_memory, has_gram, layer_shape
 from ..engine.refit.layer_rows import check_gram, current_rows, intercept_kind, write_rows_
@@ -118,9 +121,12 @@ def obs_prune_(
     refit: bool = True,
     forward_fn: ForwardFn | None = None,
     max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES,
-    progress: Progress | None = None,
+    progress: Progress | bool | None = None,
     sparsity_config: dict[str, float] | None = None,
     floor: bool = True,
+    passes: Passes | str = Passes.LOCKSTEP,
+    blocks: Sequence[str] | None = None,
+    offload: str | Path | None = None,
 ) -> ObsReport:
     """Prune ``model`` in place to ``sparsity`` (zeros / weights of the pruned layers), see the module doc.
 
@@ -128,7 +134,9 @@ def obs_prune_(
     corrected too) or ``"layer"`` (the dense layer's output on the pruned-upstream inputs).
     Memory: the Gram statistics of one layer, ``O(d_in^2 + d_in * d_out)``, plus a dense
     copy of the model for ``target="reference"``. Cost: one pass per calibration batch
-    (one prefix pass per layer and batch with several batches), twice for ``global``.
+    (``passes``, ``blocks``, ``offload``: how several batches are gone over, as in
+    :func:`~prune_repair.engine.correct.repair.repair_`). ``progress``: ``(done, total)``
+    after each layer, or True to show the layers on stderr.
 
     ``sparsity`` ``"N:M"``: in each group of M input columns, the N of highest saliency when
     the sweep reaches the group are kept (SparseGPT's semi-structured choice); the refit keeps
@@ -147,6 +155,39 @@ def obs_prune_(
     if block_size < 1:
         raise PruneError(f"block_size must be at least 1, got {block_size}")
     batches = as_batches(data)
+    layers, bns = _checked_layers(model, batches, pattern, skip_first, skip_classifier, select, forward_fn,
+                                  max_gram_bytes)
+    numels = [m.weight.numel() for _, m in layers]
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    budgets, sparsity = _budgets(layers, numels, sparsity, pattern, allocation, sparsity_config, floor)
+    if allocation == "global" and pattern is None:
+        seconds["allocate"] = time.perf_counter() - t0
+    reference = None
+    if target == "reference":
+        reference = ReferenceOutputs(copy.deepcopy(model), batches, [f for f, _ in layers], forward_fn=forward_fn)
+    reports: list[ObsLayer] = []
+
+    def step(i: int, gram: Gram) -> None:
+        fqn, module = layers[i]
+        keep, used, before, after = _prune_layer(module, gram, bns[fqn], budgets[i], damping, block_size, pattern,
+                                                 refit)
+        reports.append(ObsLayer(fqn, numels[i], 1 - float(keep.sum()) / numels[i], used, float(before), float(after)))
+
+    t0 = time.perf_counter()
+    layerwise_(model, batches, layers, step=step, target=reference, forward_fn=forward_fn,
+               max_gram_bytes=max_gram_bytes, passes=passes, blocks=blocks, offload=offload, progress=progress,
+               what="obs")
+    seconds["prune"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - start
+    zeros = sum(round(r.sparsity * r.weights) for r in reports)
+    return ObsReport(sparsity, zeros / sum(numels), allocation, reports, seconds)
+
+
+def _checked_layers(model: nn.Module, batches: list[Any], pattern: NMPattern | None, skip_first: bool,
+                    skip_classifier: bool, select: Selector, forward_fn: ForwardFn | None, max_gram_bytes: int
+                    ) -> tuple[list[tuple[str, nn.Module]], dict[str, _BatchNorm | None]]:
+    """The layers to prune in execution order (memory and N:M fit checked), and the BatchNorm after each."""
     calls = trace_calls(model, head(batches[0], 2), forward_fn=forward_fn)
     layers = _layers(calls, skip_first, skip_classifier, select)
     for fqn, module in layers:
@@ -158,55 +199,43 @@ def obs_prune_(
     norms = {s.producer: s.norm for s in sites_from_calls(calls, include_classifier=True)}
     modules = dict(model.named_modules())
     bns = {f: modules[norms[f]] if isinstance(modules.get(norms.get(f) or ""), _BatchNorm) else None for f, _ in layers}
-    numels = [m.weight.numel() for _, m in layers]
-    seconds: dict[str, float] = {}
+    return layers, bns
+
+
+def _budgets(layers: list[tuple[str, nn.Module]], numels: list[int], sparsity: float | NMPattern,
+             pattern: NMPattern | None, allocation: str, sparsity_config: dict[str, float] | None,
+             floor: bool) -> tuple[list[int], float]:
+    """Weights to prune per layer, and the overall target sparsity (an N:M pattern's fraction)."""
     overrides = layer_sparsities([Target(f, m, n) for (f, m), n in zip(layers, numels)],
                                  sparsity_config) if sparsity_config is not None else {}
     if pattern is not None:
-        budgets = [round(pattern.sparsity * n) for n in numels]
-        sparsity = pattern.sparsity
-    elif allocation == "uniform":
-        budgets = [round(overrides.get(f, sparsity) * n) for (f, _), n in zip(layers, numels)]
-    else:
-        t0 = time.perf_counter()
-        budgets = _global_budgets(layers, sparsity, overrides, floor)
-        seconds["allocate"] = time.perf_counter() - t0
-    reference = None
-    if target == "reference":
-        reference = ReferenceOutputs(copy.deepcopy(model), batches, [f for f, _ in layers], forward_fn=forward_fn)
-    reports: list[ObsLayer] = []
+        return [round(pattern.sparsity * n) for n in numels], pattern.sparsity
+    if allocation == "uniform":
+        return [round(overrides.get(f, sparsity) * n) for (f, _), n in zip(layers, numels)], sparsity
+    return _global_budgets(layers, sparsity, overrides, floor), sparsity
 
-    def step(i: int, gram: Gram) -> None:
-        fqn, module = layers[i]
-        check_gram(gram)
-        kind = intercept_kind(module, bns[fqn])
-        fit = kind != "none"
-        G, C = (gram.G, gram.C) if fit else (gram.G[:, :-1, :-1], gram.C[:, :-1])
-        current, mask = current_rows(module, gram, fit)
-        H, lam, used = _damped(G, gram.d_in, damping)
-        rhs = C.clone()
-        rhs[:, :gram.d_in] += lam[:, None, None] * current[..., :gram.d_in].transpose(1, 2)
-        best = torch.cholesky_solve(rhs, torch.linalg.cholesky(H)).transpose(1, 2)  # W*, (g, m, n)
-        pruned, keep = obs_rows(best, H, budgets[i], gram.d_in, block_size, forced=~mask, nm=pattern)
-        if refit:
-            sol = masked_ridge(G, C, keep, damping=used, intercept=fit, prior=current[..., :gram.d_in] * keep)
-            pruned = sol.weight
-        before = gram.relative_error(current, intercept=fit)
-        after = gram.relative_error(pruned, intercept=fit)
-        write_rows_(module, bns[fqn], kind, pruned)
-        if hasattr(module, "weight_mask"):
-            module.weight_mask.copy_(keep.reshape(module.weight_mask.shape).to(module.weight_mask.dtype))
-        reports.append(ObsLayer(fqn, numels[i], 1 - float(keep.sum()) / numels[i], used, float(before), float(after)))
-        if progress is not None:
-            progress(i + 1, len(layers))
 
-    t0 = time.perf_counter()
-    layerwise_(model, batches, layers, step=step, target=reference, forward_fn=forward_fn,
-               max_gram_bytes=max_gram_bytes)
-    seconds["prune"] = time.perf_counter() - t0
-    seconds["total"] = time.perf_counter() - start
-    zeros = sum(round(r.sparsity * r.weights) for r in reports)
-    return ObsReport(sparsity, zeros / sum(numels), allocation, reports, seconds)
+def _prune_layer(module: nn.Module, gram: Gram, bn: _BatchNorm | None, budget: int, damping: float, block_size: int,
+                 pattern: NMPattern | None, refit: bool) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
+    """One layer's OBS step, written into the module: ``(keep, damping used, error before, error after)``."""
+    check_gram(gram)
+    kind = intercept_kind(module, bn)
+    fit = kind != "none"
+    G, C = (gram.G, gram.C) if fit else (gram.G[:, :-1, :-1], gram.C[:, :-1])
+    current, mask = current_rows(module, gram, fit)
+    H, lam, used = _damped(G, gram.d_in, damping)
+    rhs = C.clone()
+    rhs[:, :gram.d_in] += lam[:, None, None] * current[..., :gram.d_in].transpose(1, 2)
+    best = torch.cholesky_solve(rhs, torch.linalg.cholesky(H)).transpose(1, 2)  # W*, (g, m, n)
+    pruned, keep = obs_rows(best, H, budget, gram.d_in, block_size, forced=~mask, nm=pattern)
+    if refit:
+        pruned = masked_ridge(G, C, keep, damping=used, intercept=fit, prior=current[..., :gram.d_in] * keep).weight
+    before = gram.relative_error(current, intercept=fit)
+    after = gram.relative_error(pruned, intercept=fit)
+    write_rows_(module, bn, kind, pruned)
+    if hasattr(module, "weight_mask"):
+        module.weight_mask.copy_(keep.reshape(module.weight_mask.shape).to(module.weight_mask.dtype))
+    return keep, used, before, after
 
 
 def obs_rows(W: torch.Tensor, H: torch.Tensor, k: int, d: int, block_size: int = 128,
