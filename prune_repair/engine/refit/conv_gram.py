@@ -1,10 +1,8 @@
 """Pieces of a conv layer's Gram statistics: padded inputs, im2col views, the method choice, and the
-cross term ``X^T Y`` and the patch sums without unfolding anything.
+patch sums without unfolding anything.
 
-A Conv1d is handled as a Conv2d of height 1. ``X^T Y`` of a conv is its weight gradient with the
-targets as output gradient (``torch.nn.grad.conv2d_weight``: the backend's convolution kernel,
-no patch matrix); the ones column of ``X`` gives ``X^T 1``, the sums of each patch column, which
-are box sums of the sample-summed input.
+A Conv1d is handled as a Conv2d of height 1. The ones column of ``X`` gives ``X^T 1``, the sums of
+each patch column, which are box sums of the sample-summed input.
 
 Example:
     >>> import torch
@@ -33,8 +31,11 @@ from .gram_options import GramMethod
 
 MIN_CORRELATION_CHANNELS = 8
 """Below this many channels per group the per-offset products are too thin to pay for their overhead."""
-CORRELATION_ADVANTAGE = 0.7
-"""``auto`` takes the correlation Gram when it needs at most this share of im2col's multiplications."""
+MIN_CORRELATION_ROWS = 1024
+"""Below this many patch rows (samples x positions) per call the ``d^2`` assembly outweighs the saving."""
+CORRELATION_ADVANTAGE = 0.4
+"""``auto`` takes the correlation Gram when it needs at most this share of im2col's multiplications
+(its products are smaller and run at about half im2col's speed per multiplication, measured here)."""
 
 
 def _pair(module: nn.Conv1d | nn.Conv2d, value) -> tuple[int, int]:
@@ -85,9 +86,11 @@ def output_size(module: nn.Conv1d | nn.Conv2d, padded: torch.Tensor) -> tuple[in
     return (hp - (kh - 1) * dh - 1) // sh + 1, (wp - (kw - 1) * dw - 1) // sw + 1
 
 
-def conv_method(module: nn.Conv1d | nn.Conv2d, out_size: tuple[int, int], requested: GramMethod | str) -> GramMethod:
+def conv_method(module: nn.Conv1d | nn.Conv2d, out_size: tuple[int, int], requested: GramMethod | str,
+                samples: int = MIN_CORRELATION_ROWS) -> GramMethod:
     """The method that forms the patch Gram: ``auto`` takes the correlation Gram for a stride-1,
-    dilation-1 conv with enough channels per group where it saves multiplications; ``correlation``
+    dilation-1 conv with enough channels per group and ``samples`` x positions rows where it saves
+    enough multiplications; ``correlation``
     on a layer it does not apply to is a ``ValueError``."""
     requested = GramMethod.parse(requested, "Gram method")
     kernel = kernel_of(module)
@@ -98,22 +101,12 @@ def conv_method(module: nn.Conv1d | nn.Conv2d, out_size: tuple[int, int], reques
             raise ValueError(f"method='correlation' needs a stride-1, dilation-1 conv with outputs of at least the "
                              f"kernel size - 1, not {module}: use method='auto' or 'im2col'")
         return requested
-    if requested is GramMethod.AUTO and fits and module.in_channels // module.groups >= MIN_CORRELATION_CHANNELS:
+    rows = samples * math.prod(out_size)
+    if (requested is GramMethod.AUTO and fits and module.in_channels // module.groups >= MIN_CORRELATION_CHANNELS
+            and rows >= MIN_CORRELATION_ROWS):
         if correlation_cost(out_size, kernel) <= CORRELATION_ADVANTAGE * math.prod(kernel) ** 2 * math.prod(out_size):
             return GramMethod.CORRELATION
     return GramMethod.IM2COL
-
-
-def cross_term(module: nn.Conv1d | nn.Conv2d, padded: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``X^T Y`` as ``(groups, d_in, out/groups)`` in ``padded``'s dtype: the weight gradient of the
-    layer (no padding: ``padded`` is :func:`pad_input`'s) with ``y`` ``(N, out, ...)`` as output gradient."""
-    g, out = module.groups, module.out_channels
-    kh, kw = kernel_of(module)
-    y4 = y.reshape(y.shape[0], out, *output_size(module, padded)).to(padded.dtype)
-    weight = torch.nn.grad.conv2d_weight(padded, (out, padded.shape[1] // g, kh, kw), y4,
-                                         stride=_pair(module, module.stride), dilation=_pair(module, module.dilation),
-                                         groups=g)
-    return weight.reshape(g, out // g, -1).transpose(1, 2)
 
 
 def patch_sums(module: nn.Conv1d | nn.Conv2d, padded: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ Example:
     >>> import torch, torch.nn.functional as F
     >>> x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
     >>> G = torch.zeros(1, 27, 27, dtype=torch.float64)
-    >>> add_correlation_gram_(G, x, (3, 3))
+    >>> add_correlation_gram_(G, positions_first(x), (3, 3))
     >>> X = F.unfold(x, 3).transpose(1, 2).reshape(-1, 27)          # im2col rows
     >>> torch.allclose(G[0], X.T @ X)
     True
@@ -62,50 +62,79 @@ def correlation_cost(out_size: tuple[int, int], kernel: tuple[int, int]) -> int:
     return total
 
 
-def add_correlation_gram_(out: torch.Tensor, x: torch.Tensor, kernel: tuple[int, int]) -> None:
-    """Add the stride-1 patch Gram of the padded input ``x`` ``(N, C, Hp, Wp)`` to ``out``
-    ``(groups, d, d)`` (``d = C/groups * kh * kw``, columns in ``weight.reshape(out, -1)`` order).
+def positions_first(x: torch.Tensor) -> torch.Tensor:
+    """A padded input ``(N, C, Hp, Wp)`` as ``(Hp, Wp, N, C)``: a window of positions is one strided slice."""
+    return x.permute(2, 3, 0, 1).contiguous()
 
-    Products are formed in ``x``'s dtype and added to ``out`` (float64) block by block.
+
+def add_correlation_gram_(out: torch.Tensor, xl: torch.Tensor, kernel: tuple[int, int]) -> None:
+    """Add the stride-1 patch Gram of a padded input, given as :func:`positions_first`'s
+    ``(Hp, Wp, N, C)``, to ``out`` ``(groups, d, d)`` (``d = C/groups * kh * kw``, columns in
+    ``weight.reshape(out, -1)`` order).
+
+    Products are formed in ``x``'s dtype, assembled into one matrix and added to ``out`` (float64) once.
     """
     kh, kw = kernel
-    n, c, hp, wp = x.shape
     g = out.shape[0]
+    hp, wp, n, c = xl.shape
     cg = c // g
     ho, wo = hp - kh + 1, wp - kw + 1
     if not supports((ho, wo), kernel):
         raise ValueError(f"the correlation Gram needs outputs of at least {kh - 1}x{kw - 1}, got {ho}x{wo}: use im2col")
-    blocks = out.view(g, cg, kh, kw, cg, kh, kw)
-    xt = x.permute(1, 2, 3, 0).contiguous()  # (C, Hp, Wp, N): a window of positions is one strided slice
-    flat = xt.view(c, hp * wp, n)
+    full = xl.new_empty(g, kh, kw, cg, kh, kw, cg)  # tap-major: a block is a slice of rows, written whole
+    flat = xl.view(hp * wp, n, c)
     for u, v in _offsets(kh, kw):
         taps_a, p0, p1 = _span(kh, u, ho)
         taps_b, q0, q1 = _span(kw, v, wo)
-        core = _product(xt[:, p0:p1, q0:q1], xt[:, p0 + u:p1 + u, q0 + v:q1 + v], g)
+        blocks = _product(xl[p0:p1, q0:q1].reshape(-1, c), xl[p0 + u:p1 + u, q0 + v:q1 + v].reshape(-1, c), g)[None]
         pairs = [(a, b) for a in taps_a for b in taps_b]
-        extra = [_border(a, b, p0, p1, q0, q1, ho, wo, wp) for a, b in pairs]
-        sizes = [len(e) for e in extra]
-        idx = torch.cat(extra).to(x.device) if sum(sizes) else None
-        if idx is not None:  # one gather of every block's border positions at this offset
-            left, right = flat.index_select(1, idx), flat.index_select(1, idx + (u * wp + v))
-        start = 0
-        for (a, b), m in zip(pairs, sizes):
-            block = core
-            if m:
-                block = core + _product(left[:, start:start + m], right[:, start:start + m], g)
-                start += m
-            block = block.to(out.dtype)
-            blocks[:, :, a, b, :, a + u, b + v] += block
-            if (u, v) != (0, 0):
-                blocks[:, :, a + u, b + v, :, a, b] += block.transpose(1, 2)
+        border = torch.stack([_border(a, b, p0, p1, q0, q1, ho, wo, wp) for a, b in pairs]).to(xl.device)
+        if border.shape[1]:  # every block of this offset has as many border positions: one batched product
+            left = flat.index_select(0, border.reshape(-1)).view(len(pairs), -1, c)
+            right = flat.index_select(0, border.reshape(-1) + (u * wp + v)).view(len(pairs), -1, c)
+            blocks = blocks + _product(left, right, g)
+        ia, ib = torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs])
+        blocks = blocks.expand(len(pairs), -1, -1, -1)
+        full[:, ia, ib, :, ia + u, ib + v] = blocks
+        if (u, v) != (0, 0):  # the blocks at the opposite offset are the transposes
+            full[:, ia + u, ib + v, :, ia, ib] = blocks.transpose(-1, -2)
+    out.view(g, cg, kh, kw, cg, kh, kw).add_(full.permute(0, 3, 1, 2, 6, 4, 5))
+
+
+def correlation_cross(xl: torch.Tensor, y: torch.Tensor, kernel: tuple[int, int], groups: int) -> torch.Tensor:
+    """``X^T Y`` of a stride-1 conv, ``(groups, d, out/groups)`` in ``xl``'s dtype, from the
+    :func:`positions_first` input and the targets ``y`` ``(N, out, Ho, Wo)``: one product per
+    kernel tap over the shifted window, no patch matrix.
+
+    >>> import torch.nn.functional as F
+    >>> x, y = torch.randn(2, 4, 5, 6, dtype=torch.float64), torch.randn(2, 6, 3, 4, dtype=torch.float64)
+    >>> X = F.unfold(x[:, :2], 3).transpose(1, 2).reshape(-1, 18)       # group 0's patches
+    >>> C = correlation_cross(positions_first(x), y, (3, 3), 2)
+    >>> torch.allclose(C[0], X.T @ y[:, :3].flatten(2).transpose(1, 2).reshape(-1, 3))
+    True
+    """
+    kh, kw = kernel
+    hp, wp, n, c = xl.shape
+    ho, wo = hp - kh + 1, wp - kw + 1
+    out = y.shape[1]
+    targets = y.to(xl.dtype).permute(2, 3, 0, 1).reshape(-1, groups, out // groups).transpose(0, 1)  # (g, M, o)
+    cross = xl.new_empty(groups, c // groups, kh, kw, out // groups)
+    for a in range(kh):
+        for b in range(kw):
+            window = xl[a:a + ho, b:b + wo].reshape(-1, groups, c // groups).transpose(0, 1)  # (g, M, C/g)
+            cross[:, :, a, b] = torch.bmm(window.transpose(1, 2), targets)
+    return cross.view(groups, -1, out // groups)
 
 
 def _product(left: torch.Tensor, right: torch.Tensor, g: int) -> torch.Tensor:
-    """``sum over positions and samples of left[c] right[c']`` per group: ``(g, C/g, C/g)``."""
-    c = left.shape[0]
-    lhs = left.reshape(g, c // g, -1)
-    rhs = right.reshape(g, c // g, -1)
-    return torch.bmm(lhs, rhs.transpose(1, 2))
+    """``left^T right`` per group over rows of positions and samples: ``(..., rows, C)`` pairs give
+    ``(..., g, C/g, C/g)``."""
+    *batch, m, c = left.shape
+    if g == 1:
+        return torch.matmul(left.transpose(-1, -2), right).unsqueeze(-3)
+    lhs = left.reshape(-1, m, g, c // g).permute(0, 2, 3, 1).reshape(-1, c // g, m)
+    rhs = right.reshape(-1, m, g, c // g).permute(0, 2, 1, 3).reshape(-1, m, c // g)
+    return torch.bmm(lhs, rhs).view(*batch, g, c // g, c // g)
 
 
 def _border(a: int, b: int, p0: int, p1: int, q0: int, q1: int, ho: int, wo: int, wp: int) -> torch.Tensor:

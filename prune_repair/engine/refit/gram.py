@@ -18,8 +18,8 @@ float32 for float32/half inputs (float64 inputs keep float64) and summed across 
 float64; ``precision="float64"`` keeps float64 products throughout. The rounding this adds is
 about 1e-7 of ``||G||`` (measured in benchmarks/RESULTS.md, tested to 1e-6), five orders below the
 default ridge damping of 1e-2. A stride-1 conv forms its patch Gram from shifted correlations
-of the input (:mod:`~prune_repair.engine.refit.corr_gram`, no patch matrix; ``method``), and every
-conv its ``X^T Y`` as a weight gradient (:mod:`~prune_repair.engine.refit.conv_gram`). Layers that
+of the input, and its ``X^T Y`` from shifted windows (:mod:`~prune_repair.engine.refit.corr_gram`, no
+patch matrix; ``method``). Layers that
 read the same input tensor (q/k/v, gate/up) can share one ``X^T X``: pass the same
 :class:`~prune_repair.engine.refit.shared_gram.SharedInputs` to their :meth:`Gram.add`.
 
@@ -48,8 +48,8 @@ from torch import nn
 
 from ..run import distributed
 from ..producers import is_conv1d
-from .conv_gram import conv_method, conv_patches, cross_term, kernel_of, output_size, pad_input, patch_sums, patch_view
-from .corr_gram import add_correlation_gram_
+from .conv_gram import conv_method, conv_patches, kernel_of, output_size, pad_input, patch_sums, patch_view
+from .corr_gram import add_correlation_gram_, correlation_cross, positions_first
 from .gram_options import GramMethod, GramPrecision, compute_dtype, current_options
 
 if TYPE_CHECKING:
@@ -89,11 +89,6 @@ def rows_to_weight(module: nn.Module, rows: torch.Tensor, like: torch.Tensor) ->
 
 DEFAULT_MAX_GRAM_BYTES = 4 * 2**30
 DEFAULT_CHUNK_BYTES = 64 * 2**20
-CROSS_SPAN = 32
-"""Samples x sqrt(positions) per float32 weight-gradient call of a conv's ``X^T Y``: the backend sums
-the samples one after another, so its rounding grows with their count (measured: about 6e-8 relative here)."""
-
-
 def layer_shape(module: nn.Module) -> tuple[int, int, int]:
     """``(groups, d_in, out)`` of a conv/linear layer: ``d_in`` columns per group, ``out`` rows in all.
 
@@ -223,7 +218,7 @@ class Gram:
         n = x.shape[0]
         padded_one = pad_input(self.module, x[:1])
         ho, wo = output_size(self.module, padded_one)
-        if conv_method(self.module, (ho, wo), self.method) is GramMethod.CORRELATION:
+        if conv_method(self.module, (ho, wo), self.method, n) is GramMethod.CORRELATION:
             step = max(1, chunk_bytes // max(1, ct.itemsize * padded_one[0].numel()))
             for start in range(0, n, step):
                 self._correlate(pad_input(self.module, x[start:start + step]).to(ct), y[start:start + step], with_gram)
@@ -258,15 +253,15 @@ class Gram:
         """One chunk of a conv by the correlation Gram (``padded`` in the compute dtype): no patch matrix."""
         d, g = self.d_in, self.groups
         rows = y.shape[0] * math.prod(y.shape[2:])
+        xl, kernel = positions_first(padded), kernel_of(self.module)
+        y4 = y.reshape(y.shape[0], y.shape[1], *output_size(self.module, padded))
         if with_gram:
-            add_correlation_gram_(self.G[:, :d, :d], padded, kernel_of(self.module))
+            add_correlation_gram_(self.G[:, :d, :d], xl, kernel)
             sums = patch_sums(self.module, padded)
             self.G[:, :d, d] += sums
             self.G[:, d, :d] += sums
             self.G[:, d, d] += rows
-        step = max(1, int(CROSS_SPAN / math.sqrt(rows / len(y)))) if padded.dtype != torch.float64 else len(y)
-        for start in range(0, len(y), step):  # the backend sums samples one after another: few per call
-            self.C[:, :d] += cross_term(self.module, padded[start:start + step], y[start:start + step])
+        self.C[:, :d] += correlation_cross(xl, y4, kernel, g)
         y = y.to(device=self.G.device, dtype=torch.float64)
         dims = [i for i in range(y.dim()) if i != 1]
         self.C[:, d] += y.sum(dims).view(g, -1)
