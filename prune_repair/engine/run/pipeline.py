@@ -63,7 +63,7 @@ from torch import nn
 from . import distributed
 from .forward import ForwardFn, as_batches
 from .lockstep import Passes
-from .progress import Progress
+from .progress import Progress, ProgressArg
 from .steps import Arrive, Context, Method, PassLog, Reference, Step
 from .strategies import Runner
 
@@ -72,17 +72,22 @@ __all__ = ["Arrive", "Context", "Method", "PassLog", "Reference", "Step", "calib
 
 def calibrate(model: nn.Module, data: Any, method: Method, *, passes: Passes | str = Passes.LOCKSTEP,
               all_at_once: bool = False, forward_fn: ForwardFn | None = None, reference: Reference | None = None,
-              blocks: Sequence[str] | None = None, offload: str | Path | None = None, progress: Any = None) -> PassLog:
+              blocks: Sequence[str] | None = None, offload: str | Path | None = None,
+              progress: ProgressArg = None) -> PassLog:
     """Run ``method`` over ``data`` under the ``passes`` strategy (see the module doc); every step is
     decided exactly once, in order (a step no batch reached is decided after the passes).
 
     Raises:
-        ValueError: ``blocks``/``offload`` without ``passes='blockwise'``; a strategy that cannot
-            run on this model (the blockwise chain, a lockstep pass on data-dependent paths: named).
+        ValueError: ``blocks``/``offload`` without ``passes='blockwise'``, ``all_at_once`` with
+            ``passes`` other than the default; a strategy that cannot run on this model (the
+            blockwise chain, a lockstep pass on data-dependent paths: named).
     """
     passes = Passes.parse(passes, "passes")
     if (blocks is not None or offload is not None) and passes is not Passes.BLOCKWISE:
         raise ValueError("blocks= and offload= apply to passes='blockwise' only: add passes='blockwise'")
+    if all_at_once and passes is not Passes.LOCKSTEP:
+        raise ValueError(f"an all-at-once calibration makes one pass over the batches, so passes='{passes.value}' "
+                         "does not apply: leave passes at its default")
     batches = as_batches(data)
     several = distributed.all_reduce_max(float(len(batches) > 1)) > 0  # every rank takes the same path
     with Progress(method.what, len(method.steps), progress) as bar:
