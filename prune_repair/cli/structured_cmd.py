@@ -78,7 +78,8 @@ def _table(res: StructuredResult, rows: list[dict[str, Any]], dense: dict[str, f
     def fmt(value: float) -> str:
         return f"{value:.3f}" if metric == "ppl" else f"{100 * value:.2f}%"
     for r in rows:
-        cells = [f"{res.ratio:g}" + (f", heads {res.heads:g}" if res.heads else "")] + ([f"{r['sparsity']:g}"] if combined else [])
+        asked = r["pattern"] if r.get("pattern", "unstructured") != "unstructured" else f"{r['sparsity']:g}"
+        cells = [f"{res.ratio:g}" + (f", heads {res.heads:g}" if res.heads else "")] + ([asked] if combined else [])
         table.add_row(*cells, f"{r['params_ratio']:.3f}x", f"{r['latency_ratio']:.2f}x", fmt(dense[metric]),
                       fmt(r[f"{metric}_pruned"]), fmt(r[f"{metric}_repaired"]))
     return table
