@@ -153,7 +153,7 @@ def layerwise_(
     batches = as_batches(batches)
     reference = None
     if target is not None:
-        reference = Reference(target.reference, target.keep, target.per_batch * max(1, len(target.batches)))
+        reference = Reference(target.reference, target.keep, target.max_bytes)
     method = LayerSteps(layers, step, own_output=target is None, what=what, max_gram_bytes=max_gram_bytes)
     log = calibrate(model, batches, method, passes=passes, forward_fn=forward_fn, reference=reference,
                     blocks=blocks, offload=offload, progress=progress)

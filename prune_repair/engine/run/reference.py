@@ -55,7 +55,7 @@ class ReferenceOutputs:
     def __init__(self, reference: nn.Module, batches: Sequence[Any], names: Sequence[str], *,
                  keep: Keep = copy_output, forward_fn: ForwardFn | None = None, max_bytes: int = 2**30):
         self.reference, self.batches, self.names = reference, list(batches), list(names)
-        self.keep, self.forward_fn = keep, forward_fn
+        self.keep, self.forward_fn, self.max_bytes = keep, forward_fn, max_bytes
         self.per_batch = max(1, max_bytes // max(1, len(self.batches)))
         self.cache: dict[tuple[int, int], torch.Tensor] = {}
         self.passes = 0
