@@ -8,8 +8,8 @@
   the plain threshold would empty a row of are protected and the threshold is taken again,
   so the total stays exact; :func:`empty_layers` names layers that ended all zero anyway.
 - ``layer``: the same fraction in every layer (``round(sparsity * n)`` each).
-- ``row``: the same fraction in every output row (Wanda's comparison group): each row of
-  ``d`` inputs loses its ``round(sparsity * d)`` lowest.
+- ``row``: the same fraction in every output row (Wanda's comparison group): each row loses
+  its lowest scores, ``round(sparsity * n)`` in the layer spread evenly over the rows.
 - an :class:`~prune_repair.prune.nm.NMPattern`: N of every M inputs of each row stay.
 
 ``overrides`` (layer FQN -> sparsity, from a sparsity config) prune the named layers to
@@ -82,14 +82,21 @@ def _scored(score: torch.Tensor, transform: Transform) -> torch.Tensor:
 
 
 def row_keep_mask(module: nn.Module, score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep-mask pruning the ``round(sparsity * d)`` lowest scores of every output row."""
+    """Keep-mask pruning the lowest scores of every output row: ``round(sparsity * n)`` in the
+    layer, spread evenly (rows differ by at most one pruned weight, the first rows take the extra).
+
+    >>> row_keep_mask(nn.Linear(4, 3), torch.arange(12.0).reshape(3, 4), 0.5).sum(1).tolist()
+    [2, 2, 2]
+    >>> row_keep_mask(nn.Linear(3, 2), torch.ones(2, 3), 0.5).sum(1).tolist()   # 3 of 6 pruned
+    [1, 2]
+    """
     rows = row_view(module, score.detach())
-    k = round(check_sparsity(sparsity) * rows.shape[1])
-    keep = torch.ones(rows.shape, dtype=torch.bool, device=rows.device)
-    if k:
-        lowest = torch.argsort(rows, dim=1, stable=True)[:, :k]
-        keep.scatter_(1, lowest, False)
-    return rows_to_weight(module, keep, score)
+    out, d = rows.shape
+    total = round(check_sparsity(sparsity) * out * d)
+    per_row = torch.full((out, 1), total // out, device=rows.device)
+    per_row[: total % out] += 1
+    rank = torch.argsort(torch.argsort(rows, dim=1, stable=True), dim=1)  # 0 = the row's lowest score
+    return rows_to_weight(module, rank >= per_row, score)
 
 
 def global_keep_masks(scores: dict[str, torch.Tensor], k: int, modules: dict[str, nn.Module],

@@ -333,8 +333,8 @@ def _warn_left_dense(model: nn.Module, pruned: set[str], select: Selector, skip_
                                example_inputs=_example(data))
     dense = [t.fqn for t in targets if t.fqn not in pruned]
     if dense:
-        warnings.warn(f"obs left {len(dense)} selected layer(s) dense, which it cannot prune ({', '.join(dense[:4])}"
-                      f"{', ...' if len(dense) > 4 else ''}): the achieved sparsity counts only the layers it pruned",
+        warnings.warn(f"obs left {len(dense)} selected layer(s) dense, which it cannot prune yet ({', '.join(dense[:4])}"
+                      f"{', ...' if len(dense) > 4 else ''}): prune them with another method or leave them out",
                       stacklevel=3)
 
 
