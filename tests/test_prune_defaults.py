@@ -115,3 +115,25 @@ def test_hf_models_take_obs_and_wanda(hf_dirs, tmp_path, name, method, sparsity)
     assert row["layers"] and "lm_head" not in {la["fqn"] for la in row["layers"]}
     if method == "obs":
         assert data["repair"] == "none" and "after obs" in result.output
+
+
+def test_prune_head_on_the_cli_prunes_an_untied_head(hf_dirs, tmp_path):
+    model_dir, data = hf_dirs["tiny_llama"]
+    report = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["prune", f"hf:{model_dir}", "--data", str(data), "--calib-size", "8",
+                                       "--sparsity", "0.5", "--method", "wanda", "--prune-head", "--repair", "none",
+                                       "--out", str(tmp_path / "o"), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    layers = {la["fqn"]: la["sparsity"] for la in json.loads(report.read_text())["results"][0]["layers"]}
+    assert layers["lm_head"] == 0.5
+
+
+def test_notes_name_dead_channels_and_empty_layers():
+    from prune_repair.prune.pipeline import PruneRow, PruneRun
+    row = PruneRow(0.9, 0.9, 0.1, 0.0, 0.1, 0.0, {}, correction={"sites": [
+        {"fqn": "fc1", "shift_dropped": False, "dead_channels": [0, 3]}]},
+        layers=[{"fqn": "fc2", "sparsity": 1.0, "pattern": "unstructured"}])
+    notes = prune_notes(PruneRun("global-magnitude", "repair", {}, [row], notes=["chosen"]))
+    assert notes[0] == "chosen"
+    assert "2 dead channel(s)" in notes[1] and "fc1" in notes[1]
+    assert "1 layer(s) are all zero (fc2)" in notes[2]
