@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from rich.table import Table
 
 from ..engine.checks import check_finite
@@ -33,6 +34,7 @@ from . import hf_cmd
 from .common import (calib_size_for, check_fits, check_outputs, console, data_options, load_data, out_console,
                      progress, resolve_device, write_report, written)
 
+HF_CALIB_BATCH = 32
 UNSUPPORTED = {"goal_stats": "--goal-stats", "sparsity_config": "--sparsity-config", "prune_head": "--prune-head",
                "preprocess": "--preprocess", "batch_size": "--batch-size", "eval_size": "--eval-size",
                "workers": "--workers"}
@@ -85,6 +87,19 @@ def _table(res: StructuredResult, rows: list[dict[str, Any]], dense: dict[str, f
     return table
 
 
+def calib_batches(calib: Any, size: int = HF_CALIB_BATCH) -> Any:
+    """Token calibration data (a dict of equal-length tensors) as a list of batches of ``size``
+    sequences, so no forward holds the activations of all of them; other data as it is.
+
+    >>> [b["input_ids"].shape[0] for b in calib_batches({"input_ids": torch.zeros(5, 3)}, 2)]
+    [2, 2, 1]
+    """
+    if not isinstance(calib, dict):
+        return calib
+    n = len(next(iter(calib.values())))
+    return [{k: v[i:i + size] for k, v in calib.items()} for i in range(0, n, size)]
+
+
 def run_structured(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, device, out, report, force,
                    sparsity, method, mode, structured, structured_heads, skip_first, skip_classifier, layers, include_classifier,
                    damping, **options: Any) -> None:
@@ -124,7 +139,7 @@ def run_structured(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed
         eval_name, count, settings = d.eval_name, len(d.eval_y), {"out_format": "save_structured"}
     dense = evaluate(model)
     with progress():
-        res = structured_prune(model, calib, ratio, heads=heads, repair=mode, damping=damping,
+        res = structured_prune(model, calib_batches(calib), ratio, heads=heads, repair=mode, damping=damping,
                                include_classifier=include_classifier, evaluate=evaluate)
         run = None
         if sparsities:
