@@ -77,6 +77,7 @@ def lm_task(name: str):
     calib = load_pysrc("pysrc:calib")
     step = max(1, len(calib["input_ids"]) // CALIB_SEQUENCES)
     calib = {k: v[::step][:CALIB_SEQUENCES] for k, v in calib.items() if k != "labels"}
+    calib = [{k: v[i:i + 32] for k, v in calib.items()} for i in range(0, CALIB_SEQUENCES, 32)]
     ev = load_pysrc("pysrc:eval")
     batches = [{k: v[i:i + 32] for k, v in ev.items()} for i in range(0, len(ev["input_ids"]), 32)]
     return model.eval(), calib, lambda m: perplexity(m, batches), "ppl", f"zoo:{name}"
@@ -98,6 +99,9 @@ def measure(name: str, task) -> list[dict]:
             flap = copy.deepcopy(model)
             prune_mlps_(flap, model, calib, ratio, refit="bias")
             row["bias"] = ev(flap)[metric]
+            obs = copy.deepcopy(model)
+            prune_mlps_(obs, model, calib, ratio, refit="ridge", select="obs")
+            row["obs"] = ev(obs)[metric]
             row["layers"] = res.layers
         else:
             row["auto"] = ev(structured_prune(model, calib, ratio, repair="auto").model)[metric]
@@ -118,21 +122,24 @@ def write(raw: dict, threads: int) -> None:
              "group (same score, summed over the group's consumers). Columns: `drop` = removed, nothing corrected; "
              "`auto` (CNNs) = REPAIR / BatchNorm reset of the kept channels; `bias` (transformers) = the removed "
              "units' mean folded into the consumer's bias (FLAP's compensation); `reconstruct` = consumers refitted "
-             "by ridge toward the dense outputs (the default). Accuracy in %, perplexity for LMs (lower is better). "
+             "by ridge toward the dense outputs (the default); `OBS selection + reconstruct` (transformers) = units "
+             "chosen by greedy least-squares elimination instead of the score, then the same refit. Accuracy in %, perplexity for LMs (lower is better). "
              "Params = after / before; latency = median forward time on the calibration batch over the dense "
              "model's (interleaved runs, noisy on this shared 2-core machine).", ""]
     for name, rows in raw.items():
         metric, kind = rows[0]["metric"], rows[0]["kind"]
         middle = "bias" if kind == "mlp" else "auto"
         lines += [f"### {rows[0]['about']} ({kind}; dense {_fmt(metric, rows[0]['dense'])} {metric})", "",
-                  f"| ratio | params | latency | drop | {middle} | reconstruct | vs dense | seconds |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"| ratio | params | latency | drop | {middle} | reconstruct | vs dense | seconds |"
+                  + (" OBS selection + reconstruct |" if kind == "mlp" else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if kind == "mlp" else "")]
         for r in rows:
             delta = (r["reconstruct"] / r["dense"] - 1) * 100 if metric == "ppl" else (r["reconstruct"] - r["dense"]) * 100
             unit = "%" if metric == "ppl" else " pt"
             lines.append(f"| {r['ratio']:g} | {r['params_after'] / r['params_before']:.3f}x | {r['latency_ratio']:.2f}x "
                          f"| {_fmt(metric, r['drop'])} | {_fmt(metric, r[middle])} | {_fmt(metric, r['reconstruct'])} "
-                         f"| {delta:+.2f}{unit} | {r['reconstruct_s']:.1f} |")
+                         f"| {delta:+.2f}{unit} | {r['reconstruct_s']:.1f} |"
+                         + (f" {_fmt(metric, r['obs'])} |" if kind == "mlp" else ""))
         lines.append("")
     lines.append(END)
     replace_section(RESULTS, "\n".join(lines))
@@ -140,7 +147,7 @@ def write(raw: dict, threads: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="mnist-cnn,mnist-cnn-bn,resnet20-bn," + ",".join(LM_NAMES))
+    parser.add_argument("--models", default="mnist-cnn,mnist-cnn-bn,resnet20-bn,mnist-vit," + ",".join(LM_NAMES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--write-only", action="store_true")
     args = parser.parse_args()
