@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +28,9 @@ from ..engine.registry import MethodEnum
 from ..engine.sites.find import Selector
 from .fisher import Progress, fisher_scores, labeled_data
 from .magnitude import magnitude_scores
-from .obs import ObsOptions, obs_prune_
+from .obs import ObsOptions
+from .obs_method import prune_with_obs
+from .report import PruneReport, example_of, inputs_of, layer_rows
 from .allocate import build_masks, warn_empty
 from .head import head_filter
 from .masks import MaskStyle, apply_masks_, measure_sparsity, sparsity_all_params
@@ -132,36 +133,6 @@ class PruneScores:
     inverse_fisher: InverseFisher | None = field(default=None, repr=False)
 
 
-@dataclass
-class PruneReport:
-    """What :func:`prune_` did; ``masks`` (True = kept) are keyed by layer FQN."""
-
-    method: str
-    sparsity: float
-    achieved_sparsity: float
-    zeros: int
-    prunable: int
-    per_layer: dict[str, float]
-    seconds: dict[str, float]
-    masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    sparsity_all_params: float = float("nan")  # zeros / every parameter of the model
-    layers: list[dict[str, Any]] = field(default_factory=list)  # {"fqn", "sparsity", "pattern"} (+ obs errors)
-    pattern: str = "unstructured"  # or "N:M"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "masks"}
-
-
-def _example(data: Any) -> Any:
-    if isinstance(data, torch.Tensor):
-        return data[:2]
-    if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
-        return data[0][:2]
-    if isinstance(data, (tuple, list)) and data and isinstance(data[0], dict):  # (model-input dict, labels)
-        return {k: v[:2] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in data[0].items()}
-    return data
-
-
 def _samples(data: Any) -> int:
     """Samples of labelled ``(x, y)`` data over all ranks (this process's share when distributed)."""
     return len(data[0]) * distributed.world_size()
@@ -180,14 +151,14 @@ def score_weights(
     method, options = parse_method(method), options or FisherOptions()
     if method.needs_labels:
         labeled_data(data, method.value)
-    targets = targets if targets is not None else find_targets(model, example_inputs=_example(data))
+    targets = targets if targets is not None else find_targets(model, example_inputs=example_of(data))
     start, inv = time.perf_counter(), None
     if method in (PruneMethod.GLOBAL_MAGNITUDE, PruneMethod.LAYER_MAGNITUDE):
         scores = magnitude_scores(targets)
     elif method is PruneMethod.WANDA:
         if data is None:
             raise PruneError("wanda scores weights by their input norms on calibration data: pass data=x (or (x, y))")
-        scores = wanda_scores(model, targets, _inputs(data))
+        scores = wanda_scores(model, targets, inputs_of(data))
     elif method is PruneMethod.FISHER:
         scores = fisher_scores(model, targets, data, num_grads=options.gradients_for(_samples(data)),
                                chunk=options.chunk, seed=options.seed, progress=progress)
@@ -199,13 +170,6 @@ def score_weights(
         )
         scores = woodfisher_scores(inv, targets)
     return PruneScores(method, scores, time.perf_counter() - start, inv)
-
-
-def _inputs(data: Any) -> Any:
-    """Model inputs of calibration data: ``x`` of an ``(x, y)`` pair (y a tensor or None), else ``data``."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and (data[1] is None or torch.is_tensor(data[1])):
-        return data[0]
-    return data
 
 
 def prune_(
@@ -260,11 +224,11 @@ def prune_(
         raise PruneError(f"an N:M pattern ({sparsity}) applies to every layer: it does not mix with a sparsity config")
     select = head_filter(model, select, prune_head, sparsity_config)
     if method.reconstructs:
-        return _obs_prune(model, sparsity, data, obs or ObsOptions(), select, skip_first, skip_classifier, style,
+        return prune_with_obs(model, sparsity, data, obs or ObsOptions(), select, skip_first, skip_classifier, style,
                           sparsity_config, floor)
     options = options or FisherOptions()
     targets = find_targets(model, select=select, skip_first=skip_first, skip_classifier=skip_classifier,
-                           example_inputs=_example(data) if data is not None else None, include_tied=include_tied)
+                           example_inputs=example_of(data) if data is not None else None, include_tied=include_tied)
     overrides = layer_sparsities(targets, sparsity_config) if sparsity_config is not None else {}
     if isinstance(sparsity, NMPattern):
         check_divides(targets, sparsity)
@@ -293,49 +257,7 @@ def prune_(
     pattern = str(sparsity) if isinstance(sparsity, NMPattern) else "unstructured"
     asked = sparsity.sparsity if isinstance(sparsity, NMPattern) else sparsity
     return PruneReport(method.value, asked, count.fraction, count.zeros, count.total, count.per_layer,
-                       seconds, masks, sparsity_all_params(model), _layer_rows(count.per_layer, pattern), pattern)
-
-
-def _layer_rows(per_layer: dict[str, float], pattern: str) -> list[dict[str, Any]]:
-    return [{"fqn": fqn, "sparsity": value, "pattern": pattern} for fqn, value in per_layer.items()]
-
-
-def _obs_prune(model: nn.Module, sparsity: float | NMPattern, data: Any, obs: ObsOptions, select: Selector,
-               skip_first: bool, skip_classifier: bool, style: MaskStyle, config: dict[str, float] | None,
-               floor: bool) -> PruneReport:
-    if data is None:
-        raise PruneError("obs pruning reconstructs each layer on calibration data: pass data=x (or (x, y))")
-    if style is not MaskStyle.ZEROS:
-        raise PruneError("obs pruning writes plain zeros (it updates the kept weights too): use style='zeros'")
-    result = obs_prune_(model, _inputs(data), sparsity, allocation=obs.allocation, damping=obs.damping,
-                        block_size=obs.block_size, target=obs.target, select=select, skip_first=skip_first,
-                        skip_classifier=skip_classifier, sparsity_config=config, floor=floor)
-    modules = dict(model.named_modules())
-    warn_empty([Target(la.fqn, modules[la.fqn], la.weights) for la in result.layers])
-    _warn_left_dense(model, {la.fqn for la in result.layers}, select, skip_first, skip_classifier, data)
-    masks = {la.fqn: modules[la.fqn].weight.detach() != 0 for la in result.layers}
-    zeros = sum(int((~m).sum()) for m in masks.values())
-    total = sum(m.numel() for m in masks.values())
-    pattern = str(sparsity) if isinstance(sparsity, NMPattern) else "unstructured"
-    asked = sparsity.sparsity if isinstance(sparsity, NMPattern) else sparsity
-    return PruneReport(PruneMethod.OBS.value, asked, zeros / max(total, 1), zeros, total,
-                       {la.fqn: la.sparsity for la in result.layers}, {"score": 0.0, "mask": sum(result.seconds.values())},
-                       masks, sparsity_all_params(model), [{**la.to_dict(), "pattern": pattern} for la in result.layers],
-                       pattern)
-
-
-def _warn_left_dense(model: nn.Module, pruned: set[str], select: Selector, skip_first: bool, skip_classifier: bool,
-                     data: Any) -> None:
-    """Name the selected prunable layers obs could not prune (never a silent skip)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # find_targets' own tied-weight warning was given already
-        targets = find_targets(model, select=select, skip_first=skip_first, skip_classifier=skip_classifier,
-                               example_inputs=_example(data))
-    dense = [t.fqn for t in targets if t.fqn not in pruned]
-    if dense:
-        warnings.warn(f"obs left {len(dense)} selected layer(s) dense, which it cannot prune yet ({', '.join(dense[:4])}"
-                      f"{', ...' if len(dense) > 4 else ''}): prune them with another method or leave them out",
-                      stacklevel=3)
+                       seconds, masks, sparsity_all_params(model), layer_rows(count.per_layer, pattern), pattern)
 
 
 def _obs_update_(targets: list[Target], masks: dict[str, torch.Tensor], inv: InverseFisher | None) -> None:

@@ -1,0 +1,59 @@
+"""``prune_(method="obs")``: :func:`~prune_repair.prune.obs.obs_prune_` behind the common report.
+
+The layers obs cannot prune yet among those selected are named in a warning (never a
+silent skip), and a layer left all zero is warned about, as for every method.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import nn
+
+from ..engine.sites.find import Selector
+from .allocate import warn_empty
+from .masks import MaskStyle, sparsity_all_params
+from .nm import NMPattern
+from .obs import ObsOptions, obs_prune_
+from .report import PruneReport, example_of, inputs_of
+from .targets import PruneError, Target, find_targets
+
+
+def prune_with_obs(model: nn.Module, sparsity: float | NMPattern, data: Any, obs: ObsOptions, select: Selector,
+                   skip_first: bool, skip_classifier: bool, style: MaskStyle, config: dict[str, float] | None,
+                   floor: bool) -> PruneReport:
+    """Prune ``model`` in place with obs (see :func:`~prune_repair.prune.prune_` for the arguments)."""
+    if data is None:
+        raise PruneError("obs pruning reconstructs each layer on calibration data: pass data=x (or (x, y))")
+    if style is not MaskStyle.ZEROS:
+        raise PruneError("obs pruning writes plain zeros (it updates the kept weights too): use style='zeros'")
+    result = obs_prune_(model, inputs_of(data), sparsity, allocation=obs.allocation, damping=obs.damping,
+                        block_size=obs.block_size, target=obs.target, select=select, skip_first=skip_first,
+                        skip_classifier=skip_classifier, sparsity_config=config, floor=floor)
+    modules = dict(model.named_modules())
+    warn_empty([Target(la.fqn, modules[la.fqn], la.weights) for la in result.layers])
+    _warn_left_dense(model, {la.fqn for la in result.layers}, select, skip_first, skip_classifier, data)
+    masks = {la.fqn: modules[la.fqn].weight.detach() != 0 for la in result.layers}
+    zeros = sum(int((~m).sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    pattern = str(sparsity) if isinstance(sparsity, NMPattern) else "unstructured"
+    asked = sparsity.sparsity if isinstance(sparsity, NMPattern) else sparsity
+    return PruneReport("obs", asked, zeros / max(total, 1), zeros, total,
+                       {la.fqn: la.sparsity for la in result.layers}, {"score": 0.0, "mask": sum(result.seconds.values())},
+                       masks, sparsity_all_params(model), [{**la.to_dict(), "pattern": pattern} for la in result.layers],
+                       pattern)
+
+
+def _warn_left_dense(model: nn.Module, pruned: set[str], select: Selector, skip_first: bool, skip_classifier: bool,
+                     data: Any) -> None:
+    """Name the selected prunable layers obs could not prune (never a silent skip)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # find_targets' own tied-weight warning was given already
+        targets = find_targets(model, select=select, skip_first=skip_first, skip_classifier=skip_classifier,
+                               example_inputs=example_of(data))
+    dense = [t.fqn for t in targets if t.fqn not in pruned]
+    if dense:
+        warnings.warn(f"obs left {len(dense)} selected layer(s) dense, which it cannot prune yet ({', '.join(dense[:4])}"
+                      f"{', ...' if len(dense) > 4 else ''}): prune them with another method or leave them out",
+                      stacklevel=4)
