@@ -163,7 +163,7 @@ def test_dead_and_constant_channels_never_produce_nan_or_inf(world, tmp_path):
     torch.save(state, tmp_path / "dead.pt")
     result = run_cli(*repair_args(world, tmp_path / "out.pt", pruned=tmp_path / "dead.pt"))
     assert result.exit_code == 0, result.output
-    assert "dead channel(s) left as they were" in result.output
+    assert "dead channel(s) (zero or non-finite spread) left as they were" in result.output
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in out.values())
     assert torch.equal(out["features.fc1.weight"][:2], state["features.fc1.weight"][:2])

@@ -227,19 +227,37 @@ def repair_title(mode: str, result: Any, seconds: float) -> str:
     return f"repair ({mode}, {count} {unit}, {seconds:.2f} s)"
 
 
-def print_repair_notes(result: Any) -> None:
-    """Say on stderr what a correction left out: dead channels, shifts with no bias to hold them."""
-    def some(names: list[str]) -> str:
-        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+def some(names: list[str]) -> str:
+    """The first three names, then ``...``.
 
-    dead = result.dead_channels
+    >>> some(["a", "b", "c", "d"])
+    'a, b, c, ...'
+    """
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def repair_notes(sites: list[dict[str, Any]]) -> list[str]:
+    """What a correction left out, from its report's ``sites``: dead channels, shifts with no bias to hold them.
+
+    >>> repair_notes([{"fqn": "fc1", "dead_channels": [3], "shift_dropped": True}])[1]
+    'no bias to hold the shift at 1 site(s) (fc1): the correction applied the scale only'
+    """
+    notes = []
+    dead = {s["fqn"]: s["dead_channels"] for s in sites if s.get("dead_channels")}
     if dead:
-        console.print(f"{sum(len(v) for v in dead.values())} dead channel(s) (zero or non-finite spread) left as "
-                      f"they were, at {len(dead)} site(s) ({some(list(dead))}); the report lists them")
-    dropped = [s.fqn for s in result.sites if s.shift_dropped]
+        notes.append(f"{sum(len(v) for v in dead.values())} dead channel(s) (zero or non-finite spread) left as they "
+                     f"were, at {len(dead)} site(s) ({some(list(dead))}); the report lists them")
+    dropped = [s["fqn"] for s in sites if s.get("shift_dropped")]
     if dropped:
-        console.print(f"no bias to hold the shift at {len(dropped)} site(s) ({some(dropped)}): applied the scale "
-                      "only")
+        notes.append(f"no bias to hold the shift at {len(dropped)} site(s) ({some(dropped)}): the correction applied "
+                     "the scale only")
+    return notes
+
+
+def print_repair_notes(result: Any) -> None:
+    """Print :func:`repair_notes` of a :class:`~prune_repair.engine.correct.report.RepairReport` on stderr."""
+    for note in repair_notes(result.to_dict()["sites"]):
+        console.print(note)
 
 
 def damping_option(command: Callable) -> Callable:

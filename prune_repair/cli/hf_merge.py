@@ -20,7 +20,8 @@ from ..io.hf import load_hf_model, save_hf_model
 from ..merge import prepare_merge
 from ..merge.barrier import alpha_grid
 from . import hf_cmd
-from .common import calib_size_for, check_finite_models, console, out_console, progress, write_report, written
+from .common import (calib_size_for, check_finite_models, out_console, print_repair_notes, progress,
+                     write_report, written)
 
 
 def _barrier(endpoints: list[dict], points: list[dict], key: str, higher_is_better: bool) -> float | None:
@@ -83,8 +84,8 @@ def merge(*, checkpoints: list[str], arch, arch_kwargs, data, eval_data, calib_s
                           "alignments": [al.to_dict() | {"perms": None} for al in plan.alignments[1:]]})
     _print(checkpoints, endpoints, points, barrier, metric, align, mode, out, d)
     written({"model": out, "report": report})
-    if result is not None and result.dead_channels:
-        console.print(f"dead channels left as they were: {result.dead_channels}")
+    if result is not None:
+        print_repair_notes(result)
 
 
 def _print(checkpoints, endpoints, points, barrier, metric, align, mode, out, d) -> None:

@@ -19,9 +19,9 @@ from ..merge.barrier import BarrierCurve, CurvePoint, alpha_grid, plot_curve, re
 from ..engine.correct.modes import RepairMode, Variant
 from . import hf_cmd, hf_merge
 from .main import main
-from .common import (BATCH_SIZE, calib_size_for, check_fits, check_outputs, common_options, console, data_options,
-                     handle_errors, load_data, metrics_table, out_console, progress, resolve_device, write_report,
-                     written)
+from .common import (BATCH_SIZE, calib_size_for, check_fits, check_outputs, common_options, data_options,
+                     handle_errors, load_data, metrics_table, out_console, print_repair_notes, progress,
+                     resolve_device, write_report, written)
 from ..engine.run.distributed import shard
 from ..io.sources import draw_indices
 
@@ -154,8 +154,8 @@ def merge_command(checkpoints, arch, arch_kwargs, data, eval_data, calib_size, s
     write_report(report, payload)
     _print(checkpoints, payload, point, align, mode, out, d.eval_name, len(d.eval_y))
     written({"checkpoint": out, "report": report, "plot": plot})
-    if result is not None and result.dead_channels:
-        console.print(f"dead channels left as they were: {result.dead_channels}")
+    if result is not None:
+        print_repair_notes(result)
 
 
 def _point(plan, merged, weights, mode: str, d) -> CurvePoint:

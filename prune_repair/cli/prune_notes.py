@@ -16,11 +16,7 @@ Example:
 from __future__ import annotations
 
 from ..prune.pipeline import PruneRun
-from .common import console
-
-
-def _some(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+from .common import console, repair_notes, some
 
 
 def prune_notes(run: PruneRun) -> list[str]:
@@ -29,18 +25,10 @@ def prune_notes(run: PruneRun) -> list[str]:
     if not run.rows:
         return notes
     last = run.rows[-1]
-    sites = last.correction.get("sites", [])
-    dead = {s["fqn"]: s["dead_channels"] for s in sites if s.get("dead_channels")}
-    if dead:
-        notes.append(f"{sum(len(v) for v in dead.values())} dead channel(s) (zero or non-finite spread) left as they "
-                     f"were, at {len(dead)} site(s) ({_some(list(dead))}); the report lists them")
-    dropped = [s["fqn"] for s in sites if s.get("shift_dropped")]
-    if dropped:
-        notes.append(f"no bias to hold the shift at {len(dropped)} site(s) ({_some(dropped)}): the correction applied "
-                     "the scale only")
+    notes += repair_notes(last.correction.get("sites", []))
     empty = [la["fqn"] for la in last.layers if la["sparsity"] >= 1.0]
     if empty:
-        notes.append(f"{len(empty)} layer(s) are all zero ({_some(empty)}): lower the sparsity for them")
+        notes.append(f"{len(empty)} layer(s) are all zero ({some(empty)}): lower the sparsity for them")
     return notes
 
 
