@@ -1,5 +1,5 @@
-"""Merging attention models: head-aware permutation groups (torchvision ViT), exact recovery
-of a permuted copy, and one-line refusals for attention the groups do not cover."""
+"""Merging attention models: head-aware permutation groups (torchvision ViT and Swin v1), exact
+recovery of a permuted copy, and one-line refusals for attention the groups do not cover."""
 
 import time
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchvision.models import VisionTransformer
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
-from torchvision.models.swin_transformer import SwinTransformer
+from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
 from prune_repair import find_groups, merge
 from prune_repair.merge import activation_matching, invert, permute, permute_state_dict, random_perms
@@ -48,8 +48,14 @@ def test_vit_groups_move_heads_as_units_and_keep_the_function():
     torch.testing.assert_close(permute(model, groups, perms)(X), model(X), atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("build", [lambda s: vit(s), lambda s: vit(s, heads=4, representation_size=12)],
-                         ids=["vit", "vit-pre-logits"])
+def swin(seed, **kw):
+    torch.manual_seed(seed)
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=[2, 2],
+                           num_classes=10, stochastic_depth_prob=0.0, **kw).double().eval()
+
+
+@pytest.mark.parametrize("build", [lambda s: vit(s), lambda s: vit(s, heads=4, representation_size=12), swin],
+                         ids=["vit", "vit-pre-logits", "swin_t"])
 @pytest.mark.parametrize("align", ["weight", "activation"])
 def test_a_permuted_copy_is_recovered_and_merges_back_to_the_model_at_every_alpha(build, align):
     a, x = build(0), X
@@ -97,9 +103,10 @@ def test_models_whose_head_counts_differ_are_refused_in_one_line(align):
     (lambda: nn.Sequential(nn.Conv2d(3, 8, 8, 8), nn.Flatten(2), nn.Unflatten(1, (1, 8)), nn.Flatten(1, 2),
                            nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)),
      r"layer '4\.self_attn' \(MultiheadAttention\) is attention: head-aware permutation groups are built for "
-     r"torchvision VisionTransformer, HF GPT-2, LLaMA and BERT only, not for Sequential"),
-    (lambda: SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[2, 2],
-                             num_classes=10), r"layer 'features\.1\.0\.attn' \(ShiftedWindowAttention\)"),
+     r"torchvision VisionTransformer and Swin \(v1\), HF GPT-2, LLaMA and BERT only, not for Sequential"),
+    (lambda: swin(0, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2),
+     r"'features\.1\.0' is a SwinTransformerBlockV2 with ShiftedWindowAttentionV2: head-aware groups are built "
+     r"for Swin v1 blocks only"),
 ])
 def test_other_attention_models_fail_fast_naming_the_layer(build, layer):
     model, start = build().eval(), time.perf_counter()

@@ -36,16 +36,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..engine.run import distributed
-from ..engine.run.forward import ForwardFn, as_batches, first_tensor, hooked_pass
-from ..engine.sites.find import Site
+from ..engine.run.forward import ForwardFn, as_batches
 from ..engine.producers import is_conv1d
 from ..engine.sites.taps import batch_mask
 from .groups import PermGroup
 from .attention_groups import check_same_heads
+from .capture import capture, function_linears
 from .heads import assign_heads, units
 from .moments import SiteMoments, _Moments, site_moments  # noqa: F401  (site_moments: public here too)
 from .permute import Alignment
@@ -125,41 +124,6 @@ def _samples(y: torch.Tensor, dim: int, index: torch.Tensor, mask: torch.Tensor 
     return picked.transpose(1, 2).reshape(-1, c).to(dtype)
 
 
-def _capture(model: nn.Module, batch: Any, probes: dict[nn.Module, list], forward_fn: ForwardFn | None) -> dict:
-    """Run one batch, returning {probe key: tensor} for ``probes = {module: [(key, side)]}``."""
-    seen: dict[Any, torch.Tensor] = {}
-    pre, post = {}, {}
-    for module, wanted in probes.items():
-        if any(side == "in" for _, side in wanted):
-            pre[module] = lambda m, inputs, w=wanted: seen.update({k: inputs[0] for k, s in w if s == "in"})
-        if any(side == "out" for _, side in wanted):
-            post[module] = lambda m, i, out, w=wanted: seen.update({k: first_tensor(out) for k, s in w if s == "out"})
-    handles = [module.register_forward_pre_hook(_projections(module, wanted, seen), with_kwargs=True)
-               for module, wanted in probes.items() if any(side == "proj" for _, side in wanted)]
-    try:
-        with hooked_pass(model, forward_hooks=post, pre_hooks=pre, forward_fn=forward_fn) as run:
-            run(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
-
-def _projections(mha: nn.MultiheadAttention, wanted: list, seen: dict) -> Any:
-    """Pre-hook storing the packed q/k/v projections (N, T, 3E) of an ``nn.MultiheadAttention``,
-    recomputed from its inputs (the attention function runs them out of reach of hooks)."""
-    def pre(module, args, kwargs):
-        inputs = list(args[:3]) + [kwargs.get(k) for k in ("query", "key", "value")[len(args):]]
-        e, w, b = mha.embed_dim, mha.in_proj_weight, mha.in_proj_bias
-        parts = [F.linear(x, w[i * e:(i + 1) * e], None if b is None else b[i * e:(i + 1) * e])
-                 for i, x in enumerate(inputs)]
-        y = torch.cat(parts, -1)
-        y = y if mha.batch_first or y.dim() != 3 else y.transpose(0, 1)
-        seen.update({k: y for k, side in wanted if side == "proj"})
-        return None
-    return pre
-
-
 class _Cross(_Moments):
     """Cross co-moment (C x C) of two models' units, with both variances as two extra rows."""
 
@@ -220,9 +184,13 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
                 spec.setdefault(mods[p.module], []).append(((name, i), p.side))
         specs.append(spec)
     moments: dict[tuple[str, int], _Cross] = {}
+    called: tuple[set, set] = (set(), set())  # per model: linears caught at F.linear (swin's attention)
     for batch in _each_batch(data):
-        ya = _capture(a, batch, specs[0], forward_fn)
-        yb = _capture(b, batch, specs[1], forward_fn)
+        ya = capture(a, batch, specs[0], forward_fn, called[0])
+        yb = capture(b, batch, specs[1], forward_fn, called[1])
+        if function_linears(specs[0], ya, called[0]) | function_linears(specs[1], yb, called[1]):
+            ya = capture(a, batch, specs[0], forward_fn, called[0])  # linears a parent runs through F.linear
+            yb = capture(b, batch, specs[1], forward_fn, called[1])
         mask = batch_mask(batch)  # padded tokens are left out
         for name, plist in probe_lists.items():
             used: set[tuple] = set()

@@ -14,7 +14,8 @@ permutation of every group must leave the output unchanged, see
   the dims inside a head may be permuted too (never with rotary embeddings);
 - per block, the MLP hidden units.
 
-Supported: torchvision ``VisionTransformer`` (subclasses included), HF GPT-2 (``Conv1D``) and
+Supported: torchvision ``VisionTransformer`` (subclasses included) and Swin v1
+(:mod:`.swin_groups`), HF GPT-2 (``Conv1D``) and
 LLaMA (bias-free, RMSNorm, rotary: whole heads only, grouped-query attention) and BERT
 (separate q/k/v linears, post-LayerNorm); see :data:`SUPPORTED`.
 
@@ -35,7 +36,7 @@ from torch import nn
 
 from .groups import Axis, GroupError, PermGroup
 
-SUPPORTED = "torchvision VisionTransformer, HF GPT-2, LLaMA and BERT"
+SUPPORTED = "torchvision VisionTransformer and Swin (v1), HF GPT-2, LLaMA and BERT"
 """The transformers whose head-aware groups are built here (named in refusals)."""
 
 
@@ -219,10 +220,15 @@ def bert_groups(model: nn.Module, *, inner: bool = True) -> list[PermGroup]:
 def transformer_groups(model: nn.Module, *, inner: bool = True) -> list[PermGroup] | None:
     """Head-aware groups of a supported transformer, or None when ``model`` is not one
     (the caller then traces the graph, which refuses attention in one line)."""
+    from torchvision.models.swin_transformer import SwinTransformer
     from torchvision.models.vision_transformer import VisionTransformer
+
+    from .swin_groups import swin_groups
 
     if isinstance(model, VisionTransformer):
         return vit_groups(model, inner=inner)
+    if isinstance(model, SwinTransformer):
+        return swin_groups(model, inner=inner)
     kind = getattr(getattr(model, "config", None), "model_type", None)
     if kind == "gpt2" and type(model).__name__ in ("GPT2Model", "GPT2LMHeadModel"):
         return gpt2_groups(model, inner=inner)

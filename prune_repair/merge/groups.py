@@ -70,7 +70,9 @@ class PermGroup:
     Attention heads: ``head_size`` d makes the channels ``heads x d`` units that move as
     whole heads (channel ``h*d + i`` is dim ``i`` of head ``h``); groups sharing a ``tie``
     (q/k and v/out of one attention) move their heads the same way; ``inner`` allows a
-    permutation of the d dims inside each head as well (never with rotary embeddings).
+    permutation of the d dims inside each head as well (never with rotary embeddings);
+    ``head_axes`` hold one entry per head (swin's relative position bias table), moved with
+    the heads.
     """
 
     name: str
@@ -79,6 +81,7 @@ class PermGroup:
     head_size: int | None = None
     tie: str | None = None
     inner: bool = False
+    head_axes: list[Axis] = field(default_factory=list)  # one row of positions per HEAD (bias tables)
 
     @property
     def size(self) -> int:
@@ -87,7 +90,8 @@ class PermGroup:
     def to_dict(self) -> dict[str, Any]:
         labels = None if self.labels is None else self.labels.tolist()
         return {"name": self.name, "size": self.size, "axes": [a.to_dict() for a in self.axes], "labels": labels,
-                "head_size": self.head_size, "tie": self.tie, "inner": self.inner}
+                "head_size": self.head_size, "tie": self.tie, "inner": self.inner,
+                "head_axes": [a.to_dict() for a in self.head_axes]}
 
 
 def groups_from_spec(spec: Mapping[str, Sequence[str]], state_dict: Mapping[str, torch.Tensor]) -> list[PermGroup]:
@@ -130,7 +134,7 @@ def check_disjoint(groups: Sequence[PermGroup]) -> None:
     """Raise when two groups (or one group twice) claim the same position of a tensor axis."""
     owner: dict[tuple[str, int], torch.Tensor] = {}
     for g in groups:
-        for a in g.axes:
+        for a in g.axes + g.head_axes:
             seen = owner.setdefault((a.key, a.dim), torch.zeros(0, dtype=torch.long))
             pos = a.index.flatten()
             if bool(torch.isin(pos, seen).any()) or pos.unique().numel() != pos.numel():
@@ -145,6 +149,11 @@ def _check_fit(groups: Sequence[PermGroup], state_dict: Mapping[str, torch.Tenso
                 raise GroupError(f"group '{g.name}' names '{a.key}', which the model's state_dict lacks")
             if a.index.shape[0] != g.size or int(a.index.max()) >= state_dict[a.key].shape[a.dim]:
                 raise GroupError(f"group '{g.name}': '{a.key}' dim {a.dim} does not hold {g.size} channels")
+        for a in g.head_axes:
+            heads = g.size // int(g.head_size or g.size)
+            if (a.key not in state_dict or a.index.shape[0] != heads
+                    or int(a.index.max()) >= state_dict[a.key].shape[a.dim]):
+                raise GroupError(f"group '{g.name}': '{a.key}' dim {a.dim} does not hold {heads} heads")
     check_disjoint(groups)
 
 

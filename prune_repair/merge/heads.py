@@ -50,6 +50,12 @@ def heads_of(g: PermGroup) -> int:
     return g.size // int(g.head_size)
 
 
+def head_order(g: PermGroup, perm: torch.Tensor) -> torch.Tensor:
+    """The head permutation ``sigma`` of a block-structured ``perm`` (new head h is old head sigma[h])."""
+    d = int(g.head_size)
+    return perm.cpu().view(-1, d)[:, 0] // d
+
+
 def random_unit(unit: Sequence[PermGroup], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """A random block-structured permutation per group of one tie (heads moved alike; never
     all the identity when more than one head exists)."""
@@ -96,17 +102,19 @@ def _best(block: np.ndarray, inner: bool) -> tuple[float, np.ndarray]:
     return float(block[rows, cols].sum()), cols
 
 
-def assign_heads(sims: Sequence[torch.Tensor], unit: Sequence[PermGroup]) -> list[torch.Tensor]:
+def assign_heads(sims: Sequence[torch.Tensor], unit: Sequence[PermGroup],
+                 head_sim: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Block-structured permutations ``q_g`` maximizing ``sum_g sum_c sims[g][c, q_g[c]]``.
 
     ``sims[g]`` is the (heads*d, heads*d) similarity of A's units (rows) and B's (columns) of
     group ``unit[g]``. Every head pair gets its best inner assignment per group (when
-    ``inner``), then one assignment over heads picks the head permutation shared by the tie.
+    ``inner``), then one assignment over heads picks the head permutation shared by the tie;
+    ``head_sim`` (heads, heads) adds the similarity of per-head tensors (``head_axes``).
     """
     first = unit[0]
     h, d = heads_of(first), int(first.head_size)
     mats = [s.detach().to("cpu", torch.float64).numpy().reshape(h, d, h, d) for s in sims]
-    score = np.zeros((h, h))
+    score = np.zeros((h, h)) if head_sim is None else head_sim.detach().to("cpu", torch.float64).numpy().copy()
     inner_cols: list[dict[tuple[int, int], np.ndarray]] = [{} for _ in unit]
     for k, (g, m) in enumerate(zip(unit, mats)):
         for i in range(h):

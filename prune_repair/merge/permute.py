@@ -28,7 +28,7 @@ from torch import nn
 
 from ..engine.run.forward import ForwardFn, first_tensor, hooked_pass
 from .groups import HAND_HELP, Axis, GroupError, PermGroup
-from .heads import check_unit, random_unit, units
+from .heads import check_unit, head_order, random_unit, units
 
 Perms = dict[str, torch.Tensor]
 """Group name -> permutation (int64 tensor): new channel ``c`` is old channel ``perm[c]``."""
@@ -117,6 +117,10 @@ def permute_state_dict(state: Mapping[str, torch.Tensor], groups: Sequence[PermG
         for axis in g.axes:
             t = out[axis.key]
             index = axis_gather(axis, perms[g.name], t.shape[axis.dim]).to(t.device)
+            out[axis.key] = t.index_select(axis.dim, index)
+        for axis in g.head_axes:  # per-head tensors follow the heads
+            t = out[axis.key]
+            index = axis_gather(axis, head_order(g, perms[g.name]), t.shape[axis.dim]).to(t.device)
             out[axis.key] = t.index_select(axis.dim, index)
     return out
 

@@ -2,9 +2,9 @@
 
 Attention outside the transformers of :mod:`.attention_groups` is the case today:
 ``nn.MultiheadAttention`` in other models and layers whose weights a parent passes to
-``F.linear`` (swin_t's ``ShiftedWindowAttention``). Heads must be permuted as units, which
-the traced groups do not do; tracing swin_t for groups also ran for minutes. One traced
-forward pass (about the cost of one forward) finds them.
+``F.linear`` (window attention of other layouts than torchvision's Swin v1). Heads must be
+permuted as units, which the traced groups do not do; tracing swin_t for groups also ran
+for minutes. One traced forward pass (about the cost of one forward) finds them.
 
 Example:
     >>> import torch

@@ -32,7 +32,7 @@ from torch import nn
 
 from .groups import Axis, PermGroup
 from .attention_groups import check_same_heads
-from .heads import assign_heads, units
+from .heads import assign_heads, head_order, units
 from .permute import Alignment, Perms, _check_perms, identity_perms, permute_state_dict
 
 
@@ -110,7 +110,7 @@ def weight_matching(
     start = time.perf_counter()
     if isinstance(a, nn.Module) and isinstance(b, nn.Module):
         check_same_heads([a, b], ["the reference", "the model to align"])
-    keys = {axis.key for g in groups for axis in g.axes}
+    keys = {axis.key for g in groups for axis in g.axes + g.head_axes}
     sa, sb = _state(a, keys), _state(b, keys)
     for k in keys:
         if sa[k].shape != sb[k].shape:
@@ -127,8 +127,17 @@ def weight_matching(
         for ui in torch.randperm(len(solve), generator=generator).tolist():
             unit = solve[ui]
             sims = [_similarity(sa, current, g) for g in unit]
-            qs = assign_heads(sims, unit) if unit[0].head_size is not None else [assign(sims[0], unit[0].labels)]
-            gain = sum(float(s[torch.arange(s.shape[0]), q].sum() - s.diagonal().sum()) for s, q in zip(sims, qs))
+            if unit[0].head_size is None:
+                qs, extra = [assign(sims[0], unit[0].labels)], 0.0
+            else:  # heads as units; per-head tensors (bias tables) score whole heads
+                head_sim = sum((_rows(sa[a.key], a) @ _rows(current[a.key], a).T for g in unit for a in g.head_axes),
+                               torch.zeros(()))
+                qs = assign_heads(sims, unit, head_sim if head_sim.dim() else None)
+                sigma = head_order(unit[0], qs[0])
+                extra = float(head_sim[torch.arange(sigma.numel()), sigma].sum() - head_sim.diagonal().sum()
+                              ) if head_sim.dim() else 0.0
+            gain = extra + sum(float(s[torch.arange(s.shape[0]), q].sum() - s.diagonal().sum())
+                               for s, q in zip(sims, qs))
             if gain > 0:
                 changed = True
                 for g, q in zip(unit, qs):
