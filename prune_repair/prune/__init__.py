@@ -1,8 +1,10 @@
 """Pruning front end: one-shot unstructured pruners and the torch-pruning integration.
 
 - :func:`prune_` prunes a model in place with a :class:`PruneMethod`
-  (global-magnitude, layer-magnitude, fisher, woodfisher) and returns a
-  :class:`PruneReport`; :func:`score_weights` scores once for several sparsities.
+  (global-magnitude, layer-magnitude, fisher, woodfisher, obs, wanda) to a sparsity or an
+  N:M pattern (:class:`NMPattern`, ``"2:4"``) and returns a :class:`PruneReport`;
+  :func:`score_weights` scores once for several sparsities; per-layer sparsities come from
+  a config (:func:`load_sparsity_config`).
 - :func:`find_targets` says which weights are prunable (conv + linear weights).
 - :func:`apply_masks_` / :func:`remove_reparametrization_` write masks as zeros or
   through ``torch.nn.utils.prune``; :func:`measure_sparsity` counts zeros.
@@ -25,6 +27,9 @@ Example:
 
 from .fisher import fisher_scores, gradient_chunks, labeled_data
 from .magnitude import magnitude_scores
+from .nm import NMPattern, parse_pattern
+from .sparsity_config import load_sparsity_config
+from .wanda import input_norms, wanda_scores
 from .masks import (
     MaskStyle,
     Sparsity,
@@ -57,6 +62,7 @@ __all__ = [
     "obs_prune_",
     "InverseFisher",
     "MaskStyle",
+    "NMPattern",
     "PruneError",
     "PruneMethod",
     "PruneReport",
@@ -73,20 +79,24 @@ __all__ = [
     "find_targets",
     "fisher_scores",
     "gradient_chunks",
+    "input_norms",
     "inverse_fisher",
     "kept_channels",
     "load_structured_",
     "labeled_data",
+    "load_sparsity_config",
     "magnitude_scores",
     "masks_from_scores",
     "measure_sparsity",
     "parse_method",
+    "parse_pattern",
     "prune_",
     "remove_reparametrization_",
     "repair_structured_",
     "replay_history_",
     "save_structured",
     "score_weights",
+    "wanda_scores",
     "woodfisher_memory",
     "woodfisher_scores",
 ]
