@@ -280,7 +280,7 @@ def test_mode_is_a_deprecated_name_of_repair():
 def test_select_channels_keeps_the_site_kind():
     model = MODELS["resnet-bn"]
     x = inputs_for("resnet-bn")
-    stats = collect_stats(model, x, blocks="re:^layer\\d\\.\\d$")
+    stats = collect_stats(model, x, block_outputs="re:^layer\\d\\.\\d$")
     block = next(s for s in stats.sites if s.kind == "block")
     picked = stats.select_channels({block.fqn: torch.tensor([0, 1])})
     assert picked.site(block.fqn).kind == "block" and picked.site(block.fqn).channels == 2

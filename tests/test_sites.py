@@ -90,7 +90,7 @@ def test_block_sites_are_refused_by_repair_with_the_reason():
     from prune_repair import collect_stats, repair_
 
     model, x = MODELS["resnet-bn"], inputs_for("resnet-bn")
-    goal = collect_stats(model, x, blocks=["layer1.0"])
+    goal = collect_stats(model, x, block_outputs=["layer1.0"])
     assert goal.site("layer1.0").kind == "block" and goal["layer1.0"].mean.shape == (8,)
     with pytest.raises(ValueError, match="cannot be folded into the original architecture"):
         repair_(model, goal, x)

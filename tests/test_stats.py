@@ -70,7 +70,7 @@ def test_float32_feature_maps_keep_float64_grade_precision_far_from_zero():
 
 
 def test_channel_last_and_chunked_outputs_keep_float64_grade_precision(monkeypatch):
-    from prune_repair.engine.stats import activation as stats_module
+    from prune_repair.engine.stats import channel as stats_module
 
     monkeypatch.setattr(stats_module, "CHUNK_ELEMENTS", {"cpu": 1000})  # many chunks
     torch.manual_seed(0)

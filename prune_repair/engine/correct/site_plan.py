@@ -116,7 +116,7 @@ def make_plans(model: nn.Module, reference: ActivationStats, mode: RepairMode, a
         if site.kind == "block":
             raise ValueError(
                 f"site '{site.fqn}' is a block output: a correction there cannot be folded into the original "
-                "architecture (a residual sum has no weights of its own); collect the goal without blocks="
+                "architecture (a residual sum has no weights of its own); collect the goal without block_outputs="
             )
         try:
             module, (producer, part) = site_owner(model, site)[0], site_owner(model, site.producer)

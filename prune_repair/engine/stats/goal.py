@@ -35,9 +35,9 @@ Example:
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from ..run.forward import ForwardFn, default_forward, head
 from ..producers import site_owner
 from ..sites.find import Selector, Site, find_sites
 from .activation import ActivationStats, ChannelStats
-from ..sites.taps import SiteTaps
+from .collect import StatsSteps
 
 __all__ = ["RecordStats", "batchnorm_goal", "match_goal"]
 
@@ -155,6 +155,11 @@ class RecordStats(contextlib.AbstractContextManager):
     recorded only for forwards made through ``rec(batch)``; plain module sites and attention
     projections are recorded whatever calls the model.
 
+    The sites are the observe-only steps of :mod:`.collect` (those of :func:`~prune_repair.collect_stats`),
+    hooked into the training forwards. Under ``torch.distributed`` (e.g. DDP training, each
+    rank on its shard) :meth:`stats` pools every rank's window exactly: call it (and
+    :meth:`save`) on every rank.
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -178,8 +183,7 @@ class RecordStats(contextlib.AbstractContextManager):
         self.model = distributed.unwrap(model)
         self.sites = _sites(self.model, example_inputs, sites, select, include_classifier, forward_fn)
         self.window, self.record, self.forward_fn = window, record, forward_fn
-        self._recent: dict[str, collections.deque] = {s.fqn: collections.deque(maxlen=window) for s in self.sites}
-        self._calls = {s.fqn: 0 for s in self.sites}
+        self.method = StatsSteps(self.model, self.sites, window)
         self._stack: contextlib.ExitStack | None = None
         self._run = None
 
@@ -189,10 +193,10 @@ class RecordStats(contextlib.AbstractContextManager):
         training = self.model.training
         return training and torch.is_grad_enabled() if self.record == "train" else not training
 
-    def _observe(self, site: Site, y: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _arrive(self, k: int, contribute: Callable[[], None]) -> bool:
         if self._wanted():
-            self._recent[site.fqn].append(ChannelStats.of(y.detach(), site.channel_dim, mask=mask))
-            self._calls[site.fqn] += 1
+            contribute()
+        return False  # nothing is decided while recording
 
     def __enter__(self) -> "RecordStats":
         if self._stack is not None:
@@ -200,7 +204,8 @@ class RecordStats(contextlib.AbstractContextManager):
         forward_fn = self.forward_fn or default_forward
         forward = lambda batch: forward_fn(self.model, batch)  # noqa: E731
         stack = contextlib.ExitStack()
-        self._run = stack.enter_context(SiteTaps(self.model, self.sites, self._observe).attached(forward))
+        steps = range(len(self.method.steps))
+        self._run = stack.enter_context(self.method.attach(forward, steps, self._arrive))
         self._stack = stack
         return self
 
@@ -218,26 +223,26 @@ class RecordStats(contextlib.AbstractContextManager):
 
     @property
     def batches(self) -> int:
-        """Recorded passes of the first site (all of them, not only those in the window)."""
-        return next(iter(self._calls.values()), 0)
+        """Recorded passes of the first site on this rank (all of them, not only those in the window)."""
+        return self.method.steps[0].calls if self.method.steps else 0
 
     def stats(self) -> ActivationStats:
-        """Pooled statistics of the last ``window`` recorded passes of every site."""
-        missing = [fqn for fqn, q in self._recent.items() if not q]
+        """Pooled statistics of the last ``window`` recorded passes of every site (of every rank:
+        two collectives under ``torch.distributed``, so every rank calls it)."""
+        mine = {step.name: step.merged() for step in self.method.steps}
+        pooled = distributed.all_reduce_channel_stats(mine, {s.fqn: s.channels for s in self.sites}, ChannelStats)
+        missing = [fqn for fqn, s in pooled.items() if s is None]
         if missing:
             raise ValueError(f"nothing recorded at site '{missing[0]}': run training forwards inside the 'with' "
                              f"block (record={self.record!r} records only those passes)")
-        pooled = {}
-        for fqn, q in self._recent.items():
-            s = q[0]
-            for other in list(q)[1:]:
-                s = s.merge(other)
-            pooled[fqn] = s
         return ActivationStats(self.sites, pooled)
 
     def save(self, path: str | Path, **kwargs: Any) -> None:
-        """Write :meth:`stats` (loads with ``ActivationStats.load`` / ``RecordStats.load``)."""
-        self.stats().save(path, **kwargs)
+        """Write :meth:`stats` (loads with ``ActivationStats.load`` / ``RecordStats.load``); under
+        ``torch.distributed`` every rank calls it and rank 0 writes the pooled statistics."""
+        stats = self.stats()
+        if distributed.is_main_process():
+            stats.save(path, **kwargs)
 
     load = staticmethod(ActivationStats.load)
 

@@ -1,0 +1,160 @@
+"""Per-channel moments of one tensor: float64, streaming and mergeable (Chan's parallel update).
+
+:class:`ChannelStats` is what every statistic of the package is made of: a site's mean and
+variance per channel over the values seen, merged batch by batch (and across ranks by
+:func:`~prune_repair.engine.run.distributed.pool_moments`) without float32 global sums.
+
+Example:
+    >>> import torch
+    >>> y = torch.tensor([[1.0, 10.0], [3.0, 30.0]])
+    >>> s = ChannelStats.of(y[:1], -1).merge(ChannelStats.of(y[1:], -1))
+    >>> s.count, s.mean.tolist(), s.std.tolist()
+    (2, [2.0, 20.0], [1.0, 10.0])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["ChannelStats", "merge_moments"]
+
+
+def merge_moments(a: tuple, b: tuple, comoment: Callable[[torch.Tensor], torch.Tensor] = torch.square) -> tuple:
+    """Pooled ``(count, mean, m2)`` of two parts (Chan's parallel update); ``comoment(delta)``
+    squares the mean difference (an outer product for cross-moments).
+
+    >>> x = torch.tensor([1.0, 2.0, 3.0, 10.0], dtype=torch.float64)
+    >>> part = lambda v: (len(v), v.mean(), v.var(correction=0) * len(v))
+    >>> n, mean, m2 = merge_moments(part(x[:1]), part(x[1:]))
+    >>> n, float(mean), torch.isclose(m2 / n, x.var(correction=0)).item()
+    (4, 4.0, True)
+    """
+    (na, mean_a, m2_a), (nb, mean_b, m2_b) = a, b
+    n = na + nb
+    delta = mean_b - mean_a
+    return n, mean_a + delta * (nb / n), m2_a + m2_b + comoment(delta) * (na * nb / n)
+
+
+@dataclass
+class ChannelStats:
+    """Mean and variance of each channel over ``count`` values per channel (float64).
+
+    Batches merge with Chan's parallel update, which gives the exact pooled
+    mean/variance of everything seen, without float32 global sums.
+    """
+
+    count: int
+    mean: torch.Tensor
+    m2: torch.Tensor  # sum of squared deviations from the mean
+
+    @classmethod
+    def of(cls, y: torch.Tensor, channel_dim: int, mask: torch.Tensor | None = None) -> "ChannelStats":
+        """Statistics of one output tensor; ``channel_dim`` is 1 or -1.
+
+        ``mask`` (bool, shaped like the leading dims of ``y``, e.g. an (N, T) attention mask
+        for an (N, T, C) output) keeps only the positions where it is True; it needs the
+        channels on the last dim.
+
+        >>> y = torch.tensor([[[1.0], [3.0], [100.0]]])           # (N=1, T=3, C=1)
+        >>> ChannelStats.of(y, -1, mask=torch.tensor([[True, True, False]])).mean
+        tensor([2.], dtype=torch.float64)
+
+        Floating outputs below float64 are reduced by :func:`_shifted_moments` (float32 sums
+        of small chunks about a first estimate of the mean, float64 across chunks: no float64
+        copy of the activations and a temporary of at most one chunk); float64 and integer
+        outputs in float64 directly.
+        """
+        y = y.detach()
+        if mask is not None:
+            if channel_dim % y.dim() != y.dim() - 1 or tuple(mask.shape) != tuple(y.shape[:mask.dim()]):
+                raise ValueError(f"a mask of shape {list(mask.shape)} does not fit an output of shape "
+                                 f"{list(y.shape)} with channels on dim {channel_dim}")
+            y = y[mask.to(device=y.device, dtype=torch.bool)]
+        cdim = channel_dim % y.dim()
+        channels = y.shape[cdim]
+        if y.dim() == 1:  # a (C,) output: one value per channel
+            return cls(1, y.to(torch.float64), torch.zeros_like(y, dtype=torch.float64))
+        if y.dtype in (torch.float32, torch.float16, torch.bfloat16) and y.numel() > 0:
+            if cdim == y.dim() - 1 or (cdim == 1 and y.movedim(1, -1).is_contiguous()):
+                rows = y.movedim(cdim, -1).reshape(-1, channels)  # a view when contiguous
+                return cls(rows.shape[0], *_shifted_moments(rows, rows=True))
+            if cdim == 1:
+                maps = y.reshape(y.shape[0], channels, -1)
+                return cls(maps.shape[0] * maps.shape[2], *_shifted_moments(maps, rows=False))
+        y = y.to(torch.float64)
+        dims = [d for d in range(y.dim()) if d != cdim]
+        count = y.numel() // max(channels, 1)
+        var, mean = torch.var_mean(y, dim=dims, correction=0)
+        return cls(count, mean, var * count)
+
+    def merge(self, other: "ChannelStats") -> "ChannelStats":
+        """Pooled statistics of both (order does not matter)."""
+        return ChannelStats(*merge_moments((self.count, self.mean, self.m2), (other.count, other.mean, other.m2)))
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance (divides by count)."""
+        return self.m2 / self.count
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.var.clamp_min(0).sqrt()
+
+    @classmethod
+    def from_moments(cls, mean: torch.Tensor, std: torch.Tensor, count: int = 1) -> "ChannelStats":
+        mean = mean.to(torch.float64)
+        return cls(count, mean, std.to(torch.float64).square() * count)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ChannelStats":
+        return cls(int(d["count"]), d["mean"].to(torch.float64), d["m2"].to(torch.float64))
+
+
+CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
+"""Elements per temporary in :func:`_shifted_moments`: a small part of a large activation
+(little added to the peak memory), yet few enough chunks that per-op costs stay small."""
+
+ROW_GROUP = 16
+"""Rows of a channel-last output summed in float32 before the float64 sum."""
+
+
+def _shifted_moments(x: torch.Tensor, rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 ``(mean, m2)`` per channel of ``(R, C)`` rows (``rows=True``) or ``(N, C, S)`` maps.
+
+    Values are centred, one chunk along dim 0 at a time, about the float32 rounding of the
+    first chunk's mean (exact near the mean, Sterbenz); short runs (each map's ``S`` values,
+    or ``ROW_GROUP`` rows) are summed in float32, everything across them in float64, and
+    the shift is corrected exactly, so large offsets cause no cancellation and the
+    activations are never copied whole (the temporary is one chunk).
+    """
+    work, c = torch.float32, x.shape[1]
+    count = x.numel() // max(c, 1)
+    if rows:  # (R, C) -> (R // K, K, C) groups, plus the leftover rows as groups of one
+        cut = x.shape[0] - x.shape[0] % ROW_GROUP
+        pieces = [p for p in (x[:cut].view(-1, ROW_GROUP, c), x[cut:].unsqueeze(1)) if p.numel()]
+        inner, view = 1, (c,)
+    else:
+        pieces, inner, view = [x], 2, (c, 1)
+    budget = CHUNK_ELEMENTS.get(x.device.type, 1 << 22)
+    s1 = torch.zeros(c, dtype=torch.float64, device=x.device)
+    s2 = torch.zeros(c, dtype=torch.float64, device=x.device)
+    shift = None
+    for piece in pieces:
+        step = max(1, budget // max(piece[0].numel(), 1))
+        for start in range(0, piece.shape[0], step):
+            chunk = piece[start:start + step].to(work)
+            if shift is None:  # the first chunk's mean: close to the mean, in float32
+                first = chunk.sum(inner).sum(0, dtype=torch.float64) / (chunk.numel() // c)
+                shift = first.to(work)
+            d = chunk - shift.view(view)  # one centred chunk (a new tensor)
+            s1 += d.sum(inner).sum(0, dtype=torch.float64)
+            s2 += torch.linalg.vecdot(d, d, dim=inner).sum(0, dtype=torch.float64)
+    offset = s1 / count
+    return shift.to(torch.float64) + offset, (s2 - s1 * offset).clamp_min(0)
