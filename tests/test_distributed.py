@@ -23,6 +23,7 @@ from torch import nn
 from prune_repair.engine import collect_stats, find_sites, reconstruct_, repair_
 from prune_repair.engine.run import distributed
 from prune_repair.engine.stats.activation import ChannelStats, merge_moments
+from prune_repair.engine.stats.goal import RecordStats
 from prune_repair.merge import activation_matching, find_groups, site_moments
 from prune_repair.prune.fisher import fisher_scores
 from prune_repair.prune.targets import find_targets
@@ -67,6 +68,13 @@ def scenarios(part: slice) -> dict:
     out: dict = {}
     ref = collect_stats(cnn, xs)
     out["stats"] = {k: v.to_dict() for k, v in ref.items()}
+    for passes in ("per-site", "blockwise"):  # the observe-only steps, pooled before each is decided
+        got = collect_stats(cnn, list(xs.chunk(2)), passes=passes)
+        out[f"stats-{passes}"] = {k: v.to_dict() for k, v in got.items()}
+    with RecordStats(cnn, xs, window=None, record="eval") as rec, torch.no_grad():
+        for batch in xs.chunk(2):
+            cnn(batch)
+    out["recorded"] = {k: v.to_dict() for k, v in rec.stats().items()}
     for name, kwargs in {"exact": {}, "all-at-once": {"variant": "all-at-once"}, "reset": {"repair": "reset"},
                          "exact-2-batches": {}, "blockwise": {"passes": "blockwise"}}.items():
         model = _damage_(copy.deepcopy(cnn))
@@ -212,8 +220,9 @@ def test_fsdp_is_refused_with_what_to_do():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("key", ["stats", "exact", "all-at-once", "reset", "exact-2-batches", "blockwise", "moments",
-                                 "fisher", "woodfisher", "reconstruct", "reconstruct-blockwise"])
+@pytest.mark.parametrize("key", ["stats", "stats-per-site", "stats-blockwise", "recorded", "exact", "all-at-once",
+                                 "reset", "exact-2-batches", "blockwise", "moments", "fisher", "woodfisher",
+                                 "reconstruct", "reconstruct-blockwise"])
 def test_two_processes_match_one(ranks, single, key):
     for r in ranks:
         assert_close(r[key], single[key])
