@@ -21,6 +21,7 @@ Run from the repository root (the package importable)::
     python benchmarks/bench_merge.py mlp-8x128       # some pairs (results cached per pair)
     python benchmarks/bench_merge.py mlp-4x128 --epochs 12   # extra row: longer training
     python benchmarks/bench_merge.py --report-only   # rebuild the RESULTS.md section from the cache
+    python benchmarks/bench_merge.py py-gpt2         # the zoo's two byte-level GPT-2s: perplexity at alpha 0.5
     python benchmarks/bench_merge.py vit             # two MNIST ViTs (zoo:mnist-vit + zoo:mnist-vit-b when
                                                      # installed, else two tiny ones trained here): own section
 """
@@ -77,6 +78,8 @@ TRANSFORMER_PAIRS: dict[str, dict] = {
     "vit": {"build": lambda: mnist_vit(**VIT_OWN), "zoo": ("mnist-vit", "mnist-vit-b"),
             "train": {"epochs": 5, "lr": 0.05, "batch_size": 128, "samples": 60000}},
 }
+LM_PAIRS = {"py-gpt2": ("py-gpt2", "py-gpt2-b")}  # the zoo's byte-level GPT-2s from two seeds (HF directories)
+LM_CALIB, LM_EVAL = "pysrc:calib", "pysrc:eval"
 PAIRS.update(TRANSFORMER_PAIRS)
 VIT_START, VIT_END = "<!-- merge-vit:start -->", "<!-- merge-vit:end -->"
 
@@ -170,6 +173,39 @@ def run_pair(name: str, x, y, x_test, y_test, curve_points: int, epochs: int | N
     return row
 
 
+def run_lm_pair(name: str, calib_size: int = 64) -> dict:
+    """Perplexity at alpha 0.5 of two zoo LMs: naive, WM and AM, raw and repaired (padding-aware)."""
+    from prune_repair.cli.hf_cmd import load_hf_data
+    from prune_repair.io.hf import load_hf_dir
+
+    models = [load_hf_dir(f"zoo:{n}") for n in LM_PAIRS[name]]
+    d = load_hf_data(models[0], LM_CALIB, LM_EVAL, calib_size, 0, torch.device("cpu"))
+    row: dict = {"endpoints": [d.evaluate(m)["ppl"] for m in models], "calib_size": calib_size,
+                 "source": " + ".join(f"zoo:{n}" for n in LM_PAIRS[name]), "eval": f"{LM_EVAL} ({d.eval_count})"}
+    row["naive"] = d.evaluate(prepare_merge(models, d.calib, align="none").merged([0.5, 0.5], repair="none")[0])["ppl"]
+    for method, short in (("weight", "wm"), ("activation", "am")):
+        plan = prepare_merge(models, d.calib, align=method)
+        for mode in ("none", "repair"):
+            row[f"{short}_{mode}"] = d.evaluate(plan.merged([0.5, 0.5], repair=mode)[0])["ppl"]
+    return row
+
+
+def lm_lines(results: dict[str, dict]) -> list[str]:
+    """Rows of the LM table: perplexity at alpha 0.5 and its increase over the endpoints' mean."""
+    lines = ["", f"Byte-level LMs: perplexity on {LM_EVAL} at alpha 0.5 (calibration: sequences of {LM_CALIB}); "
+             "in brackets the increase over the endpoints' mean perplexity (target: aligned + repair under half "
+             "of naive's increase).", "",
+             "| pair | models | A | B | naive | WM | WM+repair | AM | AM+repair | best aligned+repair / naive |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        mean = sum(r["endpoints"]) / 2
+        inc = {k: r[k] - mean for k in ("naive", "wm_none", "wm_repair", "am_none", "am_repair")}
+        cells = [f"{v:.3f}" for v in r["endpoints"]] + [f"{r[k]:.3f} ({inc[k]:+.3f})" for k in inc]
+        best = min(inc["wm_repair"], inc["am_repair"]) / inc["naive"]
+        lines.append(f"| {name} | {r['source']} | " + " | ".join(cells) + f" | {best:.2f} |")
+    return lines
+
+
 def pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
@@ -243,6 +279,10 @@ def vit_section(results: dict[str, dict], meta: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{g[k]:.1f}" for k in g) +
                      f" | {best / g['naive']:.2f} | {pct(b['acc_raw'])} | {pct(b['acc'])} | "
                      f"[png](merge_curve_{name}.png) |")
+    lm = {f.stem[len("merge-lm-"):]: json.loads(f.read_text()) for f in sorted(CACHE.glob("merge-lm-*.json"))}
+    if lm:
+        lines += lm_lines(lm) + ["", "Reproduce the LM row: `python benchmarks/bench_merge.py py-gpt2` (needs the zoo's "
+                                 "HF directories)."]
     lines.append(VIT_END)
     return "\n".join(lines)
 
@@ -256,11 +296,19 @@ def main() -> None:
                         "named PAIR@eN, e.g. to see how weight matching depends on training length)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild RESULTS.md from cached results")
     args = parser.parse_args()
-    unknown = [p for p in args.pairs if p not in PAIRS]
+    unknown = [p for p in args.pairs if p not in PAIRS and p not in LM_PAIRS]
     if unknown:
-        parser.error(f"unknown pair(s) {', '.join(unknown)}: choose from {', '.join(PAIRS)}")
+        parser.error(f"unknown pair(s) {', '.join(unknown)}: choose from {', '.join([*PAIRS, *LM_PAIRS])}")
     torch.set_num_threads(args.threads)
     CACHE.mkdir(exist_ok=True)
+    for name in [p for p in args.pairs if p in LM_PAIRS and not args.report_only]:
+        row = run_lm_pair(name)
+        (CACHE / f"merge-lm-{name}.json").write_text(json.dumps(row, indent=1))
+        print(f"{name}: {json.dumps(row)}", flush=True)
+    args.pairs = [p for p in args.pairs if p not in LM_PAIRS]
+    if not args.pairs and any(p in LM_PAIRS for p in sys.argv[1:]):
+        args.pairs = list(TRANSFORMER_PAIRS)  # the section holds both: rebuild it from the cache
+        args.report_only = True
     if not args.report_only:
         x, y = load_dataset("mnist:train")
         x_test, y_test = load_dataset("mnist:test")
