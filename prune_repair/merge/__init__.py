@@ -11,6 +11,7 @@ Example:
 """
 
 from .activation_matching import Probe, SiteMoments, activation_matching, probes_of, site_moments
+from .attention_groups import transformer_groups
 from .find_groups import find_groups
 from .groups import GroupError, PermGroup, groups_from_spec
 from .barrier import BarrierCurve, CurvePoint, PlotError, alpha_grid, barrier, barrier_curve, plot_curve
@@ -27,5 +28,5 @@ __all__ = [
     "barrier_curve", "check_alpha", "check_function_preserved", "check_same_architecture", "find_alignment",
     "identity_perms", "interpolate", "invert", "lerp_state_dicts", "merge", "merge_many", "permute",
     "permute_state_dict", "plot_curve", "prepare_merge", "probes_of", "random_perms", "site_moments",
-    "weight_matching",
+    "transformer_groups", "weight_matching",
 ]
