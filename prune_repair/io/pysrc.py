@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import sysconfig
 from pathlib import Path
 
@@ -76,10 +77,10 @@ def source_files() -> tuple[str, ...]:
     if not root.is_dir():
         raise DataError(f"the Python standard library was not found at {root}: pysrc data needs the .py sources")
     files = []
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root)
-        if _SKIP_DIRS.isdisjoint(rel.parts[:-1]) and not rel.name.startswith("_sysconfigdata"):
-            files.append(rel.as_posix())
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in _SKIP_DIRS]  # never walk site-packages or the test suites
+        rel_dir = Path(directory).relative_to(root)
+        files += [(rel_dir / n).as_posix() for n in names if n.endswith(".py") and not n.startswith("_sysconfigdata")]
     if not files:
         raise DataError(f"no .py files under {root}: pysrc data needs the standard library's sources")
     return tuple(sorted(files))
