@@ -166,7 +166,9 @@ def main() -> None:
                 task = lm_task(name)
             else:
                 task = image_task(name, x, y, xt, yt)
-            raw[name] = measure(name, task)
+            rows = measure(name, task)
+            raw = json.loads(RAW.read_text()) if RAW.is_file() else {}  # other runs may have added models
+            raw[name] = rows
             RAW.write_text(json.dumps(raw, indent=1))
     write(raw, args.threads)
 
