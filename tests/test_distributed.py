@@ -98,6 +98,8 @@ def scenarios(part: slice) -> dict:
     out["perms"] = activation_matching(a, b, xs, groups).perms
     m = site_moments([a, b], xs, find_sites(a, x[:2]))
     out["moments"] = {"count": m.count, "mean": m.mean, "cov": m.cov}
+    m = site_moments([a, b], list(xs.chunk(2)), find_sites(a, x[:2]), passes="per-site")  # on the pipeline
+    out["moments-per-site"] = {"count": m.count, "mean": m.mean, "cov": m.cov}
     targets = find_targets(a)
     out["fisher"] = fisher_scores(a, targets, (xs, ys), num_grads=len(x))  # each sample once
     inv = inverse_fisher(a, targets, (xs, ys), num_grads=None, block_size=8, rank=4, dtype=torch.float64, damp=1e-3)
@@ -221,8 +223,8 @@ def test_fsdp_is_refused_with_what_to_do():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key", ["stats", "stats-per-site", "stats-blockwise", "recorded", "exact", "all-at-once",
-                                 "reset", "exact-2-batches", "blockwise", "moments", "fisher", "woodfisher",
-                                 "reconstruct", "reconstruct-blockwise"])
+                                 "reset", "exact-2-batches", "blockwise", "moments", "moments-per-site", "fisher",
+                                 "woodfisher", "reconstruct", "reconstruct-blockwise"])
 def test_two_processes_match_one(ranks, single, key):
     for r in ranks:
         assert_close(r[key], single[key])

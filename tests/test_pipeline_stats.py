@@ -106,3 +106,44 @@ def test_recorded_goal_uses_the_same_steps_and_equals_the_collected_statistics()
         assert_close(recorded[fqn].mean, collected[fqn].mean, rtol=1e-12, atol=1e-12)
         assert_close(recorded[fqn].m2, collected[fqn].m2, rtol=1e-12, atol=1e-12)
     assert not any(isinstance(m, nn.Module) and m._forward_hooks for m in model.modules())  # hooks removed
+
+
+def _pair(name: str) -> tuple[nn.Module, nn.Module, object]:
+    a, x = _model(name)
+    b = copy.deepcopy(a)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return a, b, x
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn-bn", "vit-block", pytest.param("gpt2", marks=pytest.mark.slow)])
+def test_merge_co_moments_under_every_strategy_equal_the_one_pass(name, tmp_path):
+    from prune_repair import find_sites
+    from prune_repair.merge import site_moments
+
+    a, b, x = _pair(name)
+    sites = [s for s in find_sites(a, _split(x)[0]) if s.call == "module"]  # the model beside hands out modules'
+    want = site_moments([a, b], x, sites)
+    for options, what in STRATEGIES:
+        if options.get("offload") == "FILES":
+            options = {**options, "offload": tmp_path / "blocks"}
+        got = site_moments([a, b], _split(x), sites, **{"progress": lambda done, total: None, **options})
+        for s in sites:
+            assert got.count[s.fqn] == want.count[s.fqn], f"{what}: {s.fqn}"
+            assert_close(got.mean[s.fqn], want.mean[s.fqn], rtol=1e-9, atol=1e-9, msg=f"{what}: {s.fqn} mean")
+            assert_close(got.cov[s.fqn], want.cov[s.fqn], rtol=1e-9, atol=1e-9, msg=f"{what}: {s.fqn} cov")
+
+
+def test_merge_co_moments_on_the_pipeline_refuse_what_they_cannot_run_in_one_line():
+    from prune_repair import find_sites
+    from prune_repair.merge import site_moments
+
+    a, b, x = _pair("vit-block")
+    sites = find_sites(a, x[:2])
+    assert any(s.call == "attention" for s in sites)
+    for models, why in [([a, b], "is computed inside its parent"), ([a, b, a], "takes two models, not 3")]:
+        with pytest.raises(ValueError, match=why) as error:
+            site_moments(models, _split(x), sites, passes="per-site")
+        assert "\n" not in str(error.value)

@@ -157,9 +157,10 @@ def collect_stats(
         forward_fn: ``forward_fn(model, batch)`` for batches that are not tensors.
         passes: how to go over several batches, as in :func:`~prune_repair.engine.correct.repair.repair_`:
             by default ONE pass, one batch at a time (nothing is decided along the way, so the
-            batches need not meet); ``lockstep``, ``per-site`` or ``blockwise`` (``blocks``: the
-            blocks' module names in call order, found by default; ``offload``: where block inputs
-            wait, ``"cpu"`` or a folder removed afterwards). Every strategy gives the same statistics.
+            batches need not meet: the least memory of all); ``lockstep``, ``per-site`` or
+            ``blockwise`` (``blocks``: the blocks' module names in call order, found by default;
+            ``offload``: where block inputs wait, ``"cpu"`` or a folder removed afterwards) give
+            the same statistics, so one ``passes`` option can serve a whole run.
         progress: ``True`` shows the sites as they are measured (stderr), a callable gets
             ``(done, total)``; silent by default.
 
