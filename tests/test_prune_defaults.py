@@ -83,8 +83,7 @@ def test_auto_after_obs_applies_no_correction_and_says_so():
 def test_prune_says_when_a_correction_could_only_scale():
     model = tiny_llama()
     batch = tokens()
-    run = prune_and_repair(model, (batch, None), [0.5], repair="repair", eval_data=(None, None),
-                           evaluate_fn=lambda m, _x, _y: {"acc": 0.0, "loss": 0.0})
+    run = prune_and_repair(model, (batch, None), [0.5], repair="repair", eval_data=lambda m: {"acc": 0.0, "loss": 0.0})
     notes = prune_notes(run)
     assert any("the correction applied the scale only" in n for n in notes), notes
 

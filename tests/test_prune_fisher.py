@@ -9,6 +9,7 @@ import torch.nn.utils.prune as torch_prune
 
 from prune_repair.zoo.models import PlainCNN
 from prune_repair.prune import fisher as fisher_module
+from prune_repair.prune.grad_data import gradient_samples
 from prune_repair.prune import PruneError, find_targets, fisher_scores, gradient_chunks, prune_
 
 
@@ -54,7 +55,8 @@ def test_loop_fallback_equals_vmap():
     targets = find_targets(model)
     via_vmap = next(gradient_chunks(model, targets, (x, y), chunk=10, seed=5))
     order = fisher_module._sample_order(len(x), len(x), seed=5)
-    via_loop = fisher_module._loop_grads(model, targets, x[order].unsqueeze(1), y[order].unsqueeze(1), F.cross_entropy)
+    groups = list(zip(x[order].unsqueeze(1), y[order].unsqueeze(1)))
+    via_loop = fisher_module._loop_grads(model, targets, groups, gradient_samples((x, y)), F.cross_entropy)
     for fqn in via_vmap:
         torch.testing.assert_close(via_vmap[fqn], via_loop[fqn], rtol=1e-9, atol=1e-12)
 

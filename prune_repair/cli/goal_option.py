@@ -16,9 +16,11 @@ from typing import Any
 import click
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..engine.stats.goal import batchnorm_goal, match_goal
 from ..engine.correct.modes import RepairMode
+from ..engine.run.forward import head
 from ..engine.sites.find import find_sites
 from ..engine.stats.activation import ActivationStats
 
@@ -38,14 +40,18 @@ def goal_inputs(spec: str | None) -> list[str]:
     return [spec] if spec is not None and spec != BATCHNORM else []
 
 
-def load_goal(spec: str, model: nn.Module, x: torch.Tensor, mode: str, include_classifier: bool
+def load_goal(spec: str, model: nn.Module, x: torch.Tensor | dict[str, torch.Tensor], mode: str, include_classifier: bool
               ) -> tuple[ActivationStats, dict[str, Any]]:
     """The goal for ``model`` (the reference / dense model) and its entry in the report."""
     if RepairMode.parse(mode, "correction").reconstructs:
         raise ValueError(f"--repair {mode} refits layers to the reference model's outputs and cannot use "
                          "--goal-stats: drop --goal-stats or use --repair auto/repair/rescale")
-    sites = find_sites(model, x[:2], include_classifier=include_classifier)
+    sites = find_sites(model, head(x, 2), include_classifier=include_classifier)
     if spec == BATCHNORM:
+        if not any(isinstance(m, _BatchNorm) for m in model.modules()):
+            raise ValueError(f"--goal-stats batchnorm reads the goal from BatchNorm layers, and this model has none "
+                             f"(its {_norm_kind(model)}s keep no running statistics): record the goal to a file with "
+                             "RecordStats / ActivationStats.save and pass --goal-stats FILE")
         goal = batchnorm_goal(model, sites=sites)
         return goal, {"source": BATCHNORM, "sites": len(goal)}
     path = Path(spec).expanduser()
@@ -58,9 +64,15 @@ def load_goal(spec: str, model: nn.Module, x: torch.Tensor, mode: str, include_c
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"--goal-stats {spec} is not a statistics file written by ActivationStats.save / "
                          f"RecordStats.save ({first[:160]})") from None
-    known = find_sites(model, x[:2], include_classifier=True)
+    known = find_sites(model, head(x, 2), include_classifier=True)
     goal = match_goal(stored, sites, known=known, what=f"--goal-stats {spec}")
     return goal, {"source": str(spec), "sites": len(goal)}
+
+
+def _norm_kind(model: nn.Module) -> str:
+    """``LayerNorm`` (or the model's other normalization layer), for the message of a model without BatchNorm."""
+    kinds = [type(m).__name__ for m in model.modules() if "norm" in type(m).__name__.lower()]
+    return kinds[0] if kinds else "layer"
 
 
 def goal_note(modes: list[str]) -> str | None:

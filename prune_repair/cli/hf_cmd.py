@@ -21,9 +21,6 @@ from ..engine.run import distributed
 from ..engine.checks import check_finite
 from ..io.errors import DataError
 from ..metrics.lm import accuracy, logits_of, perplexity
-from ..engine.correct.modes import RepairMode
-from ..engine.correct.repair import repair_
-from ..engine.stats.activation import collect_stats
 from ..engine.run.forward import default_forward, eval_mode, head
 from ..io import tokens as tok
 from ..io.pysrc import default_eval_spec
@@ -33,14 +30,17 @@ from ..io.hf import (check_hf_output, hf_settings, is_causal_lm, is_hf_spec, loa
                      save_hf_model)
 from ..io.outputs import check_output_path
 from ..prune.methods import PruneMethod
-from ..prune.obs import ObsOptions
+from ..prune.settings import PruneSettings
+from ..engine.correct.settings import RepairSettings
 from .prune_notes import print_prune_notes
 from ..prune.pipeline import prune_and_repair
+from .goal_option import goal_inputs, goal_note, load_goal
+from .method_options import fisher_settings, method_options
 from .common import (calib_size_for, check_finite_models, console, print_repair_notes, progress, repair_title,
                      write_report)
 
 EVAL_BATCH = 32
-HF_METHODS = (PruneMethod.GLOBAL_MAGNITUDE, PruneMethod.LAYER_MAGNITUDE, PruneMethod.WANDA, PruneMethod.OBS)
+HF_METHODS = tuple(PruneMethod)  # every pruning method applies to HF models
 
 
 def wants_hf(arch: str | None, checkpoints: list[str]) -> bool:
@@ -60,6 +60,7 @@ class HFData:
     """Calibration batch (model inputs) and evaluation set of an HF command."""
 
     calib: dict[str, torch.Tensor]
+    calib_labels: torch.Tensor | None  # class labels of the calibration sequences (classifiers)
     eval_batches: list[dict[str, torch.Tensor]]
     eval_labels: list[torch.Tensor] | None  # class labels per batch (classifiers)
     eval_name: str
@@ -102,11 +103,16 @@ def load_hf_data(model: torch.nn.Module, data: str, eval_data: str | None, calib
     lm = is_causal_lm(model)
     eval_data = eval_data or default_eval_spec(data) or data  # pysrc -> pysrc:eval
     inputs, labels = _load_split(data, model, lm)
+    calib_labels = None
     if "input_ids" in inputs:
         calib = tok.draw(inputs, calib_size, seed)
+        if labels is not None:  # the same draw as tok.draw
+            calib_labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(int(seed)))
+                                  [:calib_size]]
     else:  # images: the draw of calibration_batch
         (key, x), = inputs.items()
-        calib = {key: calibration_batch(x, labels, calib_size, seed)[0]}
+        calib_x, calib_labels = calibration_batch(x, labels, calib_size, seed)
+        calib = {key: calib_x}
     calib = {k: v for k, v in calib.items() if k != "labels"}  # token targets only score the evaluation
     ev_inputs, ev_labels = (inputs, labels) if eval_data == data else _load_split(eval_data, model, lm)
     if not lm and ev_labels is None:
@@ -120,7 +126,8 @@ def load_hf_data(model: torch.nn.Module, data: str, eval_data: str | None, calib
                        {k: v[part] for k, v in ev_inputs.items()})
         if ev_labels is not None:
             label_batches.append(ev_labels[part])
-    return HFData({k: v.to(device) for k, v in calib.items()}, batches, label_batches if not lm else None,
+    return HFData({k: v.to(device) for k, v in calib.items()},
+                  None if lm or calib_labels is None else calib_labels.to(device), batches, label_batches if not lm else None,
                   eval_data, n, "lm" if lm else "classifier")
 
 
@@ -138,14 +145,22 @@ def check_hf_fits(model: torch.nn.Module, d: HFData) -> None:
         raise DataError("the model outputs NaN/Inf on --data: check the data and the checkpoint")
 
 
-def _check_not_distributed(unused: dict[str, Any]) -> None:
-    """Refuse what the HF path does not do yet, instead of ignoring it."""
-    for option in ("goal_stats", "preprocess", "batch_size", "eval_size", "workers"):
+IMAGE_ONLY = {"preprocess": "it sets the transforms of ImageFolder images", "workers": "it sets the processes that "
+              "read ImageFolder images", "eval_size": "the HF path evaluates every --eval-data sequence"}
+
+
+def _check_options(unused: dict[str, Any], takes: tuple[str, ...] = ()) -> None:
+    """Refuse the options that do not apply to HF models, saying why (never ignore them)."""
+    for option, why in IMAGE_ONLY.items():
         if unused.get(option) is not None:
-            flag = "--" + option.replace("_", "-")
-            raise CheckpointError(f"{flag} is not supported for hf models yet: drop it")
+            raise CheckpointError(f"--{option.replace('_', '-')} does not apply to hf models: {why}; drop it")
+    for option in ("goal_stats", "batch_size"):
+        if unused.get(option) is not None and option not in takes:
+            raise CheckpointError(f"--{option.replace('_', '-')} does not apply to this hf command: drop it")
     if distributed.is_distributed():
-        raise CheckpointError("hf models run in one process: launch without torchrun")
+        raise CheckpointError("torchrun does not apply to hf models: their command reads its calibration sequences "
+                              "whole in every process and writes one model directory, so launch it as one process "
+                              "(--passes blockwise --offload cpu bounds the memory instead)")
 
 
 def _output_checks(out: str, report: str | None, inputs: list[str], force: bool) -> None:
@@ -159,28 +174,34 @@ def _output_checks(out: str, report: str | None, inputs: list[str], force: bool)
 
 def prune(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, out, report, force, sparsities,
           method, mode, skip_first, skip_classifier, layers, include_classifier, damping, config=None,
-          prune_head=False, no_row_floor=False, allocation="global", block_size=128, **_: Any) -> None:
-    _check_not_distributed(_)
+          prune_head=False, no_row_floor=False, allocation="global", block_size=128, fisher_samples=None,
+          fisher_batch=1, damp=1e-5, obs_update=False, max_memory_gb=4.0, passes="lockstep", offload=None,
+          batch_size=None, goal_stats=None, **_: Any) -> None:
+    _check_options(_)
     arch = resolve_hf_arch(arch, [ckpt], arch_kwargs)
     method = PruneMethod.parse(method, "pruning method")
-    if method not in HF_METHODS:
-        raise CheckpointError(f"--method {method.value} is not supported for hf models yet: use "
-                              f"{', '.join(m.value for m in HF_METHODS)}")
-    _output_checks(out, report, [ckpt, arch], force)
+    _output_checks(out, report, [ckpt, arch, *goal_inputs(goal_stats)], force)
     model = load_hf_model(ckpt, arch).to(dev)
     check_finite(model)
     calib_size = calib_size_for(calib_size, "reconstruct" if method.reconstructs else mode)
     d = load_hf_data(model, data, eval_data, calib_size, seed, dev)
     check_hf_fits(model, d)
-    with progress():
-        run = prune_and_repair(
-            model, (d.calib, None), sparsities, method=method, repair=mode, eval_data=(None, None),
-            select=list(layers) or None, skip_first=skip_first, skip_classifier=skip_classifier,
-            include_classifier=include_classifier, evaluate_fn=lambda m, _x, _y: {"acc": math.nan, **d.evaluate(m)},
-            reconstruct_options={"damping": damping} if RepairMode.parse(mode, "correction").reconstructs else None,
-            obs=ObsOptions(allocation=allocation, damping=damping, block_size=block_size), sparsity_config=config,
-            prune_head=prune_head, floor=not no_row_floor,
-        )
+    goal, goal_info = load_goal(goal_stats, model, d.calib, mode, include_classifier) if goal_stats else (None, None)
+    options = method_options(method, fisher_samples, fisher_batch, damp, block_size, obs_update, max_memory_gb, seed,
+                             allocation, damping)
+    if method.needs_labels:  # a causal LM's own next-token loss; a classifier's loss on its labels
+        if d.task == "classifier" and d.calib_labels is None:
+            raise DataError(f"--method {method.value} on a classifier needs one class label per calibration "
+                            "sequence: add 'labels' to --data")
+        options.num_grads = options.gradients_for(tok.num_sequences(d.calib))
+    run = prune_and_repair(
+        model, (d.calib, d.calib_labels), sparsities, method=method, options=options,
+        prune=PruneSettings(select=list(layers) or None, skip_first=skip_first, skip_classifier=skip_classifier,
+                            sparsity_config=config, prune_head=prune_head, floor=not no_row_floor),
+        repair=RepairSettings(mode, passes=passes, offload=offload, batch_size=batch_size, progress=True,
+                              include_classifier=include_classifier, goal=goal, damping=damping),
+        eval_data=lambda m: {"acc": math.nan, **d.evaluate(m)},
+    )
     save_hf_model(run.model, out, force=force)
     rep = run.to_report()
     if d.task == "lm":
@@ -192,10 +213,15 @@ def prune(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, ou
     settings = {"arch": arch, "task": d.task, "metric": d.metric, "calib_size": calib_size, "seed": seed,
                 "eval_data": d.eval_name, "skip_first": skip_first, "skip_classifier": skip_classifier,
                 "include_classifier": include_classifier, "layers": list(layers) or None, "out_format": "hf",
-                "sparsity_config": config, "prune_head": prune_head, "row_floor": not no_row_floor}
-    write_report(report, {**rep, **settings, "fisher": None})
+                "sparsity_config": config, "prune_head": prune_head, "row_floor": not no_row_floor,
+                "passes": passes, "offload": offload, "batch_size": batch_size, "goal_stats": goal_info}
+    fisher = fisher_settings(method, options) if method.needs_labels else None
+    write_report(report, {**rep, **settings, "fisher": fisher and {**fisher, "seed": seed}})
     console.print(_prune_table(run, d, out))
     print_prune_notes(run)
+    note = goal_note([s["mode"] for s in run.rows[-1].correction.get("sites", [])]) if goal_stats else None
+    if note:
+        console.print(note)
 
 
 def _exp(loss: float) -> float:
@@ -222,25 +248,23 @@ def _prune_table(run, d: HFData, out: str) -> Table:
 
 
 def repair(*, pruned, reference, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, out, report, force,
-           mode, variant, include_classifier, damping, passes="lockstep", offload=None, **_: Any) -> None:
-    _check_not_distributed(_)
+           mode, variant, include_classifier, damping, passes="lockstep", offload=None, batch_size=None,
+           goal_stats=None, **_: Any) -> None:
+    _check_options(_)
     arch = resolve_hf_arch(arch, [reference, pruned], arch_kwargs)
-    _output_checks(out, report, [pruned, reference, arch], force)
+    _output_checks(out, report, [pruned, reference, arch, *goal_inputs(goal_stats)], force)
     ref_model = load_hf_model(reference, arch).to(dev)
     model = load_hf_model(pruned, arch).to(dev)
     check_finite_models({"--reference": ref_model, "PRUNED": model})
     calib_size = calib_size_for(calib_size, mode)
     d = load_hf_data(ref_model, data, eval_data, calib_size, seed, dev)
     check_hf_fits(ref_model, d)
+    goal, goal_info = load_goal(goal_stats, ref_model, d.calib, mode, include_classifier) if goal_stats else (None, None)
+    settings = RepairSettings(mode, variant, passes=passes, offload=offload, batch_size=batch_size, progress=True,
+                              include_classifier=include_classifier, goal=goal, damping=damping)
     metrics = {"reference": d.evaluate(ref_model), "before": d.evaluate(model)}
     start = time.perf_counter()
-    if RepairMode.parse(mode, "correction").reconstructs:  # refit the layers to the reference's outputs
-        result = repair_(model, ref_model, d.calib, repair=mode, variant=variant, damping=damping, passes=passes,
-                         offload=offload, progress=True)
-    else:
-        goal = collect_stats(ref_model, d.calib, include_classifier=include_classifier)
-        result = repair_(model, goal, d.calib, repair=mode, variant=variant, passes=passes, offload=offload,
-                         progress=True)
+    result = settings.repair_(model, settings.reference(ref_model, d.calib), d.calib)
     seconds = time.perf_counter() - start
     metrics["after"] = d.evaluate(model)
     save_hf_model(model, out, force=force)
@@ -251,7 +275,7 @@ def repair(*, pruned, reference, arch, arch_kwargs, data, eval_data, calib_size,
                           "variant": variant, "passes": passes, "include_classifier": include_classifier,
                           "calib_size": calib_size,
                           "seed": seed, "eval_data": d.eval_name, "arch": arch, "task": d.task, "metric": d.metric,
-                          "out_format": "hf"})
+                          "out_format": "hf", "batch_size": batch_size, "goal_stats": goal_info})
     lm = d.task == "lm"
     table = Table(title=repair_title(mode, result, seconds),
                   caption=f"evaluated on {d.eval_name} ({d.eval_count} sequences); written to {out}")
@@ -263,3 +287,5 @@ def repair(*, pruned, reference, arch, arch_kwargs, data, eval_data, calib_size,
         table.add_row(name, f"{m['ppl']:.3f}" if lm else f"{100 * m['acc']:.2f}%", f"{m['loss']:.4f}")
     console.print(table)
     print_repair_notes(result)
+    if goal_stats and goal_note([s.mode for s in result.sites]):
+        console.print(goal_note([s.mode for s in result.sites]))

@@ -38,7 +38,7 @@ def _barrier(endpoints: list[dict], points: list[dict], key: str, higher_is_bett
 
 def merge(*, checkpoints: list[str], arch, arch_kwargs, data, eval_data, calib_size, seed, dev, out, report, force,
           align, alpha, mode, variant, curve, plot, groups, include_classifier, align_size=None, **unused: Any) -> None:
-    hf_cmd._check_not_distributed(unused)
+    hf_cmd._check_options(unused)
     if plot is not None:
         raise CheckpointError("--plot draws accuracy curves of vision models; for hf models the curve is in "
                               "--report: drop --plot")

@@ -5,7 +5,8 @@ weight, one gradient per group of ``group_size`` samples (1 = per-sample, the
 empirical Fisher), computed with ``torch.func.vmap(grad(...))`` over
 ``functional_call`` (a per-sample loop is the fallback for models vmap cannot
 trace). The model runs in eval mode (BatchNorm uses its running statistics) and
-is left unchanged. Fisher-based pruning needs labels: data is ``(x, y)``.
+is left unchanged. Data is labelled ``(x, y)``, or an HF input dict: a sequence classifier's
+labels or a causal LM's own next-token loss (:mod:`~prune_repair.prune.grad_data`).
 
 Diagonal Fisher score of weight q: ``w_q**2 * mean_n(g_nq**2) / 2``.
 
@@ -32,9 +33,11 @@ from torch.func import functional_call, grad, vmap
 
 from ..engine.run import distributed
 from ..engine.run.forward import eval_mode
+from ..engine.run.progress import Progress as ShownProgress
+from ..engine.run.progress import ProgressArg
+from .grad_data import GradientSamples, LossFn, gradient_samples
 from .targets import PruneError, Target, effective_weights
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int], None]
 """``progress(done, total)``: called after each chunk of gradients."""
 
@@ -95,37 +98,37 @@ def gradient_chunks(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield ``{fqn: (k, *weight.shape)}`` gradient chunks, ``num_grads`` gradients in all.
 
-    Each gradient is of the mean loss over ``group_size`` samples. ``num_grads``
-    defaults to ``len(x) // group_size``; when more samples are needed than ``x``
-    holds, seeded permutations of the data are repeated.
+    ``data``: labelled ``(x, y)``, or an HF input dict (with or without class labels, see
+    :func:`~prune_repair.prune.grad_data.gradient_samples`). Each gradient is of the mean loss
+    over ``group_size`` samples. ``num_grads`` defaults to ``len(x) // group_size``; when more
+    samples are needed than the data holds, seeded permutations of it are repeated.
     """
-    x, y = labeled_data(data, method)
+    samples = gradient_samples(data, method)
     if group_size < 1 or chunk < 1:
         raise PruneError(f"group_size and chunk must be at least 1, got {group_size} and {chunk}")
-    num_grads = len(x) // group_size if num_grads is None else int(num_grads)
+    num_grads = len(samples) // group_size if num_grads is None else int(num_grads)
     if num_grads < 1:
-        raise PruneError(f"{method} needs at least one gradient: {len(x)} samples < mini-batch size {group_size}")
-    loss_fn = loss_fn or F.cross_entropy
+        raise PruneError(f"{method} needs at least one gradient: {len(samples)} samples < mini-batch size {group_size}")
     param = next(iter(model.parameters()))
-    order = _sample_order(len(x), num_grads * group_size, seed)
+    order = _sample_order(len(samples), num_grads * group_size, seed)
     names = {t.stored_name: t.fqn for t in targets}
     state = {**{n: p.detach() for n, p in model.named_parameters()}, **dict(model.named_buffers())}
-    use_vmap = True
+    use_vmap = samples.plain  # dict batches (HF models) take the per-group loop: their forward is not vmap-safe
     with eval_mode(model):
         for start in range(0, num_grads, chunk):
             k = min(chunk, num_grads - start)
             idx = order[start * group_size:(start + k) * group_size]
-            xb = x[idx.to(x.device)].to(param.device, dtype=param.dtype if x.is_floating_point() else None)
-            yb = y[idx.to(y.device)].to(param.device)
-            xb, yb = xb.reshape(k, group_size, *xb.shape[1:]), yb.reshape(k, group_size)
             if use_vmap:
+                xb, yb = samples.take(idx, param)
                 try:
-                    grads = _vmap_grads(model, state, names, xb, yb, loss_fn)
+                    grads = _vmap_grads(model, state, names, xb.reshape(k, group_size, *xb.shape[1:]),
+                                        yb.reshape(k, group_size), loss_fn or F.cross_entropy)
                 except (RuntimeError, NotImplementedError) as err:
                     warnings.warn(f"vmap cannot trace this model ({str(err).splitlines()[0]}): using a per-sample loop")
                     use_vmap = False
             if not use_vmap:
-                grads = _loop_grads(model, targets, xb, yb, loss_fn)
+                groups = [samples.take(part, param) for part in idx.view(k, group_size)]
+                grads = _loop_grads(model, targets, groups, samples, loss_fn)
             yield grads
             if progress is not None:
                 progress(start + k, num_grads)
@@ -142,15 +145,17 @@ def _vmap_grads(model, state, names, xb, yb, loss_fn) -> dict[str, torch.Tensor]
     return {names[n]: g.detach() for n, g in grads.items()}
 
 
-def _loop_grads(model, targets, xb, yb, loss_fn) -> dict[str, torch.Tensor]:
+def _loop_grads(model: nn.Module, targets: list[Target], groups: list[tuple[Any, Any]], samples: GradientSamples,
+                loss_fn: LossFn | None) -> dict[str, torch.Tensor]:
+    """One gradient per group of samples, by autograd (any model, any batch form)."""
     stored = [t.stored for t in targets]
     flags = [p.requires_grad for p in stored]
     try:
         for p in stored:
             p.requires_grad_(True)
         rows = []
-        for xs, ys in zip(xb, yb):
-            rows.append(torch.autograd.grad(loss_fn(model(xs), ys), stored, allow_unused=True))
+        for inputs, labels in groups:
+            rows.append(torch.autograd.grad(samples.loss(model, inputs, labels, loss_fn), stored, allow_unused=True))
     finally:
         for p, flag in zip(stored, flags):
             p.requires_grad_(flag)
@@ -158,6 +163,33 @@ def _loop_grads(model, targets, xb, yb, loss_fn) -> dict[str, torch.Tensor]:
         t.fqn: torch.stack([g if g is not None else torch.zeros_like(t.stored) for g in (row[i] for row in rows)])
         for i, t in enumerate(targets)
     }
+
+
+def gradient_progress(progress: ProgressArg, what: str) -> Progress | None:
+    """A ``progress(done, total)`` callback for the gradients from an engine ``progress`` argument
+    (``True``: shown on stderr as the calibration passes are, under the name ``what gradients``).
+
+    >>> seen = []
+    >>> gradient_progress(lambda done, total: seen.append(done), "fisher")(3, 8); seen
+    [3]
+    """
+    if progress is None or progress is False:
+        return None
+    if progress is not True:
+        return progress
+    shown: dict[str, Any] = {}
+
+    def update(done: int, total: int) -> None:
+        bar = shown.get("bar")
+        if bar is None:
+            bar = shown["bar"] = ShownProgress(f"{what} gradients", total, True).__enter__()
+        while bar.done < done:
+            bar.advance(f"{done} of {total}")
+        if done >= total:
+            bar.__exit__(None, None, None)
+            shown.clear()
+
+    return update
 
 
 def fisher_scores(

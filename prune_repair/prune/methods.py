@@ -26,7 +26,8 @@ from torch import nn
 from ..engine.run import distributed
 from ..engine.registry import MethodEnum
 from ..engine.sites.find import Selector
-from .fisher import Progress, fisher_scores, labeled_data
+from .fisher import Progress, fisher_scores
+from .grad_data import gradient_samples
 from .magnitude import magnitude_scores
 from .obs import ObsOptions
 from .obs_method import prune_with_obs
@@ -134,8 +135,8 @@ class PruneScores:
 
 
 def _samples(data: Any) -> int:
-    """Samples of labelled ``(x, y)`` data over all ranks (this process's share when distributed)."""
-    return len(data[0]) * distributed.world_size()
+    """Samples of a gradient scorer's data over all ranks (this process's share when distributed)."""
+    return len(gradient_samples(data)) * distributed.world_size()
 
 
 def score_weights(
@@ -147,10 +148,11 @@ def score_weights(
     options: FisherOptions | None = None,
     progress: Progress | None = None,
 ) -> PruneScores:
-    """Score the target weights of ``model`` with ``method`` (data ``(x, y)`` for Fisher methods)."""
+    """Score the target weights of ``model`` with ``method`` (data ``(x, y)``, or an HF input dict, for the
+    Fisher methods: see :mod:`~prune_repair.prune.grad_data`)."""
     method, options = parse_method(method), options or FisherOptions()
     if method.needs_labels:
-        labeled_data(data, method.value)
+        gradient_samples(data, method.value)
     targets = targets if targets is not None else find_targets(model, example_inputs=example_of(data))
     start, inv = time.perf_counter(), None
     if method in (PruneMethod.GLOBAL_MAGNITUDE, PruneMethod.LAYER_MAGNITUDE):
@@ -190,6 +192,7 @@ def prune_(
     sparsity_config: dict[str, float] | None = None,
     prune_head: bool = False,
     floor: bool = True,
+    obs_passes: dict[str, Any] | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place to ``sparsity`` (zeros / conv+linear weights) and report.
 
@@ -214,6 +217,8 @@ def prune_(
             :mod:`~prune_repair.prune.head`).
         floor: global thresholds keep every output row's best weight (no layer emptied; see
             :mod:`~prune_repair.prune.allocate`).
+        obs_passes: ``passes``, ``blocks``, ``offload``, ``progress`` of obs's pass over the data
+            (as :func:`~prune_repair.prune.obs.obs_prune_` takes them; e.g. ``RepairSettings.where()``).
 
     ``achieved_sparsity`` counts the prunable weights; ``sparsity_all_params`` every parameter;
     ``layers`` lists ``{"fqn", "sparsity", "pattern"}`` per pruned layer. A layer left all
@@ -225,7 +230,9 @@ def prune_(
     select = head_filter(model, select, prune_head, sparsity_config)
     if method.reconstructs:
         return prune_with_obs(model, sparsity, data, obs or ObsOptions(), select, skip_first, skip_classifier, style,
-                          sparsity_config, floor)
+                              sparsity_config, floor, obs_passes or {})
+    if obs_passes:
+        raise PruneError(f"obs_passes= applies to method='obs' only, not to '{method.value}'")
     options = options or FisherOptions()
     targets = find_targets(model, select=select, skip_first=skip_first, skip_classifier=skip_classifier,
                            example_inputs=example_of(data) if data is not None else None, include_tied=include_tied)

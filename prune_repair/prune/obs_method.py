@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from ..engine.refit.attention_layers import covered_owners, layer_module
 from ..engine.sites.find import Selector
 from .allocate import warn_empty
 from .masks import MaskStyle, sparsity_all_params
@@ -22,18 +23,20 @@ from .targets import PruneError, Target, find_targets
 
 def prune_with_obs(model: nn.Module, sparsity: float | NMPattern, data: Any, obs: ObsOptions, select: Selector,
                    skip_first: bool, skip_classifier: bool, style: MaskStyle, config: dict[str, float] | None,
-                   floor: bool) -> PruneReport:
-    """Prune ``model`` in place with obs (see :func:`~prune_repair.prune.prune_` for the arguments)."""
+                   floor: bool, passes: dict[str, Any] | None = None) -> PruneReport:
+    """Prune ``model`` in place with obs (see :func:`~prune_repair.prune.prune_` for the arguments; ``passes``:
+    its ``obs_passes``)."""
     if data is None:
         raise PruneError("obs pruning reconstructs each layer on calibration data: pass data=x (or (x, y))")
     if style is not MaskStyle.ZEROS:
         raise PruneError("obs pruning writes plain zeros (it updates the kept weights too): use style='zeros'")
     result = obs_prune_(model, inputs_of(data), sparsity, allocation=obs.allocation, damping=obs.damping,
                         block_size=obs.block_size, target=obs.target, select=select, skip_first=skip_first,
-                        skip_classifier=skip_classifier, sparsity_config=config, floor=floor)
-    modules = dict(model.named_modules())
+                        skip_classifier=skip_classifier, sparsity_config=config, floor=floor, **(passes or {}))
+    modules = {la.fqn: layer_module(model, la.fqn) for la in result.layers}  # in_proj:q|k|v: rows of in_proj_weight
     warn_empty([Target(la.fqn, modules[la.fqn], la.weights) for la in result.layers])
-    _warn_left_dense(model, {la.fqn for la in result.layers}, select, skip_first, skip_classifier, data)
+    pruned = {la.fqn for la in result.layers}
+    _warn_left_dense(model, pruned | covered_owners(pruned), select, skip_first, skip_classifier, data)
     masks = {la.fqn: modules[la.fqn].weight.detach() != 0 for la in result.layers}
     zeros = sum(int((~m).sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())

@@ -19,7 +19,9 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,21 +31,22 @@ from torch import nn
 
 from ..metrics.classify import evaluate
 from ..engine.run.forward import head
-from .fisher import Progress
+from .fisher import gradient_progress
 from .masks import measure_sparsity, sparsity_all_params
 from .obs import ObsOptions
 from .head import head_filter
 from .methods import FisherOptions, PruneMethod, parse_method, prune_, score_weights
+from .report import PruneReport
+from .settings import PruneSettings
 from .nm import NMPattern, check_divides, is_pattern_text, parse_sparsity
 from .sparsity_config import layer_sparsities
-from .targets import PruneError, find_targets
+from .targets import PruneError
 from .woodfisher import check_woodfisher_memory
 from ..engine.correct.modes import RepairMode
-from ..engine.correct.repair import repair_
-from ..engine.sites.find import Selector
-from ..engine.stats.activation import ActivationStats, collect_stats
+from ..engine.correct.settings import RepairSettings
 
 Metrics = dict[str, float]
+Evaluate = Callable[[nn.Module], Metrics]
 
 
 @dataclass
@@ -128,56 +131,36 @@ def check_mix(values: list[float | NMPattern]) -> list[float | NMPattern]:
 
 def prune_and_repair(
     model: nn.Module,
-    calib: tuple[torch.Tensor, torch.Tensor],
-    sparsities: Sequence[float],
+    calib: tuple[Any, torch.Tensor | None],
+    sparsities: Sequence[float | str | NMPattern],
     *,
     method: PruneMethod | str = PruneMethod.GLOBAL_MAGNITUDE,
-    repair: RepairMode | str = RepairMode.AUTO,
-    eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
-    fisher_data: tuple[torch.Tensor, torch.Tensor] | None = None,
-    options: FisherOptions | None = None,
-    select: Selector = None,
-    skip_first: bool = False,
-    skip_classifier: bool = False,
-    include_classifier: bool = False,
-    include_tied: bool = False,
-    progress: Progress | None = None,
+    options: FisherOptions | ObsOptions | None = None,
+    prune: PruneSettings | None = None,
+    repair: RepairSettings | RepairMode | str = RepairMode.AUTO,
+    eval_data: tuple[Any, Any] | Evaluate | None = None,
+    fisher_data: tuple[Any, torch.Tensor | None] | None = None,
     on_row: Callable[[PruneRow], None] | None = None,
-    reconstruct_options: dict[str, Any] | None = None,
-    obs: ObsOptions | None = None,
-    goal: ActivationStats | None = None,
-    evaluate_fn: Callable[[nn.Module, Any, Any], Metrics] | None = None,
-    calib_batch_size: int | None = None,
-    sparsity_config: dict[str, float] | None = None,
-    prune_head: bool = False,
-    floor: bool = True,
 ) -> PruneRun:
     """Prune ``model`` (left unchanged) at each sparsity, repair toward its statistics, evaluate.
 
     Args:
         model: the dense model.
-        calib: ``(x, y)`` calibration batch (statistics; Fisher gradients unless ``fisher_data``).
-        sparsities: checked to lie in [0, 1).
-        method, repair: a :class:`PruneMethod` and a :class:`RepairMode` (``none`` skips repair).
-        eval_data: ``(x, y)`` to evaluate on (default: ``calib``).
+        calib: ``(x, y)`` calibration data (``x`` a tensor or an HF input dict; ``y`` class labels
+            or None): statistics, OBS, wanda, and Fisher gradients unless ``fisher_data``.
+        sparsities: fractions in [0, 1), or one ``"N:M"`` pattern.
+        method: a :class:`PruneMethod`; options: its settings (:class:`FisherOptions` for fisher /
+            woodfisher, :class:`~prune_repair.prune.obs.ObsOptions` for obs).
+        prune: which layers are pruned (:class:`~prune_repair.prune.settings.PruneSettings`).
+        repair: the correction (:class:`~prune_repair.engine.correct.settings.RepairSettings`, or
+            just its mode); its ``passes`` / ``blocks`` / ``offload`` / ``batch_size`` / ``progress``
+            govern every pass over ``calib`` (statistics, OBS, repair, reconstruction), its
+            ``progress`` the Fisher gradients too.
+        eval_data: ``(x, y)`` to evaluate on with :func:`~prune_repair.metrics.classify.evaluate`
+            (default: ``calib``), or ``evaluate(model) -> {"acc", "loss", ...}`` (dict batches,
+            perplexity of HF LMs).
         fisher_data: ``(x, y)`` for the gradient-based scorers (default: ``calib``).
-        options, select, skip_first, skip_classifier: see :func:`~prune_repair.prune.prune_`.
-        include_classifier: also correct the classifier logits.
-        include_tied: also prune weights tied to other modules (see :func:`~prune_repair.prune.find_targets`).
-        progress, on_row: callbacks for gradient progress and each finished row.
-        obs: settings of ``method="obs"`` (:class:`~prune_repair.prune.obs.ObsOptions`).
-        reconstruct_options: keywords of :func:`~prune_repair.engine.refit.reconstruct.reconstruct_`
-            (``damping``, ...) for ``repair="reconstruct"`` / ``"reconstruct+repair"``, which fit
-            each layer to the dense model's outputs on ``calib``.
-        goal: goal statistics to repair toward instead of measuring the dense model on
-            ``calib`` (e.g. :func:`~prune_repair.engine.stats.goal.batchnorm_goal`, or a file
-            saved by ``RecordStats``); ``calib`` still measures the pruned models.
-        evaluate_fn: ``evaluate_fn(model, eval_x, eval_y) -> {"acc", "loss", ...}`` in place of
-            :func:`~prune_repair.metrics.classify.evaluate` (dict batches, perplexity of HF LMs).
-        calib_batch_size: statistics and repair see ``calib`` in batches of this many samples
-            (exact all the same; bounds the memory of one pass). Default: one batch.
-        sparsity_config, prune_head, floor: see :func:`~prune_repair.prune.prune_` (a language
-            model's output head stays dense unless ``prune_head`` or the config names it).
+        on_row: called with each finished row.
 
     ``auto`` after ``obs`` applies no correction (said in ``notes``): obs already refits every
     layer to the dense outputs, and a statistics correction on top can undo that fit.
@@ -185,60 +168,50 @@ def prune_and_repair(
     sparsities = check_mix([parse_sparsity(s) for s in sparsities])
     if not sparsities:
         raise PruneError("no sparsity given: pass at least one, e.g. 0.9")
-    method, mode = parse_method(method), RepairMode.parse(repair, "correction")
+    method, prune = parse_method(method), prune or PruneSettings()
+    settings = repair if isinstance(repair, RepairSettings) else RepairSettings(repair)
+    _check_options(method, options)
     notes = []
-    if method.reconstructs and mode is RepairMode.AUTO:
-        mode = RepairMode.NONE
+    if method.reconstructs and settings.mode is RepairMode.AUTO:
+        settings = dataclasses.replace(settings, repair=RepairMode.NONE)
         notes.append("--repair auto after obs applies no correction: obs already refits each layer to the dense "
                      "outputs, and a statistics correction on top can undo that fit (ask for one with --repair)")
-    select = head_filter(model, select, prune_head, sparsity_config)
+    select = head_filter(model, prune.select, prune.prune_head, prune.sparsity_config)
     x, y = calib
-    eval_x, eval_y = eval_data if eval_data is not None else calib
-    stats_x = list(x.split(calib_batch_size)) if calib_batch_size and torch.is_tensor(x) and len(x) > calib_batch_size else x
-    targets = find_targets(model, select=select, skip_first=skip_first, skip_classifier=skip_classifier,
-                           example_inputs=head(x, 2), include_tied=include_tied)
+    evaluate_ = eval_data if callable(eval_data) else _evaluator(eval_data if eval_data is not None else calib)
+    targets = prune.targets(model, head(x, 2), select)
     if isinstance(sparsities[0], NMPattern) and not method.reconstructs:  # refuse before any work
         check_divides(targets, sparsities[0])
-    if sparsity_config is not None:
-        layer_sparsities(targets, sparsity_config)
+    if prune.sparsity_config is not None:
+        layer_sparsities(targets, prune.sparsity_config)
     if method is PruneMethod.WOODFISHER:  # refuse before any work, not after the dense evaluation
         o = options or FisherOptions()
         check_woodfisher_memory(targets, o.block_size, o.dtype, o.rank, o.max_memory_gb)
     start = time.perf_counter()
-    evaluate_ = evaluate_fn or evaluate
-    dense = evaluate_(model, eval_x, eval_y)
+    dense = evaluate_(model)
     seconds = {"evaluate": time.perf_counter() - start}
     start = time.perf_counter()
-    if goal is not None and mode.reconstructs:
-        raise PruneError(f"repair '{mode.value}' fits the dense model's layer outputs: it cannot use goal statistics")
-    if mode.reconstructs:
-        reference = model  # reconstruction fits the dense model's layer outputs
-    elif goal is not None:
-        reference = goal if mode is not RepairMode.NONE else None
-    else:
-        reference = collect_stats(model, stats_x, include_classifier=include_classifier) if mode is not RepairMode.NONE else None
+    reference = settings.reference(model, x)
     seconds["reference_stats"] = time.perf_counter() - start
     scores = None if method.reconstructs else score_weights(
         model, method, fisher_data if fisher_data is not None else calib, targets=targets, options=options,
-        progress=progress)
+        progress=gradient_progress(settings.progress, method.value))
     rows, pruned = [], None
     for sparsity in sparsities:
         pruned = copy.deepcopy(model)
-        report = prune_(pruned, sparsity, method, (x, y), select=select, skip_first=skip_first,
-                        skip_classifier=skip_classifier, options=options, scores=scores, include_tied=include_tied,
-                        obs=obs, sparsity_config=sparsity_config, prune_head=True, floor=floor)
+        report = _prune_one_(pruned, sparsity, method, calib, options, scores, prune, settings)
         start = time.perf_counter()
-        before = evaluate_(pruned, eval_x, eval_y)
+        before = evaluate_(pruned)
         after, repair_seconds, dead, correction = before, 0.0, 0, {}
         if reference is not None:
-            result = repair_(pruned, reference, stats_x, repair=mode, **(reconstruct_options or {}))
+            result = settings.repair_(pruned, reference, x)
             repair_seconds, correction = result.seconds, result.to_dict()
             dead = sum(len(v) for v in result.dead_channels.values())
-            after = evaluate_(pruned, eval_x, eval_y)
+            after = evaluate_(pruned)
         seconds["evaluate"] += time.perf_counter() - start - repair_seconds
-        achieved = measure_sparsity(find_targets(pruned, select=select, skip_first=skip_first,
-                                                 skip_classifier=skip_classifier, example_inputs=head(x, 2),
-                                                 include_tied=include_tied))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tied-weight warning was given once already
+            achieved = measure_sparsity(prune.targets(pruned, head(x, 2), select))
         row = PruneRow(
             report.sparsity, achieved.fraction, before["acc"], before["loss"], after["acc"], after["loss"],
             {"prune": report.seconds["score"] + report.seconds["mask"], "repair": repair_seconds}, dead,
@@ -249,4 +222,29 @@ def prune_and_repair(
         rows.append(row)
         if on_row is not None:
             on_row(row)
-    return PruneRun(method.value, mode.value, dense, rows, pruned, seconds, notes)
+    return PruneRun(method.value, settings.mode.value, dense, rows, pruned, seconds, notes)
+
+
+def _check_options(method: PruneMethod, options: Any) -> None:
+    """Refuse settings of another method (they would be ignored)."""
+    wanted = ObsOptions if method.reconstructs else FisherOptions if method.needs_labels else None
+    if options is not None and not isinstance(options, wanted or ()):
+        raise PruneError(f"{type(options).__name__} are settings of "
+                         f"{'obs' if isinstance(options, ObsOptions) else 'fisher / woodfisher'}, not of "
+                         f"'{method.value}': drop them or pick that method")
+
+
+def _evaluator(data: tuple[Any, Any]) -> Evaluate:
+    eval_x, eval_y = data
+    return lambda model: evaluate(model, eval_x, eval_y)
+
+
+def _prune_one_(model: nn.Module, sparsity: float | NMPattern, method: PruneMethod, calib: tuple[Any, Any],
+                options: Any, scores: Any, prune: PruneSettings, settings: RepairSettings) -> PruneReport:
+    """Prune ``model`` in place at one sparsity (obs goes over ``calib`` as ``settings`` say)."""
+    kwargs = {**prune.prune_kwargs(), "prune_head": True}  # the head was left out of select already, if it is
+    kwargs["select"] = head_filter(model, prune.select, prune.prune_head, prune.sparsity_config)
+    if method.reconstructs:
+        return prune_(model, sparsity, method, (settings.batches(calib[0]), None), obs=options,
+                      obs_passes=settings.where(), **kwargs)
+    return prune_(model, sparsity, method, calib, options=options, scores=scores, **kwargs)

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from ..engine.run import distributed
-from .fisher import LossFn, Progress, gradient_chunks, labeled_data, local_share
+from .fisher import LossFn, Progress, gradient_chunks, local_share
+from .grad_data import gradient_samples
 from .targets import PruneError, Target, effective_weights
 
 GIB = 2**30
@@ -152,8 +153,8 @@ def inverse_fisher(
 
     Args:
         model, targets: the model and its prunable layers.
-        data: ``(x, y)`` tensors; labels are required.
-        num_grads: gradients N (the "fisher subsample size"); None: ``len(x) // group_size``.
+        data: ``(x, y)`` tensors, or an HF input dict (see :mod:`~prune_repair.prune.grad_data`).
+        num_grads: gradients N (the "fisher subsample size"); None: ``samples // group_size``.
         group_size: samples averaged in each gradient (the "fisher mini-batch size").
         damp: damping added to the Fisher diagonal.
         block_size: weights per block (memory ``block_size`` floats per weight).
@@ -178,8 +179,8 @@ def inverse_fisher(
     num_blocks = sum(nb for _, nb, _ in layout.values())
     blocks = torch.eye(block_size, dtype=dtype, device=device).div_(damp).repeat(num_blocks, 1, 1)
     inv = InverseFisher(blocks, layout, 0, damp)
-    x, _ = labeled_data(data, "woodfisher")
-    n = float(num_grads if num_grads is not None else len(x) // group_size)
+    samples = len(gradient_samples(data, "woodfisher"))
+    n = float(num_grads if num_grads is not None else samples // group_size)
     local = local_share(num_grads)
     chunks = gradient_chunks(model, targets, data, num_grads=local, group_size=group_size, chunk=rank,
                              seed=seed, loss_fn=loss_fn, progress=progress, method="woodfisher")
@@ -189,7 +190,7 @@ def inverse_fisher(
             _woodbury_(blocks, g, n)
             inv.num_grads += g.shape[-1]
         return inv
-    mine = local if local is not None else len(x) // group_size
+    mine = local if local is not None else samples // group_size
     if num_grads is None:
         n = distributed.all_reduce_sum_(torch.tensor([float(mine)], dtype=torch.float64)).item()
     for _ in range(int(distributed.all_reduce_max(float(-(-mine // rank))))):  # lockstep, zero-padded
