@@ -53,6 +53,7 @@ from ..engine.checks import masked_weight
 from ..engine.refit.gram import DEFAULT_MAX_GRAM_BYTES, Gram, check_gram_memory, has_gram, layer_shape
 from ..engine.refit.layer_rows import check_gram, current_rows, intercept_kind, write_rows_
 from ..engine.refit.ridge import masked_ridge
+from ..engine.refit.attention_layers import refit_layers
 from ..engine.sites.find import Selector, make_filter, sites_from_calls, trace_calls
 from .allocate import global_keep_masks
 from .fisher import Progress
@@ -155,8 +156,8 @@ def obs_prune_(
     if block_size < 1:
         raise PruneError(f"block_size must be at least 1, got {block_size}")
     batches = as_batches(data)
-    layers, bns = _checked_layers(model, batches, pattern, skip_first, skip_classifier, select, forward_fn,
-                                  max_gram_bytes)
+    layers, bns, kinds = _checked_layers(model, batches, pattern, skip_first, skip_classifier, select, forward_fn,
+                                         max_gram_bytes)
     numels = [m.weight.numel() for _, m in layers]
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -177,7 +178,7 @@ def obs_prune_(
     t0 = time.perf_counter()
     layerwise_(model, batches, layers, step=step, target=reference, forward_fn=forward_fn,
                max_gram_bytes=max_gram_bytes, passes=passes, blocks=blocks, offload=offload, progress=progress,
-               what="obs")
+               what="obs", kinds=kinds)
     seconds["prune"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - start
     zeros = sum(round(r.sparsity * r.weights) for r in reports)
@@ -186,10 +187,11 @@ def obs_prune_(
 
 def _checked_layers(model: nn.Module, batches: list[Any], pattern: NMPattern | None, skip_first: bool,
                     skip_classifier: bool, select: Selector, forward_fn: ForwardFn | None, max_gram_bytes: int
-                    ) -> tuple[list[tuple[str, nn.Module]], dict[str, _BatchNorm | None]]:
-    """The layers to prune in execution order (memory and N:M fit checked), and the BatchNorm after each."""
+                    ) -> tuple[list[tuple[str, nn.Module]], dict[str, _BatchNorm | None], dict[str, str]]:
+    """The layers to prune in execution order (memory and N:M fit checked), the BatchNorm after each,
+    and each layer's kind (attention projections, ``F.linear`` sites: ``engine.refit.attention_layers``)."""
     calls = trace_calls(model, head(batches[0], 2), forward_fn=forward_fn)
-    layers = _layers(calls, skip_first, skip_classifier, select)
+    layers, kinds = _layers(model, calls, skip_first, skip_classifier, select)
     for fqn, module in layers:
         check_gram_memory(module, fqn, max_gram_bytes)
         if pattern is not None and layer_shape(module)[1] % pattern.m:
@@ -199,7 +201,7 @@ def _checked_layers(model: nn.Module, batches: list[Any], pattern: NMPattern | N
     norms = {s.producer: s.norm for s in sites_from_calls(calls, include_classifier=True)}
     modules = dict(model.named_modules())
     bns = {f: modules[norms[f]] if isinstance(modules.get(norms.get(f) or ""), _BatchNorm) else None for f, _ in layers}
-    return layers, bns
+    return layers, bns, kinds
 
 
 def _budgets(layers: list[tuple[str, nn.Module]], numels: list[int], sparsity: float | NMPattern,
@@ -316,23 +318,18 @@ def _global_budgets(layers, sparsity: float, overrides: dict[str, float], floor:
     return [round(overrides[f] * m.weight.numel()) if f in overrides else int((~keep[f]).sum()) for f, m in layers]
 
 
-def _layers(calls, skip_first: bool, skip_classifier: bool, select: Selector) -> list[tuple[str, nn.Module]]:
-    counts: dict[str, int] = {}
-    for fqn, *_ in calls:
-        counts[fqn] = counts.get(fqn, 0) + 1
-    order, seen = [], set()
-    for fqn, module, *_ in calls:
-        if has_gram(module) and fqn not in seen and counts[fqn] == 1:
-            seen.add(fqn)
-            order.append((fqn, module))
+def _layers(model: nn.Module, calls, skip_first: bool, skip_classifier: bool, select: Selector
+            ) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
+    found = [f for f in refit_layers(model, calls) if has_gram(f.module) and f.calls == 1]
     if skip_first:
-        order = order[1:]
+        found = found[1:]
     if skip_classifier:
-        order = order[:-1]
+        found = found[:-1]
     filter_fn = make_filter(select)
     if filter_fn is not None:
-        order = [(f, m) for f, m in order if filter_fn(m, f)]
-    if not order:
+        found = [f for f in found if filter_fn(f.module, f.fqn) or (
+            f.owner != f.fqn and filter_fn(model.get_submodule(f.owner), f.owner))]
+    if not found:
         raise PruneError("found no layer to prune (Conv1d, Conv2d or Linear, called once per forward): "
                          "check the model and the layer selection")
-    return order
+    return [(f.fqn, f.module) for f in found], {f.fqn: f.kind for f in found}

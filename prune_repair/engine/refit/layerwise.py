@@ -44,7 +44,9 @@ from ..run.forward import ForwardFn, as_batches, first_tensor
 from ..run.lockstep import Passes
 from ..run.pipeline import Arrive, Context, Reference, calibrate
 from ..run.reference import ReferenceOutputs
+from .attention_inputs import ReferenceCapture, attach_calls, owner_of
 from .gram import DEFAULT_MAX_GRAM_BYTES, Gram
+from .shared_gram import SharedInputs
 
 __all__ = ["LayerStep", "LayerSteps", "ReferenceOutputs", "layerwise_", "refresh_pruned_weight"]
 
@@ -62,15 +64,17 @@ def refresh_pruned_weight(module: nn.Module, inputs: tuple) -> None:
 class LayerStep:
     """One layer: its Gram statistics over the batches, then ``step(index, gram)``."""
 
-    def __init__(self, index: int, name: str, module: nn.Module, step: StepFn, max_gram_bytes: int):
+    def __init__(self, index: int, name: str, module: nn.Module, step: StepFn, max_gram_bytes: int,
+                 kind: str = "module", owner: nn.Module | None = None, shared: SharedInputs | None = None):
         self.index, self.name, self.where, self.module = index, name, name, module
         self.step, self.max_gram_bytes = step, max_gram_bytes
+        self.kind, self.owner, self.shared = kind, owner, shared  # see refit.attention_layers
         self.gram: Gram | None = None
 
     def add(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> None:
         if self.gram is None:
             self.gram = Gram.for_layer(self.module, name=self.name, max_bytes=self.max_gram_bytes)
-        self.gram.add(x, y, mask=mask)
+        self.gram.add(x, y, mask=mask, shared=self.shared)
 
     def pool(self) -> None:
         if self.gram is None:  # nothing ran here on this rank: zeros, so every rank takes part
@@ -87,14 +91,20 @@ class LayerStep:
 
 class LayerSteps:
     """Layers as pipeline steps: a pre-hook (target: the reference's output) or a forward hook
-    (target: the layer's own output, then recomputed with the new weights) adds each batch."""
+    (target: the layer's own output, then recomputed with the new weights) adds each batch.
+    Attention projections and ``F.linear`` sites (``kinds``, ``owners``) are reached by
+    :mod:`~prune_repair.engine.refit.attention_inputs`. Layers reading the same input tensor
+    share one ``X^T X``."""
 
     point = "layer"
 
     def __init__(self, layers: Sequence[Layer], step: StepFn, *, own_output: bool, what: str = "layers",
-                 max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES):
+                 max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES, kinds: dict[str, str] | None = None,
+                 owners: dict[str, nn.Module] | None = None):
         self.what, self.own_output = what, own_output
-        self.steps = [LayerStep(i, name, module, step, max_gram_bytes) for i, (name, module) in enumerate(layers)]
+        kinds, owners, shared = kinds or {}, owners or {}, SharedInputs()
+        self.steps = [LayerStep(i, name, module, step, max_gram_bytes, kinds.get(name, "module"), owners.get(name),
+                                shared) for i, (name, module) in enumerate(layers)]
 
     @contextlib.contextmanager
     def attach(self, forward: Callable[[Any], Any], active: Sequence[int], arrive: Arrive,
@@ -119,9 +129,11 @@ class LayerSteps:
         try:
             for k in active:
                 module = self.steps[k].module
-                handles.append(module.register_forward_hook(post(k)) if self.own_output
-                               else module.register_forward_pre_hook(pre(k)))
-            yield forward
+                if self.steps[k].kind == "module":
+                    handles.append(module.register_forward_hook(post(k)) if self.own_output
+                                   else module.register_forward_pre_hook(pre(k)))
+            with attach_calls(self.steps, active, arrive, context, self.own_output) as within:
+                yield lambda batch: within(lambda: forward(batch))
         finally:
             for handle in handles:
                 handle.remove()
@@ -141,6 +153,7 @@ def layerwise_(
     offload: str | Path | None = None,
     progress: Any = None,
     what: str = "layers",
+    kinds: dict[str, str] | None = None,
 ) -> int:
     """Run ``step(i, gram)`` for every layer in order (see the module doc). Returns the forwards
     made (batches x passes; a segment run counts one); ``target.passes`` counts the reference's.
@@ -148,13 +161,17 @@ def layerwise_(
     ``target``: a :class:`~prune_repair.engine.run.reference.ReferenceOutputs` naming the
     reference model (its ``keep``, ``max_bytes`` are used; the pipeline runs it) or None (each
     layer's own output). ``blocks``, ``offload``: see ``passes="blockwise"``. ``progress``: see
-    :mod:`~prune_repair.engine.run.progress`.
+    :mod:`~prune_repair.engine.run.progress`. ``kinds``: layer FQN -> ``"in_proj"``, ``"out_proj"`` or
+    ``"function"`` for layers not called as modules (:mod:`~prune_repair.engine.refit.attention_layers`).
     """
-    batches = as_batches(batches)
+    batches, kinds = as_batches(batches), dict(kinds or {})
+    owners = {name: owner_of(model, name) for name, kind in kinds.items() if kind in ("in_proj", "out_proj")}
     reference = None
     if target is not None:
-        reference = Reference(target.reference, target.keep, target.max_bytes)
-    method = LayerSteps(layers, step, own_output=target is None, what=what, max_gram_bytes=max_gram_bytes)
+        capture = ReferenceCapture(kinds) if any(k != "module" for k in kinds.values()) else None
+        reference = Reference(target.reference, target.keep, target.max_bytes, capture=capture)
+    method = LayerSteps(layers, step, own_output=target is None, what=what, max_gram_bytes=max_gram_bytes,
+                        kinds=kinds, owners=owners)
     log = calibrate(model, batches, method, passes=passes, forward_fn=forward_fn, reference=reference,
                     blocks=blocks, offload=offload, progress=progress)
     if target is not None:

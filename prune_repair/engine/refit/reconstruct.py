@@ -41,7 +41,8 @@ from ..run.lockstep import Passes
 from ..checks import parameter_holders, stored_weight
 from .gram import DEFAULT_MAX_GRAM_BYTES, Gram, check_gram_memory, has_gram, reads_last_dim
 from .layer_rows import check_gram, current_rows, intercept_kind, write_rows_
-from ..producers import is_packed_attention, is_producer
+from ..producers import is_packed_attention
+from .attention_layers import covered_owners, layer_module, refit_layers
 from .ridge import masked_ridge
 from ..sites.find import Selector, make_filter, sites_from_calls, trace_calls
 
@@ -147,7 +148,7 @@ def reconstruct_(
     if reference is model:
         raise ValueError("the reference must be a separate copy of the unoperated model, not the model itself")
     batches, kept = as_batches(data), dict(kept or {})
-    layers, bns, skipped = _chosen_layers(model, reference, batches, select, kept, forward_fn, max_gram_bytes)
+    layers, bns, skipped, kinds = _chosen_layers(model, reference, batches, select, kept, forward_fn, max_gram_bytes)
     reports: list[LayerReconstruction] = []
 
     def step(i: int, gram: Gram) -> None:
@@ -160,7 +161,7 @@ def reconstruct_(
     try:
         made = layerwise_(model, batches, layers, step=step, target=targets, forward_fn=forward_fn,
                           max_gram_bytes=max_gram_bytes, passes=passes, blocks=blocks, offload=offload,
-                          progress=progress, what="reconstruct")
+                          progress=progress, what="reconstruct", kinds=kinds)
     except BaseException:
         model.load_state_dict(saved)
         raise
@@ -171,14 +172,15 @@ def reconstruct_(
 
 def _chosen_layers(model: nn.Module, reference: nn.Module, batches: list[Any], select: Selector,
                    kept: dict[str, torch.Tensor], forward_fn: ForwardFn | None, max_gram_bytes: int
-                   ) -> tuple[list[tuple[str, nn.Module]], dict[str, _BatchNorm | None], dict[str, str]]:
-    """The layers to refit in execution order, the BatchNorm after each (or None), and the layers
-    left out with the reason (a warning names them); after the checks of both models."""
+                   ) -> tuple[list[tuple[str, nn.Module]], dict[str, _BatchNorm | None], dict[str, str], dict[str, str]]:
+    """The layers to refit in execution order, the BatchNorm after each (or None), the layers
+    left out with the reason (a warning names them) and each layer's kind; after the checks of both models."""
     for net, what in ((model, "the model"), (reference, "the reference")):
         _check_finite(net, what)
     calls = trace_calls(model, head(batches[0], 2), forward_fn=forward_fn)
-    layers, skipped = _layers(model, calls, select)
-    skipped.update(_not_covered(model, {f for f, _ in layers} | set(skipped), select))
+    layers, skipped, kinds = _layers(model, calls, select)
+    listed = {f for f, _ in layers} | set(skipped)
+    skipped.update(_not_covered(model, listed | covered_owners(listed), select))
     if skipped:
         listed = ", ".join(f"'{fqn}' ({why})" for fqn, why in skipped.items())
         warnings.warn(f"{len(skipped)} layer(s) are not reconstructed and keep their weights: {listed}", stacklevel=3)
@@ -188,7 +190,7 @@ def _chosen_layers(model: nn.Module, reference: nn.Module, batches: list[Any], s
     norms = {s.producer: s.norm for s in sites_from_calls(calls, include_classifier=True)}
     modules = dict(model.named_modules())
     bns = {fqn: modules.get(norms.get(fqn) or "") for fqn, _ in layers}
-    return layers, {f: bn if isinstance(bn, _BatchNorm) else None for f, bn in bns.items()}, skipped
+    return layers, {f: bn if isinstance(bn, _BatchNorm) else None for f, bn in bns.items()}, skipped, kinds
 
 
 def _kept_channels(kept: dict[str, torch.Tensor]) -> Callable[[str, nn.Module, torch.Tensor], torch.Tensor]:
@@ -224,52 +226,53 @@ def _solve_layer(fqn: str, module: nn.Module, gram: Gram, bn: _BatchNorm | None,
                                float(after), intercept, gram.groups)
 
 
-def _layers(model: nn.Module, calls, select: Selector) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
-    """Conv/linear layers in execution order, and the ones left out with the reason."""
+def _layers(model: nn.Module, calls, select: Selector
+            ) -> tuple[list[tuple[str, nn.Module]], dict[str, str], dict[str, str]]:
+    """Layers in execution order (attention projections and ``F.linear`` sites included), the
+    ones left out with the reason, and each layer's kind (:mod:`.attention_layers`)."""
     filter_fn, holders = make_filter(select), parameter_holders(model)
-    counts: dict[str, int] = {}
-    for fqn, module, *_ in calls:
-        counts[fqn] = counts.get(fqn, 0) + 1
-    layers, skipped, seen = [], {}, set()
-    for fqn, module, *_ in calls:
-        if not is_producer(module) or fqn in seen:
+    layers, skipped, kinds = [], {}, {}
+    for found in refit_layers(model, calls):
+        fqn, module = found.fqn, found.module
+        if filter_fn is not None and not (filter_fn(module, fqn) or (found.owner != fqn and filter_fn(
+                model.get_submodule(found.owner), found.owner))):
             continue
-        seen.add(fqn)
-        if filter_fn is not None and not filter_fn(module, fqn):
-            continue
+        tied = holders.get(id(stored_weight(module)), [])
         if not has_gram(module):
             skipped[fqn] = f"{type(module).__name__} layers are not reconstructed"
-        elif counts[fqn] > 1:
+        elif found.calls > 1:
             skipped[fqn] = "called more than once per forward (shared weights)"
-        elif len(holders.get(id(stored_weight(module)), [])) > 1:
-            tied = " = ".join(holders[id(stored_weight(module))])
-            skipped[fqn] = f"its weight is tied ({tied}): refitting it would change the other module too"
+        elif len(tied) > 1:
+            skipped[fqn] = f"its weight is tied ({' = '.join(tied)}): refitting it would change the other module too"
         else:
             layers.append((fqn, module))
+            kinds[fqn] = found.kind
     if not layers:
         raise ValueError("found no conv/linear layer to reconstruct (Conv1d, Conv2d or Linear, called once per "
                          "forward" + (", among the selected layers)" if select is not None else ")"))
-    return layers, skipped
+    return layers, skipped, kinds
 
 
 def _not_covered(model: nn.Module, listed: set[str], select: Selector) -> dict[str, str]:
-    """Prunable layers the layer-by-layer pass does not reach: packed attention in-projections, and linear layers whose weight a parent uses through ``F.linear``."""
+    """Prunable layers the layer-by-layer pass does not reach (their forward never ran), with the reason."""
     filter_fn = make_filter(select)
     missing = {}
     for fqn, module in model.named_modules():
         if fqn in listed or (filter_fn is not None and not filter_fn(module, fqn)):
             continue
         if is_packed_attention(module):
-            missing[fqn] = "attention in-projections are not reconstructed yet"
+            missing[fqn] = "the attention module did not run"
         elif has_gram(module):
-            missing[fqn] = "its forward is not called (a parent uses its weight directly, or it never ran)"
+            missing[fqn] = "it did not run on the calibration data"
     return missing
 
 
 def _check_architecture(layers, reference: nn.Module, kept: dict[str, torch.Tensor]) -> None:
-    ref = dict(reference.named_modules())
     for fqn, module in layers:
-        other = ref.get(fqn)
+        try:
+            other = layer_module(reference, fqn)
+        except AttributeError:
+            other = None
         if other is None or type(other) is not type(module):
             found = "no such layer" if other is None else f"a {type(other).__name__}"
             raise ValueError(f"the reference does not match the model: layer '{fqn}' is a {type(module).__name__} "

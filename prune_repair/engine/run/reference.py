@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -40,6 +41,29 @@ Keep = Callable[[str, nn.Module, torch.Tensor], torch.Tensor]
 """``keep(name, module, output)``: the part of a module's output to hand out (a copy)."""
 
 
+Capture = Callable[[nn.Module, Sequence[str], Callable[[str, nn.Module, torch.Tensor], None]],
+                   AbstractContextManager[Callable[[Callable[[], Any]], Any]]]
+"""``capture(model, names, emit)``: a context within which ``emit(name, module, output)`` is called
+as each named layer of ``model`` forms its output; it yields ``within(fn)``, which runs one forward
+``fn()`` (in the thread that runs it: e.g. under a TorchFunctionMode). Default: :func:`module_outputs`."""
+
+
+@contextlib.contextmanager
+def module_outputs(model: nn.Module, names: Sequence[str],
+                   emit: Callable[[str, nn.Module, torch.Tensor], None]) -> Iterator[Callable[[Callable[[], Any]], Any]]:
+    """The :data:`Capture` of modules' outputs: a forward hook on each named module."""
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"the reference has no module '{missing[0]}': pass a reference of the same architecture")
+    handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: emit(n, m, first_tensor(o))) for n in names]
+    try:
+        yield lambda fn: fn()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def copy_output(name: str, module: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """The whole output, copied (a later in-place op, e.g. ``ReLU(inplace=True)``, must not change it)."""
     return y.clone()
@@ -49,13 +73,16 @@ class ReferenceOutputs:
     """Outputs of the reference model's modules named ``names``, per batch (see the module doc).
 
     ``keep`` chooses what is kept of each output (default: a copy of all of it);
-    ``max_bytes`` bounds what the cached (not streamed) mode holds ahead.
+    ``max_bytes`` bounds what the cached (not streamed) mode holds ahead; ``capture`` reaches
+    the named outputs (default: forward hooks on modules of those names).
     """
 
     def __init__(self, reference: nn.Module, batches: Sequence[Any], names: Sequence[str], *,
-                 keep: Keep = copy_output, forward_fn: ForwardFn | None = None, max_bytes: int = 2**30):
+                 keep: Keep = copy_output, forward_fn: ForwardFn | None = None, max_bytes: int = 2**30,
+                 capture: Capture | None = None):
         self.reference, self.batches, self.names = reference, list(batches), list(names)
         self.keep, self.forward_fn, self.max_bytes = keep, forward_fn, max_bytes
+        self.capture = capture or module_outputs
         self.per_batch = max(1, max_bytes // max(1, len(self.batches)))
         self.cache: dict[tuple[int, int], torch.Tensor] = {}
         self.passes = 0
@@ -71,29 +98,24 @@ class ReferenceOutputs:
             self._fill(b, i)
         return self.cache.pop((b, i))
 
-    def _hooks(self, names: Sequence[str], on_output: Callable[[int, torch.Tensor], None]) -> dict:
-        modules, index = dict(self.reference.named_modules()), {n: j for j, n in enumerate(self.names)}
-        missing = [n for n in names if n not in modules]
-        if missing:
-            raise ValueError(f"the reference has no module '{missing[0]}': pass a reference of the same architecture")
-
-        def hook(module: nn.Module, output: Any, name: str) -> None:
-            on_output(index[name], self.keep(name, module, first_tensor(output)))
-
-        return {modules[n]: (lambda m, a, o, n=n: hook(m, o, n)) for n in names}
+    def _capture(self, names: Sequence[str], on_output: Callable[[int, torch.Tensor], None]
+                 ) -> AbstractContextManager[Callable[[Callable[[], Any]], Any]]:
+        index = {n: j for j, n in enumerate(self.names)}
+        return self.capture(self.reference, names, lambda name, module, y: on_output(index[name],
+                                                                                    self.keep(name, module, y)))
 
     @contextlib.contextmanager
     def streaming(self) -> Iterator["ReferenceOutputs"]:
         """Within the block, each batch's reference forward runs once, paused at every named
         module until its output is asked for; the paused forwards are stopped on exit."""
         local = threading.local()
-        hooks = self._hooks(self.names, lambda j, y: local.emit((j, y)))
-        with hooked_pass(self.reference, forward_hooks=hooks, forward_fn=self.forward_fn) as run:
+        with (hooked_pass(self.reference, forward_fn=self.forward_fn) as run,
+              self._capture(self.names, lambda j, y: local.emit((j, y))) as within):
 
             def produce(b: int) -> Callable:
                 def forward(emit: Callable[[Any], None]) -> None:
                     local.emit = emit
-                    run(self.batches[b])
+                    within(lambda: run(self.batches[b]))
                 return forward
 
             self._streams, self._produce = {}, produce
@@ -126,9 +148,9 @@ class ReferenceOutputs:
             if used >= self.per_batch and j >= i or j == len(self.names) - 1:
                 raise StopForward
 
-        with hooked_pass(self.reference, forward_hooks=self._hooks(self.names[i:], keep),
-                         forward_fn=self.forward_fn) as run:
-            run(self.batches[b])
+        with (hooked_pass(self.reference, forward_fn=self.forward_fn) as run,
+              self._capture(self.names[i:], keep) as within):
+            within(lambda: run(self.batches[b]))
         self.passes += 1
         if (b, i) not in self.cache:
             raise ValueError(f"layer '{self.names[i]}' of the reference did not run on the calibration data")

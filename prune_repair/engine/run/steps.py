@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .reference import Keep, ReferenceOutputs, copy_output
+from .reference import Capture, Keep, ReferenceOutputs, copy_output
 
 Arrive = Callable[[int, Callable[[], None]], bool]
 """``arrive(k, contribute) -> decided_now``: called by a hook when a batch reaches step ``k``."""
@@ -81,11 +81,13 @@ class Context:
 
 @dataclass
 class Reference:
-    """A reference model streamed beside the calibrated one (outputs at each step's module)."""
+    """A reference model streamed beside the calibrated one (outputs at each step's module;
+    ``capture``: how they are reached, default forward hooks on the modules of those names)."""
 
     model: nn.Module
     keep: Keep = copy_output
     cache_bytes: int = 2**30
+    capture: Capture | None = None
 
 
 @dataclass
