@@ -97,11 +97,12 @@ def structured_kind(model: nn.Module) -> str:
                      "torchvision MLPBlock) or conv channel group in the model: --structured does not apply")
 
 
-def _mlp_step(dense, data, ratio, heads, mode, damping, include_classifier, evaluate, forward_fn):
+def _mlp_step(dense, data, ratio, heads, select, mode, damping, include_classifier, evaluate, forward_fn):
     model = copy.deepcopy(dense)
     refit = Refit.RIDGE if mode.reconstructs else (Refit.NONE if mode is RepairMode.NONE else Refit.BIAS)
     start = time.perf_counter()
-    result = prune_mlps_(model, dense, data, ratio, heads=heads, refit=refit, damping=damping, forward_fn=forward_fn)
+    result = prune_mlps_(model, dense, data, ratio, heads=heads, refit=refit, select=select, damping=damping,
+                         forward_fn=forward_fn)
     correction: dict[str, Any] = {}
     if mode not in (RepairMode.NONE, RepairMode.RECONSTRUCT) and any(r["kept"] < r["width"] for r in result.layers):
         goal = collect_stats(dense, data, include_classifier=include_classifier).select_channels(result.kept)
@@ -121,7 +122,10 @@ def _mlp_step(dense, data, ratio, heads, mode, damping, include_classifier, eval
     return model, result.history, result.layers, correction, seconds, before, result.config_key
 
 
-def _channel_step(dense, data, ratio, heads, mode, damping, include_classifier, evaluate, forward_fn):
+def _channel_step(dense, data, ratio, heads, select, mode, damping, include_classifier, evaluate, forward_fn):
+    if select != "energy":
+        raise PruneError(f"unit selection '{select}' applies to transformer units: CNN channel groups are ranked by "
+                         "activation energy x outgoing weight norm (drop the selection option)")
     if heads:
         raise PruneError("--structured-heads removes transformer attention heads: this model has no recognizable "
                          "transformer MLP or attention")
@@ -150,6 +154,7 @@ def structured_prune(
     ratio: float,
     *,
     heads: float = 0.0,
+    select: str = "energy",
     repair: RepairMode | str = RepairMode.RECONSTRUCT,
     damping: float = 1e-2,
     include_classifier: bool = False,
@@ -158,7 +163,8 @@ def structured_prune(
     latency_runs: int = 5,
 ) -> StructuredResult:
     """A smaller, corrected copy of ``dense`` (see the module doc); ``heads``: the fraction of
-    attention heads to remove as well (HF LLaMA-style attention only); ``evaluate(model)`` gives
+    attention heads to remove as well (HF LLaMA-style attention only); ``select``: ``energy`` or
+    ``obs`` (:mod:`~prune_repair.prune.unit_select`, transformers only); ``evaluate(model)`` gives
     the metrics of the model before and after the correction (skipped when None)."""
     ratio, heads = check_ratio(ratio), check_ratio(heads, "--structured-heads")
     if heads and not hasattr(dense, "save_pretrained"):
@@ -167,7 +173,7 @@ def structured_prune(
     mode = RepairMode.parse(repair, "correction")
     kind = structured_kind(dense)
     step = _mlp_step if kind == "mlp" else _channel_step
-    model, history, layers, correction, seconds, before, key = step(dense, data, ratio, heads, mode, damping,
+    model, history, layers, correction, seconds, before, key = step(dense, data, ratio, heads, select, mode, damping,
                                                                    include_classifier, evaluate, forward_fn)
     after = evaluate(model) if evaluate is not None else {}
     timing = latency_ratio(model, dense, as_batches(data)[0], runs=latency_runs, forward_fn=forward_fn)
