@@ -11,17 +11,22 @@ from ..prune.pipeline import PruneRun, parse_sparsities, prune_and_repair
 from ..prune.methods import DEFAULT_FISHER_SAMPLES, FisherOptions, PruneMethod
 from ..prune.obs import ObsOptions
 from ..engine.correct.modes import RepairMode
+from ..engine.correct.settings import RepairSettings
 from ..engine.checks import check_finite
 from ..engine.run.distributed import shard
 from .main import main
 from . import hf_cmd, structured_cmd
 from ..prune.targets import PruneError
 from .prune_notes import print_prune_notes
+from .method_options import fisher_settings, method_options
 from ..prune.sparsity_config import load_sparsity_config
+from ..prune.settings import PruneSettings
 from .goal_option import goal_inputs, goal_note, goal_stats_option, load_goal
 from .common import (
     calib_size_for,
+    check_passes,
     damping_option,
+    passes_option,
     check_fits,
     check_outputs,
     common_options,
@@ -31,7 +36,6 @@ from .common import (
     load_data,
     out_console,
     written,
-    progress,
     resolve_device,
     write_report,
 )
@@ -85,6 +89,7 @@ from .common import (
               help="how transformer units are chosen: energy = activation energy x outgoing weight norm; obs = greedy "
                    "least-squares elimination (removes the unit whose loss the refit recovers best, one at a time).")
 @damping_option
+@passes_option
 @goal_stats_option
 @handle_errors
 def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, device, out, report, force, sparsity,
@@ -92,7 +97,7 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
                   fisher_batch, damp, block_size, obs_update, max_memory_gb, allocation, damping,
                   sparsity_config=None, prune_head=False, no_row_floor=False,
                   structured=None, structured_heads=None, structured_select="energy", goal_stats=None,
-                  preprocess=None, batch_size=None, eval_size=None, workers=None) -> None:
+                  preprocess=None, batch_size=None, eval_size=None, workers=None, passes="lockstep", offload=None) -> None:
     """Prune CKPT (a path or zoo:NAME) at each --sparsity, repair toward its statistics, evaluate.
 
     \b
@@ -102,8 +107,15 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
           --method woodfisher --report report.json --out pruned.pt
       prune-repair prune zoo:mnist-cnn --data mnist --sparsity 2:4 --skip-first --method wanda --out pruned.pt
       prune-repair prune zoo:mnist-cnn --data mnist --structured 0.25 --out smaller.pt
+
+    --passes, --offload and --batch-size go over the calibration data as in repair (the
+    statistics, obs and the repair or reconstruction), e.g. --passes blockwise --offload cpu.
     """
+    check_passes(passes, offload)
     if structured is not None or structured_heads is not None:  # physically smaller, first (structured_cmd)
+        if passes != "lockstep" or offload is not None:
+            raise PruneError("--passes and --offload do not combine with --structured: drop them (the structured "
+                             "step measures its units in one pass)")
         return structured_cmd.run_structured(**locals())
     if sparsity is None:
         raise PruneError("--sparsity is missing: give e.g. --sparsity 0.9 (or --structured RATIO)")
@@ -122,53 +134,39 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
     d = load_data(data, eval_data, calib_size, seed, dev, **data_options(preprocess, batch_size, eval_size, workers))
     check_fits(model, d.calib_x)
     goal, goal_info = load_goal(goal_stats, model, d.calib_x, mode, include_classifier) if goal_stats else (None, None)
-    options = FisherOptions(num_grads=fisher_samples, group_size=fisher_batch, damp=damp, block_size=block_size,
-                            obs_update=obs_update, max_memory_gb=max_memory_gb, seed=seed)
+    options = method_options(method, fisher_samples, fisher_batch, damp, block_size, obs_update, max_memory_gb, seed,
+                             allocation, damping)
     fisher_data = None
     if method.needs_labels:
         options.num_grads = options.gradients_for(len(d.source))  # resolve the default once, for the report too
         fx, fy = d.source.load(draw_indices(len(d.source), options.num_grads * fisher_batch, seed + 1), d.settings["workers"])
         fx, fy = fx[shard(len(fx))], fy[shard(len(fy))]  # this rank's share (all of it in one process)
         fisher_data = (fx.to(dev), fy.to(dev))
-
-    with progress() as bar:
-        task = bar.add_task(f"{method.value} gradients", total=None, visible=method.needs_labels)
-        run = prune_and_repair(
-            model, (d.calib_x, d.calib_y), sparsities, method=method, repair=mode, eval_data=(d.eval_x, d.eval_y),
-            fisher_data=fisher_data, options=options, select=list(layers) or None, skip_first=skip_first,
-            skip_classifier=skip_classifier, include_classifier=include_classifier,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-            obs=ObsOptions(allocation=allocation, damping=damping, block_size=block_size),
-            reconstruct_options={"damping": damping} if RepairMode.parse(mode, "correction").reconstructs else None,
-            goal=goal, calib_batch_size=batch_size, sparsity_config=config, prune_head=prune_head,
-            floor=not no_row_floor,
-        )
+    run = prune_and_repair(
+        model, (d.calib_x, d.calib_y), sparsities, method=method, options=options,
+        prune=PruneSettings(select=list(layers) or None, skip_first=skip_first, skip_classifier=skip_classifier,
+                            sparsity_config=config, prune_head=prune_head, floor=not no_row_floor),
+        repair=RepairSettings(mode, passes=passes, offload=offload, batch_size=batch_size, progress=True,
+                              include_classifier=include_classifier, goal=goal, damping=damping),
+        eval_data=(d.eval_x, d.eval_y), fisher_data=fisher_data,
+    )
     save_state_dict(run.model, out)
     settings = {"calib_size": calib_size, "seed": seed, "eval_data": d.eval_name, "skip_first": skip_first,
                 "skip_classifier": skip_classifier, "include_classifier": include_classifier,
                 "layers": list(layers) or None, "goal_stats": goal_info, "sparsity_config": config,
-                "prune_head": prune_head, "row_floor": not no_row_floor, **d.settings}
+                "prune_head": prune_head, "row_floor": not no_row_floor, "passes": passes, "offload": offload,
+                **d.settings}
     if method.reconstructs or RepairMode.parse(mode, "correction").reconstructs:
         settings["damping"] = damping
     if method.reconstructs:
         settings.update(allocation=allocation, block_size=block_size)
-    write_report(report, {**run.to_report(), **settings, "fisher": _fisher_settings(method, options)})
+    write_report(report, {**run.to_report(), **settings, "fisher": fisher_settings(method, options)})
     out_console.print(_table(run, d.eval_name, len(d.eval_y), out))
     written({"checkpoint": out, "report": report})
     print_prune_notes(run)
     note = goal_note([s["mode"] for s in run.rows[-1].correction.get("sites", [])]) if goal_stats else None
     if note:
         console.print(note)
-
-
-def _fisher_settings(method: PruneMethod, options: FisherOptions) -> dict | None:
-    if not method.needs_labels:
-        return None
-    settings = {"samples": options.num_grads, "seed": options.seed + 1}
-    if method is PruneMethod.WOODFISHER:
-        settings.update(batch=options.group_size, damp=options.damp, block_size=options.block_size,
-                        obs_update=options.obs_update)
-    return settings
 
 
 def _table(run: PruneRun, eval_name: str, eval_count: int, out: str) -> Table:

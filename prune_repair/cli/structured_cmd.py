@@ -20,11 +20,13 @@ from rich.table import Table
 
 from ..engine.checks import check_finite
 from ..engine.correct.modes import RepairMode
+from ..engine.correct.settings import RepairSettings
 from ..io import load_model, resolve_arch
 from ..io.hf import load_hf_model, save_hf_model
 from ..metrics import evaluate as classify
 from ..prune.methods import PruneMethod
 from ..prune.pipeline import PruneRun, parse_sparsities, prune_and_repair
+from ..prune.settings import PruneSettings
 from ..prune.structured import save_structured
 from ..prune.structured_heads import find_heads, heads_to_remove
 from ..prune.structured_run import StructuredResult, check_ratio, structured_kind
@@ -145,12 +147,10 @@ def run_structured(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed
         if sparsities:
             calib_pair = (calib, None) if isinstance(calib, dict) else (calib, d.calib_y)
             run = prune_and_repair(
-                res.model, calib_pair, sparsities, method=method, repair=mode,
-                eval_data=(None, None) if isinstance(calib, dict) else (d.eval_x, d.eval_y),
-                select=list(layers) or None, skip_first=skip_first, skip_classifier=skip_classifier,
-                include_classifier=include_classifier,
-                evaluate_fn=(lambda m, _x, _y: {"acc": math.nan, **evaluate(m)}) if isinstance(calib, dict) else None,
-                reconstruct_options={"damping": damping} if RepairMode.parse(mode, "correction").reconstructs else None)
+                res.model, calib_pair, sparsities, method=method,
+                repair=RepairSettings(mode, damping=damping, include_classifier=include_classifier),
+                eval_data=(lambda m: {"acc": math.nan, **evaluate(m)}) if isinstance(calib, dict) else (d.eval_x, d.eval_y),
+                prune=PruneSettings(select=list(layers) or None, skip_first=skip_first, skip_classifier=skip_classifier))
     final = run.model if run is not None else res.model
     if settings["out_format"] == "hf":
         save_hf_model(final, out, force=force)
