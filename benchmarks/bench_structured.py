@@ -114,6 +114,39 @@ def _fmt(metric: str, v: float) -> str:
     return f"{v:.3f}" if metric == "ppl" else f"{100 * v:.2f}"
 
 
+def _gap(metric: str, dense: float, value: float) -> float:
+    """How much worse than dense (points of accuracy, or relative perplexity in %)."""
+    return (value / dense - 1) * 100 if metric == "ppl" else (dense - value) * 100
+
+
+def findings(raw: dict) -> list[str]:
+    """One line per model at ratio 0.25, computed from the rows."""
+    lines = ["### Findings at ratio 0.25 (computed from the rows above)", ""]
+    for name, rows in raw.items():
+        r = next((r for r in rows if r["ratio"] == 0.25), None)
+        if r is None:
+            continue
+        metric, middle = r["metric"], "bias" if r["kind"] == "mlp" else "auto"
+        unit = "% ppl" if metric == "ppl" else " pt"
+        drop, mid, rec = (_gap(metric, r["dense"], r[k]) for k in ("drop", middle, "reconstruct"))
+        share = (lambda g: f"{100 * (drop - g) / drop:.0f}%") if drop > 0 else (lambda g: "n/a")
+        text = (f"- {r['about']}: {r['params_after'] / r['params_before']:.3f}x params, latency {r['latency_ratio']:.2f}x; "
+                f"dropping costs {drop:.2f}{unit}, `{middle}` {mid:.2f}{unit} (recovers {share(mid)}), "
+                f"`reconstruct` {rec:.2f}{unit} (recovers {share(rec)})")
+        if "obs" in r:
+            text += f"; OBS selection + reconstruct {_gap(metric, r['dense'], r['obs']):.2f}{unit}"
+        lines.append(text + ".")
+    lines += ["", "How this compares with the two anchors of issue 20 (their papers' own numbers are on other models "
+              "and are not restated here): FLAP compensates removed structures with a bias only (the removed units' "
+              "mean output), which is the `bias` column: it keeps each layer's mean output but not its variation, "
+              "and on these models it recovers a minority of what dropping loses. CORP-style closed-form ridge "
+              "compensation solves for the remaining weights of the consumer layer, which is the `reconstruct` "
+              "column; here it runs block by block with the dense model's outputs as targets (so it also undoes "
+              "the drift of the blocks before) and recovers most of the loss. Choosing the units by greedy "
+              "least-squares elimination on the same statistics (`--structured-select obs`) is the further step."]
+    return lines + [""]
+
+
 def write(raw: dict, threads: int) -> None:
     lines = [START, "## Structured pruning: physically smaller models (issue 20, bench_structured.py)", "",
              "`python benchmarks/bench_structured.py --threads " f"{threads}` (CPU). Every row is a smaller model "
@@ -123,25 +156,26 @@ def write(raw: dict, threads: int) -> None:
              "`auto` (CNNs) = REPAIR / BatchNorm reset of the kept channels; `bias` (transformers) = the removed "
              "units' mean folded into the consumer's bias (FLAP's compensation); `reconstruct` = consumers refitted "
              "by ridge toward the dense outputs (the default); `OBS selection + reconstruct` (transformers) = units "
-             "chosen by greedy least-squares elimination instead of the score, then the same refit. Accuracy in %, perplexity for LMs (lower is better). "
+             "chosen by greedy least-squares elimination instead of the score, then the same refit. Accuracy in %, "
+             "perplexity for LMs (lower is better). Seconds: the reconstruct run (scoring, refit, latency timing). "
              "Params = after / before; latency = median forward time on the calibration batch over the dense "
              "model's (interleaved runs, noisy on this shared 2-core machine).", ""]
     for name, rows in raw.items():
         metric, kind = rows[0]["metric"], rows[0]["kind"]
         middle = "bias" if kind == "mlp" else "auto"
         lines += [f"### {rows[0]['about']} ({kind}; dense {_fmt(metric, rows[0]['dense'])} {metric})", "",
-                  f"| ratio | params | latency | drop | {middle} | reconstruct | vs dense | seconds |"
-                  + (" OBS selection + reconstruct |" if kind == "mlp" else ""),
+                  f"| ratio | params | latency | drop | {middle} | reconstruct | vs dense |"
+                  + (" OBS selection + reconstruct |" if kind == "mlp" else "") + " seconds |",
                   "|---|---|---|---|---|---|---|---|" + ("---|" if kind == "mlp" else "")]
         for r in rows:
             delta = (r["reconstruct"] / r["dense"] - 1) * 100 if metric == "ppl" else (r["reconstruct"] - r["dense"]) * 100
             unit = "%" if metric == "ppl" else " pt"
             lines.append(f"| {r['ratio']:g} | {r['params_after'] / r['params_before']:.3f}x | {r['latency_ratio']:.2f}x "
                          f"| {_fmt(metric, r['drop'])} | {_fmt(metric, r[middle])} | {_fmt(metric, r['reconstruct'])} "
-                         f"| {delta:+.2f}{unit} | {r['reconstruct_s']:.1f} |"
-                         + (f" {_fmt(metric, r['obs'])} |" if kind == "mlp" else ""))
+                         f"| {delta:+.2f}{unit} |" + (f" {_fmt(metric, r['obs'])} |" if kind == "mlp" else "")
+                         + f" {r['reconstruct_s']:.1f} |")
         lines.append("")
-    lines.append(END)
+    lines += findings(raw) + [END]
     replace_section(RESULTS, "\n".join(lines))
 
 
