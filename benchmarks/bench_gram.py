@@ -1,0 +1,151 @@
+"""Reconstruction cost over one forward, by how the Gram statistics are formed (issue 21, item 1).
+
+torchvision resnet18 (random init) at 112x112, pruned to --sparsity by global magnitude, reconstructed
+toward the dense model (`reconstruct_`) on --calib MNIST digits upsampled to 3x112x112. Each repeat
+times one plain forward of the calibration batch through the dense model, then the reconstruction of
+a fresh copy of the pruned model under each Gram setting, side by side (interleaved repeats; the
+medians are reported):
+
+- ``float64 im2col``: float64 products of the unfolded patches (the path before issue 21);
+- ``float32 im2col``: the same patches, float32 products per chunk summed in float64;
+- ``float32 auto``: float32, and the correlation Gram for the stride-1 convs it pays for.
+
+Also printed: the share of the time spent accumulating Gram statistics (the same settings over the
+dense model's layer inputs, timed apart), and how far each setting's reconstructed weights and
+final outputs are from the float64 path's.
+
+Times are the process's CPU seconds by default (``--clock cpu``): with one thread that is the time on a
+quiet core, whatever the other tenants of a shared machine do; ``--clock wall`` for wall-clock seconds.
+
+Usage: python benchmarks/bench_gram.py [--sparsity 0.9] [--calib 128] [--size 112] [--threads 1]
+       [--clock cpu] [--repeats 3] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_md import replace_section  # noqa: E402
+
+import prune_repair as pr  # noqa: E402
+from prune_repair.engine.refit.gram import Gram  # noqa: E402
+from prune_repair.engine.refit.gram_options import gram_options  # noqa: E402
+from prune_repair.io.data import calibration_batch, load_dataset  # noqa: E402
+from prune_repair.prune import prune_  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SETTINGS = {"float64 im2col": ("float64", "im2col"), "float32 im2col": ("float32", "im2col"),
+            "float32 auto": ("float32", "auto")}
+
+
+CLOCK = {"cpu": time.process_time, "wall": time.perf_counter}
+clock = time.process_time
+
+
+def gram_seconds(model: nn.Module, calib: torch.Tensor, precision: str, method: str) -> float:
+    """Seconds to accumulate the Gram statistics of every conv/linear layer on its dense input."""
+    inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: inputs.__setitem__(n, (a[0], o)))
+             for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(calib)
+    for h in hooks:
+        h.remove()
+    modules = dict(model.named_modules())
+    start = clock()
+    for name, (x, y) in inputs.items():
+        Gram.for_layer(modules[name], precision=precision, method=method).add(x, y)
+    return clock() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--calib", type=int, default=128)
+    parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=sorted(CLOCK), default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    global clock
+    clock = CLOCK[args.clock]
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x, y = load_dataset("mnist:train")
+    digits, _ = calibration_batch(x, y, args.calib, seed=0)
+    calib = F.interpolate(digits, size=args.size, mode="bilinear").expand(-1, 3, -1, -1).contiguous()
+    calib = (calib - calib.mean()) / calib.std()
+    dense = torchvision.models.resnet18().eval()
+    pruned = copy.deepcopy(dense)
+    prune_(pruned, args.sparsity, method="global-magnitude")
+
+    with torch.no_grad():
+        dense(calib)  # warm-up: the first forward pays one-time costs
+    forwards, times, grams = [], {k: [] for k in SETTINGS}, {k: [] for k in SETTINGS}
+    results: dict[str, nn.Module] = {}
+    for r in range(args.repeats):
+        start = clock()
+        with torch.no_grad():
+            dense(calib)
+        forwards.append(clock() - start)
+        for name, (precision, method) in SETTINGS.items():
+            model = copy.deepcopy(pruned)
+            with gram_options(precision=precision, method=method):
+                start = clock()
+                pr.reconstruct_(model, dense, calib)
+                times[name].append(clock() - start)
+            grams[name].append(gram_seconds(dense, calib, precision, method))
+            results[name] = model
+            print(f"repeat {r}: forward {forwards[-1]:.2f} s, {name}: reconstruct {times[name][-1]:.1f} s, "
+                  f"Gram pass alone {grams[name][-1]:.1f} s", file=sys.stderr, flush=True)
+    fwd = statistics.median(forwards)
+    base = results["float64 im2col"]
+    with torch.no_grad():
+        out_base = base(calib)
+        out_dense = dense(calib)
+    rows = []
+    torch.set_grad_enabled(False)
+    for name in SETTINGS:
+        t, g = statistics.median(times[name]), statistics.median(grams[name])
+        params = dict(results[name].named_parameters())
+        weight_gap = max(float((p - params[k]).norm() / p.norm().clamp_min(1e-30))
+                         for k, p in base.named_parameters())
+        with torch.no_grad():
+            out = results[name](calib)
+        rows.append(f"| {name} | {fwd:.2f} | {t:.1f} | {t / fwd:.1f}x | {g:.1f} ({g / fwd:.1f}x) | {weight_gap:.1e} | "
+                    f"{float((out - out_base).norm() / out_base.norm()):.1e} | "
+                    f"{float((out - out_dense).norm() / out_dense.norm()):.3f} |")
+    table = ["| Gram setting | forward s | reconstruct s | x forward | Gram pass alone s (x fwd) | max weight gap vs "
+             "float64 | output gap vs float64 | output error vs dense |", "|---|---:|---:|---:|---:|---:|---:|---:|"] + rows
+    print("\n".join(table))
+    if args.write:
+        replace_section(RESULTS, "\n".join([
+            "<!-- gram-speed:start -->",
+            "## Gram statistics at matrix-product speed (issue 21)", "",
+            f"torchvision resnet18 (random init) at {args.size}x{args.size}, global magnitude to {args.sparsity:.0%}, "
+            f"`reconstruct_` toward the dense model on {args.calib} MNIST digits upsampled to 3x{args.size}x{args.size}; "
+            f"cpu, {args.threads} thread(s) on 2 shared cores, {args.clock} seconds"
+            f"{' (CPU time of the process: robust to the other tenants)' if args.clock == 'cpu' else ''}, "
+            f"medians of {args.repeats} interleaved repeats. "
+            "`float64 im2col` is the path before issue 21. `Gram pass alone`: the same statistics accumulated for "
+            "every layer on the dense model's inputs, timed apart from the passes and solves. Gaps: relative "
+            "(largest over the parameters / of the final outputs) to the float64 path's result.", "",
+            f"Reproduce: `python benchmarks/bench_gram.py --sparsity {args.sparsity} --calib {args.calib} "
+            f"--size {args.size} --threads {args.threads} --clock {args.clock} --repeats {args.repeats} --write`", "",
+            *table, "<!-- gram-speed:end -->"]))
+
+
+if __name__ == "__main__":
+    main()
