@@ -21,8 +21,8 @@ consumer output on the same samples. From ``G = X^T X`` alone:
 
 With ``heads``, whole attention heads of LLaMA-style attention go the same way, in module
 order with the MLPs (:mod:`.structured_heads`: the unit is a key/value group, ``o_proj`` is
-its consumer). The relative output error of every consumer before (units dropped) and after the refit is
-reported, computed from the same statistics. With ``damping`` 0 the ridge solution is the
+its consumer). The relative output error of every consumer before (units dropped) and after
+the refit is reported, computed from the same statistics. With ``damping`` 0 the ridge solution is the
 least-squares optimum over the kept units, so its error is never above the drop's.
 
 Example:
@@ -53,7 +53,7 @@ from ..engine.registry import MethodEnum
 from ..engine.run.forward import ForwardFn, StopForward, as_batches, first_tensor, hooked_pass
 from .mlp_units import MLPUnits, consumer_rows, find_mlps, set_config_width_, units_to_remove
 from .unit_select import SELECT, obs_keep
-from .structured_heads import find_heads, heads_to_remove, set_config_heads_
+from .structured_heads import HeadUnits, find_heads, heads_to_remove, set_config_heads_
 from .targets import PruneError
 
 
@@ -80,11 +80,11 @@ def _mask_of(batch: Any) -> torch.Tensor | None:
     return batch.get("attention_mask") if isinstance(batch, dict) else None
 
 
-def consumer_gram(model: nn.Module, reference: nn.Module, mlp: MLPUnits, data: Any,
+def consumer_gram(model: nn.Module, reference: nn.Module, unit: MLPUnits | HeadUnits, data: Any,
                   forward_fn: ForwardFn | None = None) -> Gram:
-    """Gram statistics of ``mlp``'s consumer: inputs from ``model``, targets from ``reference``."""
-    mine, theirs = model.get_submodule(mlp.consumer), reference.get_submodule(mlp.consumer)
-    gram = Gram.for_layer(mine, name=mlp.consumer)
+    """Gram statistics of the consumer of ``unit``: inputs from ``model``, targets from ``reference``."""
+    mine, theirs = model.get_submodule(unit.consumer), reference.get_submodule(unit.consumer)
+    gram = Gram.for_layer(mine, name=unit.consumer)
     seen: dict[str, torch.Tensor] = {}
 
     def take_output(_m, _inp, out):
