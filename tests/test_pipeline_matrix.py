@@ -161,6 +161,10 @@ def test_progress_shows_every_decided_site_per_block_and_is_silent_by_default(ca
     reference, x = _model("cnn-bn")
     report = repair_(_damaged(reference), reference, _split(x), repair="repair", passes="blockwise", progress=True)
     lines = capsys.readouterr().err.splitlines()
+    goal = [line for line in lines if line.startswith("statistics: ")]  # first the goal, measured on the reference
+    assert len(goal) == len(report.sites) and lines[:len(goal)] == goal
+    assert goal[-1].endswith(f"[{len(goal)}/{len(goal)}]")
+    lines = lines[len(goal):]
     assert len(lines) == len(report.sites) and all(line.startswith("repair: ") for line in lines)
     assert all(re.match(r"repair: block \d+/9 \(\d\), '\d'", line) for line in lines)  # the chain: 9 children
     assert lines[-1].endswith(f"[{len(lines)}/{len(lines)}]")

@@ -115,7 +115,7 @@ def repair_(
                                          {**reconstruct_options, **where})
     if reconstruct_options:
         raise TypeError(f"repair_() got {', '.join(sorted(reconstruct_options))}, which only the reconstruct modes take")
-    goal = _goal(reference, data, forward_fn)
+    goal = _goal(reference, data, forward_fn, progress)
     model = distributed.unwrap(model)
     _check_samples(data)
     check_finite(model)
@@ -145,10 +145,12 @@ def _parse(repair: RepairMode | str, variant: Variant | str, passes: Passes | st
     return mode, variant, passes
 
 
-def _goal(reference: ActivationStats | nn.Module, data: Any, forward_fn: ForwardFn | None) -> ActivationStats:
-    """The goal statistics: given, or measured on the reference model."""
+def _goal(reference: ActivationStats | nn.Module, data: Any, forward_fn: ForwardFn | None,
+          progress: bool | Callable[[int, int], None] | None) -> ActivationStats:
+    """The goal statistics: given, or measured on the reference model (a pass shown as its own when
+    ``progress is True``; a callback counts the repair's sites only)."""
     if isinstance(reference, nn.Module):
-        reference = collect_stats(reference, data, forward_fn=forward_fn)
+        reference = collect_stats(reference, data, forward_fn=forward_fn, progress=progress is True)
     if not reference.sites:
         raise ValueError("the reference statistics hold no sites, so there is nothing to correct: "
                          "the model has no conv/linear output that a correction can be folded into")
@@ -209,7 +211,8 @@ def _reconstruct_then_repair_(model: nn.Module, reference: Any, data: Any, mode:
     if mode is RepairMode.RECONSTRUCT:
         report = RepairReport(mode.value, variant.value, sum(rebuilt.passes.values()), 0.0, [])
     else:
-        report = repair_(model, collect_stats(reference, data, forward_fn=forward_fn), data,
+        goal = collect_stats(reference, data, forward_fn=forward_fn, progress=options["progress"] is True)
+        report = repair_(model, goal, data,
                          repair=RepairMode.AUTO, variant=variant, forward_fn=forward_fn, add_bias=add_bias,
                          passes=options["passes"], blocks=options["blocks"], offload=options["offload"],
                          progress=options["progress"])
