@@ -197,3 +197,21 @@ def test_obs_keeps_an_n_m_pattern_on_attention_projections():
     for name, weight in _vit_layers(model).items():
         groups = (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1)
         assert int(groups.max()) <= 2, name
+
+
+@pytest.mark.parametrize("passes", ["lockstep", "per-site", "blockwise"])
+def test_every_pass_strategy_equals_the_inline_pass_on_attention_layers(passes):
+    from prune_repair.prune.obs import obs_prune_
+    reference, data, _ = _case("vit")
+    pruned = copy.deepcopy(reference)
+    _prune_half_(pruned)
+    inline, split = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    _reconstruct(inline, reference, data)
+    _reconstruct(split, reference, list(data.split(16)), passes=passes)
+    for key, value in inline.state_dict().items():
+        torch.testing.assert_close(split.state_dict()[key], value, rtol=0, atol=1e-9)
+    inline, split = copy.deepcopy(reference), copy.deepcopy(reference)
+    obs_prune_(inline, data, 0.6)
+    obs_prune_(split, list(data.split(16)), 0.6, passes=passes)
+    for key, value in inline.state_dict().items():
+        torch.testing.assert_close(split.state_dict()[key], value, rtol=0, atol=1e-9)
