@@ -251,8 +251,9 @@ def test_user_mistakes_are_one_line(hf_models, tmp_path):
     msg = _error(run("prune", f"hf:{model_dir}", "--data", hf_models["vit"][1], "--sparsity", "0.5",
                      "--out", tmp_path / "o2"))
     assert "input_ids" in msg
-    msg = _error(run("prune", f"hf:{model_dir}", *base, "--method", "fisher", "--out", tmp_path / "o3"))
-    assert "not supported for hf models" in msg
+    msg = _error(run("prune", f"hf:{model_dir}", *base, "--goal-stats", "batchnorm", "--out", tmp_path / "o3"))
+    assert "has none" in msg and "--goal-stats FILE" in msg
+    assert not (tmp_path / "o3").exists()
     msg = _error(run("prune", f"hf:{model_dir}", *base, "--out", tmp_path / "o4", "--arch-kwargs", '{"a": 1}'))
     assert "--arch-kwargs" in msg
 

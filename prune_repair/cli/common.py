@@ -10,12 +10,14 @@ and one line. Either way nothing is written: each command runs inside
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,10 @@ CLI_TERMS = {
     "(the 'plot' extra)": "(the 'plot' extra), or drop --plot",
     "the same architecture and arguments": "the same --arch and --arch-kwargs",
     "use fewer gradients or more data": "lower --fisher-samples or give more --data",
+    "pass include_tied=True to prune them anyway": "add --include-tied to prune them anyway",
+    "name them with blocks=[...], or use passes='per-site'": "use --passes per-site (or lockstep)",
+    "refitting it would change the other module too)": "refitting it would change the other module too; it is "
+    "not pruned either, unless --prune-head --include-tied)",
 }
 
 
@@ -85,6 +91,33 @@ def fail(message: str) -> None:
 
 
 
+def show_warnings_once() -> contextlib.AbstractContextManager:
+    """Within the block, the package's warnings are printed on stderr in command-line terms, each distinct
+    one once (a flow that repeats per sparsity or batch repeats none); other warnings as usual."""
+    seen: set[str] = set()
+    manager = warnings.catch_warnings()
+    shown = warnings.showwarning
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if "prune_repair" not in str(filename):
+            return shown(message, category, filename, lineno, file, line)
+        text = one_line(in_cli_terms(str(message)))
+        if text not in seen:
+            seen.add(text)
+            console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+    class _Once(contextlib.AbstractContextManager):
+        def __enter__(self) -> None:
+            manager.__enter__()
+            warnings.filterwarnings("always", category=UserWarning, module="prune_repair")  # `show` keeps one of each
+            warnings.showwarning = show
+
+        def __exit__(self, *exc: Any) -> None:
+            manager.__exit__(*exc)
+
+    return _Once()
+
+
 def handle_errors(command: Callable) -> Callable:
     """Run a command inside an output transaction; turn user mistakes (ValueError,
     OSError) into one line and exit code 2, and Ctrl-C into one line and exit code 130.
@@ -102,7 +135,7 @@ def handle_errors(command: Callable) -> Callable:
             with distributed.process_group_from_env(device):
                 console.quiet = quiet or not distributed.is_main_process()
                 out_console.quiet = out_quiet or not distributed.is_main_process()  # one table, from rank 0
-                with output_transaction(commit=distributed.is_main_process()):
+                with output_transaction(commit=distributed.is_main_process()), show_warnings_once():
                     return command(*args, **kwargs)
         except (ValueError, OSError) as err:
             fail(str(err) or type(err).__name__)

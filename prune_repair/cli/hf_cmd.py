@@ -176,7 +176,7 @@ def prune(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, ou
           method, mode, skip_first, skip_classifier, layers, include_classifier, damping, config=None,
           prune_head=False, no_row_floor=False, allocation="global", block_size=128, fisher_samples=None,
           fisher_batch=1, damp=1e-5, obs_update=False, max_memory_gb=4.0, passes="lockstep", offload=None,
-          batch_size=None, goal_stats=None, **_: Any) -> None:
+          batch_size=None, goal_stats=None, include_tied=False, **_: Any) -> None:
     _check_options(_)
     arch = resolve_hf_arch(arch, [ckpt], arch_kwargs)
     method = PruneMethod.parse(method, "pruning method")
@@ -197,7 +197,8 @@ def prune(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, ou
     run = prune_and_repair(
         model, (d.calib, d.calib_labels), sparsities, method=method, options=options,
         prune=PruneSettings(select=list(layers) or None, skip_first=skip_first, skip_classifier=skip_classifier,
-                            sparsity_config=config, prune_head=prune_head, floor=not no_row_floor),
+                            sparsity_config=config, prune_head=prune_head, floor=not no_row_floor,
+                            include_tied=include_tied),
         repair=RepairSettings(mode, passes=passes, offload=offload, batch_size=batch_size, progress=True,
                               include_classifier=include_classifier, goal=goal, damping=damping),
         eval_data=lambda m: {"acc": math.nan, **d.evaluate(m)},
@@ -213,8 +214,8 @@ def prune(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, ou
     settings = {"arch": arch, "task": d.task, "metric": d.metric, "calib_size": calib_size, "seed": seed,
                 "eval_data": d.eval_name, "skip_first": skip_first, "skip_classifier": skip_classifier,
                 "include_classifier": include_classifier, "layers": list(layers) or None, "out_format": "hf",
-                "sparsity_config": config, "prune_head": prune_head, "row_floor": not no_row_floor,
-                "passes": passes, "offload": offload, "batch_size": batch_size, "goal_stats": goal_info}
+                "sparsity_config": config, "prune_head": prune_head, "include_tied": include_tied,
+                "row_floor": not no_row_floor, "passes": passes, "offload": offload, "batch_size": batch_size, "goal_stats": goal_info}
     fisher = fisher_settings(method, options) if method.needs_labels else None
     write_report(report, {**rep, **settings, "fisher": fisher and {**fisher, "seed": seed}})
     console.print(_prune_table(run, d, out))

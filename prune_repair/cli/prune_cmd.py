@@ -52,6 +52,8 @@ from .common import (
                    "sparsity, the others --sparsity.")
 @click.option("--prune-head", is_flag=True, help="also prune a language model's output head (lm_head; dense by "
               "default).")
+@click.option("--include-tied", "include_tied", is_flag=True, help="also prune weights tied to another module "
+              "(GPT-2's lm_head is the token embedding: --prune-head --include-tied prunes both; left out by default).")
 @click.option("--no-row-floor", "no_row_floor", is_flag=True, help="global thresholds may empty output rows and "
               "layers (by default every output row keeps its best weight).")
 @click.option("--method", default=PruneMethod.GLOBAL_MAGNITUDE.value, show_default=True,
@@ -97,7 +99,8 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
                   fisher_batch, damp, block_size, obs_update, max_memory_gb, allocation, damping,
                   sparsity_config=None, prune_head=False, no_row_floor=False,
                   structured=None, structured_heads=None, structured_select="energy", goal_stats=None,
-                  preprocess=None, batch_size=None, eval_size=None, workers=None, passes="lockstep", offload=None) -> None:
+                  preprocess=None, batch_size=None, eval_size=None, workers=None, passes="lockstep", offload=None,
+                  include_tied=False) -> None:
     """Prune CKPT (a path or zoo:NAME) at each --sparsity, repair toward its statistics, evaluate.
 
     \b
@@ -116,6 +119,9 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
         if passes != "lockstep" or offload is not None:
             raise PruneError("--passes and --offload do not combine with --structured: drop them (the structured "
                              "step measures its units in one pass)")
+        if include_tied:
+            raise PruneError("--include-tied does not combine with --structured: drop it (tied weights are whole "
+                             "units of the structured step's choice)")
         return structured_cmd.run_structured(**locals())
     if sparsity is None:
         raise PruneError("--sparsity is missing: give e.g. --sparsity 0.9 (or --structured RATIO)")
@@ -145,7 +151,8 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
     run = prune_and_repair(
         model, (d.calib_x, d.calib_y), sparsities, method=method, options=options,
         prune=PruneSettings(select=list(layers) or None, skip_first=skip_first, skip_classifier=skip_classifier,
-                            sparsity_config=config, prune_head=prune_head, floor=not no_row_floor),
+                            sparsity_config=config, prune_head=prune_head, floor=not no_row_floor,
+                            include_tied=include_tied),
         repair=RepairSettings(mode, passes=passes, offload=offload, batch_size=batch_size, progress=True,
                               include_classifier=include_classifier, goal=goal, damping=damping),
         eval_data=(d.eval_x, d.eval_y), fisher_data=fisher_data,
@@ -154,7 +161,8 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
     settings = {"calib_size": calib_size, "seed": seed, "eval_data": d.eval_name, "skip_first": skip_first,
                 "skip_classifier": skip_classifier, "include_classifier": include_classifier,
                 "layers": list(layers) or None, "goal_stats": goal_info, "sparsity_config": config,
-                "prune_head": prune_head, "row_floor": not no_row_floor, "passes": passes, "offload": offload,
+                "prune_head": prune_head, "include_tied": include_tied, "row_floor": not no_row_floor, "passes": passes,
+                "offload": offload,
                 **d.settings}
     if method.reconstructs or RepairMode.parse(mode, "correction").reconstructs:
         settings["damping"] = damping

@@ -167,7 +167,7 @@ def _loop_grads(model: nn.Module, targets: list[Target], groups: list[tuple[Any,
 
 def gradient_progress(progress: ProgressArg, what: str) -> Progress | None:
     """A ``progress(done, total)`` callback for the gradients from an engine ``progress`` argument
-    (``True``: shown on stderr as the calibration passes are, under the name ``what gradients``).
+    (``True``: shown on stderr as the calibration passes are, e.g. ``fisher: 'gradients' [400/400]``).
 
     >>> seen = []
     >>> gradient_progress(lambda done, total: seen.append(done), "fisher")(3, 8); seen
@@ -182,9 +182,9 @@ def gradient_progress(progress: ProgressArg, what: str) -> Progress | None:
     def update(done: int, total: int) -> None:
         bar = shown.get("bar")
         if bar is None:
-            bar = shown["bar"] = ShownProgress(f"{what} gradients", total, True).__enter__()
+            bar = shown["bar"] = ShownProgress(what, total, True).__enter__()
         while bar.done < done:
-            bar.advance(f"{done} of {total}")
+            bar.advance("gradients")
         if done >= total:
             bar.__exit__(None, None, None)
             shown.clear()

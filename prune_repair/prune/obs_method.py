@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from ..engine.refit.attention_layers import covered_owners, layer_module
+from ..engine.run.forward import as_batches
 from ..engine.sites.find import Selector
 from .allocate import warn_empty
 from .masks import MaskStyle, sparsity_all_params
@@ -54,7 +55,7 @@ def _warn_left_dense(model: nn.Module, pruned: set[str], select: Selector, skip_
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # find_targets' own tied-weight warning was given already
         targets = find_targets(model, select=select, skip_first=skip_first, skip_classifier=skip_classifier,
-                               example_inputs=example_of(data))
+                               example_inputs=example_of(as_batches(inputs_of(data))[0]))
     dense = [t.fqn for t in targets if t.fqn not in pruned]
     if dense:
         warnings.warn(f"obs left {len(dense)} selected layer(s) dense, which it cannot prune yet ({', '.join(dense[:4])}"
