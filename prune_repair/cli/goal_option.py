@@ -50,8 +50,8 @@ def load_goal(spec: str, model: nn.Module, x: torch.Tensor | dict[str, torch.Ten
     if spec == BATCHNORM:
         if not any(isinstance(m, _BatchNorm) for m in model.modules()):
             raise ValueError(f"--goal-stats batchnorm reads the goal from BatchNorm layers, and this model has none "
-                             f"(its {_norm_kind(model)}s keep no running statistics): record the goal to a file with "
-                             "RecordStats / ActivationStats.save and pass --goal-stats FILE")
+                             f"({_norm_kind(model)}): record the goal to a file with RecordStats / "
+                             "ActivationStats.save and pass --goal-stats FILE")
         goal = batchnorm_goal(model, sites=sites)
         return goal, {"source": BATCHNORM, "sites": len(goal)}
     path = Path(spec).expanduser()
@@ -70,9 +70,9 @@ def load_goal(spec: str, model: nn.Module, x: torch.Tensor | dict[str, torch.Ten
 
 
 def _norm_kind(model: nn.Module) -> str:
-    """``LayerNorm`` (or the model's other normalization layer), for the message of a model without BatchNorm."""
+    """What normalizes the model instead of BatchNorm, for the message of a model without it."""
     kinds = [type(m).__name__ for m in model.modules() if "norm" in type(m).__name__.lower()]
-    return kinds[0] if kinds else "layer"
+    return f"its {kinds[0]}s keep no running statistics" if kinds else "no normalization layer at all"
 
 
 def goal_note(modes: list[str]) -> str | None:
