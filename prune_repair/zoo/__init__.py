@@ -138,7 +138,8 @@ def load(name: str, device: torch.device | str = "cpu") -> nn.Module:
     """
     path = weights_path(name)
     if not path.is_file():
-        raise FileNotFoundError(f"weights of zoo model {name!r} are missing at {path}: run python benchmarks/train_zoo.py")
+        raise FileNotFoundError(f"weights of zoo model {name!r} are missing at {path}: run python "
+                                "benchmarks/train_zoo.py (the ViTs: benchmarks/train_transformers.py)")
     model = build(name)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     return model.to(device).eval()
