@@ -188,3 +188,18 @@ def test_bad_combinations_exit_2_with_one_line_and_write_nothing(hf_dirs, tmp_pa
     assert len(lines) == 1 and "Traceback" not in result.output, result.output
     assert re.search(message, lines[0]), lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_hf_merge_takes_align_size(hf_dirs, tmp_path):
+    from prune_repair.merge import find_groups, permute, random_perms
+    a = tiny_gpt2()
+    groups = find_groups(a, {"input_ids": torch.randint(1, VOCAB, (2, 6))})
+    permute(a, groups, random_perms(groups, torch.Generator().manual_seed(3))).save_pretrained(tmp_path / "perm")
+    report = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["merge", f"hf:{hf_dirs / 'gpt2'}", f"hf:{tmp_path / 'perm'}", "--data",
+                                       str(hf_dirs / "lm.pt"), "--calib-size", "8", "--align-size", "12",
+                                       "--repair", "none", "--out", str(tmp_path / "m"), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    r = json.loads(report.read_text())
+    assert r["align_size"] == 12  # matching on 12 sequences finds the permutation back: the merge is the model
+    assert abs(r["curve"][0]["ppl_raw"] - r["endpoints"][0]["ppl"]) < 1e-5 * r["endpoints"][0]["ppl"]

@@ -40,7 +40,6 @@ from .common import (calib_size_for, check_finite_models, console, print_repair_
                      write_report)
 
 EVAL_BATCH = 32
-HF_METHODS = tuple(PruneMethod)  # every pruning method applies to HF models
 
 
 def wants_hf(arch: str | None, checkpoints: list[str]) -> bool:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
 from rich.table import Table
 
-from ..io.errors import CheckpointError
-from ..io.hf import load_hf_model, save_hf_model
+from ..io import tokens as tok
+from ..io.errors import CheckpointError, DataError
+from ..io.hf import is_causal_lm, load_hf_model, save_hf_model
 from ..merge import prepare_merge
 from ..merge.barrier import alpha_grid
 from . import hf_cmd
@@ -36,15 +38,33 @@ def _barrier(endpoints: list[dict], points: list[dict], key: str, higher_is_bett
     return max(sign * (p[key] - ((1 - p["alpha"]) * start + p["alpha"] * end)) for p in points)
 
 
+def _align_data(model: Any, data: str, align: str, size: int | None, seed: int, dev: Any) -> list[dict] | None:
+    """``--align-size`` sequences (or images) of ``--data`` for activation matching, drawn with ``--seed``, in
+    batches of ``hf_cmd.EVAL_BATCH``; None without ``--align-size``."""
+    if size is None:
+        return None
+    if align != "activation":
+        raise CheckpointError(f"--align-size sets the samples of activation matching, but --align is {align}: "
+                              "drop --align-size or use --align activation")
+    inputs, _ = hf_cmd._load_split(data, model, is_causal_lm(model))
+    inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    if "input_ids" in inputs:
+        drawn = tok.draw(inputs, size, seed)
+    else:
+        (key, x), = inputs.items()
+        if size > len(x):
+            raise DataError(f"--align-size {size} exceeds the {len(x)} samples in --data: lower --align-size")
+        drawn = {key: x[torch.randperm(len(x), generator=torch.Generator().manual_seed(int(seed)))[:size]]}
+    drawn = {k: v.to(dev) for k, v in drawn.items()}
+    return [{k: v[i:i + hf_cmd.EVAL_BATCH] for k, v in drawn.items()} for i in range(0, size, hf_cmd.EVAL_BATCH)]
+
+
 def merge(*, checkpoints: list[str], arch, arch_kwargs, data, eval_data, calib_size, seed, dev, out, report, force,
           align, alpha, mode, variant, curve, plot, groups, include_classifier, align_size=None, **unused: Any) -> None:
     hf_cmd._check_options(unused)
     if plot is not None:
         raise CheckpointError("--plot draws accuracy curves of vision models; for hf models the curve is in "
                               "--report: drop --plot")
-    if align_size is not None:
-        raise CheckpointError("--align-size is not supported for hf models yet: drop it (--calib-size sets the "
-                              "samples of both alignment and repair)")
     arch = hf_cmd.resolve_hf_arch(arch, checkpoints, arch_kwargs)
     hf_cmd._output_checks(out, report, checkpoints + [arch], force)
     models = [load_hf_model(c, arch).to(dev) for c in checkpoints]
@@ -53,7 +73,8 @@ def merge(*, checkpoints: list[str], arch, arch_kwargs, data, eval_data, calib_s
     d = hf_cmd.load_hf_data(models[0], data, eval_data, calib_size, seed, dev)
     hf_cmd.check_hf_fits(models[0], d)
     plan = prepare_merge(models, d.calib, align=align, groups=groups, seed=seed,
-                         include_classifier=include_classifier, names=checkpoints)
+                         include_classifier=include_classifier, names=checkpoints,
+                         align_data=_align_data(models[0], data, align, align_size, seed, dev))
     two = len(models) == 2
     weights = [1 - alpha, alpha] if two else None
     start = time.perf_counter()
@@ -78,7 +99,8 @@ def merge(*, checkpoints: list[str], arch, arch_kwargs, data, eval_data, calib_s
     save_hf_model(merged, out, force=force)
     write_report(report, {"endpoints": endpoints, "curve": points, "barrier": barrier, "seconds": seconds,
                           "align": align, "alpha": alpha if two else None, "repair": mode, "variant": variant,
-                          "calib_size": calib_size, "seed": seed, "eval_data": d.eval_name, "arch": arch,
+                          "calib_size": calib_size, "align_size": align_size, "seed": seed, "eval_data": d.eval_name,
+                          "arch": arch,
                           "task": d.task, "metric": metric, "include_classifier": include_classifier,
                           "groups": groups, "out_format": "hf",
                           "alignments": [al.to_dict() | {"perms": None} for al in plan.alignments[1:]]})

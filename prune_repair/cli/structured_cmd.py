@@ -116,8 +116,6 @@ def run_structured(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed
     calib_size = calib_size_for(calib_size, mode)
     if hf_cmd.wants_hf(arch, [ckpt]):
         hf_arch = hf_cmd.resolve_hf_arch(arch, [ckpt], arch_kwargs)
-        if sparsities and method not in hf_cmd.HF_METHODS:
-            raise PruneError(f"--method {method.value} is not supported for hf models yet")
         hf_cmd._output_checks(out, report, [ckpt, hf_arch], force)
         model = load_hf_model(ckpt, hf_arch).to(dev)
         check_finite(model)
