@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE))
 from prune_repair import zoo  # noqa: E402
 from prune_repair.io.data import calibration_batch, load_dataset  # noqa: E402
 from prune_repair.metrics import evaluate, perplexity  # noqa: E402
+from prune_repair.prune.structured_heads import find_heads  # noqa: E402
 from prune_repair.prune.structured_mlp import prune_mlps_  # noqa: E402
 from prune_repair.prune.structured_run import structured_prune  # noqa: E402
 from prune_repair.zoo.models import ResNetMini  # noqa: E402
@@ -51,6 +52,7 @@ START, END = "<!-- structured:start -->", "<!-- structured:end -->"
 RATIOS = [0.1, 0.25, 0.5]
 CALIB_IMAGES, CALIB_SEQUENCES, RESNET_EVAL = 1024, 128, 2000
 LM_NAMES = ["py-gpt2", "py-llama"]
+HEADS = [(0.0, 0.25), (0.0, 0.5), (0.25, 0.25)]  # (MLP ratio, head ratio) rows of LLaMA-style models
 
 
 def image_task(name: str, x, y, xt, yt):
@@ -107,11 +109,45 @@ def measure(name: str, task) -> list[dict]:
             row["auto"] = ev(structured_prune(model, calib, ratio, repair="auto").model)[metric]
         print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
         rows.append(row)
+    if find_heads(model):
+        rows += measure_heads(name, task, dense)
+    return rows
+
+
+def measure_heads(name: str, task, dense: float) -> list[dict]:
+    """LLaMA-style attention: whole heads removed (alone, and with 25% of the MLP units)."""
+    model, calib, ev, metric, about = task
+    rows = []
+    for ratio, heads in HEADS:
+        start = time.perf_counter()
+        res = structured_prune(model, calib, ratio, heads=heads, repair="reconstruct")
+        row = {"model": name, "about": about, "metric": metric, "ratio": ratio, "heads": heads, "dense": dense,
+               "reconstruct_s": time.perf_counter() - start, "params_before": res.params_before,
+               "params_after": res.params_after, "latency_ratio": res.latency_ratio,
+               "reconstruct": ev(res.model)[metric],
+               "drop": ev(structured_prune(model, calib, ratio, heads=heads, repair="none").model)[metric]}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     return rows
 
 
 def _fmt(metric: str, v: float) -> str:
     return f"{v:.3f}" if metric == "ppl" else f"{100 * v:.2f}"
+
+
+def heads_table(rows: list[dict]) -> list[str]:
+    """Whole attention heads (``--structured-heads``), alone and with MLP units."""
+    if not rows:
+        return []
+    metric = rows[0]["metric"]
+    lines = ["Whole attention heads (`--structured-heads`; the MLP ratio of the same run beside it):", "",
+             "| MLP ratio | head ratio | params | latency | drop | reconstruct | vs dense | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['ratio']:g} | {r['heads']:g} | {r['params_after'] / r['params_before']:.3f}x "
+                     f"| {r['latency_ratio']:.2f}x | {_fmt(metric, r['drop'])} | {_fmt(metric, r['reconstruct'])} "
+                     f"| {_gap(metric, r['dense'], r['reconstruct']):+.2f}% | {r['reconstruct_s']:.1f} |")
+    return lines + [""]
 
 
 def _gap(metric: str, dense: float, value: float) -> float:
@@ -123,7 +159,7 @@ def findings(raw: dict) -> list[str]:
     """One line per model at ratio 0.25, computed from the rows."""
     lines = ["### Findings at ratio 0.25 (computed from the rows above)", ""]
     for name, rows in raw.items():
-        r = next((r for r in rows if r["ratio"] == 0.25), None)
+        r = next((r for r in rows if r["ratio"] == 0.25 and "heads" not in r), None)
         if r is None:
             continue
         metric, middle = r["metric"], "bias" if r["kind"] == "mlp" else "auto"
@@ -160,7 +196,8 @@ def write(raw: dict, threads: int) -> None:
              "perplexity for LMs (lower is better). Seconds: the reconstruct run (scoring, refit, latency timing). "
              "Params = after / before; latency = median forward time on the calibration batch over the dense "
              "model's (interleaved runs, noisy on this shared 2-core machine).", ""]
-    for name, rows in raw.items():
+    for name, all_rows in raw.items():
+        rows = [r for r in all_rows if "heads" not in r]
         metric, kind = rows[0]["metric"], rows[0]["kind"]
         middle = "bias" if kind == "mlp" else "auto"
         lines += [f"### {rows[0]['about']} ({kind}; dense {_fmt(metric, rows[0]['dense'])} {metric})", "",
@@ -175,6 +212,7 @@ def write(raw: dict, threads: int) -> None:
                          f"| {delta:+.2f}{unit} |" + (f" {_fmt(metric, r['obs'])} |" if kind == "mlp" else "")
                          + f" {r['reconstruct_s']:.1f} |")
         lines.append("")
+        lines += heads_table([r for r in all_rows if "heads" in r])
     lines += findings(raw) + [END]
     replace_section(RESULTS, "\n".join(lines))
 
