@@ -1,5 +1,5 @@
 """``prune-repair merge hf:A hf:B --data tokens.jsonl``: an HF directory out, perplexity along
-the curve, a permuted copy merged back exactly, one-line refusals."""
+the curve (and its plot), a permuted copy merged back exactly, one-line refusals."""
 
 import json
 
@@ -74,7 +74,10 @@ def test_models_with_other_head_counts_are_refused_in_one_line(files, tmp_path):
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
 
 
-def test_plot_is_refused_for_hf_models_in_one_line(files, tmp_path):
-    res = run(f"hf:{files / 'a'}", f"hf:{files / 'b'}", "--data", files / "t.jsonl", "--plot", tmp_path / "c.png",
-              "--out", tmp_path / "m")
-    assert res.exit_code == 2 and "--plot" in res.output and len(res.output.strip().splitlines()) == 1
+def test_plot_draws_perplexity_along_the_curve(files, tmp_path):
+    pytest.importorskip("matplotlib")
+    png, rep = tmp_path / "c.png", tmp_path / "r.json"
+    res = run(f"hf:{files / 'a'}", f"hf:{files / 'b'}", "--data", files / "t.jsonl", "--calib-size", 16,
+              "--plot", png, "--curve", 3, "--out", tmp_path / "m", "--report", rep)
+    assert res.exit_code == 0, res.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(json.loads(rep.read_text())["curve"]) == 3

@@ -20,7 +20,8 @@ from ..io import tokens as tok
 from ..io.errors import CheckpointError, DataError
 from ..io.hf import is_causal_lm, load_hf_model, save_hf_model
 from ..merge import prepare_merge
-from ..merge.barrier import alpha_grid
+from ..io.outputs import atomic_write, check_output_path
+from ..merge.barrier import alpha_grid, plot_points, require_matplotlib
 from . import hf_cmd
 from .common import (calib_size_for, check_finite_models, out_console, print_repair_notes, progress,
                      write_report, written)
@@ -63,8 +64,11 @@ def merge(*, checkpoints: list[str], arch, arch_kwargs, data, eval_data, calib_s
           align, alpha, mode, variant, curve, plot, groups, include_classifier, align_size=None, **unused: Any) -> None:
     hf_cmd._check_options(unused)
     if plot is not None:
-        raise CheckpointError("--plot draws accuracy curves of vision models; for hf models the curve is in "
-                              "--report: drop --plot")
+        if len(checkpoints) > 2:
+            raise CheckpointError("--plot draws the path between two checkpoints: drop --plot or merge two")
+        check_output_path(plot, checkpoints + [out] + ([report] if report else []), force, what="--plot")
+        require_matplotlib()
+        curve = 11 if curve is None else curve
     arch = hf_cmd.resolve_hf_arch(arch, checkpoints, arch_kwargs)
     hf_cmd._output_checks(out, report, checkpoints + [arch], force)
     models = [load_hf_model(c, arch).to(dev) for c in checkpoints]
@@ -96,6 +100,10 @@ def merge(*, checkpoints: list[str], arch, arch_kwargs, data, eval_data, calib_s
     metric = d.metric
     barrier = {f"{k}{s}": _barrier(endpoints, points, f"{k}{s}", k == "acc") for k in (metric, "loss")
                for s in ("_raw", "")}
+    if plot is not None:
+        with atomic_write(plot) as tmp:
+            plot_points(points, endpoints, metric, mode, tmp,
+                        title=f"{checkpoints[0]} -> {checkpoints[1]} (align {align}, repair {mode})")
     save_hf_model(merged, out, force=force)
     write_report(report, {"endpoints": endpoints, "curve": points, "barrier": barrier, "seconds": seconds,
                           "align": align, "alpha": alpha if two else None, "repair": mode, "variant": variant,
@@ -105,7 +113,7 @@ def merge(*, checkpoints: list[str], arch, arch_kwargs, data, eval_data, calib_s
                           "groups": groups, "out_format": "hf",
                           "alignments": [al.to_dict() | {"perms": None} for al in plan.alignments[1:]]})
     _print(checkpoints, endpoints, points, barrier, metric, align, mode, out, d)
-    written({"model": out, "report": report})
+    written({"model": out, "report": report, "plot": plot})
     if result is not None:
         print_repair_notes(result)
 

@@ -171,20 +171,30 @@ def plot_curve(curve: BarrierCurve, path: str | Path, title: str | None = None) 
     """Draw accuracy and loss along alpha, raw and repaired, into a PNG (needs matplotlib)."""
     if any(p.alpha is None for p in curve.points):
         raise PlotError("a curve of a uniform merge of several models has no alpha axis to plot")
+    plot_points([asdict(p) for p in curve.points], curve.endpoints, "acc", curve.repair, path, title)
+
+
+def plot_points(points: list[dict], endpoints: list[dict], metric: str, repair: str, path: str | Path,
+                title: str | None = None) -> None:
+    """Draw ``metric`` (``acc`` in %, ``ppl``) and loss along alpha from curve points
+    ``{"alpha", "<metric>_raw", "loss_raw", "<metric>", "loss"}`` into a PNG (needs matplotlib)."""
+    if any(p["alpha"] is None for p in points):
+        raise PlotError("a curve of a uniform merge of several models has no alpha axis to plot")
     require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    alphas = [p.alpha for p in curve.points]
+    alphas = [p["alpha"] for p in points]
+    names = {"acc": "accuracy (%)", "ppl": "perplexity"}
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, key, label in ((axes[0], "acc", "accuracy (%)"), (axes[1], "loss", "loss")):
+    for ax, key, label in ((axes[0], metric, names.get(metric, metric)), (axes[1], "loss", "loss")):
         scale = 100.0 if key == "acc" else 1.0
-        ax.plot(alphas, [scale * getattr(p, f"{key}_raw") for p in curve.points], "o--", label="aligned, raw")
-        if all(getattr(p, key) is not None for p in curve.points):
-            ax.plot(alphas, [scale * getattr(p, key) for p in curve.points], "o-", label=f"aligned + {curve.repair}")
-        ends = [scale * curve.endpoints[0][key], scale * curve.endpoints[-1][key]]
+        ax.plot(alphas, [scale * p[f"{key}_raw"] for p in points], "o--", label="aligned, raw")
+        if all(p.get(key) is not None for p in points):
+            ax.plot(alphas, [scale * p[key] for p in points], "o-", label=f"aligned + {repair}")
+        ends = [scale * endpoints[0][key], scale * endpoints[-1][key]]
         ax.plot([0, 1], ends, ":", color="gray", label="endpoint line")
         ax.set_xlabel("alpha")
         ax.set_ylabel(label)
