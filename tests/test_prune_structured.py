@@ -74,7 +74,7 @@ def test_structured_repair_reaches_the_mapped_goal_exactly(norm):
 def test_structured_reconstruction_fits_the_kept_reference_outputs(mode):
     """After torch-pruning, every smaller layer is refitted toward the original's kept channels."""
     model = random_bn_model("none")
-    batch = model.example_inputs(256)
+    batch = model.example_inputs(64)  # after/before measured 0.048 (reconstruct) and 0.057 (+repair), as with 256
     reference, original = pr.collect_stats(model, batch), copy.deepcopy(model)
     pruner = magnitude_pruner(model, batch[:2], 0.25)
     pruner.step()
