@@ -106,3 +106,22 @@ def test_cli_prunes_a_zoo_lm_on_pysrc(tmp_path, name) -> None:
     assert rep["task"] == "lm" and rep["dense"]["ppl"] < rep["results"][0]["ppl_pruned"]
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     assert lm_dir(name).is_dir()  # the shipped model is untouched
+
+
+def test_pysrc_is_evaluated_on_its_evaluation_split_by_default() -> None:
+    pytest.importorskip("transformers")
+    from prune_repair.cli.hf_cmd import load_hf_data
+    from prune_repair.io.hf import load_hf_dir
+
+    model = load_hf_dir("zoo:py-gpt2")
+    d = load_hf_data(model, "pysrc", None, 4, 0, torch.device("cpu"))
+    assert d.task == "lm" and d.eval_name == "pysrc:eval" and d.eval_count == pysrc.MAX_SEQUENCES["eval"]
+    assert d.calib["input_ids"].shape == (4, pysrc.SEQ_LEN)
+
+
+def test_a_wrong_pysrc_split_is_one_line(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    result = _cli("prune", "zoo:py-gpt2", "--data", "pysrc:valid", "--sparsity", "0.5", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and not (tmp_path / "o").exists()
+    assert "unknown pysrc split 'valid': use pysrc:train, pysrc:calib or pysrc:eval" in result.output
+    assert "Traceback" not in result.output

@@ -169,9 +169,11 @@ def common_options(command: Callable) -> Callable:
         click.option("--arch-kwargs", default=None, callback=parse_arch_kwargs,
                      help="JSON keyword arguments for the architecture, e.g. '{\"num_classes\": 10}'."),
         click.option("--data", required=True, help="calibration data: mnist, mnist:train, mnist:test, x.pt "
-                     "({'x','y'}), x.npz (arrays x, y) or an ImageFolder directory."),
+                     "({'x','y'}), x.npz (arrays x, y) or an ImageFolder directory; for HF models also tokens "
+                     "(.jsonl, .pt/.npz with input_ids) or pysrc[:calib|eval|train] (Python's own sources as "
+                     "bytes, for the zoo's byte-level LMs)."),
         click.option("--eval-data", default=None, help="evaluation data (same forms); default: mnist:test when "
-                     "--data is MNIST train, else all of --data."),
+                     "--data is MNIST train, pysrc:eval when it is pysrc, else all of --data."),
         click.option("--calib-size", default=None, type=click.IntRange(min=1),
                      help=f"calibration samples drawn from --data [default: {CALIB_SIZE}; {RECONSTRUCT_CALIB_SIZE} "
                           "for --repair reconstruct / reconstruct+repair and --method obs, which solve d_in "
