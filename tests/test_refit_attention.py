@@ -215,3 +215,22 @@ def test_every_pass_strategy_equals_the_inline_pass_on_attention_layers(passes):
     obs_prune_(split, list(data.split(16)), 0.6, passes=passes)
     for key, value in inline.state_dict().items():
         torch.testing.assert_close(split.state_dict()[key], value, rtol=0, atol=1e-9)
+
+
+def test_torch_prune_masks_on_attention_are_kept_and_the_weights_used_are_the_refitted_ones():
+    reference, data, attention = _case("vit")
+    model = copy.deepcopy(reference)
+    prune_(model, 0.5, method="global-magnitude", style="torch")
+    report = _reconstruct(model, reference, data, damping=1e-8)
+    assert set(attention) <= {layer.fqn for layer in report.layers}
+    for i in range(2):
+        attn = model.encoder.layers[i].self_attention
+        torch.testing.assert_close(attn.out_proj.weight, attn.out_proj.weight_orig * attn.out_proj.weight_mask)
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        for name in ("weight", "in_proj_weight"):
+            if hasattr(module, name + "_mask"):
+                torch.nn.utils.prune.remove(module, name)
+    with torch.no_grad():
+        torch.testing.assert_close(model(data), plain(data), rtol=0, atol=1e-12)
+    assert all(layer.error_after <= layer.error_before + 1e-9 for layer in report.layers)

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune as torch_prune
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -161,11 +162,11 @@ def _reference_parts(mha: nn.MultiheadAttention, parts: list[str], emit: Emit) -
         for name in parts:
             part = split_part(name)[1]
             weight, bias = part_rows(mha, part)
-            emit(name, layer_module_cached(mha, part), batch_first(F.linear(inputs[PARTS.index(part)], weight, bias), mha))
+            emit(name, _part_module(mha, part), batch_first(F.linear(inputs[PARTS.index(part)], weight, bias), mha))
     return hook
 
 
-def layer_module_cached(mha: nn.MultiheadAttention, part: str) -> nn.Module:
+def _part_module(mha: nn.MultiheadAttention, part: str) -> nn.Module:
     """A Linear-shaped stand-in for one projection (what ``keep`` functions look at)."""
     return layer_module(mha, f"in_proj:{part}")
 
@@ -200,18 +201,21 @@ def attach_calls(steps: Sequence[Any], active: Sequence[int], arrive: Callable, 
         return own() if own_output else context.reference(k)
 
     def on_linear(key: int, func: Callable, args: tuple, kwargs: dict) -> Any:
-        k = linears[key]
+        k, module = linears[key], steps[linears[key]].module
         x = args[0] if args else kwargs["input"]
-        arrive(k, lambda: steps[k].add(x, target(k, lambda: func(*args, **kwargs)), context.mask))
-        return func(*args, **kwargs)  # the weight was refitted in place
+        if arrive(k, lambda: steps[k].add(x, target(k, lambda: func(*args, **kwargs)), context.mask)):
+            refresh_pruned_weight(module, ())  # torch prune: the parent reads ``weight``, which no hook renews
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        return F.linear(x, masked(module), bias)  # the weight as refitted (in place)
 
     def on_attention(key: int, func: Callable, args: tuple, kwargs: dict) -> Any:
         k = attentions[key]
         step = steps[k]
         ctx, rest = context_and_output(func, args, kwargs)
         x = ctx.transpose(0, 1) if ctx.dim() == 3 else ctx  # the function is sequence-first
-        arrive(k, lambda: step.add(x, target(k, lambda: F.linear(x, masked(step.module), step.module.bias)),
-                                   context.mask))
+        if arrive(k, lambda: step.add(x, target(k, lambda: F.linear(x, masked(step.module), step.module.bias)),
+                                      context.mask)):
+            refresh_pruned_weight(step.module, ())  # torch prune: out_proj's own forward never renews ``weight``
         return (F.linear(ctx, masked(step.module), step.module.bias), *rest)
 
     handles = [mha.register_forward_pre_hook(_model_parts(mha, ks, steps, arrive, context, target), with_kwargs=True)
@@ -246,13 +250,12 @@ def _model_parts(mha: nn.MultiheadAttention, ks: list[int], steps: Sequence[Any]
 
             decided |= arrive(k, lambda k=k, x=x, own=own: steps[k].add(x, target(k, own), context.mask))
         if decided:
-            refresh_pruned(mha, args)
+            refresh_pruned_weight(mha, args)
     return hook
 
 
-def refresh_pruned(module: nn.Module, inputs: tuple) -> None:
-    """Recompute a torch-prune reparametrized weight after its ``_orig`` changed."""
-    import torch.nn.utils.prune as torch_prune
+def refresh_pruned_weight(module: nn.Module, inputs: tuple) -> None:
+    """Recompute ``weight`` from ``weight_orig * weight_mask`` (torch prune) after ``weight_orig`` changed."""
     for hook in list(module._forward_pre_hooks.values()):
         if isinstance(hook, torch_prune.BasePruningMethod):
             hook(module, inputs)

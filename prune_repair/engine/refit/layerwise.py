@@ -37,14 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.utils.prune as torch_prune
 from torch import nn
 
 from ..run.forward import ForwardFn, as_batches, first_tensor
 from ..run.lockstep import Passes
 from ..run.pipeline import Arrive, Context, Reference, calibrate
 from ..run.reference import ReferenceOutputs
-from .attention_inputs import ReferenceCapture, attach_calls, owner_of
+from .attention_inputs import ReferenceCapture, attach_calls, owner_of, refresh_pruned_weight
 from .gram import DEFAULT_MAX_GRAM_BYTES, Gram
 from .shared_gram import SharedInputs
 
@@ -52,13 +51,6 @@ __all__ = ["LayerStep", "LayerSteps", "ReferenceOutputs", "layerwise_", "refresh
 
 Layer = tuple[str, nn.Module]
 StepFn = Callable[[int, Gram], None]
-
-
-def refresh_pruned_weight(module: nn.Module, inputs: tuple) -> None:
-    """Recompute ``weight`` from ``weight_orig * weight_mask`` after ``weight_orig`` changed."""
-    for hook in list(module._forward_pre_hooks.values()):
-        if isinstance(hook, torch_prune.BasePruningMethod):
-            hook(module, inputs)
 
 
 class LayerStep:
