@@ -218,8 +218,9 @@ def bert_groups(model: nn.Module, *, inner: bool = True) -> list[PermGroup]:
 
 
 def transformer_groups(model: nn.Module, *, inner: bool = True) -> list[PermGroup] | None:
-    """Head-aware groups of a supported transformer, or None when ``model`` is not one
-    (the caller then traces the graph, which refuses attention in one line)."""
+    """Head-aware groups of a supported transformer, or None when ``model`` is not one (the
+    caller then traces the graph, which refuses attention in one line); an HF model with
+    attention heads of another family is refused here."""
     from torchvision.models.swin_transformer import SwinTransformer
     from torchvision.models.vision_transformer import VisionTransformer
 
@@ -229,14 +230,15 @@ def transformer_groups(model: nn.Module, *, inner: bool = True) -> list[PermGrou
         return vit_groups(model, inner=inner)
     if isinstance(model, SwinTransformer):
         return swin_groups(model, inner=inner)
-    kind = getattr(getattr(model, "config", None), "model_type", None)
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
     if kind == "gpt2" and type(model).__name__ in ("GPT2Model", "GPT2LMHeadModel"):
         return gpt2_groups(model, inner=inner)
     if kind == "llama" and type(model).__name__ in ("LlamaModel", "LlamaForCausalLM"):
         return llama_groups(model)
     if kind == "bert" and type(model).__name__ in ("BertModel", "BertForSequenceClassification"):
         return bert_groups(model, inner=inner)
-    if kind is not None:
+    if kind is not None and any(getattr(config, k, None) for k in ("num_attention_heads", "n_head", "num_heads")):
         raise GroupError(f"{type(model).__name__} ({kind}) is an HF model whose head-aware permutation groups are "
                          f"not built here (only {SUPPORTED}): use align='none'")
     return None
