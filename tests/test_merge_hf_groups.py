@@ -92,3 +92,16 @@ def test_models_whose_configs_set_other_head_counts_are_refused(build):
     with pytest.raises(ValueError, match=r"_heads?=4 in .* and 2 in .*same heads") as err:
         prepare_merge([build(0, heads=4), build(1, heads=2)], tokens(), align="weight")
     assert "\n" not in str(err.value)
+
+
+def test_other_hf_attention_is_refused_in_one_line_and_hf_cnns_go_on_to_tracing():
+    from prune_repair.merge import GroupError, transformer_groups
+
+    resnet = transformers.ResNetForImageClassification(transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3))
+    assert transformer_groups(resnet) is None
+    vit = transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    with pytest.raises(GroupError, match=r"ViTForImageClassification \(vit\) is an HF model whose head-aware") as err:
+        transformer_groups(vit)
+    assert "\n" not in str(err.value)
