@@ -203,3 +203,32 @@ def test_hf_merge_takes_align_size(hf_dirs, tmp_path):
     r = json.loads(report.read_text())
     assert r["align_size"] == 12  # matching on 12 sequences finds the permutation back: the merge is the model
     assert abs(r["curve"][0]["ppl_raw"] - r["endpoints"][0]["ppl"]) < 1e-5 * r["endpoints"][0]["ppl"]
+
+
+@pytest.mark.slow
+def test_hf_prune_under_torchrun_matches_one_process(hf_dirs, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    states = {}
+    for world in (1, 2):
+        out, report = tmp_path / f"out{world}", tmp_path / f"r{world}.json"
+        args = ["-m", "prune_repair", "prune", f"hf:{hf_dirs / 'gpt2'}", "--data", str(hf_dirs / "lm.pt"),
+                "--calib-size", "16", "--sparsity", "0.5", "--method", "fisher", "--repair", "repair",
+                "--device", "cpu", "--out", str(out), "--report", str(report)]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launch = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                                                      "2", "--master-addr", "127.0.0.1", "--master-port", str(port)]
+        result = subprocess.run(launch + args, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads(report.read_text())["world_size"] == world
+        states[world] = transformers.GPT2LMHeadModel.from_pretrained(str(out), local_files_only=True).state_dict()
+    for key, value in states[1].items():
+        assert torch.equal(value == 0, states[2][key] == 0), key  # the same Fisher mask
+        torch.testing.assert_close(states[2][key], value, rtol=1e-4, atol=1e-5)  # the same pooled repair

@@ -96,7 +96,9 @@ def _load_split(spec: str, model: torch.nn.Module, lm: bool) -> tuple[dict[str, 
 
 
 def load_hf_data(model: torch.nn.Module, data: str, eval_data: str | None, calib_size: int, seed: int,
-                 device: torch.device) -> HFData:
+                 device: torch.device, shard_calib: bool = False) -> HFData:
+    """Calibration draw and evaluation set; ``shard_calib``: under torchrun each rank keeps its share of the
+    calibration sequences (the engine pools every statistic across ranks), evaluation stays whole."""
     if calib_size < 2:
         raise DataError(f"--calib-size {calib_size} is too small: statistics need at least 2 samples")
     lm = is_causal_lm(model)
@@ -125,6 +127,13 @@ def load_hf_data(model: torch.nn.Module, data: str, eval_data: str | None, calib
                        {k: v[part] for k, v in ev_inputs.items()})
         if ev_labels is not None:
             label_batches.append(ev_labels[part])
+    if shard_calib and distributed.is_distributed():
+        if calib_size < 2 * distributed.world_size():
+            raise DataError(f"--calib-size {calib_size} leaves a rank fewer than 2 sequences: raise it to at least "
+                            f"{2 * distributed.world_size()}")
+        part = distributed.shard(calib_size)
+        calib = {k: v[part] for k, v in calib.items()}
+        calib_labels = None if calib_labels is None else calib_labels[part]
     return HFData({k: v.to(device) for k, v in calib.items()},
                   None if lm or calib_labels is None else calib_labels.to(device), batches, label_batches if not lm else None,
                   eval_data, n, "lm" if lm else "classifier")
@@ -148,7 +157,7 @@ IMAGE_ONLY = {"preprocess": "it sets the transforms of ImageFolder images", "wor
               "read ImageFolder images", "eval_size": "the HF path evaluates every --eval-data sequence"}
 
 
-def _check_options(unused: dict[str, Any], takes: tuple[str, ...] = ()) -> None:
+def _check_options(unused: dict[str, Any], takes: tuple[str, ...] = (), ranks: bool = False) -> None:
     """Refuse the options that do not apply to HF models, saying why (never ignore them)."""
     for option, why in IMAGE_ONLY.items():
         if unused.get(option) is not None:
@@ -156,10 +165,9 @@ def _check_options(unused: dict[str, Any], takes: tuple[str, ...] = ()) -> None:
     for option in ("goal_stats", "batch_size"):
         if unused.get(option) is not None and option not in takes:
             raise CheckpointError(f"--{option.replace('_', '-')} does not apply to this hf command: drop it")
-    if distributed.is_distributed():
-        raise CheckpointError("torchrun does not apply to hf models: their command reads its calibration sequences "
-                              "whole in every process and writes one model directory, so launch it as one process "
-                              "(--passes blockwise --offload cpu bounds the memory instead)")
+    if distributed.is_distributed() and not ranks:
+        raise CheckpointError("torchrun does not apply to this hf command: it does not split its calibration sequences "
+                              "across ranks (prune and repair do); launch it as one process")
 
 
 def _output_checks(out: str, report: str | None, inputs: list[str], force: bool) -> None:
@@ -176,14 +184,14 @@ def prune(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, ou
           prune_head=False, no_row_floor=False, allocation="global", block_size=128, fisher_samples=None,
           fisher_batch=1, damp=1e-5, obs_update=False, max_memory_gb=4.0, passes="lockstep", offload=None,
           batch_size=None, goal_stats=None, include_tied=False, **_: Any) -> None:
-    _check_options(_)
+    _check_options(_, ranks=True)
     arch = resolve_hf_arch(arch, [ckpt], arch_kwargs)
     method = PruneMethod.parse(method, "pruning method")
     _output_checks(out, report, [ckpt, arch, *goal_inputs(goal_stats)], force)
     model = load_hf_model(ckpt, arch).to(dev)
     check_finite(model)
     calib_size = calib_size_for(calib_size, "reconstruct" if method.reconstructs else mode)
-    d = load_hf_data(model, data, eval_data, calib_size, seed, dev)
+    d = load_hf_data(model, data, eval_data, calib_size, seed, dev, shard_calib=True)
     check_hf_fits(model, d)
     goal, goal_info = load_goal(goal_stats, model, d.calib, mode, include_classifier) if goal_stats else (None, None)
     options = method_options(method, fisher_samples, fisher_batch, damp, block_size, obs_update, max_memory_gb, seed,
@@ -192,7 +200,7 @@ def prune(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, ou
         if d.task == "classifier" and d.calib_labels is None:
             raise DataError(f"--method {method.value} on a classifier needs one class label per calibration "
                             "sequence: add 'labels' to --data")
-        options.num_grads = options.gradients_for(tok.num_sequences(d.calib))
+        options.num_grads = options.gradients_for(calib_size)  # every rank's share together
     run = prune_and_repair(
         model, (d.calib, d.calib_labels), sparsities, method=method, options=options,
         prune=PruneSettings(select=list(layers) or None, skip_first=skip_first, skip_classifier=skip_classifier,
@@ -202,7 +210,8 @@ def prune(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, ou
                               include_classifier=include_classifier, goal=goal, damping=damping),
         eval_data=lambda m: {"acc": math.nan, **d.evaluate(m)},
     )
-    save_hf_model(run.model, out, force=force)
+    if distributed.is_main_process():  # one directory, from rank 0 (every rank holds the same weights)
+        save_hf_model(run.model, out, force=force)
     rep = run.to_report()
     if d.task == "lm":
         rep["dense"] = {k: v for k, v in run.dense.items() if k in ("ppl", "loss")}
@@ -250,14 +259,14 @@ def _prune_table(run, d: HFData, out: str) -> Table:
 def repair(*, pruned, reference, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, out, report, force,
            mode, variant, include_classifier, damping, passes="lockstep", offload=None, batch_size=None,
            goal_stats=None, **_: Any) -> None:
-    _check_options(_)
+    _check_options(_, ranks=True)
     arch = resolve_hf_arch(arch, [reference, pruned], arch_kwargs)
     _output_checks(out, report, [pruned, reference, arch, *goal_inputs(goal_stats)], force)
     ref_model = load_hf_model(reference, arch).to(dev)
     model = load_hf_model(pruned, arch).to(dev)
     check_finite_models({"--reference": ref_model, "PRUNED": model})
     calib_size = calib_size_for(calib_size, mode)
-    d = load_hf_data(ref_model, data, eval_data, calib_size, seed, dev)
+    d = load_hf_data(ref_model, data, eval_data, calib_size, seed, dev, shard_calib=True)
     check_hf_fits(ref_model, d)
     goal, goal_info = load_goal(goal_stats, ref_model, d.calib, mode, include_classifier) if goal_stats else (None, None)
     settings = RepairSettings(mode, variant, passes=passes, offload=offload, batch_size=batch_size, progress=True,
@@ -267,7 +276,8 @@ def repair(*, pruned, reference, arch, arch_kwargs, data, eval_data, calib_size,
     result = settings.repair_(model, settings.reference(ref_model, d.calib), d.calib)
     seconds = time.perf_counter() - start
     metrics["after"] = d.evaluate(model)
-    save_hf_model(model, out, force=force)
+    if distributed.is_main_process():
+        save_hf_model(model, out, force=force)
     details = result.to_dict()
     write_report(report, {**metrics, "seconds": {"repair": seconds}, "sites": details["sites"],
                           **({"reconstruct": details["reconstruct"], "damping": damping} if "reconstruct" in details else {}),
