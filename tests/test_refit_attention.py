@@ -54,8 +54,8 @@ def _randomized(model: nn.Module) -> nn.Module:
 def _hf(kind: str) -> nn.Module:
     transformers = pytest.importorskip("transformers")
     if kind == "gpt2":
-        config = transformers.GPT2Config(vocab_size=24, n_positions=16, n_embd=8, n_layer=2, n_head=2,
-                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        config = transformers.GPT2Config(vocab_size=24, n_positions=16, n_embd=8, n_layer=2, n_head=2, bos_token_id=0,
+                                         eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         return transformers.GPT2LMHeadModel(config)
     config = transformers.LlamaConfig(vocab_size=24, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
@@ -234,3 +234,15 @@ def test_torch_prune_masks_on_attention_are_kept_and_the_weights_used_are_the_re
     with torch.no_grad():
         torch.testing.assert_close(model(data), plain(data), rtol=0, atol=1e-12)
     assert all(layer.error_after <= layer.error_before + 1e-9 for layer in report.layers)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_obs_n_m_on_hf_projections_along_each_layers_input(name):
+    from prune_repair.prune.obs import obs_prune_
+    model, data, attention = _case(name)
+    report = obs_prune_(model, data, "2:4", forward_fn=lambda m, b: m(**b))
+    assert set(attention) <= {layer.fqn for layer in report.layers} and report.achieved_sparsity == 0.5
+    for layer in report.layers:
+        weight = model.get_submodule(layer.fqn).weight
+        rows = weight.T if type(model.get_submodule(layer.fqn)).__name__ == "Conv1D" else weight
+        assert int((rows != 0).reshape(rows.shape[0], -1, 4).sum(-1).max()) <= 2, layer.fqn
