@@ -29,11 +29,13 @@ from .engine.correct.preserve import preserve_statistics
 from .engine.stats.goal import RecordStats, batchnorm_goal
 from .engine.refit.reconstruct import ReconstructReport, reconstruct_
 from .engine.correct.repair import repair_
+from .engine.correct.settings import RepairSettings
 from .engine.sites.find import Site, find_sites, make_filter
 from .engine.stats.activation import ActivationStats, ChannelStats, collect_stats
 
 # front end: pruning
 from .prune.pipeline import PruneRun, prune_and_repair
+from .prune.settings import PruneSettings
 from .prune import FisherOptions, PruneError, PruneMethod, PruneReport, find_targets, measure_sparsity, prune_, score_weights
 from .prune.structured import kept_channels, load_structured_, repair_structured_, save_structured
 
@@ -50,6 +52,7 @@ __all__ = [
     "Passes",
     "RepairMode",
     "RepairReport",
+    "RepairSettings",
     "Site",
     "SiteReport",
     "Variant",
@@ -75,6 +78,7 @@ __all__ = [
     "PruneMethod",
     "PruneReport",
     "PruneRun",
+    "PruneSettings",
     "find_targets",
     "kept_channels",
     "load_structured_",
