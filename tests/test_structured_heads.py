@@ -44,10 +44,11 @@ def test_heads_shrink_and_reload(heads, kv, left, tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
 
 
-def test_heads_refit_never_worse_than_dropping():
+@pytest.mark.parametrize("damping", [0.0, 1e-2, 1.0])
+def test_heads_refit_never_worse_than_dropping(damping):
     dense, batch = llama(4, 4).double(), tokens(16)
     refit, dropped = copy.deepcopy(dense), copy.deepcopy(dense)
-    result = prune_mlps_(refit, dense, batch, 0.0, heads=0.5, damping=0.0)
+    result = prune_mlps_(refit, dense, batch, 0.0, heads=0.5, damping=damping)
     prune_mlps_(dropped, dense, batch, 0.0, heads=0.5, refit="none", kept=result.kept)
     first = result.layers[0]
     assert first["kind"] == "heads" and first["error"] <= first["error_dropped"] + 1e-12

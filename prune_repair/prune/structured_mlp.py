@@ -12,9 +12,10 @@ consumer output on the same samples. From ``G = X^T X`` alone:
 - the consumer is then refitted (``refit``):
 
   ``ridge``  closed-form ridge over the kept units plus the bias, toward the dense outputs
-             (:func:`~prune_repair.engine.refit.ridge.masked_ridge`); the intercept absorbs
-             the removed units' mean contribution, and the target being the dense model's
-             output also undoes the drift of the blocks before;
+             (:func:`~prune_repair.engine.refit.ridge.masked_ridge`), its penalty
+             ``lam ||w - w_kept||^2`` pulling toward the kept weights as they are; the
+             intercept absorbs the removed units' mean contribution, and the target being the
+             dense model's output also undoes the drift of the blocks before;
   ``bias``   only the removed units' mean contribution ``W[:, removed] @ E[x_removed]`` is
              folded into the bias (FLAP-style compensation; nothing without a bias);
   ``none``   the units are dropped.
@@ -22,8 +23,9 @@ consumer output on the same samples. From ``G = X^T X`` alone:
 With ``heads``, whole attention heads of LLaMA-style attention go the same way, in module
 order with the MLPs (:mod:`.structured_heads`: the unit is a key/value group, ``o_proj`` is
 its consumer). The relative output error of every consumer before (units dropped) and after
-the refit is reported, computed from the same statistics. With ``damping`` 0 the ridge solution is the
-least-squares optimum over the kept units, so its error is never above the drop's.
+the refit is reported, computed from the same statistics. Since the kept weights as they are
+(the drop) are a candidate of the ridge problem with no penalty, the refit's error on the
+calibration data is never above the drop's, whatever the damping.
 
 Example:
     >>> import copy, torch
@@ -134,7 +136,8 @@ def refit_consumer(gram: Gram, consumer: nn.Module, kept: torch.Tensor, refit: R
         idx = torch.cat([kept, kept.new_tensor([width])]) if b is not None else kept
         G, C = gram.G[0][idx][:, idx], gram.C[0][idx]
         mask = torch.ones(1, W.shape[0], len(kept), dtype=torch.bool, device=G.device)
-        sol = masked_ridge(G[None], C[None], mask, damping=damping, intercept=b is not None).weight[0]
+        prior = rows[None]  # the ridge term pulls toward the kept weights as they are, not toward zero
+        sol = masked_ridge(G[None], C[None], mask, damping=damping, intercept=b is not None, prior=prior).weight[0]
         rows, bias = sol[:, :len(kept)], (sol[:, -1] if b is not None else None)
     elif refit is Refit.BIAS and b is not None:
         removed = torch.ones(width, dtype=torch.bool, device=W.device)
