@@ -8,8 +8,7 @@ from rich.table import Table
 from ..io.sources import draw_indices
 from ..io import load_model, resolve_arch, save_state_dict
 from ..prune.pipeline import PruneRun, parse_sparsities, prune_and_repair
-from ..prune.methods import DEFAULT_FISHER_SAMPLES, FisherOptions, PruneMethod
-from ..prune.obs import ObsOptions
+from ..prune.methods import DEFAULT_FISHER_SAMPLES, PruneMethod
 from ..engine.correct.modes import RepairMode
 from ..engine.correct.settings import RepairSettings
 from ..engine.checks import check_finite

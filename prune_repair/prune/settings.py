@@ -52,13 +52,3 @@ class PruneSettings:
         return find_targets(model, select=select if select is not None else self.select, skip_first=self.skip_first,
                             skip_classifier=self.skip_classifier, example_inputs=example_inputs,
                             include_tied=self.include_tied)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings for a report (a callable ``select`` shows as its name)."""
-        select = self.select
-        if callable(select):
-            select = getattr(select, "__name__", "callable")
-        elif select is not None and not isinstance(select, str):
-            select = list(select)
-        return {"layers": select, "skip_first": self.skip_first, "skip_classifier": self.skip_classifier,
-                "sparsity_config": self.sparsity_config, "prune_head": self.prune_head, "row_floor": self.floor}

@@ -130,12 +130,3 @@ class RepairSettings:
         extra = {"damping": self.damping, **self.reconstruct} if self.mode.reconstructs else {}
         return repair_(model, reference, self.batches(data), repair=self.mode, variant=self.variant,
                        forward_fn=forward_fn, **self.where(), **extra)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings that shape the result, for a report."""
-        out = {"repair": self.mode.value, "variant": Variant.parse(self.variant, "variant").value,  # type: ignore[union-attr]
-               "passes": self.passes.value, "offload": None if self.offload is None else str(self.offload),
-               "include_classifier": self.include_classifier}
-        if self.mode.reconstructs:
-            out["damping"] = self.damping
-        return out
