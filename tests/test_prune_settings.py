@@ -232,3 +232,27 @@ def test_hf_prune_under_torchrun_matches_one_process(hf_dirs, tmp_path):
     for key, value in states[1].items():
         assert torch.equal(value == 0, states[2][key] == 0), key  # the same Fisher mask
         torch.testing.assert_close(states[2][key], value, rtol=1e-4, atol=1e-5)  # the same pooled repair
+
+
+def test_hf_goal_stats_file_is_the_goal(hf_dirs, tmp_path):
+    from prune_repair import collect_stats
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dirs / "gpt2"), local_files_only=True).eval()
+    goal = tmp_path / "goal.pt"
+    collect_stats(model, tokens(n=16)).save(goal)
+    report = tmp_path / "r.json"
+    result = run(f"hf:{hf_dirs / 'gpt2'}", "--data", hf_dirs / "lm.pt", "--calib-size", 8, "--sparsity", "0.5",
+                 "--repair", "repair", "--goal-stats", goal, "--out", tmp_path / "o", "--report", report)
+    assert result.exit_code == 0, result.output
+    r = json.loads(report.read_text())
+    assert r["goal_stats"]["source"] == str(goal) and r["goal_stats"]["sites"] == len(r["results"][0]["sites"])
+
+
+def test_fisher_on_an_hf_image_classifier_uses_its_labels():
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=32, num_labels=3)
+    model = transformers.ViTForImageClassification(config).eval()
+    x, y = {"pixel_values": torch.randn(8, 3, 16, 16)}, torch.arange(8) % 3
+    run_ = prune_and_repair(model, (x, y), [0.5], method="fisher", repair="none", eval_data=no_eval)
+    assert abs(run_.rows[0].achieved_sparsity - 0.5) < 1e-3
