@@ -148,7 +148,8 @@ def test_hf_prune_per_site_writes_the_same_model_as_lockstep(hf_dirs, tmp_path, 
 
 @pytest.mark.parametrize("args", [["--repair", "auto"], ["--repair", "reconstruct"], ["--method", "obs"]])
 def test_prune_blockwise_writes_the_same_checkpoint_as_lockstep(tmp_path, args):
-    base = ["zoo:mnist-cnn", "--data", "mnist:test", "--calib-size", 64, "--batch-size", 16, "--sparsity", "0.8", *args]
+    base = ["zoo:mnist-cnn", "--data", "mnist:test", "--eval-size", 64, "--calib-size", 64, "--batch-size", 16,
+            "--sparsity", "0.8", *args]
     assert run(*base, "--out", tmp_path / "a.pt").exit_code == 0
     spill = tmp_path / "spill"
     result = run(*base, "--passes", "blockwise", "--offload", spill, "--out", tmp_path / "b.pt",
