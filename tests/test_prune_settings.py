@@ -257,3 +257,20 @@ def test_fisher_on_an_hf_image_classifier_uses_its_labels():
     x, y = {"pixel_values": torch.randn(8, 3, 16, 16)}, torch.arange(8) % 3
     run_ = prune_and_repair(model, (x, y), [0.5], method="fisher", repair="none", eval_data=no_eval)
     assert abs(run_.rows[0].achieved_sparsity - 0.5) < 1e-3
+
+
+def test_obs_leaves_a_tied_head_alone_unless_asked():
+    from prune_repair import prune_
+
+    batch = tokens(n=16)
+    model = tiny_gpt2()
+    embedding = model.transformer.wte.weight.detach().clone()
+    with pytest.warns(UserWarning, match="tied"):
+        prune_and_repair(model, (batch, None), [0.5], method="obs", prune=PruneSettings(prune_head=True),
+                         eval_data=no_eval)
+    report = prune_(model, 0.5, "obs", batch, prune_head=True)
+    assert "lm_head" not in {la["fqn"] for la in report.layers}
+    assert torch.equal(model.transformer.wte.weight, embedding)
+    report = prune_(model, 0.5, "obs", batch, prune_head=True, include_tied=True)
+    assert "lm_head" in {la["fqn"] for la in report.layers}
+    assert bool((model.transformer.wte.weight == 0).any())  # the embedding it is tied to is pruned with it

@@ -230,7 +230,7 @@ def prune_(
     select = head_filter(model, select, prune_head, sparsity_config)
     if method.reconstructs:
         return prune_with_obs(model, sparsity, data, obs or ObsOptions(), select, skip_first, skip_classifier, style,
-                              sparsity_config, floor, obs_passes or {})
+                              sparsity_config, floor, obs_passes or {}, include_tied)
     if obs_passes:
         raise PruneError(f"obs_passes= applies to method='obs' only, not to '{method.value}'")
     options = options or FisherOptions()

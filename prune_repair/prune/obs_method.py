@@ -13,7 +13,8 @@ from torch import nn
 
 from ..engine.refit.attention_layers import covered_owners, layer_module
 from ..engine.run.forward import as_batches
-from ..engine.sites.find import Selector
+from ..engine.checks import parameter_holders
+from ..engine.sites.find import Selector, make_filter
 from .allocate import warn_empty
 from .masks import MaskStyle, sparsity_all_params
 from .nm import NMPattern
@@ -24,9 +25,10 @@ from .targets import PruneError, Target, find_targets
 
 def prune_with_obs(model: nn.Module, sparsity: float | NMPattern, data: Any, obs: ObsOptions, select: Selector,
                    skip_first: bool, skip_classifier: bool, style: MaskStyle, config: dict[str, float] | None,
-                   floor: bool, passes: dict[str, Any] | None = None) -> PruneReport:
+                   floor: bool, passes: dict[str, Any] | None = None, include_tied: bool = False) -> PruneReport:
     """Prune ``model`` in place with obs (see :func:`~prune_repair.prune.prune_` for the arguments; ``passes``:
-    its ``obs_passes``)."""
+    its ``obs_passes``). A weight tied to another module is left out unless ``include_tied``, as for every method."""
+    select = select if include_tied else _untied(model, select)
     if data is None:
         raise PruneError("obs pruning reconstructs each layer on calibration data: pass data=x (or (x, y))")
     if style is not MaskStyle.ZEROS:
@@ -47,6 +49,17 @@ def prune_with_obs(model: nn.Module, sparsity: float | NMPattern, data: Any, obs
                        {la.fqn: la.sparsity for la in result.layers}, {"score": 0.0, "mask": sum(result.seconds.values())},
                        masks, sparsity_all_params(model), [{**la.to_dict(), "pattern": pattern} for la in result.layers],
                        pattern)
+
+
+def _untied(model: nn.Module, select: Selector) -> Selector:
+    """``select`` without the layers whose weight another module also holds (GPT-2's lm_head is the embedding)."""
+    holders = parameter_holders(model)
+    tied = {fqn for fqn, m in model.named_modules()
+            if isinstance(getattr(m, "weight", None), nn.Parameter) and len(holders.get(id(m.weight), [])) > 1}
+    if not tied:
+        return select
+    base = make_filter(select)
+    return lambda module, fqn: fqn not in tied and (base is None or base(module, fqn))
 
 
 def _warn_left_dense(model: nn.Module, pruned: set[str], select: Selector, skip_first: bool, skip_classifier: bool,
