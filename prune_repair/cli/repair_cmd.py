@@ -9,8 +9,7 @@ import click
 from ..metrics.classify import evaluate
 from ..io import load_model, resolve_arch, save_state_dict
 from ..engine.correct.modes import RepairMode, Variant
-from ..engine.correct.repair import repair_
-from ..engine.stats.activation import collect_stats
+from ..engine.correct.settings import RepairSettings
 from .main import main
 from . import hf_cmd
 from .goal_option import goal_inputs, goal_note, goal_stats_option, load_goal
@@ -86,13 +85,10 @@ def repair_command(pruned, reference, arch, arch_kwargs, data, eval_data, calib_
 
     metrics = {"reference": evaluate(ref_model, d.eval_x, d.eval_y), "before": evaluate(model, d.eval_x, d.eval_y)}
     start = time.perf_counter()
-    if reconstructs:  # the layers are refitted to the reference's outputs (its zeros mask kept)
-        result = repair_(model, ref_model, d.calib_batches, repair=mode, variant=variant, damping=damping,
-                         passes=passes, offload=offload, progress=True)
-    else:
-        goal = goal if goal is not None else collect_stats(ref_model, d.calib_batches, include_classifier=include_classifier)
-        result = repair_(model, goal, d.calib_batches, repair=mode, variant=variant, passes=passes, offload=offload,
-                         progress=True)
+    settings = RepairSettings(mode, variant, passes=passes, offload=offload, progress=True,
+                              include_classifier=include_classifier, goal=goal, damping=damping)
+    # reconstruct: the layers refitted to the reference's outputs (its zeros kept); else toward its statistics
+    result = settings.repair_(model, settings.reference(ref_model, d.calib_batches), d.calib_batches)
     seconds = time.perf_counter() - start
     metrics["after"] = evaluate(model, d.eval_x, d.eval_y)
 
