@@ -12,6 +12,7 @@ from torch import nn
 
 from prune_repair import repair_
 from prune_repair.cli import main
+from prune_repair.engine.refit.attention_layers import layer_module
 from prune_repair.engine.refit.gram import row_view
 from prune_repair.engine.stats.activation import collect_stats
 from prune_repair.prune import PruneError, find_targets, prune_
@@ -25,9 +26,8 @@ transformers = pytest.importorskip("transformers")
 
 
 def _layers_follow(model: nn.Module, fqns: list[str], pattern: NMPattern) -> None:
-    modules = dict(model.named_modules())
     for fqn in fqns:
-        module = modules[fqn]
+        module = layer_module(model, fqn)  # obs reports a packed in-projection's rows as '<attention>.in_proj:q|k|v'
         weight = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
         rows = row_view(module, weight.detach())
         assert follows_pattern(rows, pattern), fqn
