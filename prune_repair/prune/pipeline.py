@@ -40,7 +40,7 @@ from .report import PruneReport
 from .settings import PruneSettings
 from .nm import NMPattern, check_divides, is_pattern_text, parse_sparsity
 from .sparsity_config import layer_sparsities
-from .targets import PruneError
+from .targets import PruneError, Target
 from .woodfisher import check_woodfisher_memory
 from ..engine.correct.modes import RepairMode
 from ..engine.correct.settings import RepairSettings
@@ -179,14 +179,7 @@ def prune_and_repair(
     select = head_filter(model, prune.select, prune.prune_head, prune.sparsity_config)
     x, y = calib
     evaluate_ = eval_data if callable(eval_data) else _evaluator(eval_data if eval_data is not None else calib)
-    targets = prune.targets(model, head(x, 2), select)
-    if isinstance(sparsities[0], NMPattern) and not method.reconstructs:  # refuse before any work
-        check_divides(targets, sparsities[0])
-    if prune.sparsity_config is not None:
-        layer_sparsities(targets, prune.sparsity_config)
-    if method is PruneMethod.WOODFISHER:  # refuse before any work, not after the dense evaluation
-        o = options or FisherOptions()
-        check_woodfisher_memory(targets, o.block_size, o.dtype, o.rank, o.max_memory_gb)
+    targets = _checked_targets(model, head(x, 2), select, method, options, prune, sparsities[0])
     start = time.perf_counter()
     dense = evaluate_(model)
     seconds = {"evaluate": time.perf_counter() - start}
@@ -211,18 +204,34 @@ def prune_and_repair(
         seconds["evaluate"] += time.perf_counter() - start - repair_seconds
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tied-weight warning was given once already
-            achieved = measure_sparsity(prune.targets(pruned, head(x, 2), select))
-        row = PruneRow(
-            report.sparsity, achieved.fraction, before["acc"], before["loss"], after["acc"], after["loss"],
-            {"prune": report.seconds["score"] + report.seconds["mask"], "repair": repair_seconds}, dead,
-            sparsity_all_params(pruned),
-            {**correction, **({"prune_layers": report.layers} if method.reconstructs else {})},
-            report.pattern, report.layers,
-        )
+            achieved = measure_sparsity(prune.targets(pruned, head(x, 2), select)).fraction
+        extra = {"prune_layers": report.layers} if method.reconstructs else {}
+        row = _row(report, achieved, before, after, repair_seconds, dead, pruned, {**correction, **extra})
         rows.append(row)
         if on_row is not None:
             on_row(row)
     return PruneRun(method.value, settings.mode.value, dense, rows, pruned, seconds, notes)
+
+
+def _row(report: PruneReport, achieved: float, before: Metrics, after: Metrics, repair_seconds: float, dead: int,
+         pruned: nn.Module, correction: dict[str, Any]) -> PruneRow:
+    return PruneRow(report.sparsity, achieved, before["acc"], before["loss"], after["acc"], after["loss"],
+                    {"prune": report.seconds["score"] + report.seconds["mask"], "repair": repair_seconds}, dead,
+                    sparsity_all_params(pruned), correction, report.pattern, report.layers)
+
+
+def _checked_targets(model: nn.Module, example: Any, select: Any, method: PruneMethod, options: Any,
+                     prune: PruneSettings, first: float | NMPattern) -> list[Target]:
+    """The prunable layers, once what would fail later (an N:M width, a config, WoodFisher's memory) is refused."""
+    targets = prune.targets(model, example, select)
+    if isinstance(first, NMPattern) and not method.reconstructs:
+        check_divides(targets, first)
+    if prune.sparsity_config is not None:
+        layer_sparsities(targets, prune.sparsity_config)
+    if method is PruneMethod.WOODFISHER:  # before the dense evaluation, not after it
+        o = options or FisherOptions()
+        check_woodfisher_memory(targets, o.block_size, o.dtype, o.rank, o.max_memory_gb)
+    return targets
 
 
 def _check_options(method: PruneMethod, options: Any) -> None:
