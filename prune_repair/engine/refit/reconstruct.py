@@ -1,6 +1,7 @@
 """Reconstruction: rebuild each layer's output from the weights that remain (ARCHITECTURE.md, "Reconstruction").
 
-:func:`reconstruct_` solves, per conv/linear layer in execution order, a ridge least-squares
+:func:`reconstruct_` solves, per conv/linear layer in execution order (attention q/k/v rows and
+out_proj, ``F.linear`` sites: :mod:`.attention_layers`), a ridge least-squares
 problem for every output row over its NONZERO weights (plus the bias): the input is what the
 operated model feeds the layer with all upstream layers already reconstructed, the target is
 the reference model's output of the same layer on the same samples. Zeros stay exactly zero;
@@ -114,7 +115,7 @@ def reconstruct_(
         reference: the unoperated network of the same architecture (not ``model`` itself).
         data: calibration data: one batch, or a list of batches (they accumulate).
         select: layers to reconstruct (``filter_fn(module, fqn)``, FQNs or ``re:``
-            patterns); default: every Conv1d/Conv2d/Linear layer, the classifier included.
+            patterns); default: every conv/linear layer and attention projection, the classifier included.
         damping: ridge ``lambda`` relative to the mean diagonal of the layer's Gram matrix.
         kept: layer FQN -> indices of the reference's output channels the (structurally
             pruned) layer kept; the layer is fitted to those channels of the reference.
