@@ -211,6 +211,31 @@ def _(i):
     prune.woodfisher_scores(inv, targets)
 
 
+@case("prune_repair.prune.input_norms / wanda_scores")
+def _(i):
+    targets = prune.find_targets(i.cnn, example_inputs=i.x[:2])
+    prune.input_norms(i.cnn, targets, i.x)
+    prune.wanda_scores(i.cnn, targets, i.x)
+
+
+@case("prune_repair.prune.structured_prune")
+def _(i):
+    small = prune.structured_prune(i.mlp_a, i.xm, 0.25, latency_runs=1)
+    assert small is not None
+
+
+@case("prune_repair.merge.transformer_groups")
+def _(i):
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = prepared(VisionTransformer(image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+                                     num_classes=3))
+    i.extra.update(vit=vit)
+    assert merge.transformer_groups(vit)
+    assert merge.transformer_groups(i.mlp_a) is None
+
+
 @case("prune_repair.prune.pipeline.prune_and_repair")
 def _(i):
     pipeline.prune_and_repair(i.cnn, (i.x, i.y), [0.5, 0.9])
