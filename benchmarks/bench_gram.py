@@ -69,6 +69,30 @@ def gram_seconds(model: nn.Module, calib: torch.Tensor, precision: str, method: 
     return clock() - start
 
 
+def rounding_table(model: nn.Module, calib: torch.Tensor) -> list[str]:
+    """Relative distance of float32 Grams to the float64 im2col Gram on the dense model's layer inputs."""
+    inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: inputs.__setitem__(n, (a[0].clone(), o)))
+             for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(calib)
+    for h in hooks:
+        h.remove()
+    modules = dict(model.named_modules())
+    rows = ["| layer | input | setting | G (Frobenius) | G (largest entry) | C (Frobenius) |", "|---|---|---|---:|---:|---:|"]
+    for name, (x, y) in inputs.items():
+        ref = Gram.for_layer(modules[name], precision="float64", method="im2col")
+        ref.add(x, y)
+        for precision, method in (("float32", "im2col"), ("float32", "auto")):
+            gram = Gram.for_layer(modules[name], precision=precision, method=method)
+            gram.add(x, y)
+            g_rel = float((gram.G - ref.G).norm() / ref.G.norm())
+            g_max = float((gram.G - ref.G).abs().max() / ref.G.abs().max())
+            c_rel = float((gram.C - ref.C).norm() / ref.C.norm())
+            rows.append(f"| {name} | {list(x.shape)} | {precision} {method} | {g_rel:.1e} | {g_max:.1e} | {c_rel:.1e} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.9)
@@ -78,6 +102,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=sorted(CLOCK), default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--rounding", action="store_true",
+                        help="only the rounding of float32 Grams vs float64 im2col, on every conv of the dense model")
     args = parser.parse_args()
     global clock
     clock = CLOCK[args.clock]
@@ -88,6 +114,20 @@ def main() -> None:
     calib = F.interpolate(digits, size=args.size, mode="bilinear").expand(-1, 3, -1, -1).contiguous()
     calib = (calib - calib.mean()) / calib.std()
     dense = torchvision.models.resnet18().eval()
+    if args.rounding:
+        table = rounding_table(dense, calib)
+        print("\n".join(table))
+        if args.write:
+            replace_section(RESULTS, "\n".join([
+                "<!-- gram-rounding:start -->",
+                "### Rounding of float32 Gram products (issue 21)", "",
+                f"Each conv of torchvision resnet18 (random init) on its input from {args.calib} MNIST digits at "
+                f"{args.size}x{args.size}: distance of the float32 statistics (products per chunk in float32, sums "
+                "across chunks in float64; `auto` uses the correlation Gram where it applies) to the float64 im2col "
+                "ones, relative to the latter's norm or largest entry. The ridge damping is 1e-2 of the mean diagonal.",
+                "", f"Reproduce: `python benchmarks/bench_gram.py --rounding --calib {args.calib} --size {args.size} "
+                "--write`", "", *table, "<!-- gram-rounding:end -->"]))
+        return
     pruned = copy.deepcopy(dense)
     prune_(pruned, args.sparsity, method="global-magnitude")
 

@@ -29,6 +29,11 @@ from __future__ import annotations
 import torch
 
 
+PRODUCT_ROWS = 1024
+"""Rows per float32 product: thin products (few channels) sum their rows one after another, and
+their rounding grew to 1e-5 over 7,000 rows of image-like input."""
+
+
 def _offsets(kh: int, kw: int) -> list[tuple[int, int]]:
     """Offsets ``(u, v)`` of one half plane (the others are transposes)."""
     return [(u, v) for u in range(kh) for v in range(-(kw - 1), kw) if u > 0 or v >= 0]
@@ -94,7 +99,7 @@ def add_correlation_gram_(out: torch.Tensor, xl: torch.Tensor, kernel: tuple[int
             right = flat.index_select(0, border.reshape(-1) + (u * wp + v)).view(len(pairs), -1, c)
             blocks = blocks + _product(left, right, g)
         ia, ib = torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs])
-        blocks = blocks.expand(len(pairs), -1, -1, -1)
+        blocks = blocks.to(full.dtype).expand(len(pairs), -1, -1, -1)
         full[:, ia, ib, :, ia + u, ib + v] = blocks
         if (u, v) != (0, 0):  # the blocks at the opposite offset are the transposes
             full[:, ia + u, ib + v, :, ia, ib] = blocks.transpose(-1, -2)
@@ -102,7 +107,7 @@ def add_correlation_gram_(out: torch.Tensor, xl: torch.Tensor, kernel: tuple[int
 
 
 def correlation_cross(xl: torch.Tensor, y: torch.Tensor, kernel: tuple[int, int], groups: int) -> torch.Tensor:
-    """``X^T Y`` of a stride-1 conv, ``(groups, d, out/groups)`` in ``xl``'s dtype, from the
+    """``X^T Y`` of a stride-1 conv, ``(groups, d, out/groups)`` float64 (products in ``xl``'s dtype), from the
     :func:`positions_first` input and the targets ``y`` ``(N, out, Ho, Wo)``: one product per
     kernel tap over the shifted window, no patch matrix.
 
@@ -118,11 +123,13 @@ def correlation_cross(xl: torch.Tensor, y: torch.Tensor, kernel: tuple[int, int]
     ho, wo = hp - kh + 1, wp - kw + 1
     out = y.shape[1]
     targets = y.to(xl.dtype).permute(2, 3, 0, 1).reshape(-1, groups, out // groups).transpose(0, 1)  # (g, M, o)
-    cross = xl.new_empty(groups, c // groups, kh, kw, out // groups)
+    cross = xl.new_empty(groups, c // groups, kh, kw, out // groups, dtype=torch.float64)
     for a in range(kh):
         for b in range(kw):
             window = xl[a:a + ho, b:b + wo].reshape(-1, groups, c // groups).transpose(0, 1)  # (g, M, C/g)
-            cross[:, :, a, b] = torch.bmm(window.transpose(1, 2), targets)
+            cross[:, :, a, b] = sum(torch.bmm(window[:, s:s + PRODUCT_ROWS].transpose(1, 2),
+                                              targets[:, s:s + PRODUCT_ROWS]).double()
+                                    for s in range(0, window.shape[1], PRODUCT_ROWS))
     return cross.view(groups, -1, out // groups)
 
 
@@ -130,6 +137,9 @@ def _product(left: torch.Tensor, right: torch.Tensor, g: int) -> torch.Tensor:
     """``left^T right`` per group over rows of positions and samples: ``(..., rows, C)`` pairs give
     ``(..., g, C/g, C/g)``."""
     *batch, m, c = left.shape
+    if left.dtype != torch.float64 and m > PRODUCT_ROWS:  # float32 partial sums, added in float64
+        return sum(_product(left[..., s:s + PRODUCT_ROWS, :], right[..., s:s + PRODUCT_ROWS, :], g).double()
+                   for s in range(0, m, PRODUCT_ROWS))
     if g == 1:
         return torch.matmul(left.transpose(-1, -2), right).unsqueeze(-3)
     lhs = left.reshape(-1, m, g, c // g).permute(0, 2, 3, 1).reshape(-1, c // g, m)

@@ -48,8 +48,8 @@ from torch import nn
 
 from ..run import distributed
 from ..producers import is_conv1d
-from .conv_gram import conv_method, conv_patches, kernel_of, output_size, pad_input, patch_sums, patch_view
-from .corr_gram import add_correlation_gram_, correlation_cross, positions_first
+from .conv_gram import conv_method, conv_patches, output_size, pad_input, patch_view
+from .chunk_products import centered_products, correlation_products
 from .gram_options import GramMethod, GramPrecision, compute_dtype, current_options
 
 if TYPE_CHECKING:
@@ -89,6 +89,8 @@ def rows_to_weight(module: nn.Module, rows: torch.Tensor, like: torch.Tensor) ->
 
 DEFAULT_MAX_GRAM_BYTES = 4 * 2**30
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+FLOAT32_CHUNK_ROWS = 8192
+"""Most rows summed in one float32 product (its rounding grows with the rows)."""
 def layer_shape(module: nn.Module) -> tuple[int, int, int]:
     """``(groups, d_in, out)`` of a conv/linear layer: ``d_in`` columns per group, ``out`` rows in all.
 
@@ -211,6 +213,7 @@ class Gram:
             if len(x_rows) != len(y_rows):
                 raise ValueError(f"layer '{self.name}': {len(x_rows)} input rows but {len(y_rows)} target rows")
             step = max(1, chunk_bytes // (ct.itemsize * (d + 1)))
+            step = step if ct == torch.float64 else min(step, FLOAT32_CHUNK_ROWS)
             for start in range(0, len(x_rows), step):
                 self._accumulate(x_rows[start:start + step].unsqueeze(0), y_rows[start:start + step], ct, with_gram)
             return
@@ -218,13 +221,14 @@ class Gram:
         n = x.shape[0]
         padded_one = pad_input(self.module, x[:1])
         ho, wo = output_size(self.module, padded_one)
+        most = n if ct == torch.float64 else max(1, FLOAT32_CHUNK_ROWS // (ho * wo))  # samples per chunk
         if conv_method(self.module, (ho, wo), self.method, n) is GramMethod.CORRELATION:
-            step = max(1, chunk_bytes // max(1, ct.itemsize * padded_one[0].numel()))
+            step = min(most, max(1, chunk_bytes // max(1, ct.itemsize * padded_one[0].numel())))
             for start in range(0, n, step):
                 self._correlate(pad_input(self.module, x[start:start + step]).to(ct), y[start:start + step], with_gram)
             return
         y_rows = _target_rows(self.module, y, out, self.name)
-        step = max(1, chunk_bytes // max(ct.itemsize * ho * wo * g * (d + 1), 1))
+        step = min(most, max(1, chunk_bytes // max(ct.itemsize * ho * wo * g * (d + 1), 1)))
         for start in range(0, n, step):
             patches = patch_view(self.module, x[start:start + step])  # a strided view, not copied
             self._accumulate(patches, y_rows[start * ho * wo:(start + step) * ho * wo], ct, with_gram)
@@ -242,31 +246,22 @@ class Gram:
             if with_gram:
                 self.G.baddbmm_(buf.transpose(1, 2), buf)
             self.C.baddbmm_(buf.transpose(1, 2), y)
-        else:  # products of this chunk in float32, summed across chunks in float64
+        else:  # products of this chunk in float32 about its column means, summed across chunks in float64
+            gram, cross = centered_products(buf, y, with_gram=with_gram)
             if with_gram:
-                self.G += torch.bmm(buf.transpose(1, 2), buf)
-            self.C += torch.bmm(buf.transpose(1, 2), y)
+                self.G += gram
+            self.C += cross
         self.yy.add_(y_rows.to(device=self.G.device, dtype=torch.float64).square().sum(0))
         self.rows += m
 
     def _correlate(self, padded: torch.Tensor, y: torch.Tensor, with_gram: bool) -> None:
         """One chunk of a conv by the correlation Gram (``padded`` in the compute dtype): no patch matrix."""
-        d, g = self.d_in, self.groups
-        rows = y.shape[0] * math.prod(y.shape[2:])
-        xl, kernel = positions_first(padded), kernel_of(self.module)
-        y4 = y.reshape(y.shape[0], y.shape[1], *output_size(self.module, padded))
+        gram, cross = correlation_products(self.module, padded, y.to(self.G.device), with_gram=with_gram)
         if with_gram:
-            add_correlation_gram_(self.G[:, :d, :d], xl, kernel)
-            sums = patch_sums(self.module, padded)
-            self.G[:, :d, d] += sums
-            self.G[:, d, :d] += sums
-            self.G[:, d, d] += rows
-        self.C[:, :d] += correlation_cross(xl, y4, kernel, g)
-        y = y.to(device=self.G.device, dtype=torch.float64)
-        dims = [i for i in range(y.dim()) if i != 1]
-        self.C[:, d] += y.sum(dims).view(g, -1)
-        self.yy += y.square().sum(dims)
-        self.rows += rows
+            self.G += gram
+        self.C += cross
+        self.yy += y.to(device=self.G.device, dtype=torch.float64).square().sum([i for i in range(y.dim()) if i != 1])
+        self.rows += y.shape[0] * math.prod(y.shape[2:])
 
     def relative_error(self, weight: torch.Tensor, *, intercept: bool = True) -> torch.Tensor:
         """``||Y - X w|| / ||Y||`` over the whole layer, from the statistics alone.
