@@ -175,7 +175,7 @@ def findings(raw: dict) -> list[str]:
     lines += ["", "How this compares with the two anchors of issue 20 (their papers' own numbers are on other models "
               "and are not restated here): FLAP compensates removed structures with a bias only (the removed units' "
               "mean output), which is the `bias` column: it keeps each layer's mean output but not its variation, "
-              "and on these transformers at 0.25 it recovers a minority of what dropping loses (at 0.5 on GPT-2 it is worse than dropping). CORP-style closed-form ridge "
+              "and on these transformers at 0.25 it recovers a minority of what dropping loses (at 0.5 on GPT-2 it is worse than dropping; LLaMA's down projection has no bias, so there `bias` equals `drop`). CORP-style closed-form ridge "
               "compensation solves for the remaining weights of the consumer layer, which is the `reconstruct` "
               "column; here it runs block by block with the dense model's outputs as targets (so it also undoes "
               "the drift of the blocks before) and recovers most of the loss. Choosing the units by greedy "
@@ -195,7 +195,7 @@ def write(raw: dict, threads: int) -> None:
              "chosen by greedy least-squares elimination instead of the score, then the same refit. Accuracy in %, "
              "perplexity for LMs (lower is better). Seconds: the reconstruct run (scoring, refit, latency timing). "
              "Params = after / before; latency = median forward time on the calibration batch over the dense "
-             "model's (interleaved runs, noisy on this shared 2-core machine).", ""]
+             "model's (interleaved runs, noisy on this shared 2-core machine: ratios above 1 at 0.1 are that noise).", ""]
     for name, all_rows in raw.items():
         rows = [r for r in all_rows if "heads" not in r]
         metric, kind = rows[0]["metric"], rows[0]["kind"]
