@@ -113,7 +113,7 @@ def test_gram_options_set_the_defaults_for_a_block():
 def test_layers_reading_the_same_input_share_one_gram(make):
     torch.manual_seed(2)
     q, k, v = make(), make(), make()
-    x = torch.randn(4, 16, 6, 6) if isinstance(q, nn.Conv2d) else torch.randn(4, 5, 6)
+    x = torch.randn(8, 16, 16, 16) if isinstance(q, nn.Conv2d) else torch.randn(4, 5, 6)  # conv: by correlation
     shared, grams = SharedInputs(), []
     for layer in (q, k, v):
         gram = Gram.for_layer(layer)
