@@ -36,8 +36,9 @@ from .prune_notes import print_prune_notes
 from ..prune.pipeline import prune_and_repair
 from .goal_option import goal_inputs, goal_note, load_goal
 from .method_options import fisher_settings, method_options
-from .common import (calib_size_for, check_finite_models, console, print_repair_notes, progress, repair_title,
-                     write_report)
+from .common import check_finite_models
+from .data_loading import calib_size_for
+from .output import console, print_repair_notes, repair_title, write_report
 
 EVAL_BATCH = 32
 

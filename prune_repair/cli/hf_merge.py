@@ -23,8 +23,9 @@ from ..merge import prepare_merge
 from ..io.outputs import atomic_write, check_output_path
 from ..merge.barrier import alpha_grid, plot_points, require_matplotlib
 from . import hf_cmd
-from .common import (calib_size_for, check_finite_models, out_console, print_repair_notes, progress,
-                     write_report, written)
+from .common import check_finite_models
+from .data_loading import calib_size_for
+from .output import out_console, print_repair_notes, progress, write_report, written
 
 
 def _barrier(endpoints: list[dict], points: list[dict], key: str, higher_is_better: bool) -> float | None:

@@ -17,10 +17,11 @@ __all__ = ["main"]
 
 class OneLineErrorGroup(click.Group):
     """A group whose usage errors are one line on stderr with exit code 2 (no usage dump),
-    and under which SIGTERM cleans up like Ctrl-C (see :class:`.common.Terminated`)."""
+    and under which SIGTERM cleans up like Ctrl-C (see :class:`.errors.Terminated`)."""
 
     def main(self, *args, **kwargs):
-        from .common import EXIT_INTERRUPTED, console, one_line
+        from .errors import EXIT_INTERRUPTED, one_line
+        from .output import console
 
         kwargs["standalone_mode"] = False
         try:
@@ -40,9 +41,9 @@ class OneLineErrorGroup(click.Group):
 
 @contextlib.contextmanager
 def _sigterm_as_exception() -> Iterator[None]:
-    """While a command runs, SIGTERM raises :class:`.common.Terminated` (when the default
+    """While a command runs, SIGTERM raises :class:`.errors.Terminated` (when the default
     action would kill the process), so temporary files are removed on the way out."""
-    from .common import Terminated
+    from .errors import Terminated
 
     def terminate(signum, frame):
         raise Terminated()

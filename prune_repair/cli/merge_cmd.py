@@ -19,9 +19,10 @@ from ..merge.barrier import BarrierCurve, CurvePoint, alpha_grid, plot_curve, re
 from ..engine.correct.modes import RepairMode, Variant
 from . import hf_cmd, hf_merge
 from .main import main
-from .common import (BATCH_SIZE, calib_size_for, check_fits, check_outputs, common_options, data_options,
-                     handle_errors, load_data, metrics_table, out_console, print_repair_notes, progress,
-                     resolve_device, write_report, written)
+from .common import check_outputs, common_options, resolve_device
+from .data_loading import BATCH_SIZE, calib_size_for, check_fits, data_options, load_data
+from .errors import handle_errors
+from .output import metrics_table, out_console, print_repair_notes, progress, write_report, written
 from ..engine.run.distributed import shard
 from ..io.sources import draw_indices
 

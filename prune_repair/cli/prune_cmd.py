@@ -21,23 +21,10 @@ from .method_options import fisher_settings, method_options
 from ..prune.sparsity_config import load_sparsity_config
 from ..prune.settings import PruneSettings
 from .goal_option import goal_inputs, goal_note, goal_stats_option, load_goal
-from .common import (
-    calib_size_for,
-    check_passes,
-    damping_option,
-    passes_option,
-    check_fits,
-    check_outputs,
-    common_options,
-    console,
-    data_options,
-    handle_errors,
-    load_data,
-    out_console,
-    written,
-    resolve_device,
-    write_report,
-)
+from .common import check_passes, damping_option, passes_option, check_outputs, common_options, resolve_device
+from .data_loading import calib_size_for, check_fits, data_options, load_data
+from .errors import handle_errors
+from .output import console, out_console, written, write_report
 
 
 @main.command("prune")

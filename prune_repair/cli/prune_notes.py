@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 from ..prune.pipeline import PruneRun
-from .common import console, repair_notes, some
+from .output import console, repair_notes, some
 
 
 def prune_notes(run: PruneRun) -> list[str]:

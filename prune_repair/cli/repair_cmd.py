@@ -13,27 +13,11 @@ from ..engine.correct.settings import RepairSettings
 from .main import main
 from . import hf_cmd
 from .goal_option import goal_inputs, goal_note, goal_stats_option, load_goal
-from .common import (
-    check_finite_models,
-    check_passes,
-    calib_size_for,
-    damping_option,
-    passes_option,
-    print_repair_notes,
-    repair_title,
-    check_fits,
-    check_outputs,
-    common_options,
-    console,
-    data_options,
-    handle_errors,
-    load_data,
-    out_console,
-    written,
-    metrics_table,
-    resolve_device,
-    write_report,
-)
+from .common import (check_finite_models, check_passes, damping_option, passes_option, check_outputs, common_options,
+                     resolve_device)
+from .data_loading import calib_size_for, check_fits, data_options, load_data
+from .errors import handle_errors
+from .output import print_repair_notes, repair_title, console, out_console, written, metrics_table, write_report
 
 REPAIR_CHOICES = [m.value for m in RepairMode if m is not RepairMode.NONE]
 

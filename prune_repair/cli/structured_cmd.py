@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
+import torch  # noqa: F401  (the doctests use it)
 from rich.table import Table
 
 from ..engine.checks import check_finite
@@ -33,8 +33,9 @@ from ..prune.structured_run import StructuredResult, check_ratio, structured_kin
 from ..prune.structured_run import structured_prune
 from ..prune.targets import PruneError
 from . import hf_cmd
-from .common import (calib_size_for, check_fits, check_outputs, console, data_options, load_data, out_console,
-                     progress, resolve_device, write_report, written)
+from .common import check_outputs, resolve_device
+from .data_loading import calib_size_for, check_fits, data_options, load_data
+from .output import out_console, progress, write_report, written
 
 HF_CALIB_BATCH = 32
 UNSUPPORTED = {"goal_stats": "--goal-stats", "sparsity_config": "--sparsity-config", "prune_head": "--prune-head",
