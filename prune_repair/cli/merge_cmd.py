@@ -120,27 +120,15 @@ def merge_command(checkpoints, arch, arch_kwargs, data, eval_data, calib_size, s
     calib_size = calib_size_for(calib_size, mode)
     d = load_data(data, eval_data, calib_size, seed, dev, **data_options(preprocess, batch_size, eval_size, workers))
     check_fits(models[0], d.calib_x)
-    align_batches = None
-    if align_size is not None:  # streamed: activation matching reads them batch by batch
-        index = draw_indices(len(d.source), align_size, seed)
-        index = index[shard(len(index))]  # this rank's share (all of it in one process)
-        align_batches = d.source.batches(index, batch_size or BATCH_SIZE, d.settings["workers"])
-
     plan = prepare_merge(models, d.calib_batches, align=align, groups=groups, seed=seed,
-                         include_classifier=include_classifier, names=checkpoints, align_data=align_batches)
+                         include_classifier=include_classifier, names=checkpoints,
+                         align_data=_align_batches(d, align_size, seed, batch_size))
     weights = [1 - alpha, alpha] if len(models) == 2 else None
     start = time.perf_counter()
     merged, result = plan.merged(weights, repair=mode, variant=variant)
     seconds = {"align": plan.seconds["groups"] + plan.seconds["align"], "repair": time.perf_counter() - start}
     point = _point(plan, merged, weights, mode, d)
-    if curve is not None:
-        with progress() as bar:
-            task = bar.add_task("barrier curve", total=len(grid))
-            path = barrier_curve(None, None, None, d.eval_x, d.eval_y, alphas=grid, repair=mode, variant=variant,
-                                 plan=plan, on_point=lambda p: bar.advance(task))
-    else:
-        endpoints = [evaluate(m, d.eval_x, d.eval_y) for m in plan.models]
-        path = BarrierCurve(endpoints, [point], mode)
+    path = _path(plan, point, d, grid if curve is not None else None, mode, variant)
     path.seconds = seconds
     payload = {**path.to_dict(), "align": align, "alpha": alpha if len(models) == 2 else None, "repair": mode,
                "variant": variant, "calib_size": calib_size, "align_size": align_size if align_size is not None
@@ -157,6 +145,25 @@ def merge_command(checkpoints, arch, arch_kwargs, data, eval_data, calib_size, s
     written({"checkpoint": out, "report": report, "plot": plot})
     if result is not None:
         print_repair_notes(result)
+
+
+def _align_batches(d, align_size: int | None, seed: int, batch_size: int | None):
+    """``--align-size`` samples, streamed batch by batch to activation matching (None: the calibration set)."""
+    if align_size is None:
+        return None
+    index = draw_indices(len(d.source), align_size, seed)
+    index = index[shard(len(index))]  # this rank's share (all of it in one process)
+    return d.source.batches(index, batch_size or BATCH_SIZE, d.settings["workers"])
+
+
+def _path(plan, point: CurvePoint, d, grid: list[float] | None, mode: str, variant: str) -> BarrierCurve:
+    """The barrier curve over ``grid`` (with a progress bar), or just the endpoints and the written point."""
+    if grid is None:
+        return BarrierCurve([evaluate(m, d.eval_x, d.eval_y) for m in plan.models], [point], mode)
+    with progress() as bar:
+        task = bar.add_task("barrier curve", total=len(grid))
+        return barrier_curve(None, None, None, d.eval_x, d.eval_y, alphas=grid, repair=mode, variant=variant,
+                             plan=plan, on_point=lambda p: bar.advance(task))
 
 
 def _point(plan, merged, weights, mode: str, d) -> CurvePoint:

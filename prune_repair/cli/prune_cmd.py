@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+import torch
 from rich.table import Table
 
 from ..io.sources import draw_indices
@@ -102,12 +103,7 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
     """
     check_passes(passes, offload)
     if structured is not None or structured_heads is not None:  # physically smaller, first (structured_cmd)
-        if passes != "lockstep" or offload is not None:
-            raise PruneError("--passes and --offload do not combine with --structured: drop them (the structured "
-                             "step measures its units in one pass)")
-        if include_tied:
-            raise PruneError("--include-tied does not combine with --structured: drop it (tied weights are whole "
-                             "units of the structured step's choice)")
+        _check_structured(passes, offload, include_tied)
         return structured_cmd.run_structured(**locals())
     if sparsity is None:
         raise PruneError("--sparsity is missing: give e.g. --sparsity 0.9 (or --structured RATIO)")
@@ -128,12 +124,7 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
     goal, goal_info = load_goal(goal_stats, model, d.calib_x, mode, include_classifier) if goal_stats else (None, None)
     options = method_options(method, fisher_samples, fisher_batch, damp, block_size, obs_update, max_memory_gb, seed,
                              allocation, damping)
-    fisher_data = None
-    if method.needs_labels:
-        options.num_grads = options.gradients_for(len(d.source))  # resolve the default once, for the report too
-        fx, fy = d.source.load(draw_indices(len(d.source), options.num_grads * fisher_batch, seed + 1), d.settings["workers"])
-        fx, fy = fx[shard(len(fx))], fy[shard(len(fy))]  # this rank's share (all of it in one process)
-        fisher_data = (fx.to(dev), fy.to(dev))
+    fisher_data = _fisher_data(d, options, fisher_batch, seed, dev) if method.needs_labels else None
     run = prune_and_repair(
         model, (d.calib_x, d.calib_y), sparsities, method=method, options=options,
         prune=PruneSettings(select=list(layers) or None, skip_first=skip_first, skip_classifier=skip_classifier,
@@ -161,6 +152,23 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
     note = goal_note([s["mode"] for s in run.rows[-1].correction.get("sites", [])]) if goal_stats else None
     if note:
         console.print(note)
+
+
+def _check_structured(passes: str, offload: str | None, include_tied: bool) -> None:
+    if passes != "lockstep" or offload is not None:
+        raise PruneError("--passes and --offload do not combine with --structured: drop them (the structured "
+                         "step measures its units in one pass)")
+    if include_tied:
+        raise PruneError("--include-tied does not combine with --structured: drop it (tied weights are whole "
+                         "units of the structured step's choice)")
+
+
+def _fisher_data(d, options, fisher_batch: int, seed: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the labelled samples the gradient scorers use (drawn with ``seed + 1``)."""
+    options.num_grads = options.gradients_for(len(d.source))  # resolve the default once, for the report too
+    fx, fy = d.source.load(draw_indices(len(d.source), options.num_grads * fisher_batch, seed + 1), d.settings["workers"])
+    fx, fy = fx[shard(len(fx))], fy[shard(len(fy))]  # this rank's share (all of it in one process)
+    return fx.to(dev), fy.to(dev)
 
 
 def _table(run: PruneRun, eval_name: str, eval_count: int, out: str) -> Table:

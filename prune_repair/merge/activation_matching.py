@@ -209,7 +209,21 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
                 moments.setdefault(key, _Cross()).add_pair(_samples(ya[key], p.dim, p.index, mask),
                                                            _samples(yb[key], p.dim, p.index, mask))
     _Moments.all_reduce_([moments[k] for k in sorted(moments)])  # pooled over ranks (distributed)
-    perms, dead, corrs, assigning = {}, {}, {}, 0.0
+    corrs, dead = _correlations(groups, moments, probe_lists)
+    perms, started = {}, time.perf_counter()
+    for unit in units(groups):
+        if unit[0].head_size is not None:  # attention: heads move as units, alike in q/k and v/out
+            perms.update(zip([g.name for g in unit], assign_heads([corrs[g.name] for g in unit], unit)))
+        else:
+            perms[unit[0].name] = assign(corrs[unit[0].name], unit[0].labels)
+    return Alignment(perms, "activation", time.perf_counter() - start, dead_units=dead,
+                     assign_seconds=time.perf_counter() - started)
+
+
+def _correlations(groups: Sequence[PermGroup], moments: dict, probe_lists: dict) -> tuple[dict, dict[str, int]]:
+    """Each group's correlation matrix of A's units (rows) with B's (columns), probes weighted, and its count of
+    dead units (zero spread in A or B: their rows and columns are 0)."""
+    corrs, dead = {}, {}
     for g in groups:
         corr = None
         dead_any = torch.zeros(g.size, dtype=torch.bool)
@@ -232,14 +246,7 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
                 dead_any |= (dead_a | dead_b).cpu()
         corrs[g.name] = corr
         dead[g.name] = int(dead_any.sum())
-    started = time.perf_counter()
-    for unit in units(groups):
-        if unit[0].head_size is not None:  # attention: heads move as units, alike in q/k and v/out
-            perms.update(zip([g.name for g in unit], assign_heads([corrs[g.name] for g in unit], unit)))
-        else:
-            perms[unit[0].name] = assign(corrs[unit[0].name], unit[0].labels)
-    assigning += time.perf_counter() - started
-    return Alignment(perms, "activation", time.perf_counter() - start, dead_units=dead, assign_seconds=assigning)
+    return corrs, dead
 
 
 def _each_batch(data: Any) -> Iterator[Any]:

@@ -239,19 +239,7 @@ def prune_(
     overrides = layer_sparsities(targets, sparsity_config) if sparsity_config is not None else {}
     if isinstance(sparsity, NMPattern):
         check_divides(targets, sparsity)
-    if scores is None and method in (PruneMethod.GLOBAL_MAGNITUDE, PruneMethod.LAYER_MAGNITUDE):
-        # magnitude needs no score tensors: |w| is taken chunk by chunk from the weights themselves
-        scores = PruneScores(method, effective_weights(targets), 0.0)
-        transform = torch.abs
-    else:
-        transform = None
-    if scores is None:
-        scores = score_weights(model, method, data, targets=targets, options=options, progress=progress)
-    elif scores.method is not method:
-        raise PruneError(f"the scores were made by {scores.method.value}, not {method.value}: rescore the model")
-    missing = [t.fqn for t in targets if t.fqn not in scores.scores]
-    if missing:
-        raise PruneError(f"the scores have no entry for layer '{missing[0]}': score the same layers you prune")
+    scores, transform = _scores_for(model, method, data, targets, options, progress, scores)
     start = time.perf_counter()
     masks = build_masks(targets, {t.fqn: scores.scores[t.fqn] for t in targets}, sparsity, method.scope, transform,
                         overrides, floor)
@@ -265,6 +253,25 @@ def prune_(
     asked = sparsity.sparsity if isinstance(sparsity, NMPattern) else sparsity
     return PruneReport(method.value, asked, count.fraction, count.zeros, count.total, count.per_layer,
                        seconds, masks, sparsity_all_params(model), layer_rows(count.per_layer, pattern), pattern)
+
+
+def _scores_for(model: nn.Module, method: PruneMethod, data: Any, targets: list[Target], options: FisherOptions,
+                progress: Progress | None, scores: PruneScores | None) -> tuple[PruneScores, Any]:
+    """The scores of ``targets`` (given, or computed) and the transform masks apply to them.
+
+    Magnitude needs no score tensors: ``|w|`` is taken chunk by chunk from the weights themselves.
+    """
+    transform = None
+    if scores is None and method in (PruneMethod.GLOBAL_MAGNITUDE, PruneMethod.LAYER_MAGNITUDE):
+        scores, transform = PruneScores(method, effective_weights(targets), 0.0), torch.abs
+    if scores is None:
+        scores = score_weights(model, method, data, targets=targets, options=options, progress=progress)
+    elif scores.method is not method:
+        raise PruneError(f"the scores were made by {scores.method.value}, not {method.value}: rescore the model")
+    missing = [t.fqn for t in targets if t.fqn not in scores.scores]
+    if missing:
+        raise PruneError(f"the scores have no entry for layer '{missing[0]}': score the same layers you prune")
+    return scores, transform
 
 
 def _obs_update_(targets: list[Target], masks: dict[str, torch.Tensor], inv: InverseFisher | None) -> None:

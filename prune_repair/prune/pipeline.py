@@ -193,24 +193,31 @@ def prune_and_repair(
     for sparsity in sparsities:
         pruned = copy.deepcopy(model)
         report = _prune_one_(pruned, sparsity, method, calib, options, scores, prune, settings)
-        start = time.perf_counter()
-        before = evaluate_(pruned)
-        after, repair_seconds, dead, correction = before, 0.0, 0, {}
-        if reference is not None:
-            result = settings.repair_(pruned, reference, x)
-            repair_seconds, correction = result.seconds, result.to_dict()
-            dead = sum(len(v) for v in result.dead_channels.values())
-            after = evaluate_(pruned)
-        seconds["evaluate"] += time.perf_counter() - start - repair_seconds
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tied-weight warning was given once already
-            achieved = measure_sparsity(prune.targets(pruned, head(x, 2), select)).fraction
-        extra = {"prune_layers": report.layers} if method.reconstructs else {}
-        row = _row(report, achieved, before, after, repair_seconds, dead, pruned, {**correction, **extra})
+        row = _repair_and_measure_(pruned, report, method, x, prune, select, settings, reference, evaluate_, seconds)
         rows.append(row)
         if on_row is not None:
             on_row(row)
     return PruneRun(method.value, settings.mode.value, dense, rows, pruned, seconds, notes)
+
+
+def _repair_and_measure_(pruned: nn.Module, report: PruneReport, method: PruneMethod, x: Any, prune: PruneSettings,
+                         select: Any, settings: RepairSettings, reference: Any, evaluate_: Evaluate,
+                         seconds: dict[str, float]) -> PruneRow:
+    """Evaluate the pruned model, repair it toward ``reference`` (when there is one), evaluate again."""
+    start = time.perf_counter()
+    before = evaluate_(pruned)
+    after, repair_seconds, dead, correction = before, 0.0, 0, {}
+    if reference is not None:
+        result = settings.repair_(pruned, reference, x)
+        repair_seconds, correction = result.seconds, result.to_dict()
+        dead = sum(len(v) for v in result.dead_channels.values())
+        after = evaluate_(pruned)
+    seconds["evaluate"] += time.perf_counter() - start - repair_seconds
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tied-weight warning was given once already
+        achieved = measure_sparsity(prune.targets(pruned, head(x, 2), select)).fraction
+    extra = {"prune_layers": report.layers} if method.reconstructs else {}
+    return _row(report, achieved, before, after, repair_seconds, dead, pruned, {**correction, **extra})
 
 
 def _row(report: PruneReport, achieved: float, before: Metrics, after: Metrics, repair_seconds: float, dead: int,
