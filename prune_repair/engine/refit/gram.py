@@ -50,6 +50,7 @@ from ..run import distributed
 from ..producers import is_conv1d
 from .conv_gram import conv_method, conv_patches, output_size, pad_input, patch_view
 from .chunk_products import centered_products, correlation_products
+from .fit_error import relative_errors
 from .gram_options import GramMethod, GramPrecision, compute_dtype, current_options
 
 if TYPE_CHECKING:
@@ -264,18 +265,17 @@ class Gram:
         self.rows += y.shape[0] * math.prod(y.shape[2:])
 
     def relative_error(self, weight: torch.Tensor, *, intercept: bool = True) -> torch.Tensor:
-        """``||Y - X w|| / ||Y||`` over the whole layer, from the statistics alone.
+        """``||Y - X w|| / ||Y||`` over the whole layer, from the statistics alone (float64 scalar).
 
         ``weight`` is ``(groups, out/groups, d_in + 1)`` with the bias LAST, or
-        ``(groups, out/groups, d_in)`` with ``intercept=False`` (no bias term).
-        Returns a float64 scalar tensor (no host sync).
-        """
+        ``(groups, out/groups, d_in)`` with ``intercept=False`` (no bias term)."""
+        return self.relative_errors(weight, intercept=intercept)[0]
+
+    def relative_errors(self, *weights: torch.Tensor, intercept: bool = True) -> torch.Tensor:
+        """:meth:`relative_error` of several weights through the same products
+        (:mod:`~prune_repair.engine.refit.fit_error`), a float64 ``(len(weights),)`` tensor."""
         G, C = (self.G, self.C) if intercept else (self.G[:, :-1, :-1], self.C[:, :-1])
-        w = weight.to(device=G.device, dtype=torch.float64)
-        quad = (torch.bmm(w, G) * w).sum()
-        cross = (w * C.transpose(1, 2)).sum()
-        total = self.yy.sum()
-        return ((total - 2 * cross + quad).clamp_min(0) / total.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
+        return relative_errors(torch.stack([w.to(device=G.device, dtype=torch.float64) for w in weights]), G, C, self.yy)
 
     def is_finite(self) -> bool:
         """Whether every accumulated value is finite (one host sync)."""
