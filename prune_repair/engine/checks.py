@@ -20,11 +20,12 @@ def is_finite(t: torch.Tensor) -> bool:
     return not t.is_floating_point() or t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float64)))
 
 
-def check_finite(model: nn.Module) -> None:
-    """Raise ``ValueError`` naming every parameter/buffer that holds NaN or Inf."""
+def check_finite(model: nn.Module, what: str = "the model", needs: str = "repair") -> None:
+    """Raise ``ValueError`` naming every parameter/buffer that holds NaN or Inf (``what`` holds them;
+    ``needs`` finite weights)."""
     bad = [f"{name} ({int((~torch.isfinite(t)).sum())} values)" for name, t in model.state_dict().items() if not is_finite(t)]
     if bad:
-        raise ValueError(f"the model holds NaN/Inf in {', '.join(bad)}: repair needs finite weights")
+        raise ValueError(f"{what} holds NaN/Inf in {', '.join(bad)}: {needs} needs finite weights")
 
 
 def stored_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..engine.run.forward import ForwardFn, as_batches, batch_size_of
-from ..engine.sites.fold import Correction, can_shift, fold_correction_
+from ..engine.sites.fold import can_shift, fold_correction_
 from .find_groups import find_groups
 from .groups import PermGroup
 from ..engine.registry import MethodEnum
@@ -150,7 +150,7 @@ def _closed_form_(model: nn.Module, moments: SiteMoments, weights: Sequence[floa
         report = SiteReport(site.fqn, mode.value, site.channels, affine.dead.nonzero().flatten().tolist())
         if not can_shift(model, site) and bool((affine.shift != 0).any()):
             affine.shift, report.shift_dropped = torch.zeros_like(affine.shift), True
-        corrections[site.fqn] = Correction(affine.scale, affine.shift)
+        corrections[site.fqn] = affine
         fold_correction_(model, site, corrections[site.fqn])
         reports.append(report)
     return RepairReport(mode.value, Variant.CLOSED_FORM.value, 0, time.perf_counter() - start, reports,

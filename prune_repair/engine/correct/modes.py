@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import MethodEnum
+from ..sites.fold import Correction
 
 
 class RepairMode(MethodEnum):
@@ -60,11 +61,9 @@ def site_mode(mode: RepairMode, has_batchnorm: bool) -> RepairMode:
 
 
 @dataclass
-class ChannelAffine:
-    """``y -> scale * y + shift`` per channel, and which channels were left alone."""
+class ChannelAffine(Correction):
+    """A :class:`~prune_repair.engine.sites.fold.Correction` that also says which channels it left alone."""
 
-    scale: torch.Tensor
-    shift: torch.Tensor
     dead: torch.Tensor  # bool: zero or non-finite spread, or non-finite statistics
 
 

@@ -36,7 +36,7 @@ from ..run import distributed
 from ..run.forward import ForwardFn, as_batches, batch_size_of
 from ..run.lockstep import Passes
 from ..run.pipeline import PassLog, calibrate
-from ..sites.fold import Correction, fold_correction_
+from ..sites.fold import fold_correction_
 from ..stats.activation import ActivationStats, collect_stats
 from .modes import RepairMode, Variant
 from .report import RepairReport, SiteReport
@@ -187,7 +187,7 @@ def _report_folded_(model: nn.Module, goal: ActivationStats, mode: RepairMode, v
     corrections = {}
     for plan in plans:
         if plan.affine is not None:
-            corrections[plan.site.fqn] = Correction(plan.affine.scale, plan.affine.shift)
+            corrections[plan.site.fqn] = plan.affine
             fold_correction_(model, plan.site, corrections[plan.site.fqn])
     order = {site.fqn: i for i, site in enumerate(goal.sites)}
     reports = sorted([p.report for p in plans] + skipped, key=lambda r: order[r.fqn])

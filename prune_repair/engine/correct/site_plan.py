@@ -100,13 +100,6 @@ class SitePlan:
         self.affine = affine
         self.report.dead_channels = affine.dead.nonzero().flatten().tolist()
 
-    def apply(self, y: torch.Tensor) -> torch.Tensor:
-        view = [1] * y.dim()
-        view[self.site.channel_dim] = -1
-        scale = self.affine.scale.to(y.dtype).view(view)
-        shift = self.affine.shift.to(y.dtype).view(view)
-        return torch.addcmul(shift, y, scale)
-
 
 def make_plans(model: nn.Module, reference: ActivationStats, mode: RepairMode, add_bias: bool
            ) -> tuple[list[SitePlan], list[SiteReport]]:

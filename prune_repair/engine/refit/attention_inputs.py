@@ -120,7 +120,7 @@ class ReferenceCapture:
 
     @contextlib.contextmanager
     def __call__(self, model: nn.Module, names: Sequence[str], emit: Emit) -> Iterator[Callable[[Callable], Any]]:
-        handles, linears, attentions = [], {}, {}
+        handles, linears = [], {}
         by_owner: dict[int, tuple[nn.Module, list[str], str | None]] = {}
         try:
             for name in names:

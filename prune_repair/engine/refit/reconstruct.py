@@ -39,7 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..run.forward import ForwardFn, as_batches, head
 from .layerwise import ReferenceOutputs, layerwise_
 from ..run.lockstep import Passes
-from ..checks import parameter_holders, stored_weight
+from ..checks import check_finite, parameter_holders, stored_weight
 from .gram import DEFAULT_MAX_GRAM_BYTES, Gram, check_gram_memory, has_gram, reads_last_dim
 from .layer_rows import check_gram, current_rows, intercept_kind, write_rows_
 from ..producers import is_packed_attention
@@ -177,7 +177,7 @@ def _chosen_layers(model: nn.Module, reference: nn.Module, batches: list[Any], s
     """The layers to refit in execution order, the BatchNorm after each (or None), the layers
     left out with the reason (a warning names them) and each layer's kind; after the checks of both models."""
     for net, what in ((model, "the model"), (reference, "the reference")):
-        _check_finite(net, what)
+        check_finite(net, what, needs="reconstruction")
     calls = trace_calls(model, head(batches[0], 2), forward_fn=forward_fn)
     layers, skipped, kinds = _layers(model, calls, select)
     listed = {f for f, _ in layers} | set(skipped)
@@ -288,9 +288,3 @@ def _check_architecture(layers, reference: nn.Module, kept: dict[str, torch.Tens
             raise ValueError(f"the reference does not match the model: layer '{fqn}' has weight shape {list(w.shape)} "
                              f"in the model but {list(w_ref.shape)} in the reference")
 
-
-def _check_finite(model: nn.Module, what: str) -> None:
-    bad = [name for name, t in model.state_dict().items()
-           if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float64)))]
-    if bad:
-        raise ValueError(f"{what} holds NaN/Inf in {', '.join(bad[:5])}: reconstruction needs finite weights")
