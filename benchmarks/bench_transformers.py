@@ -177,8 +177,10 @@ def target_lines(raw: dict) -> list[str]:
                 continue
             obs = c["none"]
             better = obs <= gm if metric == "ppl" else obs >= gm
-            lines.append(f"- zoo:{model} at {sparsity}: OBS alone {fmt(metric, obs)} vs global magnitude + reconstruct "
-                         f"{fmt(metric, gm)}: OBS at least as good: **{'yes' if better else 'no'}**.")
+            lines.append(f"- zoo:{model} at {sparsity}: OBS alone {fmt(metric, obs)} (+ reconstruct "
+                         f"{fmt(metric, c['reconstruct'])}) vs global magnitude + reconstruct {fmt(metric, gm)} "
+                         f"(OBS alone {gap(metric, gm, obs):+.2f}{unit} against it): OBS at least as good: "
+                         f"**{'yes' if better else 'no'}**.")
     return lines + [""]
 
 
