@@ -94,7 +94,7 @@ def grid(name: str, info: dict, calib, fisher, test) -> list[dict]:
             for correction in corrections(info["bn"]):
                 fixed = pruned if correction == "none" else copy.deepcopy(pruned)
                 if correction != "none":
-                    repair_(fixed, reference, calib[0], mode=correction)
+                    repair_(fixed, reference, calib[0], repair=correction)
                 metrics = evaluate(fixed, *test)
                 rows.append({"model": name, "method": method.value, "sparsity": sparsity,
                              "achieved": report.achieved_sparsity, "correction": correction, **metrics})
@@ -112,7 +112,7 @@ def calib_sweep(name: str, info: dict, x, y, test) -> list[dict]:
         for seed in SWEEP_SEEDS:
             cx, _ = calibration_batch(x, y, size, seed)
             fixed = copy.deepcopy(pruned)
-            repair_(fixed, collect_stats(model, cx), cx, mode="auto")
+            repair_(fixed, collect_stats(model, cx), cx, repair="auto")
             rows.append({"model": name, "calib_size": size, "seed": seed, **evaluate(fixed, *test)})
         print(f"  sweep {name} {size}: " + " ".join(f"{r['acc']:.4f}" for r in rows[-len(SWEEP_SEEDS):]), flush=True)
     return rows

@@ -73,7 +73,7 @@ def reset_speed(model: nn.Module, calib: tuple, test: tuple) -> dict:
     ours, theirs, accs = [], [], {}
     for _ in range(REPS):
         a, b = copy.deepcopy(pruned), copy.deepcopy(pruned)
-        ours.append(_timed(lambda: repair_(a, reference, x, mode="reset")))
+        ours.append(_timed(lambda: repair_(a, reference, x, repair="reset")))
         theirs.append(_timed(lambda: update_bn([x], b)))
         accs = {"reset": evaluate(a, *test)["acc"], "update_bn": evaluate(b, *test)["acc"]}
     med = {"reset": statistics.median(ours), "update_bn": statistics.median(theirs)}

@@ -97,7 +97,7 @@ def _speed_tables(raw: dict) -> list[str]:
         lines.append(f"| {name} | {1e3 * med['ours']:.1f} ms | {1e3 * med['ours_torch_style']:.1f} ms | "
                      f"{1e3 * med['torch']:.1f} ms | {m['ratio_torch_over_ours']:.2f}x "
                      f"({m['ratio_torch_over_ours_torch_style']:.2f}x vs torch masks) | {m['same_zero_count']} |")
-    lines += ["", "Reset (our `repair_(mode='reset')`) vs `torch.optim.swa_utils.update_bn`, same calibration batch, "
+    lines += ["", "Reset (our `repair_(repair='reset')`) vs `torch.optim.swa_utils.update_bn`, same calibration batch, "
               "on the 90%-pruned model (median seconds, accuracy after each):", "",
               "| model | batch | reset | update_bn | update_bn / reset | acc pruned | acc reset | acc update_bn |",
               "|---|---|---|---|---|---|---|---|"]

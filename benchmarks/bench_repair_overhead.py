@@ -70,7 +70,7 @@ def measure(model: nn.Module, x: torch.Tensor, repeats: int, mode: str) -> dict[
 
         def collect_repair_fuse():
             goal = pr.collect_stats(model, x)
-            pr.repair_(operated, goal, x, mode=mode)
+            pr.repair_(operated, goal, x, repair=mode)
 
         repair.append(time_once(collect_repair_fuse))
     f, r = statistics.median(forward), statistics.median(repair)

@@ -269,14 +269,6 @@ def test_no_sites_is_an_error():
         repair_(operated("mlp"), empty, x)
 
 
-def test_mode_is_a_deprecated_name_of_repair():
-    x = inputs_for("mlp")
-    goal = collect_stats(MODELS["mlp"], x)
-    with pytest.warns(DeprecationWarning, match="renamed repair_\\(repair=...\\)"):
-        report = repair_(operated("mlp"), goal, x, mode="rescale")
-    assert report.repair == "rescale"
-
-
 def test_select_channels_keeps_the_site_kind():
     model = MODELS["resnet-bn"]
     x = inputs_for("resnet-bn")

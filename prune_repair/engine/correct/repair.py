@@ -54,7 +54,6 @@ def repair_(
     variant: Variant | str = Variant.EXACT,
     forward_fn: ForwardFn | None = None,
     add_bias: bool = False,
-    mode: RepairMode | str | None = None,
     passes: Passes | str = Passes.LOCKSTEP,
     blocks: Sequence[str] | None = None,
     offload: str | Path | None = None,
@@ -75,7 +74,6 @@ def repair_(
         forward_fn: ``forward_fn(model, batch)`` for batches that are not plain tensors.
         add_bias: give layers without bias a bias to hold the shift (changes state_dict
             keys); by default such sites get the scale only, reported as ``shift_dropped``.
-        mode: deprecated name of ``repair``.
         passes: how the exact variant goes over several batches (:mod:`~prune_repair.engine.run.
             pipeline`): ``lockstep`` (default) ONE pass, the batches side by side and in step at
             every site (their activations at a site alive at once); ``per-site`` one prefix pass
@@ -105,9 +103,6 @@ def repair_(
     ``DistributedDataParallel`` model is repaired through its ``.module``.
     """
     start = time.perf_counter()
-    if mode is not None:
-        warnings.warn("repair_(mode=...) is renamed repair_(repair=...)", DeprecationWarning, stacklevel=2)
-        repair = mode
     mode, variant, passes = _parse(repair, variant, passes, blocks, offload)
     where = {"passes": passes, "blocks": blocks, "offload": offload, "progress": progress}
     if mode.reconstructs:
