@@ -246,3 +246,20 @@ def test_obs_n_m_on_hf_projections_along_each_layers_input(name):
         weight = model.get_submodule(layer.fqn).weight
         rows = weight.T if type(model.get_submodule(layer.fqn)).__name__ == "Conv1D" else weight
         assert int((rows != 0).reshape(rows.shape[0], -1, 4).sum(-1).max()) <= 2, layer.fqn
+
+
+def test_attention_with_separate_qkv_weights_is_named_in_a_warning():
+    class CrossAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=True)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            memory = x[..., :6]
+            return self.fc(self.attn(x, memory, memory, need_weights=False)[0])
+
+    model = CrossAttention()
+    with pytest.warns(UserWarning, match=r"separate q/k/v weights .* only their out_proj: attn"):
+        report = prune_(model, 0.5, data=torch.randn(4, 5, 8))
+    assert {layer["fqn"] for layer in report.layers} == {"attn.out_proj", "fc"}

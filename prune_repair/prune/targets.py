@@ -102,6 +102,12 @@ def find_targets(
     """
     layers = [(fqn, m, "in_proj_weight" if is_packed_attention(m) else "weight") for fqn, m in model.named_modules()
               if is_producer(m) or is_packed_attention(m)]
+    unpacked = [fqn for fqn, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+                and not is_packed_attention(m)]
+    if unpacked:
+        warnings.warn(f"{len(unpacked)} nn.MultiheadAttention layer(s) keep separate q/k/v weights (kdim or vdim "
+                      f"differ from embed_dim) and are neither pruned nor refitted there, only their out_proj: "
+                      f"{', '.join(unpacked[:3])}", stacklevel=2)
     ran: list[str] = [fqn for fqn, *_ in layers]
     if example_inputs is not None and layers:
         order = {fqn: i for i, fqn in enumerate(executed_producers(trace_calls(model, example_inputs)))}
