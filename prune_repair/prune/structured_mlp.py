@@ -62,7 +62,7 @@ from .targets import PruneError
 class Refit(MethodEnum):
     """How the consumer of the removed units is corrected."""
 
-    RIDGE = "ridge", "closed-form ridge over the kept units toward the dense outputs", "CORP; DESIGN.md sec. 7"
+    RIDGE = "ridge", "closed-form ridge over the kept units toward the dense outputs", "CORP"
     BIAS = "bias", "the removed units' mean contribution folded into the bias", "FLAP (An et al. 2024)"
     NONE = "none", "units dropped, nothing corrected"
 
