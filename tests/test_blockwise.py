@@ -14,7 +14,8 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torchvision.models import convnext_tiny, resnet18
+from torchvision.models import resnet18
+from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.resnet import BasicBlock
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -42,15 +43,19 @@ def _narrow_resnet() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
 
-def _models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """One test model (built on demand: building all of them each time was most of these tests' time)."""
     torch.manual_seed(0)
-    return {
-        "resnet18": (_bn_stats_(resnet18(num_classes=10)), torch.randn(12, 3, 32, 32, dtype=torch.float64)),
-        "narrow-resnet": (_bn_stats_(_narrow_resnet()), torch.randn(12, 3, 16, 16, dtype=torch.float64)),
-        "vit": (VisionTransformer(image_size=16, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32,
-                                  num_classes=4).double().eval(), torch.randn(12, 3, 16, 16, dtype=torch.float64)),
-        "convnext": (convnext_tiny(num_classes=4).double().eval(), torch.randn(9, 3, 32, 32, dtype=torch.float64)),
-    }
+    if name == "resnet18":
+        return _bn_stats_(resnet18(num_classes=10)), torch.randn(12, 3, 32, 32, dtype=torch.float64)
+    if name == "narrow-resnet":
+        return _bn_stats_(_narrow_resnet()), torch.randn(12, 3, 16, 16, dtype=torch.float64)
+    if name == "vit":
+        return (VisionTransformer(image_size=16, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32,
+                                  num_classes=4).double().eval(), torch.randn(12, 3, 16, 16, dtype=torch.float64))
+    # torchvision's ConvNeXt (CNBlock, LayerNorm2d, layer scale) at a few channels per stage
+    stages = [CNBlockConfig(8, 16, 1), CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)]
+    return ConvNeXt(stages, num_classes=4).double().eval(), torch.randn(9, 3, 32, 32, dtype=torch.float64)
 
 
 def _repaired(model, goal, data, **kw):
@@ -61,7 +66,7 @@ def _repaired(model, goal, data, **kw):
 
 @pytest.mark.parametrize("name, other", [("resnet18", "per-site"), ("vit", "per-site"), ("convnext", "lockstep")])
 def test_blockwise_equals_per_site_and_lockstep_passes(name, other):
-    model, x = _models()[name]
+    model, x = _model(name)
     goal = collect_stats(model, x)
     damage_(model)
     batches = list(x.split(4 if name != "convnext" else 3))
@@ -76,7 +81,7 @@ def test_blockwise_equals_per_site_and_lockstep_passes(name, other):
 
 
 def test_offload_to_host_memory_or_files_gives_the_same_weights_and_leaves_nothing(tmp_path):
-    model, x = _models()["resnet18"]
+    model, x = _model("resnet18")
     goal = collect_stats(model, x)
     damage_(model)
     batches = list(x.split(4))
@@ -93,7 +98,7 @@ def test_offload_to_host_memory_or_files_gives_the_same_weights_and_leaves_nothi
 
 
 def test_one_batch_is_one_inline_pass_per_segment_and_equals_the_default():
-    model, x = _models()["vit"]
+    model, x = _model("vit")
     goal = collect_stats(model, x)
     damage_(model)
     default, _ = _repaired(model, goal, x)
@@ -105,7 +110,7 @@ def test_one_batch_is_one_inline_pass_per_segment_and_equals_the_default():
 @pytest.mark.filterwarnings("ignore:reconstruction is under-determined")  # few rows on purpose: small and fast
 @pytest.mark.parametrize("name", ["narrow-resnet", "vit"])
 def test_blockwise_reconstruction_equals_per_site_and_one_batch(name):
-    reference, x = _models()[name]
+    reference, x = _model(name)
     model = copy.deepcopy(reference)
     damage_(model)
     out = {}
@@ -121,7 +126,7 @@ def test_blockwise_reconstruction_equals_per_site_and_one_batch(name):
 
 
 def test_reset_mode_blockwise_equals_lockstep():
-    model, x = _models()["resnet18"]
+    model, x = _model("resnet18")
     goal = collect_stats(model, x)
     damage_(model)
     lockstep, _ = _repaired(model, goal, list(x.split(5)), repair="reset")
@@ -130,9 +135,8 @@ def test_reset_mode_blockwise_equals_lockstep():
 
 
 def test_the_chain_of_torchvision_models_is_their_residual_blocks():
-    models = _models()
-    assert find_block_chain(*models["resnet18"]).names == [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
-    assert find_block_chain(*models["vit"]).names == [f"encoder.layers.encoder_layer_{i}" for i in range(3)]
+    assert find_block_chain(*_model("resnet18")).names == [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
+    assert find_block_chain(*_model("vit")).names == [f"encoder.layers.encoder_layer_{i}" for i in range(3)]
 
 
 class _LongSkip(nn.Module):
@@ -186,7 +190,7 @@ def test_clear_errors_where_blockwise_does_not_apply(tmp_path):
     goal = collect_stats(model, x)
     with pytest.raises(ValueError, match=r"no chain of blocks found.*blocks=\[...\], or use passes='per-site'"):
         repair_(copy.deepcopy(model), goal, list(x.split(5)), passes="blockwise")
-    seq, xs = _models()["resnet18"]
+    seq, xs = _model("resnet18")
     with pytest.raises(ValueError, match="do not form a chain"):
         find_block_chain(seq, xs, blocks=["layer1.1", "layer1.0"])
     with pytest.raises(ValueError, match="blocks: .*no attribute"):
