@@ -129,20 +129,29 @@ class _Cross(_Moments):
 
     def add_pair(self, ya: torch.Tensor, yb: torch.Tensor) -> None:
         """``ya``, ``yb``: (n, C) copies (centred in place). Float32 blocks are centred on the
-        float32 rounding of their float64 mean and multiplied in float32; the co-moments are
-        then corrected in float64 for that rounding (exact up to the float32 products)."""
+        float32 rounding of their float64 mean and multiplied in float32 (one GEMM); the product
+        is added into the float64 co-moment and every correction (the float32 centre's offset from
+        the mean, Chan's term between batches) is one rank-1 or rank-2 float64 update in place:
+        two passes over the C x C co-moment per batch."""
         n = ya.shape[0]
         mean = torch.stack([ya.sum(0, dtype=torch.float64), yb.sum(0, dtype=torch.float64)]) / n
         centre = mean.to(ya.dtype)
         ya.sub_(centre[0])
         yb.sub_(centre[1])
-        m2 = self._comoment((ya, yb)).to(torch.float64)
+        product = self._comoment((ya, yb))
+        updates = []  # (coefficient, a-side vector, b-side vector): m2 += coef * a b^T
         if ya.dtype != torch.float64:  # moments about `centre`, not about `mean`: shift them back
             e = centre.to(torch.float64) - mean
-            m2[:-2].addr_(e[0], e[1], alpha=-n)
-            m2[-2].addcmul_(e[0], e[0], value=-n)
-            m2[-1].addcmul_(e[1], e[1], value=-n)
-        self._merge(n, mean, m2)
+            updates.append((-n, e[0], e[1]))
+        if self.mean is None:
+            self.n, self.mean, self.m2 = n, mean, product.to(torch.float64)
+        else:
+            total, delta = self.n + n, mean - self.mean
+            updates.append((self.n * n / total, delta[0], delta[1]))
+            self.m2.add_(product)
+            self.n, self.mean = total, self.mean + delta * (n / total)
+        if updates:
+            _rank_update_(self.m2, updates)
 
     @staticmethod
     def _comoment(c) -> torch.Tensor:  # (2, n, C) -> (C + 2, C), written in place (no concatenation)
@@ -152,6 +161,19 @@ class _Cross(_Moments):
         out[-2] = torch.linalg.vecdot(a, a, dim=0)
         out[-1] = torch.linalg.vecdot(b, b, dim=0)
         return out
+
+
+def _rank_update_(m2: torch.Tensor, updates: list[tuple[float, torch.Tensor, torch.Tensor]]) -> None:
+    """``m2[:-2] += sum coef * a b^T`` (one pass) and the variance rows likewise, in place."""
+    if len(updates) == 1:
+        coef, a, b = updates[0]
+        m2[:-2].addr_(a, b, alpha=coef)
+    else:
+        left = torch.stack([coef * a for coef, a, _ in updates], 1)  # (C, r)
+        m2[:-2].addmm_(left, torch.stack([b for _, _, b in updates]))
+    for coef, a, b in updates:
+        m2[-2].addcmul_(a, a, value=coef)
+        m2[-1].addcmul_(b, b, value=coef)
 
 
 def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[PermGroup], *,
@@ -222,7 +244,8 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
 
 def _correlations(groups: Sequence[PermGroup], moments: dict, probe_lists: dict) -> tuple[dict, dict[str, int]]:
     """Each group's correlation matrix of A's units (rows) with B's (columns), probes weighted, and its count of
-    dead units (zero spread in A or B: their rows and columns are 0)."""
+    dead units (zero spread in A or B: their rows and columns are 0). The co-moments are scaled in place
+    (``moments`` is spent): two passes over each probe's C x C matrix."""
     corrs, dead = {}, {}
     for g in groups:
         corr = None
@@ -234,14 +257,11 @@ def _correlations(groups: Sequence[PermGroup], moments: dict, probe_lists: dict)
             std_a, std_b = var_a.clamp_min(0).sqrt(), var_b.clamp_min(0).sqrt()
             dead_a = std_a <= 1e-12 * (std_a.max() + 1e-300)
             dead_b = std_b <= 1e-12 * (std_b.max() + 1e-300)
-            c = cross.div(torch.where(dead_a, 1.0, std_a)[:, None]).div_(torch.where(dead_b, 1.0, std_b)[None, :])
-            if dead_a.any():
-                c[dead_a, :] = 0
-            if dead_b.any():
-                c[:, dead_b] = 0
             probe = probe_lists[g.name][key[1]]
-            c = c.cpu()
-            corr = c.mul_(probe.weight) if corr is None else corr.add_(c, alpha=probe.weight)
+            row_scale = torch.where(dead_a, 0.0, probe.weight / torch.where(dead_a, 1.0, std_a))
+            col_scale = torch.where(dead_b, 0.0, 1.0 / torch.where(dead_b, 1.0, std_b)).cpu()
+            scaled = cross.mul_(row_scale[:, None]).cpu()
+            corr = scaled.mul_(col_scale) if corr is None else corr.addcmul_(scaled, col_scale)
             if probe.weight == 1.0:
                 dead_any |= (dead_a | dead_b).cpu()
         corrs[g.name] = corr

@@ -27,10 +27,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from .groups import Axis, PermGroup
+from .assignment import max_assignment
 from .attention_groups import check_same_heads
 from .heads import assign_heads, head_order, units
 from .permute import Alignment, Perms, _check_perms, identity_perms, permute_state_dict
@@ -52,7 +52,8 @@ def _rows(t: torch.Tensor, axis: Axis) -> torch.Tensor:
 
 
 def assign(similarity: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Permutation ``q`` maximizing ``sum_i similarity[i, q[i]]`` (within equal labels).
+    """Permutation ``q`` maximizing ``sum_i similarity[i, q[i]]`` (within equal labels), exact at
+    every width (:func:`~prune_repair.merge.assignment.max_assignment`).
 
     >>> assign(torch.tensor([[0.0, 1.0], [1.0, 0.0]])).tolist()
     [1, 0]
@@ -60,12 +61,11 @@ def assign(similarity: torch.Tensor, labels: torch.Tensor | None = None) -> torc
     s = similarity.detach().to("cpu", torch.float64).numpy()
     size = s.shape[0]
     if labels is None:
-        _, cols = linear_sum_assignment(s, maximize=True)
-        return torch.from_numpy(cols.astype(np.int64))
+        return torch.from_numpy(max_assignment(s).astype(np.int64))
     q = torch.arange(size)
     for value in labels.unique():
         where = (labels == value).nonzero().flatten()
-        _, cols = linear_sum_assignment(s[np.ix_(where.numpy(), where.numpy())], maximize=True)
+        cols = max_assignment(s[np.ix_(where.numpy(), where.numpy())])
         q[where] = where[torch.from_numpy(cols.astype(np.int64))]
     return q
 
