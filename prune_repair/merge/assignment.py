@@ -39,6 +39,9 @@ CANDIDATES = 16
 TOLERANCE = 1e-8
 """Entries within this fraction of the matrix's range of the dual bound join the candidates."""
 
+REACH = 0.02
+"""When an entry breaks the bound, every entry within this fraction of the range of it joins the candidates."""
+
 ROUNDS = 8
 """Sparse solves before the dense solver takes over."""
 
@@ -58,7 +61,8 @@ def max_assignment(similarity: np.ndarray) -> np.ndarray:
 def _sparse_proven(s: torch.Tensor) -> np.ndarray | None:
     """The sparse solve and its dense proof (module docstring); ``None`` where the dense solver must answer."""
     n = s.shape[0]
-    tol = TOLERANCE * max(float(s.max() - s.min()), 1e-300)
+    spread = max(float(s.max() - s.min()), 1e-300)
+    tol = TOLERANCE * spread
     keys = _initial_candidates(s)
     u = torch.zeros(n, dtype=torch.float64)
     for _ in range(ROUNDS):
@@ -72,7 +76,7 @@ def _sparse_proven(s: torch.Tensor) -> np.ndarray | None:
         if u is None:
             return None
         v = s[row_of_col, torch.arange(n)] - u[row_of_col]
-        new = _near_bound(s, u, v, keys, tol)
+        new = _near_bound(s, u, v, keys, tol, max(REACH * spread, tol))
         if new.numel() == 0:
             return cols_of_rows.numpy()
         keys = torch.cat([keys, new]).unique()
@@ -111,36 +115,39 @@ def _potentials(s: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, row_of_
                 start: torch.Tensor) -> torch.Tensor | None:
     """Row potentials ``u`` with ``u_i + v_j >= s_ij`` on the candidates, ``v_j = s[m_j, j] - u[m_j]``
     (``m_j`` the row matched to column j): shortest paths ``u[m_j] <= u[i] + s[m_j, j] - s[i, j]`` by
-    Bellman-Ford from ``start``; ``None`` if they do not settle (the matching is not optimal)."""
+    Bellman-Ford from ``start``, each round relaxing only the edges out of rows that moved (``rows``
+    sorted); ``None`` if they do not settle (the matching is not optimal)."""
     n = s.shape[0]
     dst = row_of_col[cols]
     weight = s[dst, cols] - s[rows, cols]
-    u = start.clone()
+    first = torch.searchsorted(rows, torch.arange(n + 1))
+    u, moved = start.clone(), torch.arange(n)
     for _ in range(n + 1):
-        relaxed = u.scatter_reduce(0, dst, u[rows] + weight, "amin")
-        if torch.equal(relaxed, u):
+        if moved.numel() == 0:
             return u
+        begin, count = first[moved], first[moved + 1] - first[moved]
+        edge = torch.arange(int(count.sum())) + torch.repeat_interleave(begin - (count.cumsum(0) - count), count)
+        relaxed = u.scatter_reduce(0, dst[edge], u[rows[edge]] + weight[edge], "amin")
+        moved = (relaxed < u).nonzero().flatten()
         u = relaxed
     return None
 
 
-def _near_bound(s: torch.Tensor, u: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, tol: float) -> torch.Tensor:
-    """Flat keys of the entries off the candidates ``keys`` (sorted) with ``s_ij > u_i + v_j - tol``
-    and, in the rows holding one, of those within the largest such excess of the bound (the likely
-    next ones): one pass over ``s`` by row chunks."""
+def _near_bound(s: torch.Tensor, u: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, tol: float,
+                reach: float) -> torch.Tensor:
+    """Flat keys off the candidates ``keys`` (sorted) of the entries within ``reach`` of the bound
+    ``u_i + v_j`` (the likely next ones) when any of them comes within ``tol`` of it, else none:
+    one pass over ``s`` by row chunks."""
     n = s.shape[0]
-    excess = torch.empty(n, dtype=torch.float64)
-    bounds = torch.searchsorted(keys, torch.arange(0, n + _ROWS_PER_CHUNK, _ROWS_PER_CHUNK).clamp_max(n) * n)
-    for c, i in enumerate(range(0, n, _ROWS_PER_CHUNK)):
-        chunk = s[i:i + _ROWS_PER_CHUNK] - v[None, :]
-        inside = keys[bounds[c]:bounds[c + 1]]
-        chunk[inside // n - i, inside % n] = -torch.inf  # candidates (the matching included) are not asked
-        excess[i:i + _ROWS_PER_CHUNK] = chunk.amax(1).sub_(u[i:i + _ROWS_PER_CHUNK])
-    bad = (excess > -tol).nonzero().flatten()
-    if bad.numel() == 0:
-        return bad
-    margin = float(excess[bad].max()) + 2 * tol
-    slack = s[bad] - u[bad, None] - v[None, :]
-    hit = (slack > -margin).nonzero()
-    found = bad[hit[:, 0]] * n + hit[:, 1]
-    return found[~torch.from_numpy(np.isin(found.numpy(), keys.numpy()))]
+    found = []
+    for i in range(0, n, _ROWS_PER_CHUNK):
+        slack = s[i:i + _ROWS_PER_CHUNK] - v[None, :]
+        slack.sub_(u[i:i + _ROWS_PER_CHUNK, None])
+        hit = (slack > -reach).nonzero()
+        found.append(torch.stack([(hit[:, 0] + i) * n + hit[:, 1], hit[:, 0] + i, hit[:, 1]]))
+    near = torch.cat(found, 1)
+    off = ~torch.from_numpy(np.isin(near[0].numpy(), keys.numpy()))
+    near = near[:, off]
+    if not bool((s[near[1], near[2]] - u[near[1]] - v[near[2]] > -tol).any()):
+        return near[0, :0]
+    return near[0]
