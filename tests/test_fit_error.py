@@ -52,3 +52,23 @@ def test_gram_relative_errors_matches_relative_error_with_and_without_bias():
     no_bias = gram.relative_errors(a[..., :-1], intercept=False)[0]
     old = _one_product(a[..., :-1], gram.G[:, :-1, :-1], gram.C[:, :-1], gram.yy)
     assert abs(float(no_bias - old)) <= 1e-9 * float(old)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("groups,density", [(1, 0.1), (2, 0.5), (1, 1.0), (3, 0.0)])
+def test_quadratic_forms_by_rows_equal_the_direct_products(seed, groups, density):
+    """Over each row's support (gathered blocks of G) = block products = X w summed directly."""
+    gen = torch.Generator().manual_seed(seed)
+    n, m, rows = 90, 7, 300
+    X = torch.relu(torch.randn(groups, rows, n, generator=gen, dtype=torch.float64))
+    G = X.transpose(1, 2) @ X
+    W = torch.randn(2, groups, m, n, generator=gen, dtype=torch.float64)
+    W *= torch.rand(groups, m, n, generator=gen) < density  # both weights on the same support (before / after)
+    W[1, :, 0, :5] = 1.0  # ... and a row whose supports differ: the union is used
+    by_rows = quadratic_forms(W, G, by_rows=True)
+    blocks = quadratic_forms(W, G, by_rows=False)
+    for k in range(2):
+        direct = torch.stack([(X[g] @ W[k, g].T).square().sum() for g in range(groups)]).sum()
+        torch.testing.assert_close(by_rows[k], direct, rtol=1e-12, atol=0)
+    torch.testing.assert_close(by_rows, blocks, rtol=1e-12, atol=0)
+    torch.testing.assert_close(quadratic_forms(W, G), blocks, rtol=1e-12, atol=0)

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import torch
 
 from .ridge_cg import masked_pcg
-from .ridge_refine import cholesky_solve_tri, refined_solve
+from .ridge_refine import cholesky_solve_tri, solve_spd
+from .support_gather import gather_blocks, support_positions
 
 MAX_RETRIES = 12
 MIN_RETRY_DAMPING = 1e-10
@@ -184,19 +185,12 @@ class _Solver:
                 chunk = torch.tensor(ps[i:i + step], device=self.G.device)
                 sup = p_support[chunk]
                 sel = ~sup if complement else sup
-                idx = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)[:, :K]  # selected positions first
-                valid = torch.gather(sel, 1, idx)
+                idx, valid = support_positions(sel, K)
                 rows = order[starts[chunk][:, None] + torch.arange(c, device=self.G.device)]
                 yield chunk, idx, valid, rows
 
     def _system(self, M, grp, idx, valid, lam):
-        n, (p, k) = M.shape[1], idx.shape  # one flat gather: about 2x faster than 3-index advanced indexing
-        small = M.shape[0] * n * n < 2**31  # int32 positions: half the index traffic
-        i32 = idx.to(torch.int32) if small else idx
-        flat = (grp.to(i32.dtype)[:, None, None] * n + i32[:, :, None]) * n + i32[:, None, :]
-        A = M.contiguous().view(-1).index_select(0, flat.view(-1)).view(p, k, k)
-        if not bool(valid.all()):
-            A.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0)
+        A = gather_blocks(M, grp, idx, valid)
         damp = torch.where(idx < self.d, lam[:, None], torch.zeros_like(lam)[:, None])
         A.diagonal(dim1=1, dim2=2).add_(torch.where(valid, damp, torch.ones_like(damp)))
         return A
@@ -215,7 +209,8 @@ class _Solver:
                     w0 = self.prior.reshape(-1, self.d)[r_[:, None, :], i_.clamp_max(self.d - 1)[:, :, None]]
                     B = B + torch.where(i_ < self.d, lam[:, None], 0)[:, :, None] * w0
                 B = B * v_[:, :, None]
-                sol, ok = self._solve(A, B)
+                sol, ok, refined = solve_spd(A, B, refine=self.refine)
+                self.refined_rows += refined
                 _scatter(out, r_[ok], i_[ok], v_[ok], sol[ok])
                 if bool(ok.all()):
                     break
@@ -226,22 +221,6 @@ class _Solver:
                 rel[todo] = (rel[todo] * 10).clamp_min(MIN_RETRY_DAMPING)
                 self.retried += int(rows[todo].numel())
             self.max_rel = max(self.max_rel, float(rel.max()))
-
-    def _solve(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A^-1 B`` and which systems were solved: float32 factor + float64 refinement where it
-        converges (``refine``), a float64 factorization for the others."""
-        if self.refine:
-            sol, ok = refined_solve(A, B)
-            self.refined_rows += int(ok.sum()) * B.shape[2]
-            if bool(ok.all()):
-                return sol, ok
-            rest = (~ok).nonzero().flatten()
-            L, info = torch.linalg.cholesky_ex(A[rest])
-            sol[rest] = cholesky_solve_tri(L, B[rest])
-            ok[rest] = info == 0
-            return sol, ok
-        L, info = torch.linalg.cholesky_ex(A)
-        return cholesky_solve_tri(L, B), info == 0
 
     def inverse(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(A, H, lam)``: ``A = G + lam I`` (weight columns) and ``H = A^-1`` per group, computed

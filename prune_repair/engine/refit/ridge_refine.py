@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["cholesky_solve_tri", "refined_solve"]
+__all__ = ["cholesky_solve_tri", "refined_solve", "solve_spd"]
 
 MAX_STEPS = 10
 EPS64 = torch.finfo(torch.float64).eps
@@ -74,3 +74,21 @@ def refined_solve(A: torch.Tensor, B: torch.Tensor, *, max_steps: int = MAX_STEP
         step = cholesky_solve_tri(L, R.to(torch.float32)).to(torch.float64)
         x += step * active[:, None, None]
     return x, converged & ok
+
+
+def solve_spd(A: torch.Tensor, B: torch.Tensor, *, refine: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(A^-1 B, solved, refined)``: by :func:`refined_solve` where it converges (``refine``), by a
+    float64 factorization for the other systems; ``solved`` is False where ``A`` is not positive
+    definite in float64 either; ``refined``: right-hand sides solved by the float32 factor."""
+    if refine:
+        sol, ok = refined_solve(A, B)
+        refined = int(ok.sum()) * B.shape[2]
+        if bool(ok.all()):
+            return sol, ok, refined
+        rest = (~ok).nonzero().flatten()
+        L, info = torch.linalg.cholesky_ex(A[rest])
+        sol[rest] = cholesky_solve_tri(L, B[rest])
+        ok[rest] = info == 0
+        return sol, ok, refined
+    L, info = torch.linalg.cholesky_ex(A)
+    return cholesky_solve_tri(L, B), info == 0, 0

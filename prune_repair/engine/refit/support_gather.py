@@ -1,0 +1,42 @@
+"""Square blocks ``M[S, S]`` of a shared matrix for many supports ``S`` at once (padded, batched).
+
+Masked ridge solves and quadratic forms of sparse weights both need, for each output row, the
+block of a Gram matrix on the row's support. The supports are padded to one width ``K`` (the
+selected positions first, in order), and all blocks of a batch are read by ONE flat gather
+(about 2x faster than three-index advanced indexing; int32 positions where they fit, half the
+index traffic); padded rows and columns are zero.
+
+Example:
+    >>> import torch
+    >>> M = torch.arange(16.0).view(1, 4, 4)
+    >>> idx, valid = support_positions(torch.tensor([[True, False, True, False], [False, True, False, False]]), 2)
+    >>> idx.tolist(), valid.tolist()
+    ([[0, 2], [1, 0]], [[True, True], [True, False]])
+    >>> gather_blocks(M, torch.zeros(2, dtype=torch.long), idx, valid).tolist()
+    [[[0.0, 2.0], [8.0, 10.0]], [[5.0, 0.0], [0.0, 0.0]]]
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["gather_blocks", "support_positions"]
+
+
+def support_positions(support: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(idx, valid)`` ``(p, width)``: each row's selected positions first (ascending), then
+    padding (``valid`` False). ``support``: ``(p, n)`` bool with at most ``width`` True per row."""
+    idx = torch.argsort((~support).to(torch.int8), dim=1, stable=True)[:, :width]
+    return idx, torch.gather(support, 1, idx)
+
+
+def gather_blocks(M: torch.Tensor, group: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``A[p] = M[group[p]][idx[p]][:, idx[p]]`` ``(p, K, K)``, zero where ``valid`` is False
+    (row or column). ``M``: ``(groups, n, n)``."""
+    n, (p, k) = M.shape[1], idx.shape
+    pos = idx.to(torch.int32) if M.shape[0] * n * n < 2**31 else idx
+    flat = (group.to(pos.dtype)[:, None, None] * n + pos[:, :, None]) * n + pos[:, None, :]
+    A = M.contiguous().view(-1).index_select(0, flat.view(-1)).view(p, k, k)
+    if not bool(valid.all()):
+        A.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0)
+    return A
