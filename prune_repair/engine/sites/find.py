@@ -127,20 +127,30 @@ def find_sites(
     the ``module.`` prefix, as the other engine functions use them).
     """
     model = unwrap(model)
+    extra = block_modules(model, blocks)
+    calls = trace_calls(model, as_batches(example_inputs)[0], forward_fn=forward_fn, extra=extra)
+    return sites_of_calls(calls, extra, select=select, include_classifier=include_classifier)
+
+
+def block_modules(model: nn.Module, blocks: Selector) -> list[nn.Module]:
+    """The modules ``blocks`` names (see :func:`find_sites`); raises when it names none."""
     block_filter = make_filter(blocks)
-    extra = [] if block_filter is None else [
-        m for name, m in model.named_modules() if name and block_filter(m, name)
-    ]
+    extra = [] if block_filter is None else [m for name, m in model.named_modules() if name and block_filter(m, name)]
     if blocks is not None and not extra:
         raise ValueError(f"blocks={blocks!r} matches no submodule: give FQNs such as 'layer1.0' or 're:' patterns")
-    calls = trace_calls(model, as_batches(example_inputs)[0], forward_fn=forward_fn, extra=extra)
+    return extra
+
+
+def sites_of_calls(calls: list["Call"], extra: Sequence[nn.Module], *, select: Selector = None,
+                   include_classifier: bool = False) -> list[Site]:
+    """:func:`find_sites`'s sites from the calls of one traced forward (``extra``: the modules whose
+    outputs are ``"block"`` sites), in execution order; raises when there are none."""
     sites = sites_from_calls(calls, select=select, include_classifier=include_classifier)
     order = {fqn: i for i, (fqn, *_rest) in enumerate(calls)}
     extra_ids = {id(m) for m in extra}
     for fqn, module, _, y in calls:
         if id(module) in extra_ids and y is not None and y.dim() >= 2:
-            cdim = 1 if y.dim() > 3 else -1
-            sites.append(Site(fqn, fqn, None, cdim, int(y.shape[cdim]), kind="block"))
+            sites.append(Site(fqn, fqn, None, block_channel_dim(y), int(y.shape[block_channel_dim(y)]), kind="block"))
     if not sites:
         if select is not None and sites_from_calls(calls, include_classifier=True):
             raise ValueError(f"the selection {select!r} matches no site: give the FQN of a conv/linear layer "
@@ -152,6 +162,11 @@ def find_sites(
             + "; check that forward_fn feeds the batch to the model")
     owner = {s.fqn: split_owner(s.fqn) for s in sites}
     return sorted(sites, key=lambda s: order.get(s.fqn, order.get(owner[s.fqn], 0)))
+
+
+def block_channel_dim(y: "torch.Tensor") -> int:
+    """The channel dim of a block output: 1 for feature maps (N, C, ...), -1 for tokens."""
+    return 1 if y.dim() > 3 else -1
 
 
 def split_owner(fqn: str) -> str:

@@ -61,6 +61,22 @@ def scale_shift(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, chann
     return torch.addcmul(shift.to(y.dtype).view(view), y, scale.to(y.dtype).view(view))
 
 
+def output_mask(mask: torch.Tensor | None, channel_dim: int, y: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+    """``(mask to measure y with, whether the batch's mask fits y)``: an (N, T) mask applies to
+    (N, T, ..., C) outputs; None when there is no mask or one value per sample (nothing padded)."""
+    if mask is None or y.dim() < 2 or (y.dim() == 2 and y.shape[0] == mask.shape[0]):
+        return None, True
+    if y.dim() >= 3 and channel_dim % y.dim() == y.dim() - 1 and tuple(y.shape[:2]) == tuple(mask.shape):
+        return mask.to(y.device), True
+    return None, False
+
+
+def warn_unfit_mask(fqn: str, mask: torch.Tensor, y: torch.Tensor, stacklevel: int = 3) -> None:
+    """Say that a site's statistics count padded positions (the mask does not fit its output)."""
+    warnings.warn(f"the attention mask {list(mask.shape)} does not fit the output {list(y.shape)} of site "
+                  f"'{fqn}': its statistics count padded positions too", stacklevel=stacklevel)
+
+
 class _LinearCalls(TorchFunctionMode):
     """Catches ``F.linear(x, weight, bias)`` whose weight is a watched tensor."""
 
@@ -100,16 +116,11 @@ class SiteTaps:
         self._local.mask = value
 
     def _mask_for(self, site: Site, y: torch.Tensor) -> torch.Tensor | None:
-        mask = self.mask
-        if mask is None or y.dim() < 2 or (y.dim() == 2 and y.shape[0] == mask.shape[0]):
-            return None  # no mask, or one value per sample: no padded positions to drop
-        if y.dim() >= 3 and site.channel_dim % y.dim() == y.dim() - 1 and tuple(y.shape[:2]) == tuple(mask.shape):
-            return mask.to(y.device)
-        if site.fqn not in self._warned:
+        mask, fits = output_mask(self.mask, site.channel_dim, y)
+        if not fits and site.fqn not in self._warned:
             self._warned.add(site.fqn)
-            warnings.warn(f"the attention mask {list(mask.shape)} does not fit the output {list(y.shape)} of site "
-                          f"'{site.fqn}': its statistics count padded positions too", stacklevel=3)
-        return None
+            warn_unfit_mask(site.fqn, self.mask, y, stacklevel=4)
+        return mask
 
     def _measure(self, site: Site, y: torch.Tensor) -> None:
         self.observe(site, y, self._mask_for(site, y))

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ from ..run.forward import ForwardFn, as_batches, head
 from ..run.lockstep import Passes
 from ..run.pipeline import PassLog, calibrate
 from ..run.progress import ProgressArg
-from ..sites.find import Selector, Site, find_sites
+from ..sites.discover import Discovery, Key
+from ..sites.find import Selector, Site, block_modules, find_sites
 from .channel import ChannelStats, merge_moments
 from .collect import StatsSteps
 
@@ -149,8 +151,9 @@ def collect_stats(
     Args:
         model: the reference network (left unchanged; train/eval mode restored).
         data: one batch, or an iterable of batches (a DataLoader).
-        sites: sites to measure; found by tracing two samples of the first batch
-            when omitted.
+        sites: sites to measure. When omitted, the default single pass finds them as it measures
+            the first batch (no pass of their own); with ``passes``, ``progress`` or under
+            ``torch.distributed``, two samples of the first batch are traced first.
         select, include_classifier: site selection, see :func:`~prune_repair.engine.sites.find.find_sites`.
         block_outputs: modules whose outputs are measured too, as ``"block"`` sites
             (``find_sites(blocks=...)``).
@@ -174,6 +177,11 @@ def collect_stats(
     """
     model = distributed.unwrap(model)
     batches = as_batches(data)
+    first = None
+    if (sites is None and passes is None and blocks is None and offload is None and not progress
+            and not distributed.is_distributed()):  # one pass finds the sites and measures the first batch
+        first = _discover(model, batches[0], select, include_classifier, block_outputs, forward_fn)
+        sites = None if first is None else list(first)
     if sites is None:  # discovery needs no statistics: two samples are enough
         sites = find_sites(model, head(batches[0], 2), select=select, include_classifier=include_classifier,
                            blocks=block_outputs, forward_fn=forward_fn)
@@ -183,12 +191,41 @@ def collect_stats(
         except AttributeError:
             raise ValueError(f"site '{site.fqn}' is not a submodule of the model") from None
     method = StatsSteps(model, sites)
-    _measure(model, batches, method, forward_fn, passes, blocks, offload, progress)
+    if first is None:
+        _measure(model, batches, method, forward_fn, passes, blocks, offload, progress)
+    else:
+        for step in method.steps:
+            step.add(first[step.site])
+        if len(batches) > 1:
+            _measure(model, batches[1:], method, forward_fn, passes, blocks, offload, progress)
     stats = {step.name: step.merged() for step in method.steps}
     missing = [fqn for fqn, s in stats.items() if s is None]
     if missing:
         raise ValueError(f"site '{missing[0]}' never ran in the forward pass: check forward_fn and the site list")
     return ActivationStats(sites, stats)
+
+
+def _discover(model: nn.Module, batch: Any, select: Selector, include_classifier: bool, block_outputs: Selector,
+              forward_fn: ForwardFn | None) -> dict[Site, ChannelStats] | None:
+    """The sites and their statistics on ``batch`` from ONE pass that finds the sites as it measures
+    (:class:`~prune_repair.engine.sites.discover.Discovery`); None where that pass could not measure
+    every site exactly once (then the sites are traced first and measured in a pass of their own)."""
+    measured: dict[Key, ChannelStats] = {}
+
+    def measure(key: Key, y: torch.Tensor, mask: torch.Tensor | None) -> None:
+        measured[key] = ChannelStats.of(y, key[1], mask=mask)
+
+    found = Discovery(model, measure, extra=block_modules(model, block_outputs), forward_fn=forward_fn)
+    found.run(batch)
+    with warnings.catch_warnings(record=True) as said:  # said once: here, or by find_sites after all
+        warnings.simplefilter("always")
+        sites = found.sites(select=select, include_classifier=include_classifier)
+    if not found.measured_once(sites):
+        return None
+    for warning in said:
+        warnings.warn(warning.message, warning.category, stacklevel=3)
+    found.warn_unfit_masks(sites)
+    return {site: measured[found.key(site)] for site in sites}
 
 
 def _measure(model: nn.Module, batches: list[Any], method: StatsSteps, forward_fn: ForwardFn | None,

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -121,40 +122,57 @@ CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
 """Elements per temporary in :func:`_shifted_moments`: a small part of a large activation
 (little added to the peak memory), yet few enough chunks that per-op costs stay small."""
 
-ROW_GROUP = 16
-"""Rows of a channel-last output summed in float32 before the float64 sum."""
+SHORT_MAPS = 32
+"""Feature maps with fewer values than this are centred into channel-last rows (reductions over
+a handful of values per map are slow; a column reduction over rows is not)."""
+
+_HELD = threading.local()
+
+
+def _scratch(numel: int, device: torch.device) -> torch.Tensor:
+    """A float32 buffer of ``numel`` elements; on the CPU one per thread, kept between calls (a
+    fresh large allocation costs a page fault per 4 KiB on first touch, more than the reduction)."""
+    if device.type != "cpu":
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    held = getattr(_HELD, "buffer", None)
+    if held is None or held.numel() < numel:
+        held = _HELD.buffer = torch.empty(numel, dtype=torch.float32)
+    return held[:numel]
 
 
 def _shifted_moments(x: torch.Tensor, rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 ``(mean, m2)`` per channel of ``(R, C)`` rows (``rows=True``) or ``(N, C, S)`` maps.
 
     Values are centred, one chunk along dim 0 at a time, about the float32 rounding of the
-    first chunk's mean (exact near the mean, Sterbenz); short runs (each map's ``S`` values,
-    or ``ROW_GROUP`` rows) are summed in float32, everything across them in float64, and
-    the shift is corrected exactly, so large offsets cause no cancellation and the
+    first chunk's mean (exact near the mean, Sterbenz) into a reused float32 buffer, squared
+    in place; each chunk is reduced in float32 (torch's cascaded sums: each map's ``S``
+    values, or a chunk's rows per channel), everything across chunks (and maps) in float64,
+    and the shift is corrected exactly. So large offsets cause no cancellation and the
     activations are never copied whole (the temporary is one chunk).
     """
     work, c = torch.float32, x.shape[1]
     count = x.numel() // max(c, 1)
-    if rows:  # (R, C) -> (R // K, K, C) groups, plus the leftover rows as groups of one
-        cut = x.shape[0] - x.shape[0] % ROW_GROUP
-        pieces = [p for p in (x[:cut].view(-1, ROW_GROUP, c), x[cut:].unsqueeze(1)) if p.numel()]
-        inner, view = 1, (c,)
-    else:
-        pieces, inner, view = [x], 2, (c, 1)
-    budget = CHUNK_ELEMENTS.get(x.device.type, 1 << 22)
+    short = not rows and x.shape[2] < SHORT_MAPS
+    per_item = c * (1 if rows else x.shape[2])
+    step = max(1, CHUNK_ELEMENTS.get(x.device.type, 1 << 22) // max(per_item, 1))
+    buffer = _scratch(min(step, x.shape[0]) * per_item, x.device)
     s1 = torch.zeros(c, dtype=torch.float64, device=x.device)
     s2 = torch.zeros(c, dtype=torch.float64, device=x.device)
     shift = None
-    for piece in pieces:
-        step = max(1, budget // max(piece[0].numel(), 1))
-        for start in range(0, piece.shape[0], step):
-            chunk = piece[start:start + step].to(work)
-            if shift is None:  # the first chunk's mean: close to the mean, in float32
-                first = chunk.sum(inner).sum(0, dtype=torch.float64) / (chunk.numel() // c)
-                shift = first.to(work)
-            d = chunk - shift.view(view)  # one centred chunk (a new tensor)
-            s1 += d.sum(inner).sum(0, dtype=torch.float64)
-            s2 += torch.linalg.vecdot(d, d, dim=inner).sum(0, dtype=torch.float64)
+    for start in range(0, x.shape[0], step):
+        chunk = x[start:start + step]
+        n = chunk.shape[0]
+        if shift is None:  # the first chunk's mean: close to the mean, in float32
+            first = chunk.sum(0, dtype=work) if rows else chunk.sum(2, dtype=work).sum(0)
+            shift = (first.to(torch.float64) / (chunk.numel() // c)).to(work)
+        if rows or short:  # centred channel-last rows (R, C): column sums
+            out = buffer[:n * per_item].view(n, -1, c) if short else buffer[:n * per_item].view(n, c)
+            d = torch.sub(chunk if rows else chunk.transpose(1, 2), shift, out=out).view(-1, c)
+            s1 += d.sum(0).to(torch.float64)
+            s2 += d.mul_(d).sum(0).to(torch.float64)
+        else:  # centred maps (n, C, S): float32 over each map, float64 across maps
+            d = torch.sub(chunk, shift.view(c, 1), out=buffer[:n * per_item].view(n, c, -1))
+            s1 += d.sum(2).sum(0, dtype=torch.float64)
+            s2 += d.mul_(d).sum(2).sum(0, dtype=torch.float64)
     offset = s1 / count
     return shift.to(torch.float64) + offset, (s2 - s1 * offset).clamp_min(0)

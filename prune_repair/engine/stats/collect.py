@@ -52,7 +52,10 @@ class SiteStats:
 
     def observe(self, y: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add the statistics of output ``y`` (``mask``: the positions to keep, or None)."""
-        s = ChannelStats.of(y.detach(), self.site.channel_dim, mask=mask)
+        self.add(ChannelStats.of(y.detach(), self.site.channel_dim, mask=mask))
+
+    def add(self, s: ChannelStats) -> None:
+        """Add the statistics of one observed output."""
         self.calls += 1
         if self.window is None and self.parts:
             self.parts[0] = self.parts[0].merge(s)
