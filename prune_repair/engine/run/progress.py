@@ -4,8 +4,9 @@
 
 - ``None`` or ``False``: silent (the library default);
 - ``True``: shown on stderr, a rich progress bar on a terminal, plain lines otherwise (at
-  most one every :data:`PLAIN_EVERY_S` seconds, plus the last); under ``torch.distributed``
-  by rank 0 only;
+  most one every :data:`PLAIN_EVERY_S` seconds, the first after that long, plus the last of a
+  pass that printed one: a pass shorter than that prints nothing); under
+  ``torch.distributed`` by rank 0 only;
 - a callable ``progress(done, total)``: called after each step.
 
 Example:
@@ -41,9 +42,11 @@ class Progress:
         self.shown = progress is True and distributed.is_main_process()
         self.where = ""  # the block being worked on, when blockwise
         self._bar: Any = None
-        self._last = 0.0
+        self._last = time.monotonic()  # plain lines: when the last one was printed (or the pass began)
+        self._printed = False
 
     def __enter__(self) -> "Progress":
+        self._last = time.monotonic()
         if self.shown and sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
@@ -75,6 +78,6 @@ class Progress:
         label = f"{self.what}: {self.where + ', ' if self.where else ''}'{name}'"
         if self._bar is not None:
             self._bar.update(self._task, completed=self.done, description=label)
-        elif time.monotonic() - self._last >= PLAIN_EVERY_S or self.done == self.total:
-            self._last = time.monotonic()
+        elif time.monotonic() - self._last >= PLAIN_EVERY_S or (self.done == self.total and self._printed):
+            self._last, self._printed = time.monotonic(), True
             print(f"{label} [{self.done}/{self.total}]", file=sys.stderr, flush=True)
