@@ -54,7 +54,8 @@ def test_sparsity_is_exact_and_zeros_and_keys_hold(allocation):
     assert report.achieved_sparsity == zeros / total == round(0.8 * total) / total
     if allocation == "uniform":
         assert all(abs(layer.sparsity - 0.8) < 1 / layer.weights + 1e-12 for layer in report.layers)
-    assert set(report.to_dict()) == {"sparsity", "achieved_sparsity", "allocation", "layers", "seconds"}
+    assert set(report.to_dict()) == {"sparsity", "achieved_sparsity", "allocation", "layers", "seconds", "steps",
+                                     "candidates"}
 
 
 def test_global_allocation_follows_the_global_magnitude_profile():

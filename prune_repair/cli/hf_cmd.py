@@ -184,7 +184,8 @@ def prune(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, ou
           method, mode, skip_first, skip_classifier, layers, include_classifier, damping, config=None,
           prune_head=False, no_row_floor=False, allocation="global", block_size=128, fisher_samples=None,
           fisher_batch=1, damp=1e-5, obs_update=False, max_memory_gb=4.0, passes="lockstep", offload=None,
-          batch_size=None, goal_stats=None, include_tied=False, **_: Any) -> None:
+          batch_size=None, goal_stats=None, include_tied=False, obs_candidates="obs,obs-damped,magnitude", obs_steps=1,
+          **_: Any) -> None:
     _check_options(_, ranks=True)
     arch = resolve_hf_arch(arch, [ckpt], arch_kwargs)
     method = PruneMethod.parse(method, "pruning method")
@@ -196,7 +197,7 @@ def prune(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, ou
     check_hf_fits(model, d)
     goal, goal_info = load_goal(goal_stats, model, d.calib, mode, include_classifier) if goal_stats else (None, None)
     options = method_options(method, fisher_samples, fisher_batch, damp, block_size, obs_update, max_memory_gb, seed,
-                             allocation, damping)
+                             allocation, damping, obs_candidates, obs_steps)
     if method.needs_labels:  # a causal LM's own next-token loss; a classifier's loss on its labels
         if d.task == "classifier" and d.calib_labels is None:
             raise DataError(f"--method {method.value} on a classifier needs one class label per calibration "
@@ -225,6 +226,8 @@ def prune(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, ou
                 "include_classifier": include_classifier, "layers": list(layers) or None, "out_format": "hf",
                 "sparsity_config": config, "prune_head": prune_head, "include_tied": include_tied,
                 "row_floor": not no_row_floor, "passes": passes, "offload": offload, "batch_size": batch_size, "goal_stats": goal_info}
+    if method.reconstructs:
+        settings.update(allocation=allocation, obs_candidates=[str(c) for c in options.candidates], obs_steps=obs_steps)
     fisher = fisher_settings(method, options) if method.needs_labels else None
     write_report(report, {**rep, **settings, "fisher": fisher and {**fisher, "seed": seed}})
     console.print(_prune_table(run, d, out))

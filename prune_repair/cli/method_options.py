@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from ..prune.methods import FisherOptions, PruneMethod
 from ..prune.obs import ObsOptions
+from ..prune.targets import PruneError
+from ..prune.obs_layer import DEFAULT_CANDIDATES, MaskCandidate, parse_candidates
 
 
 def method_options(method: PruneMethod, fisher_samples: int | None, fisher_batch: int, damp: float, block_size: int,
-                   obs_update: bool, max_memory_gb: float, seed: int, allocation: str, damping: float
+                   obs_update: bool, max_memory_gb: float, seed: int, allocation: str, damping: float,
+                   obs_candidates: str = ",".join(c.value for c in DEFAULT_CANDIDATES), obs_steps: int = 1
                    ) -> FisherOptions | ObsOptions | None:
     """The settings object of ``--method`` from its command-line options (None for the others)."""
+    if not method.reconstructs and (obs_steps != 1 or parse_candidates(obs_candidates) != DEFAULT_CANDIDATES):
+        raise PruneError(f"--obs-steps and --obs-candidates apply to --method obs, not {method.value}: drop them")
     if method.reconstructs:
-        return ObsOptions(allocation=allocation, damping=damping, block_size=block_size)
+        return ObsOptions(allocation=allocation, damping=damping, block_size=block_size,
+                          candidates=parse_candidates(obs_candidates), steps=obs_steps)
     if method.needs_labels:
         return FisherOptions(num_grads=fisher_samples, group_size=fisher_batch, damp=damp, block_size=block_size,
                              obs_update=obs_update, max_memory_gb=max_memory_gb, seed=seed)
@@ -27,3 +33,10 @@ def fisher_settings(method: PruneMethod, options: FisherOptions) -> dict | None:
         settings.update(batch=options.group_size, damp=options.damp, block_size=options.block_size,
                         obs_update=options.obs_update)
     return settings
+
+
+OBS_CANDIDATES_HELP = ("obs: masks tried per layer, comma-separated; each is refitted exactly and the lowest output "
+                       f"error on the calibration data is kept ({MaskCandidate.describe()}).")
+OBS_STEPS_HELP = ("obs: prune in this many steps (gradual one-shot: each removes the same fraction of the weights "
+                  "left, refitted to the dense model on the inputs of the model pruned so far); costs that many "
+                  "obs passes. Helps at high sparsity (zoo:mnist-vit 90%: 4 steps 89.5% vs 84.7%).")

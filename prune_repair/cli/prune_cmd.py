@@ -18,7 +18,8 @@ from .main import main
 from . import hf_cmd, structured_cmd
 from ..prune.targets import PruneError
 from .prune_notes import print_prune_notes
-from .method_options import fisher_settings, method_options
+from .method_options import OBS_CANDIDATES_HELP, OBS_STEPS_HELP, fisher_settings, method_options
+from ..prune.obs_layer import DEFAULT_CANDIDATES
 from ..prune.sparsity_config import load_sparsity_config
 from ..prune.settings import PruneSettings
 from .goal_option import goal_inputs, goal_note, goal_stats_option, load_goal
@@ -66,6 +67,9 @@ from .output import console, out_console, written, write_report
               help="woodfisher: refuse block sizes needing more memory than this.")
 @click.option("--allocation", default="global", show_default=True, type=click.Choice(["global", "uniform"]),
               help="obs: per-layer sparsities from one global magnitude threshold, or the same in every layer.")
+@click.option("--obs-candidates", default=",".join(c.value for c in DEFAULT_CANDIDATES), show_default=True,
+              help=OBS_CANDIDATES_HELP)
+@click.option("--obs-steps", default=1, show_default=True, type=click.IntRange(min=1), help=OBS_STEPS_HELP)
 @click.option("--structured", "structured", default=None, type=float,
               help="remove this fraction, in [0, 1), of every transformer MLP's hidden units (CNNs: of every "
                    "channel group) before any --sparsity: a physically smaller model (hf:DIR -> an HF directory, "
@@ -87,7 +91,7 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
                   sparsity_config=None, prune_head=False, no_row_floor=False,
                   structured=None, structured_heads=None, structured_select="energy", goal_stats=None,
                   preprocess=None, batch_size=None, eval_size=None, workers=None, passes="lockstep", offload=None,
-                  include_tied=False) -> None:
+                  include_tied=False, obs_candidates="obs,obs-damped,magnitude", obs_steps=1) -> None:
     """Prune CKPT (a path or zoo:NAME) at each --sparsity, repair toward its statistics, evaluate.
 
     \b
@@ -123,7 +127,7 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
     check_fits(model, d.calib_x)
     goal, goal_info = load_goal(goal_stats, model, d.calib_x, mode, include_classifier) if goal_stats else (None, None)
     options = method_options(method, fisher_samples, fisher_batch, damp, block_size, obs_update, max_memory_gb, seed,
-                             allocation, damping)
+                             allocation, damping, obs_candidates, obs_steps)
     fisher_data = _fisher_data(d, options, fisher_batch, seed, dev) if method.needs_labels else None
     run = prune_and_repair(
         model, (d.calib_x, d.calib_y), sparsities, method=method, options=options,
@@ -144,7 +148,8 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
     if method.reconstructs or RepairMode.parse(mode, "correction").reconstructs:
         settings["damping"] = damping
     if method.reconstructs:
-        settings.update(allocation=allocation, block_size=block_size)
+        settings.update(allocation=allocation, block_size=block_size, obs_steps=obs_steps,
+                        obs_candidates=[str(c) for c in options.candidates])
     write_report(report, {**run.to_report(), **settings, "fisher": fisher_settings(method, options)})
     out_console.print(_table(run, d.eval_name, len(d.eval_y), out))
     written({"checkpoint": out, "report": report})

@@ -34,7 +34,8 @@ def prune_with_obs(model: nn.Module, sparsity: float | NMPattern, data: Any, obs
     if style is not MaskStyle.ZEROS:
         raise PruneError("obs pruning writes plain zeros (it updates the kept weights too): use style='zeros'")
     result = obs_prune_(model, inputs_of(data), sparsity, allocation=obs.allocation, damping=obs.damping,
-                        block_size=obs.block_size, target=obs.target, select=select, skip_first=skip_first,
+                        block_size=obs.block_size, target=obs.target, candidates=obs.candidates,
+                        steps=obs.steps, select=select, skip_first=skip_first,
                         skip_classifier=skip_classifier, sparsity_config=config, floor=floor, **(passes or {}))
     modules = {la.fqn: layer_module(model, la.fqn) for la in result.layers}  # in_proj:q|k|v: rows of in_proj_weight
     warn_empty([Target(la.fqn, modules[la.fqn], la.weights) for la in result.layers])
