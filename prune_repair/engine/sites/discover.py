@@ -31,11 +31,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..producers import PARTS, is_packed_attention, is_producer, out_channels, part_fqn
 from ..run.forward import ForwardFn, batch_mask, first_tensor, hooked_pass
+from .attention_once import bind, projects_once, recomputed, self_attention
 from .find import (NORM_TYPES, Call, FunctionCall, Selector, Site, _per_channel_norm_dim, sites_of_calls)
 from .taps import LINEAR_FUNCS, output_mask, warn_unfit_mask
 
@@ -120,8 +122,6 @@ class Discovery:
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         self._flush(module, x) if isinstance(module, NORM_TYPES) else self._flush()
         self._running.add(id(module))
-        if isinstance(module, nn.MultiheadAttention) and is_packed_attention(module):
-            self._attention_parts(module, args, kwargs or {})
 
     def _post(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         self._flush()
@@ -155,15 +155,19 @@ class Discovery:
         held = self._producer_of.get(id(self._stand(x))) if x is not None else None
         return None if held is None else _per_channel_norm_dim(norm, held[1], held[2])
 
-    def _attention_parts(self, mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> None:
-        """q, k and v of a packed in-projection, recomputed from the attention's inputs."""
-        inputs = list(args[:3]) + [kwargs.get(k) for k in ("query", "key", "value")[len(args):]]
-        e, fqn = mha.embed_dim, self.names[mha]
-        weight, bias = mha.in_proj_weight, mha.in_proj_bias
-        for i, part in enumerate(PARTS):
-            rows = slice(i * e, (i + 1) * e)
-            y = torch.nn.functional.linear(inputs[i], weight[rows], None if bias is None else bias[rows])
-            self._take((part_fqn(fqn, part), -1, "attention"), _batch_first(y, mha))
+    def _attention_call(self, mha: nn.MultiheadAttention, call: dict[str, Any], run: Callable[[], Any]) -> Any:
+        """q, k and v of a packed in-projection: projected once where the call allows it, else recomputed."""
+        fqn = self.names[mha]
+
+        def hand(*ys: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            for part, y in zip(PARTS, ys):
+                self._take((part_fqn(fqn, part), -1, "attention"), y.transpose(0, 1) if y.dim() == 3 else y)
+            return ys
+
+        if projects_once(call):
+            return self_attention(call, hand)
+        hand(*recomputed(call))
+        return run()
 
     def _function_call(self, layer: nn.Linear, x: Any, out: torch.Tensor) -> None:
         fqn = self.names[layer]
@@ -182,6 +186,7 @@ class Discovery:
         watched = [m for m in self.model.modules() if is_producer(m) or isinstance(m, NORM_TYPES + (nn.MultiheadAttention,))]
         watched += [m for m in self.extra if m not in watched]
         linears = {id(m.weight): m for m in self.model.modules() if isinstance(m, nn.Linear)}
+        attentions = {id(m.in_proj_weight): m for m in watched if is_packed_attention(m)}
         handles = []
         self._mask = batch_mask(batch)
         try:
@@ -191,7 +196,7 @@ class Discovery:
                 else:
                     handles.append(m.register_forward_pre_hook(self._pre))
                 handles.append(m.register_forward_hook(self._post))
-            with hooked_pass(self.model, forward_fn=self.forward_fn) as forward, _Linears(self, linears):
+            with hooked_pass(self.model, forward_fn=self.forward_fn) as forward, _Calls(self, linears, attentions):
                 out = forward(batch)
             self._flush()
             return out
@@ -229,15 +234,22 @@ def _batch_first(y: torch.Tensor, mha: nn.MultiheadAttention) -> torch.Tensor:
     return y if mha.batch_first or y.dim() != 3 else y.transpose(0, 1)
 
 
-class _Linears(TorchFunctionMode):
-    """Hands ``F.linear(x, layer.weight, ...)`` calls of the model's linear layers to the discovery."""
+class _Calls(TorchFunctionMode):
+    """Hands ``F.linear(x, layer.weight, ...)`` calls of the model's linear layers, and the
+    attention calls of its packed ``nn.MultiheadAttention`` modules, to the discovery."""
 
-    def __init__(self, discovery: Discovery, linears: dict[int, nn.Linear]):
+    def __init__(self, discovery: Discovery, linears: dict[int, nn.Linear],
+                 attentions: dict[int, nn.MultiheadAttention]):
         super().__init__()
-        self.discovery, self.linears = discovery, linears
+        self.discovery, self.linears, self.attentions = discovery, linears, attentions
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward and self.attentions:
+            call = bind(args, kwargs)
+            mha = self.attentions.get(id(call["in_proj_weight"]))
+            if mha is not None:
+                return self.discovery._attention_call(mha, call, lambda: func(*args, **kwargs))
         out = func(*args, **kwargs)
         if func in LINEAR_FUNCS and isinstance(out, torch.Tensor):
             weight = args[1] if len(args) > 1 else kwargs.get("weight")

@@ -6,10 +6,12 @@ A site's output is reached in one of three ways, named by :attr:`Site.call`:
 - ``"function"``: an ``nn.Linear`` whose weight a parent passes to ``F.linear`` (swin_t), so
   its own hooks never fire: a :class:`~torch.overrides.TorchFunctionMode` catches the call;
 - ``"attention"``: the q/k/v projections and ``out_proj`` of an ``nn.MultiheadAttention``,
-  computed inside ``F.multi_head_attention_forward``. q/k/v are exactly linear in the
-  attention's inputs, so a pre-hook recomputes them (``x @ W_q^T + b_q``) and applies a
-  correction by folding it into the in-projection for the duration of the call; the
-  attention's output IS ``out_proj``'s output.
+  computed inside ``F.multi_head_attention_forward``, which the same mode catches. Packed
+  self-attention without masks (ViT) is run with its in-projection computed once, q/k/v
+  measured and corrected on the way (:mod:`.attention_once`); any other call gets q/k/v
+  recomputed for measuring (``x @ W_q^T + b_q``, exactly linear in its inputs) and its
+  corrections folded into the in-projection for the call. The attention's output IS
+  ``out_proj``'s output.
 
 When a batch is a dict with an ``attention_mask`` (N, T), outputs shaped (N, T, ..., C)
 are measured on the unmasked positions only.
@@ -44,6 +46,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..run.forward import batch_mask, first_tensor
 from ..producers import PARTS, split_part
+from .attention_once import bind, projects_once, recomputed, self_attention
 from .find import Site
 
 Observe = Callable[[Site, torch.Tensor, "torch.Tensor | None"], None]
@@ -77,22 +80,29 @@ def warn_unfit_mask(fqn: str, mask: torch.Tensor, y: torch.Tensor, stacklevel: i
                   f"'{fqn}': its statistics count padded positions too", stacklevel=stacklevel)
 
 
-class _LinearCalls(TorchFunctionMode):
-    """Catches ``F.linear(x, weight, bias)`` whose weight is a watched tensor."""
+class _Calls(TorchFunctionMode):
+    """Catches ``F.linear(x, weight, bias)`` whose weight is a watched tensor, and
+    ``F.multi_head_attention_forward`` whose in-projection is a watched tensor."""
 
-    def __init__(self, on_call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None],
-                 weights: dict[int, Any]):
+    def __init__(self, on_linear: Callable[[Any, torch.Tensor], torch.Tensor | None], linears: dict[int, Any],
+                 on_attention: Callable[..., Any], attentions: dict[int, Any]):
         super().__init__()
-        self.on_call, self.weights = on_call, weights
+        self.on_linear, self.linears = on_linear, linears
+        self.on_attention, self.attentions = on_attention, attentions
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward and self.attentions:
+            call = bind(args, kwargs)
+            key = self.attentions.get(id(call["in_proj_weight"]))
+            if key is not None:
+                return self.on_attention(key, call, lambda: func(*args, **kwargs))
         out = func(*args, **kwargs)
         if func in LINEAR_FUNCS:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            key = self.weights.get(id(weight))
+            key = self.linears.get(id(weight))
             if key is not None:
-                new = self.on_call(key, out)
+                new = self.on_linear(key, out)
                 return out if new is None else new
         return out
 
@@ -141,29 +151,51 @@ class SiteTaps:
             return new if isinstance(output, torch.Tensor) else type(output)((new, *output[1:]))
         return hook
 
-    def _attention_hooks(self, mha: nn.MultiheadAttention, parts: dict[str, Site], out: Site | None):
-        patches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._patches.append(patches)
+    def _attention_pre(self, entry: tuple) -> Callable:
+        """For attention calls the mode does not catch (the model called outside ``run``, as
+        RecordStats lets it be): q/k/v recomputed from the module's inputs before the call."""
+        mha = entry[0]
 
         def pre(module, args, kwargs):
+            if getattr(self._local, "caught", False):
+                return None  # the mode runs this call
             inputs = list(args[:3]) + [kwargs.get(k) for k in ("query", "key", "value")[len(args):]]
-            e = mha.embed_dim
-            weight, bias = mha.in_proj_weight, mha.in_proj_bias
-            present = [(i, p, slice(i * e, (i + 1) * e)) for i, p in enumerate(PARTS) if p in parts]
-            for i, p, rows in present:  # measure q, k, v all before any fold (threads in lockstep share the weight)
-                y = F.linear(inputs[i], weight[rows], None if bias is None else bias[rows])
-                self._measure(parts[p], y if mha.batch_first or y.dim() != 3 else y.transpose(0, 1))
-            for i, p, rows in present:
-                c = self.correction(parts[p])
-                if c is None:
-                    continue
-                if not patches:  # fold into the in-projection for this call; restored after it
-                    patches.extend((t, t.detach().clone()) for t in (weight, bias) if t is not None)
-                weight[rows].mul_(c[0].to(weight.dtype)[:, None])
-                if bias is not None:
-                    bias[rows].mul_(c[0].to(bias.dtype)).add_(c[1].to(bias.dtype))
-            return None
+            seq_first = [x.transpose(0, 1) if mha.batch_first and x.dim() == 3 else x for x in inputs]
+            call = {"query": seq_first[0], "key": seq_first[1], "value": seq_first[2],
+                    "in_proj_weight": mha.in_proj_weight, "in_proj_bias": mha.in_proj_bias}
+            return self._attention_call(entry, call, lambda: None, once=False)
+        return pre
 
+    def _attention_call(self, entry: tuple, call: dict[str, Any], run: Callable[[], Any], once: bool = True) -> Any:
+        """One attention call: q/k/v measured and corrected (projected once where :func:`projects_once`
+        allows; else recomputed for measuring and the corrections folded into the in-projection
+        for the call, restored after it by the module's forward hook)."""
+        mha, parts, patches = entry
+        present = [(i, parts[p]) for i, p in enumerate(PARTS) if p in parts]
+
+        def measured(ys: list[torch.Tensor]) -> list[tuple[int, Site, tuple]]:
+            for i, site in present:  # q, k, v all measured before any correction (lockstep threads)
+                self._measure(site, _batch_first(ys[i]))
+            return [(i, site, c) for i, site in present if (c := self.correction(site)) is not None]
+
+        if once and projects_once(call):
+            def hand(*ys: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                ys = list(ys)
+                for i, site, c in measured(ys):
+                    ys[i] = scale_shift(ys[i], c[0], c[1], -1)
+                return tuple(ys)
+            return self_attention(call, hand)
+        weight, bias = mha.in_proj_weight, mha.in_proj_bias
+        e = mha.embed_dim
+        for i, site, c in measured(recomputed(call)):
+            if not patches:  # fold into the in-projection for this call; restored after it
+                patches.extend((t, t.detach().clone()) for t in (weight, bias) if t is not None)
+            weight[i * e:(i + 1) * e].mul_(c[0].to(weight.dtype)[:, None])
+            if bias is not None:
+                bias[i * e:(i + 1) * e].mul_(c[0].to(bias.dtype)).add_(c[1].to(bias.dtype))
+        return run()
+
+    def _attention_post(self, mha: nn.MultiheadAttention, out: Site | None, patches: list) -> Callable:
         def post(module, inputs, output):
             _restore(patches)
             if out is None:
@@ -171,8 +203,7 @@ class SiteTaps:
             y = output[0]
             new = self._tap(out, y, y if mha.batch_first or y.dim() != 3 else y.transpose(0, 1))
             return None if new is None else (new, *output[1:])
-
-        return pre, post
+        return post
 
     @contextlib.contextmanager
     def attached(self, forward: Callable[[Any], Any]) -> Iterator[Callable[[Any], Any]]:
@@ -195,21 +226,25 @@ class SiteTaps:
                 module = self.model.get_submodule(site.fqn)
                 handles.append(module.register_forward_hook(self._module_hook(site)))
         try:
+            attentions: dict[int, tuple] = {}
             for owner, entry in attention.items():
-                mha = self.model.get_submodule(owner)
-                pre, post = self._attention_hooks(mha, entry["parts"], entry["out"])
-                handles.append(mha.register_forward_pre_hook(pre, with_kwargs=True))
-                handles.append(mha.register_forward_hook(post))
-            mode = (_LinearCalls(lambda site, y: self._tap(site, y), function_sites) if function_sites
-                    else contextlib.nullcontext())
+                mha, patches = self.model.get_submodule(owner), []
+                self._patches.append(patches)
+                if entry["parts"]:
+                    held = attentions[id(mha.in_proj_weight)] = (mha, entry["parts"], patches)
+                    handles.append(mha.register_forward_pre_hook(self._attention_pre(held), with_kwargs=True))
+                handles.append(mha.register_forward_hook(self._attention_post(mha, entry["out"], patches)))
+            mode = (_Calls(lambda site, y: self._tap(site, y), function_sites, self._attention_call, attentions)
+                    if function_sites or attentions else contextlib.nullcontext())
 
             def run(batch: Any) -> Any:
                 self.mask = batch_mask(batch)
+                self._local.caught = bool(attentions)
                 try:
                     with mode:
                         return forward(batch)
                 finally:
-                    self.mask = None
+                    self.mask, self._local.caught = None, False
                     for patches in self._patches:
                         _restore(patches)
 
@@ -219,6 +254,11 @@ class SiteTaps:
                 handle.remove()
             for patches in self._patches:
                 _restore(patches)
+
+
+def _batch_first(t: torch.Tensor) -> torch.Tensor:
+    """An attention call's (L, N, E) tensor as (N, L, E); unbatched ones as they are."""
+    return t.transpose(0, 1) if t.dim() == 3 else t
 
 
 def _restore(patches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
