@@ -147,3 +147,25 @@ def test_short_feature_maps_keep_float64_grade_precision(monkeypatch, shape):
     assert_close(s.var, exact.var(0, unbiased=False), rtol=1e-6, atol=0)
     h = (y[:, :, :1] - 1000).half()  # half precision reduces through float32
     assert_close(ChannelStats.of(h, 1).mean, h.double().movedim(1, -1).reshape(-1, shape[1]).mean(0))
+
+
+def test_folding_row_by_row_gives_the_values_of_the_one_float64_product(monkeypatch):
+    from prune_repair.engine.sites import fold
+
+    monkeypatch.setattr(fold, "FOLD_CHUNK", 7)  # several blocks of rows
+    torch.manual_seed(0)
+    scale = torch.rand(6, dtype=torch.float64) * 3 + 0.1
+    for weight in (torch.randn(6, 5), torch.randn(6, 3, 2, 2), torch.randn(5, 6).t(),
+                   torch.randn(6, 3, 2, 2).contiguous(memory_format=torch.channels_last), torch.randn(6, 40).half()):
+        expected, _ = fold.fold_affine(weight, None, scale, None)
+        got = weight.clone() if weight.is_contiguous() else weight
+        fold.scale_rows_(got, scale)
+        assert torch.equal(got, expected)
+
+
+def test_the_finite_check_finds_nan_and_inf_and_lets_huge_finite_values_pass():
+    from prune_repair.engine.checks import is_finite
+
+    assert is_finite(torch.full((4,), 3e38)) and is_finite(torch.full((3,), 6e4).half())
+    assert not is_finite(torch.tensor([1.0, float("inf"), -float("inf")]))
+    assert not is_finite(torch.tensor([float("nan"), 1.0]).half())

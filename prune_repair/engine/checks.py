@@ -15,9 +15,12 @@ from torch import nn
 def is_finite(t: torch.Tensor) -> bool:
     """Whether every value of a floating tensor is finite (integer tensors always are).
 
-    A float64 sum is finite iff every value is, and costs no temporary mask.
+    A sum is finite only if every value is (NaN and Inf propagate), so a finite sum in the
+    tensor's own dtype settles it with no temporary; a sum that overflowed is checked value by value.
     """
-    return not t.is_floating_point() or t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float64)))
+    if not t.is_floating_point() or t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def check_finite(model: nn.Module, what: str = "the model", needs: str = "repair") -> None:

@@ -140,10 +140,39 @@ def fold_correction_(model: nn.Module, site: Site, correction: Correction) -> No
         weight, bias = output_rows(module, part)  # views: rows of W (columns of a Conv1D), q/k/v blocks
         if bias is None and bool((correction.shift != 0).any()):
             raise ValueError(f"layer '{site.fqn}' has no bias to hold a shift: apply the scale only")
-        new_w, new_b = fold_affine(weight, bias, correction.scale, correction.shift if bias is not None else None)
-        weight.copy_(new_w)
-        if bias is not None:
-            bias.copy_(new_b)
+        scale_rows_(weight, correction.scale)
+        if bias is not None:  # b' = s b + t in float64, as fold_affine
+            s, t = correction.scale.to(torch.float64), correction.shift.to(torch.float64)
+            bias.copy_((bias.to(torch.float64) * s.to(bias.device) + t.to(bias.device)).to(bias.dtype))
+
+
+FOLD_CHUNK = 1 << 16
+"""Weight elements scaled per float64 temporary by :func:`scale_rows_` (a cache-sized buffer)."""
+
+
+def scale_rows_(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``weight[i] *= scale[i]`` in place, each product in float64 rounded once to the weight's dtype
+    (the values :func:`fold_affine` gives), through one float64 buffer of a few rows at a time
+    instead of a float64 copy of the whole weight.
+
+    >>> w = torch.ones(3, 2)
+    >>> scale_rows_(w, torch.tensor([1.0, 2.0, 1 / 3], dtype=torch.float64))[2]
+    tensor([0.3333, 0.3333])
+    """
+    s = scale.to(device=weight.device, dtype=torch.float64)
+    if weight.dim() == 2 or weight.is_contiguous():
+        rows = weight if weight.dim() == 2 else weight.view(weight.shape[0], -1)  # strided rows are fine
+    else:  # e.g. a channels-last conv weight: one float64 product of the whole weight
+        view = (-1,) + (1,) * (weight.dim() - 1)
+        return weight.copy_((weight.to(torch.float64) * s.view(view)).to(weight.dtype))
+    per_row = max(rows.shape[1], 1)
+    step = max(1, FOLD_CHUNK // per_row)
+    buffer = torch.empty(min(step, rows.shape[0]) * per_row, dtype=torch.float64, device=weight.device)
+    for start in range(0, rows.shape[0], step):
+        block = rows[start:start + step]
+        work = buffer[:block.numel()].view(block.shape).copy_(block)
+        block.copy_(work.mul_(s[start:start + step, None]))
+    return weight
 
 
 def fold_corrections_(model: nn.Module, corrections: dict[str, Correction], sites: list[Site]) -> nn.Module:
