@@ -12,7 +12,9 @@ that break the bound, or come within ``TOLERANCE`` of the entries' range of it, 
 candidates and the sparse problem is solved again. When the check passes, no permutation scores
 more than the matching, so it is the dense solver's answer whenever the optimum is unique up to
 that tolerance (two assignments tying closer than it may come out either way); when the
-candidates cannot hold a full matching, or the rounds run out, the dense solver answers.
+candidates cannot hold a full matching (a few columns every row prefers: then scipy's sparse
+solver can also be very slow, seconds at 256 units, so it is not asked again with more), or the
+rounds run out, the dense solver answers.
 
 Example:
     >>> import numpy as np
