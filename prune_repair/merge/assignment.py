@@ -138,18 +138,22 @@ def _potentials(s: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, row_of_
 def _near_bound(s: torch.Tensor, u: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, tol: float,
                 reach: float) -> torch.Tensor:
     """Flat keys off the candidates ``keys`` (sorted) of the entries within ``reach`` of the bound
-    ``u_i + v_j`` (the likely next ones) when any of them comes within ``tol`` of it, else none:
-    one pass over ``s`` by row chunks."""
+    ``u_i + v_j`` (the likely next ones) when any of them comes within ``tol`` of it, else none.
+    One pass over ``s`` by row chunks finds each row's largest entry off the candidates; only rows
+    that come within ``reach`` are read again."""
     n = s.shape[0]
-    found = []
-    for i in range(0, n, _ROWS_PER_CHUNK):
+    excess = torch.empty(n, dtype=torch.float64)
+    bounds = torch.searchsorted(keys, torch.arange(0, n + _ROWS_PER_CHUNK, _ROWS_PER_CHUNK).clamp_max(n) * n)
+    for c, i in enumerate(range(0, n, _ROWS_PER_CHUNK)):
         slack = s[i:i + _ROWS_PER_CHUNK] - v[None, :]
         slack.sub_(u[i:i + _ROWS_PER_CHUNK, None])
-        hit = (slack > -reach).nonzero()
-        found.append(torch.stack([(hit[:, 0] + i) * n + hit[:, 1], hit[:, 0] + i, hit[:, 1]]))
-    near = torch.cat(found, 1)
-    off = ~torch.from_numpy(np.isin(near[0].numpy(), keys.numpy()))
-    near = near[:, off]
-    if not bool((s[near[1], near[2]] - u[near[1]] - v[near[2]] > -tol).any()):
-        return near[0, :0]
-    return near[0]
+        inside = keys[bounds[c]:bounds[c + 1]]
+        slack[inside // n - i, inside % n] = -torch.inf  # the candidates (the matching included) are not asked
+        excess[i:i + _ROWS_PER_CHUNK] = slack.amax(1)
+    if not bool((excess > -tol).any()):
+        return keys[:0]
+    rows = (excess > -reach).nonzero().flatten()
+    slack = s[rows] - u[rows, None] - v[None, :]
+    hit = (slack > -reach).nonzero()
+    found = rows[hit[:, 0]] * n + hit[:, 1]
+    return found[~torch.from_numpy(np.isin(found.numpy(), keys.numpy()))]
