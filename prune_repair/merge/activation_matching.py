@@ -127,8 +127,7 @@ def _samples(y: torch.Tensor, dim: int, index: torch.Tensor, mask: torch.Tensor 
 class _Cross(_Moments):
     """Cross co-moment (C x C) of two models' units, with both variances as two extra rows.
     ``workspace``: float32 product buffers by shape, shared by the probes of one matching (a
-    fresh C x C buffer per probe costs its page faults: about a third of the moments' time on
-    convnext_tiny's 3072-unit groups)."""
+    fresh C x C buffer per probe adds its page faults)."""
 
     def __init__(self, workspace: dict | None = None):
         super().__init__()
