@@ -146,7 +146,7 @@ def fold_correction_(model: nn.Module, site: Site, correction: Correction) -> No
             bias.copy_((bias.to(torch.float64) * s.to(bias.device) + t.to(bias.device)).to(bias.dtype))
 
 
-FOLD_CHUNK = 1 << 16
+FOLD_CHUNK = 1 << 18
 """Weight elements scaled per float64 temporary by :func:`scale_rows_` (a cache-sized buffer)."""
 
 
