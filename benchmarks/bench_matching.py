@@ -8,7 +8,7 @@ by wrapping them (one extra call layer each):
 
 - forwards + capture: both models' forward passes with the probes' hooks (``capture``);
 - copies: each probed tensor as a (samples, units) block (``_samples``);
-- paired moments: the float32 GEMM per probe and its float64 accumulation (``_Cross.add_pair``);
+- paired moments: the float32 GEMM per probe and its float64 accumulation (``CrossMoments.add_pair``);
 - correlations: co-moments to correlations, probes weighted (``_correlations``);
 - assignment: one linear assignment per group (``assign``), also listed by width;
 - other: the rest (probe lists, checks).
@@ -58,7 +58,7 @@ class Breakdown:
         self._wrap(module, "_samples", "copies")
         self._wrap(module, "_correlations", "correlations")
         self._wrap(module, "assign", "assignment", width=True)
-        self._wrap(module._Cross, "add_pair", "paired moments")
+        self._wrap(getattr(module, "CrossMoments", None) or module._Cross, "add_pair", "paired moments")
 
     def _wrap(self, owner, name: str, part: str, width: bool = False) -> None:
         inner = getattr(owner, name)
@@ -133,19 +133,19 @@ def table(rows: dict, args) -> list[str]:
     lines = [
         "## Activation matching speed (issue 21, item 3)",
         "",
-        f"Medians of {args.repeats} interleaved repeats, {clock}, float32, cpu, {args.threads} thread(s); random-init "
+        (f"Medians of {args.repeats} interleaved repeats, {clock}, float32, cpu, {args.threads} thread(s); random-init "
         "torchvision models, B another seed; resnet18 64 x 3x64x64, convnext_tiny 16 x 3x64x64. Ratios are of two plain "
         "forwards (A(x), B(x)) in the same run. Parts: forwards + capture (both passes with the probes' hooks), copies "
         "(probed tensors as sample blocks), paired moments (one float32 GEMM per probe, float64 accumulation), "
         "correlations, assignment (one exact linear assignment per group). The last column runs the matching with the "
         "producers' tie-breaking probes (weight 1e-6) filtered out of `probes_of`, to show what they cost; it is not a "
-        "mode of the package.",
+        "mode of the package."),
         "",
-        f"Reproduce: `python benchmarks/bench_matching.py --repeats {args.repeats} --threads {args.threads}"
-        f"{' --cpu-time' if args.cpu_time else ''} --write`",
+        (f"Reproduce: `python benchmarks/bench_matching.py --repeats {args.repeats} --threads {args.threads}"
+         f"{' --cpu-time' if args.cpu_time else ''} --write`"),
         "",
-        "| model | two forwards | matching (x two forwards) | target | forwards + capture | copies | paired moments "
-        "| correlations | assignment | other | assignment by width (groups x seconds each) | without tie-break probes |",
+        ("| model | two forwards | matching (x two forwards) | target | forwards + capture | copies | paired moments "
+         "| correlations | assignment | other | assignment by width (groups x seconds each) | without tie-break probes |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for name, r in rows.items():

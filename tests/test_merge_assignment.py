@@ -12,11 +12,11 @@ from scipy.optimize import linear_sum_assignment
 
 from prune_repair.merge import activation_matching
 from prune_repair.merge.assignment import DENSE_UP_TO, max_assignment
+from prune_repair.merge.cross_moments import CrossMoments
 from prune_repair.merge.find_groups import find_groups
 from prune_repair.zoo.models import MLP
 
 assignment = importlib.import_module("prune_repair.merge.assignment")
-matching = importlib.import_module("prune_repair.merge.activation_matching")
 
 
 def dense(s: np.ndarray) -> np.ndarray:
@@ -53,7 +53,7 @@ def test_float32_paired_moments_equal_float64_over_batches():
         a = 40.0 + k + torch.randn(500, 30, generator=gen, dtype=torch.float64)
         b = (a - 40.0) @ mix + 7.0 + 0.1 * torch.randn(500, 30, generator=gen, dtype=torch.float64)
         batches.append((a.float().double(), b.float().double()))  # values both paths hold exactly
-    acc32, acc64 = matching._Cross(), matching._Cross()
+    acc32, acc64 = CrossMoments(), CrossMoments()
     for a, b in batches:
         acc32.add_pair(a.float(), b.float())
         acc64.add_pair(a.clone(), b.clone())
@@ -62,6 +62,8 @@ def test_float32_paired_moments_equal_float64_over_batches():
     exact = torch.cat([ac.T @ bc, (ac * ac).sum(0)[None], (bc * bc).sum(0)[None]])
     scale = exact.abs().max()
     assert acc64.n == acc32.n == 2000
+    acc32.settle()
+    acc64.settle()
     assert float((acc64.m2 - exact).abs().max() / scale) < 1e-12
     # float32 products of the centred blocks: measured 6.1e-9 of the largest entry here (float64: 3.8e-16)
     assert float((acc32.m2 - exact).abs().max() / scale) < 1e-7

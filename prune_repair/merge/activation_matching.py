@@ -46,6 +46,7 @@ from .groups import PermGroup
 from .attention_groups import check_same_heads
 from .capture import capture, function_linears
 from .heads import assign_heads, units
+from .cross_moments import CrossMoments
 from .moments import SiteMoments, _Moments, site_moments  # noqa: F401  (site_moments: public here too)
 from .permute import Alignment
 from .weight_matching import assign
@@ -124,72 +125,6 @@ def _samples(y: torch.Tensor, dim: int, index: torch.Tensor, mask: torch.Tensor 
     return picked.transpose(1, 2).reshape(-1, c).to(dtype)
 
 
-class _Cross(_Moments):
-    """Cross co-moment (C x C) of two models' units, with both variances as two extra rows.
-    ``workspace``: float32 product buffers by shape, shared by the probes of one matching (a
-    fresh C x C buffer per probe adds its page faults)."""
-
-    def __init__(self, workspace: dict | None = None):
-        super().__init__()
-        self.workspace = workspace
-
-    def add_pair(self, ya: torch.Tensor, yb: torch.Tensor) -> None:
-        """``ya``, ``yb``: (n, C) copies (centred in place). Float32 blocks are centred on the
-        float32 rounding of their float64 mean and multiplied in float32 (one GEMM); the product
-        is added into the float64 co-moment and every correction (the float32 centre's offset from
-        the mean, Chan's term between batches) is one rank-1 or rank-2 float64 update in place:
-        two passes over the C x C co-moment per batch."""
-        n = ya.shape[0]
-        mean = torch.stack([ya.sum(0, dtype=torch.float64), yb.sum(0, dtype=torch.float64)]) / n
-        centre = mean.to(ya.dtype)
-        ya.sub_(centre[0])
-        yb.sub_(centre[1])
-        shape = (ya.shape[-1] + 2, yb.shape[-1])
-        out = None
-        if self.workspace is not None:
-            key = (shape, ya.dtype, ya.device)
-            if key not in self.workspace:
-                self.workspace[key] = torch.empty(shape, dtype=ya.dtype, device=ya.device)
-            out = self.workspace[key]
-        product = self._comoment((ya, yb), out)
-        updates = []  # (coefficient, a-side vector, b-side vector): m2 += coef * a b^T
-        if ya.dtype != torch.float64:  # moments about `centre`, not about `mean`: shift them back
-            e = centre.to(torch.float64) - mean
-            updates.append((-n, e[0], e[1]))
-        if self.mean is None:
-            self.n, self.mean, self.m2 = n, mean, product.to(torch.float64, copy=True)  # (never the workspace itself)
-        else:
-            total, delta = self.n + n, mean - self.mean
-            updates.append((self.n * n / total, delta[0], delta[1]))
-            self.m2.add_(product)
-            self.n, self.mean = total, self.mean + delta * (n / total)
-        if updates:
-            _rank_update_(self.m2, updates)
-
-    @staticmethod
-    def _comoment(c, out: torch.Tensor | None = None) -> torch.Tensor:  # (2, n, C) -> (C + 2, C), into `out`
-        a, b = c[0], c[1]
-        if out is None:
-            out = torch.empty(a.shape[-1] + 2, b.shape[-1], dtype=a.dtype, device=a.device)
-        torch.mm(a.T, b, out=out[:-2])
-        out[-2] = torch.linalg.vecdot(a, a, dim=0)
-        out[-1] = torch.linalg.vecdot(b, b, dim=0)
-        return out
-
-
-def _rank_update_(m2: torch.Tensor, updates: list[tuple[float, torch.Tensor, torch.Tensor]]) -> None:
-    """``m2[:-2] += sum coef * a b^T`` (one pass) and the variance rows likewise, in place."""
-    if len(updates) == 1:
-        coef, a, b = updates[0]
-        m2[:-2].addr_(a, b, alpha=coef)
-    else:
-        left = torch.stack([coef * a for coef, a, _ in updates], 1)  # (C, r)
-        m2[:-2].addmm_(left, torch.stack([b for _, _, b in updates]))
-    for coef, a, b in updates:
-        m2[-2].addcmul_(a, a, value=coef)
-        m2[-1].addcmul_(b, b, value=coef)
-
-
 def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[PermGroup], *,
                         forward_fn: ForwardFn | None = None) -> Alignment:
     """Permutations aligning ``b`` to ``a`` by the correlation of paired units (one pass).
@@ -219,7 +154,7 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
             for i, p in enumerate(plist):
                 spec.setdefault(mods[p.module], []).append(((name, i), p.side))
         specs.append(spec)
-    moments: dict[tuple[str, int], _Cross] = {}
+    moments: dict[tuple[str, int], CrossMoments] = {}
     workspace: dict = {}  # float32 product buffers, reused by every probe of one width
     called: tuple[set, set] = (set(), set())  # per model: linears caught at F.linear (swin's attention)
     for batch in _each_batch(data):
@@ -243,9 +178,12 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
                     raise ValueError(f"layer '{p.module}' has {ya[key].shape[p.dim] if ya[key].dim() else 0} "
                                      f"channels on dim {p.dim} of its {p.side}put {list(ya[key].shape)} but group "
                                      f"'{name}' needs {int(p.index.max()) + 1}: use align='weight' for this model")
-                moments.setdefault(key, _Cross(workspace)).add_pair(_samples(ya[key], p.dim, p.index, mask),
+                moments.setdefault(key, CrossMoments(workspace)).add_pair(_samples(ya[key], p.dim, p.index, mask),
                                                            _samples(yb[key], p.dim, p.index, mask))
-    _Moments.all_reduce_([moments[k] for k in sorted(moments)])  # pooled over ranks (distributed)
+    if distributed.is_distributed():  # pooled over ranks
+        for k in sorted(moments):
+            moments[k].settle()
+        _Moments.all_reduce_([moments[k] for k in sorted(moments)])
     corrs, dead = _correlations(groups, moments, probe_lists)
     perms, started = {}, time.perf_counter()
     for unit in units(groups):
@@ -260,7 +198,7 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
 def _correlations(groups: Sequence[PermGroup], moments: dict, probe_lists: dict) -> tuple[dict, dict[str, int]]:
     """Each group's correlation matrix of A's units (rows) with B's (columns), probes weighted, and its count of
     dead units (zero spread in A or B: their rows and columns are 0). The co-moments are scaled in place
-    (``moments`` is spent): two passes over each probe's C x C matrix."""
+    (``moments`` is spent), block by block with their pending updates (:meth:`CrossMoments.scale_into_`)."""
     corrs, dead = {}, {}
     for g in groups:
         corr = None
@@ -268,18 +206,17 @@ def _correlations(groups: Sequence[PermGroup], moments: dict, probe_lists: dict)
         for key, m in moments.items():
             if key[0] != g.name:
                 continue
-            cross, var_a, var_b = m.m2[:-2], m.m2[-2], m.m2[-1]
+            var_a, var_b = m.variances()
             std_a, std_b = var_a.clamp_min(0).sqrt(), var_b.clamp_min(0).sqrt()
             dead_a = std_a <= 1e-12 * (std_a.max() + 1e-300)
             dead_b = std_b <= 1e-12 * (std_b.max() + 1e-300)
             probe = probe_lists[g.name][key[1]]
             row_scale = torch.where(dead_a, 0.0, probe.weight / torch.where(dead_a, 1.0, std_a))
-            col_scale = torch.where(dead_b, 0.0, 1.0 / torch.where(dead_b, 1.0, std_b)).cpu()
-            scaled = cross.mul_(row_scale[:, None]).cpu()
-            corr = scaled.mul_(col_scale) if corr is None else corr.addcmul_(scaled, col_scale)
+            col_scale = torch.where(dead_b, 0.0, 1.0 / torch.where(dead_b, 1.0, std_b))
+            corr = m.scale_into_(corr, row_scale, col_scale)
             if probe.weight == 1.0:
                 dead_any |= (dead_a | dead_b).cpu()
-        corrs[g.name] = corr
+        corrs[g.name] = corr.cpu()
         dead[g.name] = int(dead_any.sum())
     return corrs, dead
 

@@ -1,0 +1,125 @@
+"""Cross co-moments of two models' paired units, streamed in float32 products and kept in float64.
+
+:class:`CrossMoments` holds, for one probe of a permutation group, the count, both models' means
+and the ``(C + 2, C)`` co-moment: A's units (rows) against B's (columns), both variances as two
+extra rows. Each batch is one GEMM (float32 for float32 activations, centred first); everything
+that is exact but cheap to state, the float32 centre's offset from the float64 mean and Chan's
+term between batches, is a rank-1 update kept aside as vectors and applied when the co-moment is
+read, row block by row block together with the correlation's scaling (one pass over the matrix in
+cache-sized blocks instead of one full pass each).
+
+Example:
+    >>> import torch
+    >>> x = torch.randn(500, 3, dtype=torch.float64)
+    >>> y = x @ torch.randn(3, 3, dtype=torch.float64)
+    >>> m = CrossMoments()
+    >>> m.add_pair(x[:200].clone(), y[:200].clone())
+    >>> m.add_pair(x[200:].clone(), y[200:].clone())
+    >>> xc, yc = x - x.mean(0), y - y.mean(0)
+    >>> m.settle()
+    >>> torch.allclose(m.m2[:-2], xc.T @ yc) and torch.allclose(m.m2[-2], (xc * xc).sum(0))
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .moments import _Moments
+
+ROWS_PER_BLOCK = 64
+"""Rows of the co-moment read at once when it is scaled into a correlation (a block stays in cache)."""
+
+Update = tuple[float, torch.Tensor, torch.Tensor]
+"""``(coef, a, b)``: the co-moment gains ``coef * a b^T`` (and the variance rows ``coef * a^2``, ``coef * b^2``)."""
+
+
+class CrossMoments(_Moments):
+    """Count, means ``(2, C)`` and co-moment ``(C + 2, C)`` of two models' units, merged exactly.
+    ``workspace``: float32 product buffers by shape, shared by the probes of one matching (a
+    fresh C x C buffer per probe adds its page faults)."""
+
+    def __init__(self, workspace: dict | None = None):
+        super().__init__()
+        self.workspace = workspace
+        self.pending: list[Update] = []
+
+    def add_pair(self, ya: torch.Tensor, yb: torch.Tensor) -> None:
+        """``ya``, ``yb``: (n, C) copies (centred in place). Float32 blocks are centred on the
+        float32 rounding of their float64 mean and multiplied in float32 (one GEMM), the product
+        added into the float64 co-moment (one pass); the centre's offset and Chan's term are kept
+        as rank-1 updates (:attr:`pending`)."""
+        n = ya.shape[0]
+        mean = torch.stack([ya.sum(0, dtype=torch.float64), yb.sum(0, dtype=torch.float64)]) / n
+        centre = mean.to(ya.dtype)
+        ya.sub_(centre[0])
+        yb.sub_(centre[1])
+        product = self._comoment((ya, yb), self._buffer(ya, yb))
+        if ya.dtype != torch.float64:  # moments about `centre`, not about `mean`: shift them back
+            e = centre.to(torch.float64) - mean
+            self.pending.append((-n, e[0], e[1]))
+        if self.mean is None:
+            self.n, self.mean, self.m2 = n, mean, product.to(torch.float64, copy=True)  # (never the workspace)
+            return
+        total, delta = self.n + n, mean - self.mean
+        self.pending.append((self.n * n / total, delta[0], delta[1]))
+        self.m2.add_(product)
+        self.n, self.mean = total, self.mean + delta * (n / total)
+
+    def _buffer(self, ya: torch.Tensor, yb: torch.Tensor) -> torch.Tensor | None:
+        if self.workspace is None:
+            return None
+        key = ((ya.shape[-1] + 2, yb.shape[-1]), ya.dtype, ya.device)
+        if key not in self.workspace:
+            self.workspace[key] = torch.empty(key[0], dtype=ya.dtype, device=ya.device)
+        return self.workspace[key]
+
+    def settle(self) -> None:
+        """Apply the pending updates to :attr:`m2` (before pooling it over ranks)."""
+        if self.pending:
+            left, right = self._factors()
+            self.m2[:-2].addmm_(left, right)
+            self.m2[-2:] += self._variance_terms()
+            self.pending = []
+
+    def variances(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two variance rows (sums of squared deviations), pending updates included."""
+        rows = self.m2[-2:] + self._variance_terms() if self.pending else self.m2[-2:]
+        return rows[0], rows[1]
+
+    def scale_into_(self, corr: torch.Tensor | None, row_scale: torch.Tensor, col_scale: torch.Tensor
+                    ) -> torch.Tensor:
+        """``corr + diag(row_scale) M diag(col_scale)`` (M the cross block with pending updates),
+        written into ``corr`` or, when it is ``None``, into M itself (which is spent): block by block."""
+        cross = self.m2[:-2]
+        left, right = self._factors() if self.pending else (None, None)
+        for i in range(0, cross.shape[0], ROWS_PER_BLOCK):
+            block = cross[i:i + ROWS_PER_BLOCK]
+            if left is not None:
+                block.addmm_(left[i:i + ROWS_PER_BLOCK], right)
+            block.mul_(row_scale[i:i + ROWS_PER_BLOCK, None])
+            if corr is None:
+                block.mul_(col_scale)
+            else:
+                corr[i:i + ROWS_PER_BLOCK].addcmul_(block, col_scale)
+        self.pending = []
+        return cross if corr is None else corr
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(C, r)`` and ``(r, C)``: the pending updates as one rank-r product."""
+        return (torch.stack([coef * a for coef, a, _ in self.pending], 1),
+                torch.stack([b for _, _, b in self.pending]))
+
+    def _variance_terms(self) -> torch.Tensor:
+        return torch.stack([sum(coef * a * a for coef, a, _ in self.pending),
+                            sum(coef * b * b for coef, _, b in self.pending)])
+
+    @staticmethod
+    def _comoment(c, out: torch.Tensor | None = None) -> torch.Tensor:  # (2, n, C) -> (C + 2, C), into `out`
+        a, b = c[0], c[1]
+        if out is None:
+            out = torch.empty(a.shape[-1] + 2, b.shape[-1], dtype=a.dtype, device=a.device)
+        torch.mm(a.T, b, out=out[:-2])
+        out[-2] = torch.linalg.vecdot(a, a, dim=0)
+        out[-1] = torch.linalg.vecdot(b, b, dim=0)
+        return out
