@@ -64,6 +64,10 @@ def prune_copy(model: nn.Module, sparsity: float = 0.5) -> nn.Module:
     return pruned
 
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter
+
+
 def timed(ops: dict, repeats: int, device: str) -> dict[str, float]:
     """Median seconds of each op; ops run interleaved; ``ops[k] = (setup, fn)``."""
     times: dict[str, list[float]] = {k: [] for k in ops}
@@ -71,10 +75,10 @@ def timed(ops: dict, repeats: int, device: str) -> dict[str, float]:
         for key, (setup, fn) in ops.items():
             arg = setup()
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             fn(arg)
             sync(device)
-            times[key].append(time.perf_counter() - start)
+            times[key].append(clock() - start)
     return {k: statistics.median(v[1:]) for k, v in times.items()}
 
 
@@ -166,8 +170,7 @@ def child(what: str, name: str, device: str, threads: int) -> None:
     if what == "forward":
         fn = lambda: forward(model, x)  # noqa: E731
     elif what == "collect":
-        sites = pr.collect_stats(model, x).sites
-        fn = lambda: pr.collect_stats(model, x, sites=sites)  # noqa: E731
+        fn = lambda: pr.collect_stats(model, x)  # noqa: E731
     else:
         weights = sum(t.numel for t in pr.find_targets(model))
         params = lambda m: [(t.module, t.name) for t in pr.find_targets(m)]  # noqa: E731
@@ -205,12 +208,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=sorted(CLOCK), default="wall",
+                        help="wall: elapsed time; cpu: this process's CPU time (1 thread on the CPU: what "
+                             "other tenants of a shared machine do not add)")
     parser.add_argument("--write", action="store_true", help="update the speed-targets section of RESULTS.md")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(*args.child, args.device, args.threads)
     torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and args.device != "cpu":
+        parser.error("--clock cpu measures host CPU time: use it with --device cpu")
+    global clock
+    clock = CLOCK[args.clock]
     rows = {}
     for name in args.models.split(","):
         r = time_model(name, args.repeats, args.device)
@@ -238,16 +248,19 @@ def table(rows: dict, mag: dict, args) -> list[str]:
         "## Speed and memory targets (issue 11)",
         "",
         f"Ratios measured side by side in one run, medians of {args.repeats} interleaved repeats, float32, "
-        f"{args.device}, {args.threads} thread(s). Batches: resnet18 64 x 64x64, convnext_tiny / swin_t 16 x 64x64, "
-        "vit_b_16 4 x 224x224; random init. `collect` is a plain `collect_stats(model, x)` (it traces the "
-        "sites on 2 samples first); `collect, sites given` is the measuring pass alone. Peak memory: rise of "
-        "peak RSS in a fresh process (after one warm-up call). `reset` is `repair_(..., repair='reset')` "
+        f"{args.device}, {args.threads} thread(s), "
+        + ("process CPU time" if args.clock == "cpu" else "wall-clock time")
+        + ". Batches: resnet18 64 x 64x64, convnext_tiny / swin_t 16 x 64x64, "
+        "vit_b_16 4 x 224x224; random init. `collect` is a plain `collect_stats(model, x)` (one pass that "
+        "finds the sites as it measures); `collect, sites given` measures given sites. Peak memory: rise of "
+        "peak RSS in a fresh process (after one warm-up call) of the plain `collect`. `reset` is `repair_(..., repair='reset')` "
         "over `torch.optim.swa_utils.update_bn` on the same batch. Activation matching is 2 forwards, the "
         "paired moments (proportional to the data) and one assignment problem per group (scipy's "
         "`linear_sum_assignment`, O(width^3), independent of the data): 'without the assignment' is the first "
         "two, the part the calibration size scales.",
         "",
-        f"Reproduce: `python benchmarks/bench_speed_targets.py --repeats {args.repeats} --threads {args.threads} --write`",
+        f"Reproduce: `python benchmarks/bench_speed_targets.py --repeats {args.repeats} --threads {args.threads} "
+        + (f"--clock {args.clock} " if args.clock != "wall" else "") + "--write`",
         "",
         "| model | forward | collect (<= 1.15x) | collect, sites given | collect peak mem (<= 1.3x) "
         "| collect + repair + fold (<= 2.3x) | activation matching (<= 1.5x of 2 forwards) | "
