@@ -78,12 +78,14 @@ class Breakdown:
         self.by_width.clear()
 
 
-def measure(name: str, repeats: int, clock, matching, find_groups, module) -> dict:
-    """Medians over ``repeats`` of two forwards, the matching and its parts (seconds)."""
+def measure(name: str, repeats: int, clock, matching, find_groups, module, batches: int = 1) -> dict:
+    """Medians over ``repeats`` of two forwards, the matching and its parts (seconds); the matching
+    gets ``x`` as ``batches`` batches (the forwards the whole ``x``)."""
     a, x = build(name, 0)
     b = build(name, 1)[0]
     groups = find_groups(a, x[:2])
     breakdown = Breakdown(module, clock)
+    data = x if batches == 1 else list(x.chunk(batches))
     runs: dict[str, list[float]] = defaultdict(list)
     widths: dict[int, list[float]] = defaultdict(list)
     for r in range(repeats + 1):  # the first round warms up
@@ -94,7 +96,7 @@ def measure(name: str, repeats: int, clock, matching, find_groups, module) -> di
         forwards = clock() - start
         breakdown.reset()
         start = clock()
-        perms = matching(a, b, x, groups).perms
+        perms = matching(a, b, data, groups).perms
         total = clock() - start
         if r == 0:
             continue
@@ -106,7 +108,7 @@ def measure(name: str, repeats: int, clock, matching, find_groups, module) -> di
         for w, spent in breakdown.by_width.items():
             widths[w].append(sum(spent))
     out = {k: statistics.median(v) for k, v in runs.items()}
-    out["no tie-breaks"] = without_tie_breaks(module, matching, a, b, x, groups, repeats, clock)
+    out["no tie-breaks"] = without_tie_breaks(module, matching, a, b, data, groups, repeats, clock)
     out["widths"] = {w: (sum(1 for g in groups if g.size == w), statistics.median(v)) for w, v in sorted(widths.items())}
     out["perms"] = perms
     return out
@@ -133,7 +135,8 @@ def table(rows: dict, args) -> list[str]:
     lines = [
         "## Activation matching speed (issue 21, item 3)",
         "",
-        (f"Medians of {args.repeats} interleaved repeats, {clock}, float32, cpu, {args.threads} thread(s); random-init "
+        (f"Medians of {args.repeats} interleaved repeats, {clock}, float32, cpu, {args.threads} thread(s); the matching "
+         f"reads the batch as {args.batches} batch(es); random-init "
         "torchvision models, B another seed; resnet18 64 x 3x64x64, convnext_tiny 16 x 3x64x64. Ratios are of two plain "
         "forwards (A(x), B(x)) in the same run. Parts: forwards + capture (both passes with the probes' hooks), copies "
         "(probed tensors as sample blocks), paired moments (one float32 GEMM per probe, float64 accumulation), "
@@ -142,7 +145,7 @@ def table(rows: dict, args) -> list[str]:
         "mode of the package."),
         "",
         (f"Reproduce: `python benchmarks/bench_matching.py --repeats {args.repeats} --threads {args.threads}"
-         f"{' --cpu-time' if args.cpu_time else ''} --write`"),
+         f"{' --cpu-time' if args.cpu_time else ''}{f' --batches {args.batches}' if args.batches > 1 else ''} --write`"),
         "",
         ("| model | two forwards | matching (x two forwards) | target | forwards + capture | copies | paired moments "
          "| correlations | assignment | other | assignment by width (groups x seconds each) | without tie-break probes |"),
@@ -165,6 +168,7 @@ def main() -> None:
     parser.add_argument("--models", default="resnet18,convnext_tiny")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batches", type=int, default=1, help="give the matching the batch as this many batches")
     parser.add_argument("--cpu-time", action="store_true", help="time by the process's CPU time (busy shared machines)")
     parser.add_argument("--package-root", default=str(Path(__file__).resolve().parents[1]),
                         help="the checkout whose prune_repair is measured")
@@ -179,7 +183,7 @@ def main() -> None:
     clock = time.process_time if args.cpu_time else time.perf_counter
     rows = {}
     for name in args.models.split(","):
-        rows[name] = measure(name, args.repeats, clock, module.activation_matching, find_groups, module)
+        rows[name] = measure(name, args.repeats, clock, module.activation_matching, find_groups, module, args.batches)
         print(name, {k: v for k, v in rows[name].items() if k != "perms"}, flush=True)
     if args.save_perms:
         torch.save({name: r["perms"] for name, r in rows.items()}, args.save_perms)
