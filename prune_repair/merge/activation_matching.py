@@ -178,8 +178,8 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
                     raise ValueError(f"layer '{p.module}' has {ya[key].shape[p.dim] if ya[key].dim() else 0} "
                                      f"channels on dim {p.dim} of its {p.side}put {list(ya[key].shape)} but group "
                                      f"'{name}' needs {int(p.index.max()) + 1}: use align='weight' for this model")
-                moments.setdefault(key, CrossMoments(workspace)).add_pair(_samples(ya[key], p.dim, p.index, mask),
-                                                           _samples(yb[key], p.dim, p.index, mask))
+                moments.setdefault(key, CrossMoments(workspace)).add_pair(
+                    _samples(ya[key], p.dim, p.index, mask), _samples(yb[key], p.dim, p.index, mask))
     if distributed.is_distributed():  # pooled over ranks
         for k in sorted(moments):
             moments[k].settle()
