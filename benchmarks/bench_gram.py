@@ -17,14 +17,20 @@ final outputs are from the float64 path's.
 Times are the process's CPU seconds by default (``--clock cpu``): with one thread that is the time on a
 quiet core, whatever the other tenants of a shared machine do; ``--clock wall`` for wall-clock seconds.
 
+``--profile``: instead, one reconstruction with ``float32 auto`` under cProfile (CPU clock), and the
+seconds of its parts (Gram accumulation, masked ridge solves, relative errors, the rest: the model and
+reference passes, the trace, the checks) over one plain forward.
+
 Usage: python benchmarks/bench_gram.py [--sparsity 0.9] [--calib 128] [--size 112] [--threads 1]
-       [--clock cpu] [--repeats 3] [--write]
+       [--clock cpu] [--repeats 3] [--write] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
+import pstats
 import statistics
 import sys
 import time
@@ -93,6 +99,35 @@ def rounding_table(model: nn.Module, calib: torch.Tensor) -> list[str]:
     return rows
 
 
+PARTS = {"Gram accumulation": ("refit/gram.py", "add"), "masked ridge solves": ("refit/ridge.py", "masked_ridge"),
+         "relative errors (before, after)": ("refit/fit_error.py", "relative_errors")}
+
+
+def profile_parts(pruned: nn.Module, dense: nn.Module, calib: torch.Tensor) -> list[str]:
+    """CPU seconds of the parts of one ``float32 auto`` reconstruction (cProfile cumulative times)."""
+    start = time.process_time()
+    with torch.no_grad():
+        dense(calib)
+    forward = time.process_time() - start
+    model, prof = copy.deepcopy(pruned), cProfile.Profile(time.process_time)
+    with gram_options(precision="float32", method="auto"):
+        start = time.process_time()
+        prof.enable()
+        pr.reconstruct_(model, dense, calib)
+        prof.disable()
+        total = time.process_time() - start
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    rows, rest = ["| part | CPU s | x forward |", "|---|---:|---:|"], total
+    for label, (file, func) in PARTS.items():
+        secs = sum(v[3] for (f, _, name), v in stats.items() if f.endswith(file) and name == func)
+        rest -= secs
+        rows.append(f"| {label} | {secs:.1f} | {secs / forward:.1f}x |")
+    rows += [f"| the rest (passes, trace, checks) | {rest:.1f} | {rest / forward:.1f}x |",
+             f"| reconstruction (under cProfile) | {total:.1f} | {total / forward:.1f}x |",
+             f"| one plain forward | {forward:.2f} | 1.0x |"]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.9)
@@ -102,6 +137,7 @@ def main() -> None:
     parser.add_argument("--clock", choices=sorted(CLOCK), default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="only the parts of one float32 auto reconstruction")
     parser.add_argument("--rounding", action="store_true",
                         help="only the rounding of float32 Grams vs float64 im2col, on every conv of the dense model")
     args = parser.parse_args()
@@ -130,6 +166,11 @@ def main() -> None:
         return
     pruned = copy.deepcopy(dense)
     prune_(pruned, args.sparsity, method="global-magnitude")
+    if args.profile:
+        with torch.no_grad():
+            dense(calib)  # warm-up
+        print("\n".join(profile_parts(pruned, dense, calib)))
+        return
 
     with torch.no_grad():
         dense(calib)  # warm-up: the first forward pays one-time costs
