@@ -83,3 +83,10 @@ def test_small_chunks_give_the_same_weights():
     one = masked_ridge(G, C, mask, method="direct", refine=False)
     many = masked_ridge(G, C, mask, method="direct", refine=False, work_bytes=1)  # one system per chunk
     torch.testing.assert_close(many.weight, one.weight, rtol=1e-12, atol=1e-15)
+
+
+def test_cpu_default_is_the_float64_factorization():
+    G, C, mask = _problem(5, 0.8)
+    default = masked_ridge(G, C, mask, method="direct")
+    assert default.refined_rows == 0  # refine=None: float32 factors on CUDA only (break-even on a CPU core)
+    assert torch.equal(default.weight, masked_ridge(G, C, mask, method="direct", refine=False).weight)

@@ -8,7 +8,8 @@ when ``intercept``)::
 
 and ``w = 0`` off the support, exactly. Rows with the same support (dense rows, rows of a
 structured mask) share one factorization; the others are padded to a few bucket sizes and
-solved with batched Cholesky (``torch.linalg.cholesky_ex``) in chunks of bounded memory.
+solved with batched Cholesky (``torch.linalg.cholesky_ex``) in cache-sized chunks (float32 factors
+refined in float64 on CUDA: :mod:`~prune_repair.engine.refit.ridge_refine`).
 When most weights are kept, the complement formula with one shared ``H = (G + lam I)^-1``
 is cheaper: ``w = H c - H[:, Z] H[Z, Z]^-1 (H c)[Z]`` (``Z`` = the zeroed positions). Rows
 whose supports are large but far from full (around 50% sparsity of a wide layer) are
