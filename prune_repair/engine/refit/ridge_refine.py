@@ -6,8 +6,8 @@ residuals from ``A`` itself (mixed-precision iterative refinement, as LAPACK's `
 
     x_0 = A32^-1 b,    x_{i+1} = x_i + A32^-1 (b - A x_i)      (A32^-1: two float32 triangular solves)
 
-Each step shrinks the error by about ``cond(A) * 2^-24``; the ridge damping bounds ``cond(A)``
-(``1e-2`` of the mean diagonal: typically 1e2-1e4 here, so two or three steps). A system stops
+Each step shrinks the error by about ``cond(A) * 2^-24``, and the ridge damping (``1e-2`` of the
+mean diagonal) bounds ``cond(A)``: two steps on resnet18's layers at 90% sparsity. A system stops
 when its normwise backward error is at the level of a float64 solve:
 ``||b - A x|| <= sqrt(k) * eps64 * ||A||_F * ||x||``. A system whose float32 factorization
 fails, or whose residual does not halve in a step, or that has not converged after
