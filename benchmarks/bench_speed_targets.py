@@ -26,7 +26,7 @@ import torch
 import torchvision
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, os.environ.get("BENCH_PACKAGE_ROOT") or str(Path(__file__).resolve().parents[1]))  # another tree's package
 import prune_repair as pr  # noqa: E402
 from prune_repair.merge.activation_matching import activation_matching  # noqa: E402
 from prune_repair.merge.find_groups import find_groups  # noqa: E402
@@ -113,6 +113,24 @@ def time_model(name: str, repeats: int, device: str) -> dict[str, float]:
         out["reset"] = t["reset"] / t["update_bn"]
         out["reset_vs_update_bn_max_rel"] = reset_agreement(model, goal, x)
     return out
+
+
+def breakdown(name: str, repeats: int, device: str) -> dict[str, float]:
+    """Where collect and collect + repair + fold spend their time, over one forward: the 2-sample trace
+    (``find_sites``), collect with and without sites, ``repair_`` with the goal given, and both."""
+    model, x = build(name, device)
+    goal = pr.collect_stats(model, x)
+    pruned = prune_copy(model)
+    ops = {
+        "forward": (lambda: None, lambda _: forward(model, x)),
+        "trace": (lambda: None, lambda _: pr.find_sites(model, x[:2])),
+        "collect": (lambda: None, lambda _: pr.collect_stats(model, x)),
+        "collect_sites": (lambda: None, lambda _: pr.collect_stats(model, x, sites=goal.sites)),
+        "repair_goal_given": (lambda: copy.deepcopy(pruned), lambda m: pr.repair_(m, goal, x)),
+        "collect_repair": (lambda: copy.deepcopy(pruned), lambda m: pr.repair_(m, pr.collect_stats(model, x), x)),
+    }
+    t = timed(ops, repeats, device)
+    return {k: v / t["forward"] for k, v in t.items() if k != "forward"}
 
 
 def reset_agreement(model: nn.Module, goal, x: torch.Tensor) -> float:
@@ -212,6 +230,9 @@ def main() -> None:
                         help="wall: elapsed time; cpu: this process's CPU time (1 thread on the CPU: what "
                              "other tenants of a shared machine do not add)")
     parser.add_argument("--write", action="store_true", help="update the speed-targets section of RESULTS.md")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only print where collect and repair spend their time (BENCH_PACKAGE_ROOT=DIR "
+                             "measures the package under DIR, e.g. an older commit's)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -221,6 +242,10 @@ def main() -> None:
         parser.error("--clock cpu measures host CPU time: use it with --device cpu")
     global clock
     clock = CLOCK[args.clock]
+    if args.breakdown:
+        for name in args.models.split(","):
+            print(name, {k: f"{v:.2f}x" for k, v in breakdown(name, args.repeats, args.device).items()}, flush=True)
+        return None
     rows = {}
     for name in args.models.split(","):
         r = time_model(name, args.repeats, args.device)
