@@ -121,7 +121,8 @@ def test_cli_obs_steps_and_candidates(tmp_path):
     assert data["obs_steps"] == 2 and data["obs_candidates"] == ["obs", "magnitude"]
     assert {layer["mask"] for layer in data["results"][0]["layers"]} <= {"obs", "magnitude"}
     assert abs(data["results"][0]["achieved_sparsity"] - 0.8) < 1e-4
-    for extra in (["--method", "wanda", "--obs-steps", "2"], ["--method", "obs", "--obs-candidates", "obs,foo"]):
+    for extra in (["--method", "wanda", "--obs-steps", "2"], ["--method", "obs", "--obs-candidates", "obs,foo"],
+                  ["--method", "obs", "--obs-steps", "2", "--structured", "0.25"]):
         other = tmp_path / "other.pt"
         result = CliRunner().invoke(main, [*base[:-1], str(other), *extra])
         assert result.exit_code == 2 and not other.exists(), result.output
