@@ -30,12 +30,11 @@ from ..io.hf import (check_hf_output, hf_settings, is_causal_lm, is_hf_spec, loa
                      save_hf_model)
 from ..io.outputs import check_output_path
 from ..prune.methods import PruneMethod
-from ..prune.settings import PruneSettings
 from ..engine.correct.settings import RepairSettings
 from .prune_notes import print_prune_notes
 from ..prune.pipeline import prune_and_repair
 from .goal_option import goal_inputs, goal_note, load_goal
-from .method_options import fisher_settings, method_options
+from .method_options import fisher_settings, method_options, run_settings
 from .common import check_finite_models
 from .data_loading import calib_size_for
 from .output import console, print_repair_notes, repair_title, write_report
@@ -203,13 +202,10 @@ def prune(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, dev, ou
             raise DataError(f"--method {method.value} on a classifier needs one class label per calibration "
                             "sequence: add 'labels' to --data")
         options.num_grads = options.gradients_for(calib_size)  # every rank's share together
+    prune_settings, repair_settings = run_settings(**locals())
     run = prune_and_repair(
         model, (d.calib, d.calib_labels), sparsities, method=method, options=options,
-        prune=PruneSettings(select=list(layers) or None, skip_first=skip_first, skip_classifier=skip_classifier,
-                            sparsity_config=config, prune_head=prune_head, floor=not no_row_floor,
-                            include_tied=include_tied),
-        repair=RepairSettings(mode, passes=passes, offload=offload, batch_size=batch_size, progress=True,
-                              include_classifier=include_classifier, goal=goal, damping=damping),
+        prune=prune_settings, repair=repair_settings,
         eval_data=lambda m: {"acc": math.nan, **d.evaluate(m)},
     )
     if distributed.is_main_process():  # one directory, from rank 0 (every rank holds the same weights)

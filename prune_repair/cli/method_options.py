@@ -1,8 +1,12 @@
-"""The settings object of ``prune --method`` from its command-line options (shared by the image and HF paths)."""
+"""The settings objects of ``prune`` from its command-line options (shared by the image and HF paths)."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from ..engine.correct.settings import RepairSettings
 from ..prune.methods import FisherOptions, PruneMethod
+from ..prune.settings import PruneSettings
 from ..prune.obs import ObsOptions
 from ..prune.targets import PruneError
 from ..prune.obs_layer import DEFAULT_CANDIDATES, MaskCandidate, parse_candidates
@@ -22,6 +26,19 @@ def method_options(method: PruneMethod, fisher_samples: int | None, fisher_batch
         return FisherOptions(num_grads=fisher_samples, group_size=fisher_batch, damp=damp, block_size=block_size,
                              obs_update=obs_update, max_memory_gb=max_memory_gb, seed=seed)
     return None
+
+
+def run_settings(*, layers: tuple[str, ...], skip_first: bool, skip_classifier: bool, config: dict | None,
+                 prune_head: bool, no_row_floor: bool, include_tied: bool, mode: str, passes: str, offload: str | None,
+                 batch_size: int | None, include_classifier: bool, goal: Any, damping: float, **_: Any
+                 ) -> tuple[PruneSettings, RepairSettings]:
+    """What to prune and how to correct it, from ``prune``'s options (the command's locals; others are ignored)."""
+    prune = PruneSettings(select=list(layers) or None, skip_first=skip_first, skip_classifier=skip_classifier,
+                          sparsity_config=config, prune_head=prune_head, floor=not no_row_floor,
+                          include_tied=include_tied)
+    repair = RepairSettings(mode, passes=passes, offload=offload, batch_size=batch_size, progress=True,
+                            include_classifier=include_classifier, goal=goal, damping=damping)
+    return prune, repair
 
 
 def fisher_settings(method: PruneMethod, options: FisherOptions) -> dict | None:

@@ -11,17 +11,15 @@ from ..io import load_model, resolve_arch, save_state_dict
 from ..prune.pipeline import PruneRun, parse_sparsities, prune_and_repair
 from ..prune.methods import DEFAULT_FISHER_SAMPLES, PruneMethod
 from ..engine.correct.modes import RepairMode
-from ..engine.correct.settings import RepairSettings
 from ..engine.checks import check_finite
 from ..engine.run.distributed import shard
 from .main import main
 from . import hf_cmd, structured_cmd
 from ..prune.targets import PruneError
 from .prune_notes import print_prune_notes
-from .method_options import OBS_CANDIDATES_HELP, OBS_STEPS_HELP, fisher_settings, method_options
+from .method_options import OBS_CANDIDATES_HELP, OBS_STEPS_HELP, fisher_settings, method_options, run_settings
 from ..prune.obs_layer import DEFAULT_CANDIDATES, parse_candidates
 from ..prune.sparsity_config import load_sparsity_config
-from ..prune.settings import PruneSettings
 from .goal_option import goal_inputs, goal_note, goal_stats_option, load_goal
 from .common import check_passes, damping_option, passes_option, check_outputs, common_options, resolve_device
 from .data_loading import calib_size_for, check_fits, data_options, load_data
@@ -132,13 +130,10 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
     options = method_options(method, fisher_samples, fisher_batch, damp, block_size, obs_update, max_memory_gb, seed,
                              allocation, damping, obs_candidates, obs_steps)
     fisher_data = _fisher_data(d, options, fisher_batch, seed, dev) if method.needs_labels else None
+    prune_settings, repair_settings = run_settings(**locals())
     run = prune_and_repair(
         model, (d.calib_x, d.calib_y), sparsities, method=method, options=options,
-        prune=PruneSettings(select=list(layers) or None, skip_first=skip_first, skip_classifier=skip_classifier,
-                            sparsity_config=config, prune_head=prune_head, floor=not no_row_floor,
-                            include_tied=include_tied),
-        repair=RepairSettings(mode, passes=passes, offload=offload, batch_size=batch_size, progress=True,
-                              include_classifier=include_classifier, goal=goal, damping=damping),
+        prune=prune_settings, repair=repair_settings,
         eval_data=(d.eval_x, d.eval_y), fisher_data=fisher_data,
     )
     save_state_dict(run.model, out)
