@@ -25,7 +25,7 @@ above magnitude pruning + reconstruction's on the same inputs.
 ``1 - (1 - sparsity) ** (k / steps)`` (each step removes the same fraction of the weights
 left), every step fitted to the same dense reference with the inputs of the model pruned so
 far. Later layers then see inputs already shaped by a sparser upstream before their own
-largest cut. Measured on the zoo's ViT at 90%: 4 steps 89.5% vs one step 84.7%.
+largest cut. Measured on the zoo's ViT at 90% (bench_transformers.py): 4 steps 89.5% vs one step 83.7%.
 
 Allocation: ``uniform`` prunes ``round(sparsity * n)`` weights of every layer. ``global``
 takes each layer's budget from one threshold on the saliency ``w_q^2`` over all layers
