@@ -122,8 +122,23 @@ def test_cli_obs_steps_and_candidates(tmp_path):
     assert {layer["mask"] for layer in data["results"][0]["layers"]} <= {"obs", "magnitude"}
     assert abs(data["results"][0]["achieved_sparsity"] - 0.8) < 1e-4
     for extra in (["--method", "wanda", "--obs-steps", "2"], ["--method", "obs", "--obs-candidates", "obs,foo"],
-                  ["--method", "obs", "--obs-steps", "2", "--structured", "0.25"]):
+                  ["--structured", "0.25", "--obs-steps", "2"]):
         other = tmp_path / "other.pt"
-        result = CliRunner().invoke(main, [*base[:-1], str(other), *extra])
+        args = [*base[:-1], str(other), *extra]
+        if "--structured" in extra:  # the obs flags belong to a --sparsity step, which this run lacks
+            args = [a for i, a in enumerate(args) if a != "--sparsity" and args[i - 1] != "--sparsity"]
+        result = CliRunner().invoke(main, args)
         assert result.exit_code == 2 and not other.exists(), result.output
         assert len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_structured_sparsity_step_takes_the_method_flags(tmp_path):
+    """--structured with --sparsity: obs runs with the flags given (here only the magnitude candidate), not its defaults."""
+    out, report = tmp_path / "out.pt", tmp_path / "report.json"
+    result = CliRunner().invoke(main, ["prune", "zoo:mnist-mlp", "--data", "mnist:test", "--calib-size", "256",
+                                       "--structured", "0.25", "--sparsity", "0.8", "--method", "obs",
+                                       "--obs-candidates", "magnitude", "--repair", "none", "--out", str(out),
+                                       "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    layers = json.loads(report.read_text())["results"][0]["layers"]
+    assert layers and {layer["mask"] for layer in layers} == {"magnitude"}

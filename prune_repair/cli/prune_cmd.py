@@ -18,7 +18,7 @@ from . import hf_cmd, structured_cmd
 from ..prune.targets import PruneError
 from .prune_notes import print_prune_notes
 from .method_options import OBS_CANDIDATES_HELP, OBS_STEPS_HELP, fisher_settings, method_options, run_settings
-from ..prune.obs_layer import DEFAULT_CANDIDATES, parse_candidates
+from ..prune.obs_layer import DEFAULT_CANDIDATES
 from ..prune.sparsity_config import load_sparsity_config
 from .goal_option import goal_inputs, goal_note, goal_stats_option, load_goal
 from .common import check_passes, damping_option, passes_option, check_outputs, common_options, resolve_device
@@ -106,9 +106,6 @@ def prune_command(ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed, de
     check_passes(passes, offload)
     if structured is not None or structured_heads is not None:  # physically smaller, first (structured_cmd)
         _check_structured(passes, offload, include_tied)
-        if obs_steps != 1 or parse_candidates(obs_candidates) != DEFAULT_CANDIDATES:
-            raise PruneError("--obs-steps and --obs-candidates do not combine with --structured (its --sparsity "
-                             "step runs obs with the defaults): drop them")
         return structured_cmd.run_structured(**locals())
     if sparsity is None:
         raise PruneError("--sparsity is missing: give e.g. --sparsity 0.9 (or --structured RATIO)")

@@ -15,7 +15,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import click
 import torch  # noqa: F401  (the doctests use it)
+from click.core import ParameterSource
 from rich.table import Table
 
 from ..engine.checks import check_finite
@@ -35,6 +37,7 @@ from ..prune.targets import PruneError
 from . import hf_cmd
 from .common import check_outputs, resolve_device
 from .data_loading import calib_size_for, check_fits, data_options, load_data
+from .method_options import method_options
 from .output import out_console, progress, write_report, written
 
 HF_CALIB_BATCH = 32
@@ -47,6 +50,25 @@ def _refuse_unsupported(options: dict[str, Any]) -> None:
     for key, flag in UNSUPPORTED.items():
         if options.get(key) not in (None, False):
             raise PruneError(f"{flag} does not combine with --structured yet: drop one of them")
+
+
+METHOD_FLAGS = ("fisher_samples", "fisher_batch", "damp", "block_size", "obs_update", "max_memory_gb", "allocation",
+                "obs_candidates", "obs_steps", "no_row_floor")
+"""prune's options of the --sparsity step (its method and thresholds)."""
+
+
+def _method_settings(method: PruneMethod, sparsities: list, seed: int, damping: float, options: dict[str, Any]) -> Any:
+    """The ``--sparsity`` step's method settings from the method flags (given without that step: refused)."""
+    if not sparsities:
+        ctx = click.get_current_context(silent=True)
+        given = [n for n in METHOD_FLAGS if ctx is not None and ctx.get_parameter_source(n) is ParameterSource.COMMANDLINE]
+        if given:
+            raise PruneError(f"--{given[0].replace('_', '-')} applies to the --sparsity step of --structured: "
+                             "add --sparsity S or drop it")
+        return None
+    return method_options(method, options["fisher_samples"], options["fisher_batch"], options["damp"],
+                          options["block_size"], options["obs_update"], options["max_memory_gb"], seed,
+                          options["allocation"], damping, options["obs_candidates"], options["obs_steps"])
 
 
 def _rows(res: StructuredResult, run: PruneRun | None, metric: str) -> list[dict[str, Any]]:
@@ -113,6 +135,7 @@ def run_structured(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed
     mode = mode or RepairMode.RECONSTRUCT.value
     sparsities = parse_sparsities(sparsity) if sparsity is not None else []
     method = PruneMethod.parse(method, "pruning method")
+    method_settings = _method_settings(method, sparsities, seed, damping, options)
     dev = resolve_device(device)
     calib_size = calib_size_for(calib_size, mode)
     if hf_cmd.wants_hf(arch, [ckpt]):
@@ -146,10 +169,11 @@ def run_structured(*, ckpt, arch, arch_kwargs, data, eval_data, calib_size, seed
         if sparsities:
             calib_pair = (calib, None) if isinstance(calib, dict) else (calib, d.calib_y)
             run = prune_and_repair(
-                res.model, calib_pair, sparsities, method=method,
+                res.model, calib_pair, sparsities, method=method, options=method_settings,
                 repair=RepairSettings(mode, damping=damping, include_classifier=include_classifier),
                 eval_data=(lambda m: {"acc": math.nan, **evaluate(m)}) if isinstance(calib, dict) else (d.eval_x, d.eval_y),
-                prune=PruneSettings(select=list(layers) or None, skip_first=skip_first, skip_classifier=skip_classifier))
+                prune=PruneSettings(select=list(layers) or None, skip_first=skip_first, skip_classifier=skip_classifier,
+                                    floor=not options["no_row_floor"]))
     final = run.model if run is not None else res.model
     if settings["out_format"] == "hf":
         save_hf_model(final, out, force=force)
