@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 
 import pytest
 import torch
 from torch import nn
 
-from prune_repair.merge.find_groups import find_groups
 from prune_repair.merge import activation_matching, invert, permute, random_perms, weight_matching
+from prune_repair.merge.cross_moments import CrossMoments
+from prune_repair.merge.find_groups import find_groups
 from prune_repair.zoo.models import MLP, PlainCNN, ResNetMini
 
 
@@ -100,6 +102,34 @@ def test_activation_matching_makes_one_pass_for_all_groups():
     a.calls = b.calls = 0
     alignment = activation_matching(a, b, batches, groups)
     assert (a.calls, b.calls) == (3, 3) and len(alignment.perms) == 3
+
+
+def test_tie_breakers_are_measured_only_where_a_unit_can_be_dead(monkeypatch):
+    """fc1 has a unit that never fires, fc2 none: only fc1's group measures its producers' tie-breaking
+    correlations, and the permutations are those found with every tie-breaker measured."""
+    module = importlib.import_module("prune_repair.merge.activation_matching")
+    torch.manual_seed(0)
+    a = MLP(widths=(8, 8)).double()
+    with torch.no_grad():
+        a.features.fc1.weight[2].zero_()
+        a.features.fc1.bias[2] = -1.0  # unit 2 never fires
+    groups = find_groups(a, torch.randn(2, 1, 28, 28, dtype=torch.float64))
+    perms = random_perms(groups, torch.Generator().manual_seed(1))
+    b = permute(a, groups, perms)
+    xs = [torch.randn(32, 1, 28, 28, dtype=torch.float64) for _ in range(2)]
+    measured = []
+    monkeypatch.setattr(module, "CrossMoments", lambda *args: measured.append(1) or CrossMoments(*args))
+    gated = activation_matching(a, b, xs, groups)
+    ties = {g.name: sum(p.weight != 1.0 for p in module.probes_of(a, g)) for g in groups}
+    mains = sum(len(module.probes_of(a, g)) - ties[g.name] for g in groups)
+    assert ties["features.fc1"] > 0 and ties["features.fc2"] > 0
+    assert len(measured) == mains + ties["features.fc1"]  # fc2's tie-breakers were skipped
+    monkeypatch.setattr(module, "FLAT", float("inf"))  # every group keeps its tie-breakers
+    measured.clear()
+    every = activation_matching(a, b, xs, groups)
+    assert len(measured) == mains + sum(ties.values())
+    assert all(torch.equal(gated.perms[g], every.perms[g]) for g in gated.perms)
+    assert all(torch.equal(gated.perms[g.name][perms[g.name]], torch.arange(g.size)) for g in groups)
 
 
 def test_activation_matching_handles_dead_units():

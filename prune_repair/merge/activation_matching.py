@@ -7,7 +7,11 @@ runs through A and then B with hooks that capture the tensors of all groups. The
 activations of a group are the inputs of the layers that consume its channels (after the
 nonlinearity); a group that no layer consumes is observed at its producers' outputs.
 Units with zero spread ("dead") get zero correlation and are counted; the producers'
-pre-activation correlations, with a tiny weight, decide between units that tie.
+pre-activation correlations, with a tiny weight, decide between units that tie. Those
+tie-breakers are measured only for groups where a unit can be dead: one whose units all
+vary in the first batch has none (a unit flat over the data is flat in every batch), and its
+tie-breaking probes are skipped from the start (under ``torch.distributed`` every group keeps
+them, so that all ranks pool the same moments).
 
 :func:`site_moments` (the moments a merge is repaired toward) lives in :mod:`.moments`.
 Attention: the packed q/k/v projections of an ``nn.MultiheadAttention`` are observed token
@@ -68,6 +72,13 @@ class Probe:
 TIE_BREAK = 1e-6
 """Weight of the producers' pre-activation correlations, which only decide between units
 whose consumer-side activations tie (e.g. units that never fire)."""
+
+FLAT = 1e-6
+"""A unit whose range in the first batch is at most this fraction of its group's widest may
+be dead (flat) over the data (dead: 1e-12 over all of it): its group keeps its tie-breakers."""
+
+FLAT_ROWS = 4096
+"""Rows of the first batch a group's units are checked on (fewer rows can only keep more tie-breakers)."""
 
 
 CHANNELS_FIRST_NORMS = ("LayerNorm2d",)
@@ -146,18 +157,15 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
         if not probe_lists[g.name]:
             raise ValueError(f"group '{g.name}' has no layer whose activations can be observed: "
                              "use align='weight' or pass groups that name a conv/linear/norm layer")
-    specs = []
-    for model in (a, b):
-        mods = dict(model.named_modules())
-        spec: dict[nn.Module, list] = {}
-        for name, plist in probe_lists.items():
-            for i, p in enumerate(plist):
-                spec.setdefault(mods[p.module], []).append(((name, i), p.side))
-        specs.append(spec)
+    specs = [_capture_spec(model, probe_lists, {}) for model in (a, b)]
     moments: dict[tuple[str, int], CrossMoments] = {}
     workspace: dict = {}  # float32 product buffers, reused by every probe of one width
+    keeps_ties = {g: False for g, plist in probe_lists.items() if all(p.weight == 1.0 for p in plist)}
+    # group -> its tie-breakers are measured (decided on the first batch; False: it has none)
     called: tuple[set, set] = (set(), set())  # per model: linears caught at F.linear (swin's attention)
-    for batch in _each_batch(data):
+    for n_batch, batch in enumerate(_each_batch(data)):
+        if n_batch == 1:  # the tie-breakers of groups the first batch cleared are not captured any more
+            specs = [_capture_spec(model, probe_lists, keeps_ties) for model in (a, b)]
         ya = capture(a, batch, specs[0], forward_fn, called[0])
         yb = capture(b, batch, specs[1], forward_fn, called[1])
         if function_linears(specs[0], ya, called[0]) | function_linears(specs[1], yb, called[1]):
@@ -166,7 +174,10 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
         mask = batch_mask(batch)  # padded tokens are left out
         for name, plist in probe_lists.items():
             used: set[tuple] = set()
-            for i, p in enumerate(plist):
+            may_be_dead = distributed.is_distributed()
+            for i, p in enumerate(plist):  # the weight-1 probes come first
+                if p.weight != 1.0 and not keeps_ties.setdefault(name, may_be_dead):
+                    continue  # every unit varies: nothing ties, the tie-breaker is not measured
                 key = (name, i)
                 if key not in ya or key not in yb:
                     raise ValueError(f"layer '{p.module}' did not run in the forward pass: check forward_fn")
@@ -178,8 +189,12 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
                     raise ValueError(f"layer '{p.module}' has {ya[key].shape[p.dim] if ya[key].dim() else 0} "
                                      f"channels on dim {p.dim} of its {p.side}put {list(ya[key].shape)} but group "
                                      f"'{name}' needs {int(p.index.max()) + 1}: use align='weight' for this model")
-                moments.setdefault(key, CrossMoments(workspace)).add_pair(
-                    _samples(ya[key], p.dim, p.index, mask), _samples(yb[key], p.dim, p.index, mask))
+                pair = _samples(ya[key], p.dim, p.index, mask), _samples(yb[key], p.dim, p.index, mask)
+                if p.weight == 1.0 and name not in keeps_ties and not may_be_dead:
+                    may_be_dead = any(_has_flat_unit(side) for side in pair)
+                if key not in moments:
+                    moments[key] = CrossMoments(workspace)
+                moments[key].add_pair(*pair)
     if distributed.is_distributed():  # pooled over ranks
         for k in sorted(moments):
             moments[k].settle()
@@ -193,6 +208,35 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
             perms[unit[0].name] = assign(corrs[unit[0].name], unit[0].labels)
     return Alignment(perms, "activation", time.perf_counter() - start, dead_units=dead,
                      assign_seconds=time.perf_counter() - started)
+
+
+def _capture_spec(model: nn.Module, probe_lists: dict[str, list[Probe]], keeps_ties: dict[str, bool]
+                  ) -> dict[nn.Module, list]:
+    """What :func:`capture` records: module -> ``((group, probe index), side)``; tie-breakers only of the
+    groups ``keeps_ties`` does not rule out."""
+    modules = dict(model.named_modules())
+    spec: dict[nn.Module, list] = {}
+    for name, plist in probe_lists.items():
+        for i, p in enumerate(plist):
+            if p.weight == 1.0 or keeps_ties.get(name, True):
+                spec.setdefault(modules[p.module], []).append(((name, i), p.side))
+    return spec
+
+
+def _has_flat_unit(samples: torch.Tensor) -> bool:
+    """Whether a unit (column) of ``samples`` is flat on its first :data:`FLAT_ROWS` rows: its range at
+    most :data:`FLAT` of the widest. A unit flat over all the data is flat on any of its rows, so a
+    group these rows clear has no dead unit.
+
+    >>> _has_flat_unit(torch.tensor([[0.0, 1.0], [0.0, 2.0]])), _has_flat_unit(torch.eye(2))
+    (True, False)
+    """
+    rows = samples[:FLAT_ROWS]
+    if rows.shape[0] < 2:
+        return True
+    low, high = torch.aminmax(rows, dim=0)
+    spread = high - low
+    return bool((spread <= FLAT * spread.max()).any())
 
 
 def _correlations(groups: Sequence[PermGroup], moments: dict, probe_lists: dict) -> tuple[dict, dict[str, int]]:
