@@ -15,7 +15,7 @@ from prune_repair.cli import main
 from prune_repair.engine.refit.attention_layers import layer_module
 from prune_repair.engine.refit.gram import row_view
 from prune_repair.engine.stats.activation import collect_stats
-from prune_repair.prune import PruneError, find_targets, prune_
+from prune_repair.prune import PruneError, prune_
 from prune_repair.prune.nm import NMPattern, follows_pattern, nm_keep_rows, parse_pattern, parse_sparsity
 from prune_repair.prune.obs import obs_rows
 from prune_repair.prune.pipeline import parse_sparsities

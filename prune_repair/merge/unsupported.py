@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from ..engine.run.forward import ForwardFn
-from ..engine.sites.find import FunctionCall, trace_calls
+from ..engine.sites.trace import FunctionCall, trace_calls
 from .attention_groups import SUPPORTED
 from .groups import HAND_HELP, GroupError
 

@@ -61,7 +61,8 @@ from ..engine.refit.layerwise import ReferenceOutputs, layerwise_
 from ..engine.run.lockstep import Passes
 from ..engine.refit.gram import DEFAULT_MAX_GRAM_BYTES, Gram, check_gram_memory, has_gram, layer_shape
 from ..engine.refit.attention_layers import refit_layers
-from ..engine.sites.find import Selector, make_filter, sites_from_calls, trace_calls
+from ..engine.sites.find import Selector, make_filter, sites_from_calls
+from ..engine.sites.trace import trace_calls
 from .fisher import Progress
 from .nm import NMPattern, parse_sparsity
 from .obs_layer import DEFAULT_CANDIDATES, MaskCandidate, parse_candidates, prune_layer_

@@ -35,7 +35,8 @@ from torch import nn
 
 from ..engine.checks import masked_weight, parameter_holders, stored_weight
 from ..engine.producers import is_packed_attention, is_producer
-from ..engine.sites.find import Selector, executed_producers, make_filter, trace_calls
+from ..engine.sites.find import Selector, make_filter
+from ..engine.sites.trace import executed_producers, trace_calls
 
 
 class PruneError(ValueError):

@@ -16,7 +16,7 @@ understands. Besides conv/linear/HF ``Conv1D`` layers called normally (kind ``"m
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from ..sites.find import trace_calls
+    >>> from ..sites.trace import trace_calls
     >>> model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
     >>> found = refit_layers(model, trace_calls(model, torch.randn(2, 3, 8)))
     >>> [(layer.fqn, layer.kind) for layer in found][:4]
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..producers import PARTS, is_packed_attention, is_producer, output_rows, part_fqn, split_part
-from ..sites.find import Call, FunctionCall
+from ..sites.trace import Call, FunctionCall
 
 __all__ = ["ProjectionRows", "RefitLayer", "refit_layers", "layer_module", "covered_owners"]
 

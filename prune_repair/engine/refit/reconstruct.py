@@ -45,7 +45,8 @@ from .layer_rows import check_gram, current_rows, intercept_kind, write_rows_
 from ..producers import is_packed_attention
 from .attention_layers import covered_owners, layer_module, refit_layers
 from .ridge import masked_ridge
-from ..sites.find import Selector, make_filter, sites_from_calls, trace_calls
+from ..sites.find import Selector, make_filter, sites_from_calls
+from ..sites.trace import trace_calls
 
 Progress = Callable[[int, int], None] | bool | None
 

@@ -38,7 +38,8 @@ from torch.overrides import TorchFunctionMode
 from ..producers import PARTS, is_packed_attention, is_producer, out_channels, part_fqn
 from ..run.forward import ForwardFn, batch_mask, first_tensor, hooked_pass
 from .attention_once import bind, projects_once, recomputed, self_attention
-from .find import (NORM_TYPES, Call, FunctionCall, Selector, Site, _per_channel_norm_dim, sites_of_calls)
+from .find import Selector, Site, _per_channel_norm_dim, sites_of_calls
+from .trace import NORM_TYPES, Call, FunctionCall
 from .taps import LINEAR_FUNCS, output_mask, warn_unfit_mask
 
 Key = tuple[str, int, str]
