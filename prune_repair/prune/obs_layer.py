@@ -96,10 +96,15 @@ def prune_layer_(module: nn.Module, gram: Gram, bn: _BatchNorm | None, budget: i
     fit = kind != "none"
     G, C = (gram.G, gram.C) if fit else (gram.G[:, :-1, :-1], gram.C[:, :-1])
     current, mask = current_rows(module, gram, fit)
-    used = damped(G, gram.d_in, damping)[2]  # the refit's damping (raised where G + lam I does not factor)
+    systems = {1.0: damped(G, gram.d_in, damping)}  # damping factor -> (H, lam, rel, Cholesky factor)
+    used = systems[1.0][2]  # the refit's damping (raised where G + lam I does not factor)
     best: tuple[float, str, torch.Tensor, torch.Tensor] | None = None
     for candidate in candidates:
-        weights, keep = _candidate(candidate, current, mask, G, C, gram.d_in, budget, damping, block_size, pattern)
+        scale = DAMPED_FACTOR if candidate is MaskCandidate.OBS_DAMPED else 1.0
+        if candidate is not MaskCandidate.MAGNITUDE and scale not in systems:
+            systems[scale] = damped(G, gram.d_in, damping * scale)
+        weights, keep = _candidate(candidate, current, mask, C, gram.d_in, budget, block_size, pattern,
+                                   systems.get(scale))
         if refit:
             weights = masked_ridge(G, C, keep, damping=used, intercept=fit,
                                    prior=current[..., :gram.d_in] * keep).weight
@@ -114,21 +119,21 @@ def prune_layer_(module: nn.Module, gram: Gram, bn: _BatchNorm | None, budget: i
     return LayerResult(keep, used, before, error, name)
 
 
-def _candidate(candidate: MaskCandidate, current: torch.Tensor, mask: torch.Tensor, G: torch.Tensor,
-               C: torch.Tensor, d: int, budget: int, damping: float, block_size: int, pattern: NMPattern | None
+def _candidate(candidate: MaskCandidate, current: torch.Tensor, mask: torch.Tensor, C: torch.Tensor, d: int,
+               budget: int, block_size: int, pattern: NMPattern | None, system: tuple | None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One candidate's ``(weights, keep)``: the sweep's weights (or the current ones, masked) before any refit."""
+    """One candidate's ``(weights, keep)``: the sweep's weights (or the current ones, masked) before any refit;
+    ``system``: :func:`~prune_repair.prune.obs_sweep.damped` at the candidate's damping (the sweeps')."""
     if candidate is MaskCandidate.MAGNITUDE:
         keep = magnitude_keep(current[..., :d], budget, ~mask, pattern)
         weights = current.clone()
         weights[..., :d] *= keep
         return weights, keep
-    scale = DAMPED_FACTOR if candidate is MaskCandidate.OBS_DAMPED else 1.0
-    H, lam, _ = damped(G, d, damping * scale)
+    H, lam, _, L = system
     rhs = C.clone()
     rhs[:, :d] += lam[:, None, None] * current[..., :d].transpose(1, 2)
-    start = torch.cholesky_solve(rhs, torch.linalg.cholesky(H)).transpose(1, 2)  # W*, (g, m, n)
-    return obs_rows(start, H, budget, d, block_size, forced=~mask, nm=pattern)
+    start = torch.cholesky_solve(rhs, L).transpose(1, 2)  # W*, (g, m, n)
+    return obs_rows(start, H, budget, d, block_size, forced=~mask, nm=pattern, factor=L)
 
 
 def magnitude_keep(W: torch.Tensor, k: int, forced: torch.Tensor, pattern: NMPattern | None = None) -> torch.Tensor:

@@ -23,17 +23,20 @@ __all__ = ["damped", "obs_rows"]
 
 
 def obs_rows(W: torch.Tensor, H: torch.Tensor, k: int, d: int, block_size: int = 128,
-             forced: torch.Tensor | None = None, nm: NMPattern | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             forced: torch.Tensor | None = None, nm: NMPattern | None = None, factor: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``k`` of the first ``d`` columns of ``W`` ``(groups, rows, n)`` against ``H``
     ``(groups, n, n)`` with blocked, lazily updated OBS steps. Returns ``(W', keep)``,
     ``keep`` ``(groups, rows, d)`` bool; ``forced`` (True = must go) entries are pruned first.
     With ``nm`` (``k`` ignored), each group of ``nm.m`` columns loses, per row, its
-    ``m - n`` weights of least saliency at the moment the sweep reaches the group.
+    ``m - n`` weights of least saliency at the moment the sweep reaches the group. ``factor``: the
+    Cholesky factor of ``H`` when the caller has it (not formed again).
     """
     if nm is not None:
         block_size = -(-block_size // nm.m) * nm.m  # groups never straddle a block
     g, m, n = W.shape
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    L = torch.linalg.cholesky(H) if factor is None else factor
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     W = W.clone()
     keep = torch.ones(g, m, d, dtype=torch.bool, device=W.device)
     done = 0
@@ -75,15 +78,17 @@ def _drop_group_(drop: torch.Tensor, W: torch.Tensor, diag: torch.Tensor, nm: NM
     drop.scatter_(-1, lowest, True)
 
 
-def damped(G: torch.Tensor, d: int, damping: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``G + lam I`` on the weight columns, with damping raised 10x until it factors."""
+def damped(G: torch.Tensor, d: int, damping: float) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+    """``(H, lam, rel, L)``: ``H = G + lam I`` on the weight columns, with damping raised 10x until it factors,
+    and its Cholesky factor ``L`` (kept: the callers solve with it)."""
     scale = G.diagonal(dim1=1, dim2=2)[:, :d].mean(1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     rel = damping
     for _ in range(13):
         H = G.clone()
         H.diagonal(dim1=1, dim2=2)[:, :d] += (rel * scale)[:, None]
-        if bool((torch.linalg.cholesky_ex(H).info == 0).all()):
-            return H, rel * scale, rel
+        L, info = torch.linalg.cholesky_ex(H)
+        if bool((info == 0).all()):
+            return H, rel * scale, rel, L
         rel = max(rel * 10, 1e-10)
     raise PruneError("the Gram matrix stays singular even with much more damping: the data hold NaN/Inf")
