@@ -121,11 +121,13 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """
     modes = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
+        if any(training for _, training in modes):  # already in eval mode: nothing to set (nor restore)
+            model.eval()
         yield model
     finally:
         for module, training in modes:
-            module.training = training
+            if module.training is not training:
+                module.training = training
 
 
 @contextlib.contextmanager

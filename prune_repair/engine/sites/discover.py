@@ -66,7 +66,7 @@ class Discovery:
                  forward_fn: ForwardFn | None = None):
         self.model, self.measure, self.forward_fn = model, measure, forward_fn
         self.extra = list(extra)
-        self.names = {module: name for name, module in model.named_modules()}
+        self.names = {module: name for name, module in model.named_modules()}  # one traversal, reused
         self.calls: list[Call] = []
         self.counts: dict[Key, int] = {}
         self.unfit: dict[Key, tuple[torch.Tensor, torch.Size]] = {}
@@ -76,7 +76,7 @@ class Discovery:
         self._pending: tuple[Key, torch.Tensor, int] | None = None
         self._running: set[int] = set()
         self._mask: torch.Tensor | None = None
-        modules = [m for _, m in model.named_modules()]
+        modules = list(self.names)
         self._defer = {id(a) for a, b in zip(modules, modules[1:]) if is_producer(a) and isinstance(b, NORM_TYPES)}
 
     # -- bookkeeping --
@@ -185,9 +185,9 @@ class Discovery:
 
     def run(self, batch: Any) -> Any:
         """One batch through the model (no grad, eval mode); returns its output (None if stopped)."""
-        watched = [m for m in self.model.modules() if is_producer(m) or isinstance(m, NORM_TYPES + (nn.MultiheadAttention,))]
+        watched = [m for m in self.names if is_producer(m) or isinstance(m, NORM_TYPES + (nn.MultiheadAttention,))]
         watched += [m for m in self.extra if m not in watched]
-        linears = {id(m.weight): m for m in self.model.modules() if isinstance(m, nn.Linear)}
+        linears = {id(m.weight): m for m in self.names if isinstance(m, nn.Linear)}
         attentions = {id(m.in_proj_weight): m for m in watched if is_packed_attention(m)}
         handles = []
         self._mask = batch_mask(batch)
