@@ -72,3 +72,27 @@ def test_fuse_returns_a_corrected_copy_and_leaves_the_input_alone():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     expected = model.features.fc1(x.flatten(1)) * 2 + 1
     assert_close(fused.features.fc1(x.flatten(1)), expected)
+
+
+def test_float32_weights_take_float32_scales_in_place_with_the_float64_products_values():
+    from prune_repair.engine.sites.fold import scale_rows_
+
+    scale = (torch.rand(64, dtype=D) * 3 + 0.1).float().double()  # float32 holds each scale exactly
+    for weight in (torch.randn(64, 300), torch.randn(64, 3, 3, 3).contiguous(memory_format=torch.channels_last),
+                   torch.randn(300, 64).t()):
+        expected, _ = fold_affine(weight, None, scale, None)
+        got = weight.clone() if weight.is_contiguous() else weight
+        assert scale_rows_(got, scale) is got and torch.equal(got, expected)
+
+
+def test_a_float32_repair_folds_float32_scales_and_a_float64_one_keeps_its_own():
+    import prune_repair as pr
+
+    for dtype in (torch.float32, D):
+        model, x = copy.deepcopy(tiny_models()["mlp"]).to(dtype), inputs_for("mlp").to(dtype)
+        goal = pr.collect_stats(model, x)
+        with torch.no_grad():
+            model.features.fc1.weight.mul_(torch.rand_like(model.features.fc1.weight) * 2)
+        scales = [c.scale for c in pr.repair_(model, goal, x, repair="repair").corrections.values()]
+        exact = [torch.equal(s.float().double(), s) for s in scales]
+        assert all(exact) if dtype == torch.float32 else not all(exact)

@@ -89,8 +89,11 @@ def channel_affine(
     """
     mean_now, std_now = mean_now.to(torch.float64), std_now.to(torch.float64)
     goal_mean, goal_std = goal_mean.to(torch.float64), goal_std.to(torch.float64)
-    dead = dead_channels(mean_now, std_now, rel_tol) | ~(torch.isfinite(goal_mean) & torch.isfinite(goal_std))
-    safe_std = torch.where(dead, torch.ones_like(std_now), std_now)
+    # dead_channels(mean_now, std_now) or a non-finite goal, in few small ops (it runs at every site
+    # during the pass): std <= rel_tol * |mean| also holds where std == 0
+    finite = torch.isfinite(torch.stack(torch.broadcast_tensors(mean_now, std_now, goal_mean, goal_std))).all(0)
+    dead = ~finite | (std_now <= rel_tol * mean_now.abs())
+    safe_std = torch.where(dead, 1.0, std_now)
     if mode is RepairMode.REPAIR:
         scale = goal_std / safe_std
         shift = goal_mean - scale * mean_now
@@ -103,6 +106,4 @@ def channel_affine(
         scale, shift = torch.ones_like(mean_now), goal_mean - mean_now
     else:
         raise ValueError(f"mode '{mode}' is not an affine correction")
-    scale = torch.where(dead, torch.ones_like(scale), scale)
-    shift = torch.where(dead, torch.zeros_like(shift), shift)
-    return ChannelAffine(scale, shift, dead)
+    return ChannelAffine(torch.where(dead, 1.0, scale), torch.where(dead, 0.0, shift), dead)

@@ -53,6 +53,7 @@ class SitePlan:
         self.shift_ok = can_shift(model, site)
         self.acc: ChannelStats | None = None
         self.rel_tol = 4 * torch.finfo(torch.float32).eps  # set from the measured dtype
+        self.single = False  # whether the measured outputs are float32 or narrower
         self.affine: ChannelAffine | None = None
         self.report = SiteReport(site.fqn, mode.value, site.channels)
 
@@ -70,6 +71,7 @@ class SitePlan:
         s = ChannelStats.of(y, cdim, mask=mask)
         self.acc = s if self.acc is None else self.acc.merge(s)
         self.rel_tol = 4 * torch.finfo(y.dtype).eps if y.dtype.is_floating_point else 1e-12
+        self.single = y.dtype.is_floating_point and y.dtype.itemsize <= 4
 
     def pool(self) -> None:
         """Pool the ranks' statistics (two collectives), before :meth:`decide`."""
@@ -94,11 +96,14 @@ class SitePlan:
                     bn.running_var.copy_(torch.where(ok, acc.var, bn.running_var.double()))
             return
         affine = channel_affine(self.mode, acc.mean, acc.std, self.goal.mean, self.goal.std, self.rel_tol)
+        if self.single:  # rounded to float32 (2^-24 relative, below what such outputs resolve): the pass
+            # applies the same scale as the fold, and a float32 weight takes it exactly in float32 (scale_rows_)
+            affine.scale = affine.scale.to(torch.float32).to(torch.float64)
         if not self.shift_ok and bool((affine.shift != 0).any()):
             affine.shift = torch.zeros_like(affine.shift)
             self.report.shift_dropped = True
         self.affine = affine
-        self.report.dead_channels = affine.dead.nonzero().flatten().tolist()
+        self.report.dead_channels = affine.dead.nonzero().flatten().tolist() if bool(affine.dead.any()) else []
 
 
 def make_plans(model: nn.Module, reference: ActivationStats, mode: RepairMode, add_bias: bool

@@ -152,14 +152,22 @@ FOLD_CHUNK = 1 << 18
 
 def scale_rows_(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``weight[i] *= scale[i]`` in place, each product in float64 rounded once to the weight's dtype
-    (the values :func:`fold_affine` gives), through one float64 buffer of a few rows at a time
-    instead of a float64 copy of the whole weight.
+    (the values :func:`fold_affine` gives).
+
+    Where that product is the weight dtype's own (float64 weights; float32 weights with scales that
+    float32 holds exactly, as :func:`~prune_repair.engine.correct.repair.repair_` decides them for
+    float32 activations: two 24-bit significands multiply exactly in float64), the weight is
+    multiplied in place, one read and one write (convnext_tiny's 28M weights: about 5 ms instead
+    of 17-25 ms, 1 thread); otherwise through one float64 buffer of a few rows at a time instead
+    of a float64 copy of the whole weight.
 
     >>> w = torch.ones(3, 2)
     >>> scale_rows_(w, torch.tensor([1.0, 2.0, 1 / 3], dtype=torch.float64))[2]
     tensor([0.3333, 0.3333])
     """
     s = scale.to(device=weight.device, dtype=torch.float64)
+    if weight.dtype == torch.float64 or (weight.dtype == torch.float32 and _float32_exact(s)):
+        return weight.mul_(s.to(weight.dtype).view((-1,) + (1,) * (weight.dim() - 1)))
     if weight.dim() == 2 or weight.is_contiguous():
         rows = weight if weight.dim() == 2 else weight.view(weight.shape[0], -1)  # strided rows are fine
     else:  # e.g. a channels-last conv weight: one float64 product of the whole weight
@@ -173,6 +181,11 @@ def scale_rows_(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         work = buffer[:block.numel()].view(block.shape).copy_(block)
         block.copy_(work.mul_(s[start:start + step, None]))
     return weight
+
+
+def _float32_exact(values: torch.Tensor) -> bool:
+    """Whether float32 holds every value exactly (NaN never compares equal: False)."""
+    return bool((values.to(torch.float32).to(torch.float64) == values).all())
 
 
 def fold_corrections_(model: nn.Module, corrections: dict[str, Correction], sites: list[Site]) -> nn.Module:

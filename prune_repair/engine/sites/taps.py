@@ -57,11 +57,18 @@ Correction = Callable[[Site], "tuple[torch.Tensor, torch.Tensor] | None"]
 LINEAR_FUNCS = (F.linear, torch._C._nn.linear)
 
 
-def scale_shift(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """``scale * y + shift`` per channel along ``channel_dim``."""
+def scale_shift(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, channel_dim: int,
+                in_place: bool = False) -> torch.Tensor:
+    """``scale * y + shift`` per channel along ``channel_dim``; ``in_place`` writes it into ``y``
+    (the same values, no new activation-sized tensor to allocate and page in).
+
+    >>> y = torch.ones(2, 3)
+    >>> scale_shift(y, torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3), -1, in_place=True) is y, y[0].tolist()
+    (True, [1.0, 2.0, 3.0])
+    """
     view = [1] * y.dim()
     view[channel_dim] = -1
-    return torch.addcmul(shift.to(y.dtype).view(view), y, scale.to(y.dtype).view(view))
+    return torch.addcmul(shift.to(y.dtype).view(view), y, scale.to(y.dtype).view(view), out=y if in_place else None)
 
 
 def output_mask(mask: torch.Tensor | None, channel_dim: int, y: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
@@ -138,7 +145,12 @@ class SiteTaps:
     def _tap(self, site: Site, y: torch.Tensor, measured: torch.Tensor | None = None) -> torch.Tensor | None:
         self._measure(site, y if measured is None else measured)
         c = self.correction(site)
-        return None if c is None else scale_shift(y, c[0], c[1], site.channel_dim)
+        if c is None:
+            return None
+        # a site's output is a fresh tensor of its producer (or a view of one): corrected in place,
+        # unless autograd records it (then a new tensor, as the graph may need the old values)
+        in_place = not (y.requires_grad and torch.is_grad_enabled())
+        return scale_shift(y, c[0], c[1], site.channel_dim, in_place=in_place)
 
     def _module_hook(self, site: Site) -> Callable:
         def hook(module, inputs, output):

@@ -118,11 +118,11 @@ class ChannelStats:
         return cls(int(d["count"]), d["mean"].to(torch.float64), d["m2"].to(torch.float64))
 
 
-CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
+CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
 """Elements per temporary in :func:`_shifted_moments`: a small part of a large activation
-(little added to the peak memory; on the CPU 4 MiB, so a centred chunk stays in the last-level
-cache for its reductions), yet few enough chunks that per-op costs stay small (1 MiB chunks were
-10-20% slower on convnext / swin outputs of 0.4-1.5M values, 1 thread)."""
+(little added to the peak memory; on the CPU 1 MiB, so a centred chunk stays in cache for its
+reductions), yet few enough chunks that per-op costs stay small (4 MiB chunks measured faster
+on outputs alone, but not inside a pass, where the forward evicts the buffer between sites)."""
 
 SHORT_MAPS = 32
 """Feature maps with fewer values than this are centred into channel-last rows (reductions over
@@ -146,40 +146,46 @@ def _shifted_moments(x: torch.Tensor, rows: bool) -> tuple[torch.Tensor, torch.T
     """Float64 ``(mean, m2)`` per channel of ``(R, C)`` rows (``rows=True``) or ``(N, C, S)`` maps.
 
     Values are centred, one chunk along dim 0 at a time, about the float32 rounding of the
-    first chunk's mean (exact near the mean, Sterbenz) into a reused float32 buffer, squared
-    in place; each chunk is reduced in float32 (torch's cascaded sums: each map's ``S``
-    values, or a chunk's rows per channel), everything across chunks (and maps) in float64,
-    and the shift is corrected exactly. So large offsets cause no cancellation and the
+    first chunk's mean (exact near the mean, Sterbenz) into a reused float32 buffer (the first
+    chunk is copied there, its mean taken and subtracted in place: the activations are read
+    once, which matters when they come from memory rather than cache), squared in place; each
+    chunk is reduced in float32 (torch's cascaded sums: each map's ``S`` values, or a chunk's
+    rows per channel), everything across chunks (and maps) in float64, and the shift is
+    corrected exactly. So large offsets cause no cancellation and the
     activations are never copied whole (the temporary is one chunk).
     """
-    work, c = torch.float32, x.shape[1]
+    c = x.shape[1]
     count = x.numel() // max(c, 1)
     short = not rows and x.shape[2] < SHORT_MAPS
     per_item = c * (1 if rows else x.shape[2])
     step = max(1, CHUNK_ELEMENTS.get(x.device.type, 1 << 22) // max(per_item, 1))
     buffer = _scratch(min(step, x.shape[0]) * per_item, x.device)
-    s1 = torch.zeros(c, dtype=torch.float64, device=x.device)
-    s2 = torch.zeros(c, dtype=torch.float64, device=x.device)
+    sums = torch.zeros(2, c, dtype=torch.float64, device=x.device)  # of the centred values, their squares
     shift = None
     for start in range(0, x.shape[0], step):
         chunk = x[start:start + step]
         n = chunk.shape[0]
-        if shift is None and not short:  # the first chunk's mean: close to the mean, in float32
-            first = chunk.sum(0, dtype=work) if rows else chunk.sum(2, dtype=work).sum(0)
-            shift = (first.to(torch.float64) / (chunk.numel() // c)).to(work)
         if rows or short:  # centred channel-last rows (R, C): column sums
-            out = buffer[:n * per_item].view(n, -1, c) if short else buffer[:n * per_item].view(n, c)
-            if shift is None:  # short maps: their first chunk as rows (sums over a few values per map are slow)
-                d = out.copy_(chunk.transpose(1, 2)).view(-1, c)
-                shift = (d.sum(0).to(torch.float64) / d.shape[0]).to(work)
+            src = chunk if rows else chunk.transpose(1, 2)
+            out = buffer[:n * per_item].view(src.shape)
+            if shift is None:  # the first chunk copied, its mean taken in the buffer, centred there
+                d = out.copy_(src).view(-1, c)
+                shift = d.sum(0).div_(d.shape[0])
                 d.sub_(shift)
             else:
-                d = torch.sub(chunk if rows else chunk.transpose(1, 2), shift, out=out).view(-1, c)
-            s1 += d.sum(0).to(torch.float64)
-            s2 += d.mul_(d).sum(0).to(torch.float64)
+                d = torch.sub(src, shift, out=out).view(-1, c)
+            sums[0].add_(d.sum(0))
+            sums[1].add_(d.mul_(d).sum(0))
         else:  # centred maps (n, C, S): float32 over each map, float64 across maps
-            d = torch.sub(chunk, shift.view(c, 1), out=buffer[:n * per_item].view(n, c, -1))
-            s1 += d.sum(2).sum(0, dtype=torch.float64)
-            s2 += d.mul_(d).sum(2).sum(0, dtype=torch.float64)
+            out = buffer[:n * per_item].view(n, c, -1)
+            if shift is None:
+                d = out.copy_(chunk)
+                shift = d.sum(2).sum(0).div_(n * d.shape[2])
+                d.sub_(shift.view(c, 1))
+            else:
+                d = torch.sub(chunk, shift.view(c, 1), out=out)
+            sums[0].add_(d.sum(2).sum(0, dtype=torch.float64))
+            sums[1].add_(d.mul_(d).sum(2).sum(0, dtype=torch.float64))
+    s1, s2 = sums
     offset = s1 / count
     return shift.to(torch.float64) + offset, (s2 - s1 * offset).clamp_min(0)
