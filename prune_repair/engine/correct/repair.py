@@ -38,6 +38,7 @@ from ..run.lockstep import Passes
 from ..run.pipeline import PassLog, calibrate
 from ..sites.fold import fold_correction_
 from ..stats.activation import ActivationStats, collect_stats
+from .finite_sites import check_after_pass, check_unvouched, vouched_modules
 from .modes import RepairMode, Variant
 from .report import RepairReport, SiteReport
 from .site_plan import SitePlan, SiteSteps, make_plans
@@ -113,8 +114,11 @@ def repair_(
     goal = _goal(reference, data, forward_fn, progress)
     model = distributed.unwrap(model)
     _check_samples(data)
-    check_finite(model)
+    if add_bias:  # make_plans may add biases: the weights are checked before anything changes
+        check_finite(model)
     plans, skipped = ([], []) if mode is RepairMode.NONE else make_plans(model, goal, mode, add_bias)
+    if not add_bias:  # the site producers' weights are checked by the statistics of the pass
+        check_unvouched(model, vouched_modules(model, plans))
     if mode is RepairMode.RESET and not plans:
         raise ValueError("reset recomputes BatchNorm statistics, but no site of this model is followed by a "
                          "BatchNorm: use repair='repair' (or 'auto')")
@@ -160,12 +164,15 @@ def _check_samples(data: Any) -> None:
 
 def _run_plans_(model: nn.Module, plans: list[SitePlan], data: Any, all_at_once: bool, forward_fn: ForwardFn | None,
                 where: dict[str, Any]) -> PassLog:
-    """Measure and decide every plan on the pipeline; BatchNorm statistics restored if it fails."""
+    """Measure and decide every plan on the pipeline (weights checked finite after it, see
+    :mod:`.finite_sites`); BatchNorm statistics restored if it fails."""
     saved = {id(p): (p.module.running_mean.clone(), p.module.running_var.clone())
              for p in plans if p.is_reset and p.module.running_mean is not None}
     try:
-        return calibrate(model, data, SiteSteps(model, plans), all_at_once=all_at_once, forward_fn=forward_fn,
-                         **where)
+        log = calibrate(model, data, SiteSteps(model, plans), all_at_once=all_at_once, forward_fn=forward_fn,
+                        **where)
+        check_after_pass(model, plans)
+        return log
     except BaseException:
         with torch.no_grad():
             for plan in plans:

@@ -1,0 +1,53 @@
+"""repair_ refuses weights with NaN/Inf wherever they are: the site producers' through the statistics
+of the pass (engine/correct/finite_sites.py), every other tensor before the pass."""
+
+import copy
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from prune_repair import collect_stats, repair_
+from engine_helpers import damage_, inputs_for, tiny_models
+
+MODELS = tiny_models()
+
+
+def broken(name: str, tensor: str, value: float):
+    model = copy.deepcopy(MODELS[name])
+    damage_(model)
+    with torch.no_grad():
+        model.get_parameter(tensor).view(-1)[3] = value
+    return model
+
+
+@pytest.mark.parametrize("name, tensor, mode", [
+    ("cnn-bn", "features.conv1.weight", "auto"),      # a producer whose BatchNorm is reset: its input says
+    ("cnn-bn", "features.conv2.weight", "repair"),    # a producer under its BatchNorm's site
+    ("cnn-bn", "features.bn1.weight", "auto"),        # a BatchNorm being reset: checked before the pass
+    ("cnn-bn", "classifier.bias", "auto"),            # after the last site: checked before the pass
+    ("resnet-ln", "layer1.0.norm1.weight", "repair"),
+    ("mlp", "features.fc1.bias", "repair"),
+])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_weight_is_named_and_the_model_left_as_it_was(name, tensor, mode, value):
+    x = inputs_for(name)
+    goal = collect_stats(MODELS[name], x)
+    model = broken(name, tensor, value)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=f"NaN/Inf in {tensor} \\(1 values\\): repair needs finite weights"):
+        repair_(model, goal, x, repair=mode)
+    after = model.state_dict()
+    for k in before:
+        assert_close(after[k], before[k], rtol=0, atol=0, equal_nan=True)
+
+
+def test_finite_weights_with_overflowing_statistics_still_repair():
+    name = "mlp"
+    x = inputs_for(name)
+    goal = collect_stats(MODELS[name], x)
+    model = copy.deepcopy(MODELS[name])
+    with torch.no_grad():
+        model.features.fc1.weight[0].fill_(1e300)  # float64: finite weights, an infinite spread at one site
+    report = repair_(model, goal, x, repair="repair")
+    assert report.sites and all(torch.isfinite(p).all() for p in model.parameters())
