@@ -48,7 +48,7 @@ from torch import nn
 from ..run import distributed
 from ..producers import is_conv1d
 from .conv_gram import conv_method, conv_patches, output_size, pad_input, patch_view
-from .chunk_products import centered_products, correlation_products
+from .chunk_products import add_centered_products_, add_correlation_products_
 from .fit_error import relative_errors
 from .gram_options import GramMethod, GramPrecision, compute_dtype, current_options
 
@@ -237,29 +237,17 @@ class Gram:
         g, m = x_rows.shape[0], len(y_rows)  # x_rows: (g, rows, d), or a conv's 7-d patch view
         buf = getattr(self, "_buf", None)
         if buf is None or buf.shape[0] != g or buf.shape[1] < m or buf.dtype != ct:  # one buffer for all chunks
-            buf = self._buf = torch.empty(g, m, self.d_in + 1, dtype=ct, device=self.G.device)
+            buf = self._buf = torch.empty(g, m, self.d_in, dtype=ct, device=self.G.device)
         buf = buf[:, :m]
-        buf[..., :-1].view(x_rows.shape).copy_(x_rows)  # one copy: layout, dtype and device
-        buf[..., -1] = 1.0
+        buf.view(x_rows.shape).copy_(x_rows)  # one copy: layout, dtype and device
         y = y_rows.to(device=self.G.device, dtype=ct).view(m, g, -1).transpose(0, 1)
-        if ct == torch.float64:  # products straight into the float64 sums
-            if with_gram:
-                self.G.baddbmm_(buf.transpose(1, 2), buf)
-            self.C.baddbmm_(buf.transpose(1, 2), y)
-        else:  # products of this chunk in float32 about its column means, summed across chunks in float64
-            gram, cross = centered_products(buf, y, with_gram=with_gram)
-            if with_gram:
-                self.G += gram
-            self.C += cross
+        add_centered_products_(self.G, self.C, buf, y, with_gram=with_gram)  # float32: about the chunk's means
         self.yy.add_(y_rows.to(device=self.G.device, dtype=torch.float64).square().sum(0))
         self.rows += m
 
     def _correlate(self, padded: torch.Tensor, y: torch.Tensor, with_gram: bool) -> None:
         """One chunk of a conv by the correlation Gram (``padded`` in the compute dtype): no patch matrix."""
-        gram, cross = correlation_products(self.module, padded, y.to(self.G.device), with_gram=with_gram)
-        if with_gram:
-            self.G += gram
-        self.C += cross
+        add_correlation_products_(self.G, self.C, self.module, padded, y.to(self.G.device), with_gram=with_gram)
         self.yy += y.to(device=self.G.device, dtype=torch.float64).square().sum([i for i in range(y.dim()) if i != 1])
         self.rows += y.shape[0] * math.prod(y.shape[2:])
 
