@@ -6,6 +6,7 @@ from torch import nn
 
 from prune_repair.engine.refit.fit_error import quadratic_forms, relative_errors
 from prune_repair.engine.refit.gram import Gram
+from prune_repair.engine.refit.ridge import masked_ridge
 
 
 def _one_product(w: torch.Tensor, G: torch.Tensor, C: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
@@ -72,3 +73,40 @@ def test_quadratic_forms_by_rows_equal_the_direct_products(seed, groups, density
         torch.testing.assert_close(by_rows[k], direct, rtol=1e-12, atol=0)
     torch.testing.assert_close(by_rows, blocks, rtol=1e-12, atol=0)
     torch.testing.assert_close(quadratic_forms(W, G), blocks, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("groups,keep,intercept", [(1, 0.3, True), (2, 0.6, True), (1, 1.0, True), (3, 0.5, False)])
+def test_ridge_quadratic_forms_from_the_systems_equal_the_ones_from_g(groups, keep, intercept):
+    """The solver's ``w^T G w`` of the weights before and after (read from each row's ``G[S, S]`` while it
+    is solved) equals the forms from ``G``; paths that do not solve every row directly give None."""
+    torch.manual_seed(groups)
+    d, m = 24, 6
+    n = d + int(intercept)
+    X = torch.randn(groups, 300, n, dtype=torch.float64)
+    if intercept:
+        X[..., -1] = 1
+    G, C = X.transpose(1, 2) @ X, X.transpose(1, 2) @ torch.randn(groups, 300, m, dtype=torch.float64)
+    mask = torch.rand(groups, m, d) < keep
+    before = torch.randn(groups, m, n, dtype=torch.float64)
+    before[..., :d] *= mask
+    sol = masked_ridge(G, C, mask, intercept=intercept, prior=before[..., :d], quad_of=before)
+    expected = quadratic_forms(torch.stack([before, sol.weight]), G)
+    assert torch.allclose(sol.quad, expected, rtol=1e-12, atol=0)
+    errors = relative_errors(torch.stack([before, sol.weight]), G, C, torch.ones(groups * m, dtype=torch.float64) * 1e4,
+                             quad=sol.quad)
+    assert torch.allclose(errors, relative_errors(torch.stack([before, sol.weight]), G, C,
+                                                  torch.ones(groups * m, dtype=torch.float64) * 1e4), rtol=1e-10)
+    assert masked_ridge(G, C, mask, intercept=intercept, quad_of=before, method="complement").quad is None
+
+
+def test_ridge_quadratic_forms_survive_raised_damping():
+    """A singular system solved with more damping after a failed factorization still gets the forms of ``G``."""
+    torch.manual_seed(0)
+    X = torch.randn(1, 5, 13, dtype=torch.float64)  # 5 rows, 12 weights + bias: G is singular
+    X[..., -1] = 1
+    G, C = X.transpose(1, 2) @ X, X.transpose(1, 2) @ torch.randn(1, 5, 3, dtype=torch.float64)
+    mask = torch.ones(1, 3, 12, dtype=torch.bool)
+    before = torch.randn(1, 3, 13, dtype=torch.float64)
+    sol = masked_ridge(G, C, mask, damping=0.0, quad_of=before, method="direct")
+    assert sol.retried > 0
+    assert torch.allclose(sol.quad, quadratic_forms(torch.stack([before, sol.weight]), G), rtol=1e-9, atol=1e-9)

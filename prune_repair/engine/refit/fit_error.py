@@ -78,11 +78,13 @@ def quadratic_forms(weights: torch.Tensor, G: torch.Tensor, *, block: int | None
     return total.view(g, k, m).sum((0, 2))
 
 
-def relative_errors(weights: torch.Tensor, G: torch.Tensor, C: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+def relative_errors(weights: torch.Tensor, G: torch.Tensor, C: torch.Tensor, yy: torch.Tensor,
+                    quad: torch.Tensor | None = None) -> torch.Tensor:
     """``||Y - X w|| / ||Y||`` for each of ``k`` weights ``(k, groups, rows, n)``, from ``G``
-    ``(groups, n, n)``, ``C`` ``(groups, n, rows)`` and ``yy = diag(Y^T Y)``; float64 ``(k,)``."""
+    ``(groups, n, n)``, ``C`` ``(groups, n, rows)`` and ``yy = diag(Y^T Y)``; float64 ``(k,)``.
+    ``quad``: the ``(k,)`` quadratic forms where the caller has them already (else from ``G``)."""
     W = weights.to(device=G.device, dtype=torch.float64)
-    quad = quadratic_forms(W, G)
+    quad = quadratic_forms(W, G) if quad is None else quad.to(device=G.device, dtype=torch.float64)
     cross = (W * C.transpose(1, 2)[None]).sum((1, 2, 3))
     total = yy.sum()
     return ((total - 2 * cross + quad).clamp_min(0) / total.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()

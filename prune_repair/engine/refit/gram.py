@@ -258,11 +258,14 @@ class Gram:
         ``(groups, out/groups, d_in)`` with ``intercept=False`` (no bias term)."""
         return self.relative_errors(weight, intercept=intercept)[0]
 
-    def relative_errors(self, *weights: torch.Tensor, intercept: bool = True) -> torch.Tensor:
+    def relative_errors(self, *weights: torch.Tensor, intercept: bool = True,
+                        quad: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`relative_error` of several weights through the same products
-        (:mod:`~prune_repair.engine.refit.fit_error`), a float64 ``(len(weights),)`` tensor."""
+        (:mod:`~prune_repair.engine.refit.fit_error`), a float64 ``(len(weights),)`` tensor; ``quad``:
+        their quadratic forms ``sum w^T G w`` where known (:attr:`.ridge.RidgeSolution.quad`)."""
         G, C = (self.G, self.C) if intercept else (self.G[:, :-1, :-1], self.C[:, :-1])
-        return relative_errors(torch.stack([w.to(device=G.device, dtype=torch.float64) for w in weights]), G, C, self.yy)
+        stacked = torch.stack([w.to(device=G.device, dtype=torch.float64) for w in weights])
+        return relative_errors(stacked, G, C, self.yy, quad)
 
     def is_finite(self) -> bool:
         """Whether every accumulated value is finite (one host sync)."""

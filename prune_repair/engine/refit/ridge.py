@@ -62,6 +62,9 @@ class RidgeSolution:
     iterative_rows: int = 0
     iterations: int = 0
     refined_rows: int = 0
+    quad: torch.Tensor | None = None
+    """``(2,)`` float64: ``sum_r w_r^T G w_r`` of ``quad_of`` and of the solution, taken from the solved
+    systems (None when ``quad_of`` was not given or some rows were not solved directly)."""
 
 
 def masked_ridge(
@@ -75,6 +78,7 @@ def masked_ridge(
     work_bytes: int = DEFAULT_WORK_BYTES,
     method: str = "auto",
     refine: bool | None = None,
+    quad_of: torch.Tensor | None = None,
 ) -> RidgeSolution:
     """Solve every row of ``mask`` over its support (see the module doc).
 
@@ -94,6 +98,10 @@ def masked_ridge(
             there are factored in float64); False: float64 factorizations only. Default: on
             CUDA only (on a CPU core float32 factors are 2x faster, but the refinement's
             float64 residuals cost as much as that saves: measured break-even).
+        quad_of: optional ``(groups, rows, n)`` weights zero off the mask (the layer before the
+            refit): :attr:`RidgeSolution.quad` then holds the sums of ``w^T G w`` of these and of
+            the solution, read from each system ``G[S, S]`` while it is in memory, where every row
+            is solved directly (a residual from ``G`` alone would gather the same blocks again).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -110,6 +118,7 @@ def masked_ridge(
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     refine = G.device.type == "cuda" if refine is None else bool(refine)
     solver = _Solver(G, C, prior, d, scale, float(damping), work_bytes, refine)
+    solver.quad_of = quad_of.reshape(g * m, n).to(device=G.device, dtype=torch.float64) if quad_of is not None else None
     support = torch.ones(g * m, n, dtype=torch.bool, device=G.device)
     support[:, :d] = mask.reshape(g * m, d)
     rows = torch.arange(g * m, device=G.device)
@@ -132,10 +141,11 @@ def masked_ridge(
         direct += solver.iterative(iterative, p_group, p_support, order, starts, counts_l, rows % m, out)
     solver.direct(direct, p_group, p_support, order, starts, counts_l, sizes, rows % m, out)
     out[:, :d] *= support[:, :d]  # exact zeros off the support
+    quad = solver.quad if quad_of is not None and not comp and not iterative else None
     return RidgeSolution(out.view(g, m, n), solver.max_rel, solver.retried,
                          sum(counts_l[p] for p in comp) - solver.comp_failed_rows,
                          sum(counts_l[p] for p in iterative) - solver.cg_failed_rows, solver.cg_iterations,
-                         solver.refined_rows)
+                         solver.refined_rows, quad)
 
 
 CG_ITERATIONS_ESTIMATE = 25  # for the cost model; measured 10-20 on post-ReLU conv Grams
@@ -170,6 +180,22 @@ class _Solver:
         self.max_rel, self.retried, self.comp_failed_rows = damping, 0, 0
         self.cg_failed_rows, self.cg_iterations = 0, 0
         self._inverse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.quad_of: torch.Tensor | None = None
+        self.quad = torch.zeros(2, dtype=torch.float64, device=G.device)
+
+    def _add_quads(self, A, lam, idx, valid, rows, sol, ok, first):
+        """Add ``x^T G[S, S] x`` of the solved rows (and, on the first attempt, of ``quad_of``'s rows) to
+        :attr:`quad`: ``A`` is ``G[S, S]`` plus ``lam`` on the weight diagonal (1 on the padding, where ``x``
+        is 0)."""
+        damped = ((idx < self.d) & valid).to(A.dtype)[:, :, None] * lam[:, None, None]
+
+        def forms(x):
+            return ((x * torch.bmm(A, x)).sum(1) - (damped * x.square()).sum(1)).sum()
+        if first:
+            w0 = self.quad_of[rows[:, None, :], idx[:, :, None]] * valid[:, :, None]
+            self.quad[0] += forms(w0)
+        if bool(ok.any()):
+            self.quad[1] += forms(sol * ok[:, None, None])
 
     def _batches(self, pats, p_support, order, starts, counts, sizes, complement):
         """Patterns grouped by (bucket size, rows), as padded index tensors in memory-bounded chunks."""
@@ -213,6 +239,8 @@ class _Solver:
                 sol, ok, refined = solve_spd(A, B, refine=self.refine)
                 self.refined_rows += refined
                 _scatter(out, r_[ok], i_[ok], v_[ok], sol[ok])
+                if self.quad_of is not None:
+                    self._add_quads(A, lam, i_, v_, r_, sol, ok, attempt == 0)
                 if bool(ok.all()):
                     break
                 if attempt == MAX_RETRIES:
