@@ -36,7 +36,7 @@ from ..producers import split_part
 from .site_plan import SitePlan
 
 
-def vouched_modules(model: nn.Module, plans: Sequence[SitePlan]) -> set[int]:
+def vouched_modules(plans: Sequence[SitePlan]) -> set[int]:
     """``id`` of each module whose every parameter and buffer shows in some plan's statistics: the
     producer of a site measured as a module output (and the norm whose output is the site), the
     producer of a BatchNorm being reset (its input is measured). Attention projections and layers
@@ -46,7 +46,7 @@ def vouched_modules(model: nn.Module, plans: Sequence[SitePlan]) -> set[int]:
         site = plan.site
         if site.call != "module" or split_part(site.producer)[1] is not None:
             continue
-        vouched.add(id(model.get_submodule(site.producer)))
+        vouched.add(id(plan.producer))
         if not plan.is_reset:
             vouched.add(id(plan.module))
     return vouched

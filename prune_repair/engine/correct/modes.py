@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -80,30 +81,43 @@ def channel_affine(
     goal_mean: torch.Tensor,
     goal_std: torch.Tensor,
     rel_tol: float = 1e-12,
+    goal_ok: torch.Tensor | bool | None = None,
 ) -> ChannelAffine:
     """Per-channel scale/shift that moves (mean_now, std_now) to the goal under ``mode``.
 
     Dead channels (see :func:`dead_channels`) and channels with a non-finite goal get
     the identity: they are never divided by zero and are reported by the caller.
-    ``rel_tol`` should be a few ulps of the activations' dtype.
+    ``rel_tol`` should be a few ulps of the activations' dtype. ``goal_ok``: the goal's
+    finite channels (:func:`finite_goal`) when already known (``True``: all of them).
     """
-    mean_now, std_now = mean_now.to(torch.float64), std_now.to(torch.float64)
-    goal_mean, goal_std = goal_mean.to(torch.float64), goal_std.to(torch.float64)
-    # dead_channels(mean_now, std_now) or a non-finite goal, in few small ops (it runs at every site
-    # during the pass): std <= rel_tol * |mean| also holds where std == 0
-    finite = torch.isfinite(torch.stack(torch.broadcast_tensors(mean_now, std_now, goal_mean, goal_std))).all(0)
-    dead = ~finite | (std_now <= rel_tol * mean_now.abs())
-    safe_std = torch.where(dead, 1.0, std_now)
-    if mode is RepairMode.REPAIR:
-        scale = goal_std / safe_std
-        shift = goal_mean - scale * mean_now
-    elif mode is RepairMode.RESCALE:
-        scale, shift = goal_std / safe_std, torch.zeros_like(mean_now)
+    mean_now, std_now, goal_mean, goal_std = (t if t.dtype == torch.float64 else t.to(torch.float64)
+                                              for t in (mean_now, std_now, goal_mean, goal_std))
+    # dead_channels(mean_now, std_now) in few small ops (this runs at every site during a pass): a NaN
+    # anywhere fails the comparisons, so the channel is dead; std == 0 fails std > rel_tol * |mean|
+    dead = ~((std_now > rel_tol * mean_now.abs()) & (std_now < math.inf))
+    goal_ok = finite_goal(goal_mean, goal_std) if goal_ok is None else goal_ok
+    if goal_ok is not True:
+        dead = dead | ~goal_ok
+    if mode is RepairMode.REPAIR:  # the hot path: dead channels' inf / NaN replaced at once
+        scale = torch.where(dead, 1.0, goal_std / std_now)
+        return ChannelAffine(scale, torch.where(dead, 0.0, goal_mean - scale * mean_now), dead)
+    if mode is RepairMode.RESCALE:
+        scale, shift = goal_std / std_now, torch.zeros_like(mean_now)
     elif mode is RepairMode.RESCALE_LAYER:
         layer_std = goal_std[~dead].mean() if bool((~dead).any()) else goal_std.new_tensor(1.0)
-        scale, shift = layer_std / safe_std, torch.zeros_like(mean_now)
+        scale, shift = layer_std / std_now, torch.zeros_like(mean_now)
     elif mode is RepairMode.RESHIFT:
         scale, shift = torch.ones_like(mean_now), goal_mean - mean_now
     else:
         raise ValueError(f"mode '{mode}' is not an affine correction")
     return ChannelAffine(torch.where(dead, 1.0, scale), torch.where(dead, 0.0, shift), dead)
+
+
+def finite_goal(goal_mean: torch.Tensor, goal_std: torch.Tensor) -> torch.Tensor | bool:
+    """The channels whose goal mean and std are finite (``True`` when all are).
+
+    >>> finite_goal(torch.tensor([0.0, 1.0]), torch.tensor([1.0, float("nan")])).tolist()
+    [True, False]
+    """
+    ok = torch.isfinite(goal_mean) & torch.isfinite(goal_std)
+    return True if bool(ok.all()) else ok

@@ -118,7 +118,7 @@ def repair_(
         check_finite(model)
     plans, skipped = ([], []) if mode is RepairMode.NONE else make_plans(model, goal, mode, add_bias)
     if not add_bias:  # the site producers' weights are checked by the statistics of the pass
-        check_unvouched(model, vouched_modules(model, plans))
+        check_unvouched(model, vouched_modules(plans))
     if mode is RepairMode.RESET and not plans:
         raise ValueError("reset recomputes BatchNorm statistics, but no site of this model is followed by a "
                          "BatchNorm: use repair='repair' (or 'auto')")
@@ -188,6 +188,7 @@ def _report_folded_(model: nn.Module, goal: ActivationStats, mode: RepairMode, v
     """Fold every decided affine into the weights; the report (a warning names the skipped sites)."""
     corrections = {}
     for plan in plans:
+        plan.finish()
         if plan.affine is not None:
             corrections[plan.site.fqn] = plan.affine
             fold_correction_(model, plan.site, corrections[plan.site.fqn])

@@ -32,9 +32,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..run import distributed
 from ..run.pipeline import Arrive, Context
-from ..producers import out_channels as producer_out_channels, site_owner
-from ..sites.fold import can_shift
-from .modes import ChannelAffine, RepairMode, channel_affine, site_mode
+from ..producers import out_channels as producer_out_channels, site_owner, split_part
+from ..sites.fold import holds_shift
+from .modes import ChannelAffine, RepairMode, channel_affine, finite_goal, site_mode
 from ..sites.find import Site
 from ..sites.taps import SiteTaps
 from .report import SiteReport
@@ -46,11 +46,17 @@ NEVER_RAN = "it never ran on the calibration data (a branch the data does not re
 class SitePlan:
     """Measurement, correction and bookkeeping of one site during a repair."""
 
-    def __init__(self, model: nn.Module, site: Site, mode: RepairMode, goal: ChannelStats):
+    def __init__(self, model: nn.Module, site: Site, mode: RepairMode, goal: ChannelStats,
+                 owner: Callable[[str], tuple[nn.Module, str | None]] | None = None):
+        """``owner(fqn)``: :func:`~prune_repair.engine.producers.site_owner` on ``model`` (or a faster
+        lookup of the same)."""
+        owner = owner or (lambda fqn: site_owner(model, fqn))
         self.site, self.mode, self.goal = site, mode, goal
+        self.goal_std, self.goal_ok = goal.std, finite_goal(goal.mean, goal.std)  # once, not during the pass
         self.name, self.where = site.fqn, ""  # where: the module's name (set by make_plans)
-        self.module = site_owner(model, site)[0]
-        self.shift_ok = can_shift(model, site)
+        self.module, part = owner(site.fqn)
+        self.producer = owner(site.producer)[0]
+        self.shift_ok = holds_shift(self.module, part)
         self.acc: ChannelStats | None = None
         self.rel_tol = 4 * torch.finfo(torch.float32).eps  # set from the measured dtype
         self.single = False  # whether the measured outputs are float32 or narrower
@@ -95,14 +101,22 @@ class SitePlan:
                     bn.running_mean.copy_(torch.where(ok, acc.mean, bn.running_mean.double()))
                     bn.running_var.copy_(torch.where(ok, acc.var, bn.running_var.double()))
             return
-        affine = channel_affine(self.mode, acc.mean, acc.std, self.goal.mean, self.goal.std, self.rel_tol)
-        if self.single:  # rounded to float32 (2^-24 relative, below what such outputs resolve): the pass
-            # applies the same scale as the fold, and a float32 weight takes it exactly in float32 (scale_rows_)
-            affine.scale = affine.scale.to(torch.float32).to(torch.float64)
+        affine = channel_affine(self.mode, acc.mean, acc.std, self.goal.mean, self.goal_std, self.rel_tol,
+                                self.goal_ok)
         if not self.shift_ok and bool((affine.shift != 0).any()):
             affine.shift = torch.zeros_like(affine.shift)
             self.report.shift_dropped = True
-        self.affine = affine
+        self.affine = affine  # the rest waits for finish(): every small op here slows the pass
+
+    def finish(self) -> None:
+        """After the pass, before the fold: the dead channels reported; for float32 (or narrower)
+        outputs the scale rounded to float32, which the pass applied (2^-24 relative, below what
+        such outputs resolve), so a float32 weight takes it exactly in float32 (``scale_rows_``)."""
+        affine = self.affine
+        if affine is None:
+            return
+        if self.single:
+            affine.scale = affine.scale.to(torch.float32).to(torch.float64)
         self.report.dead_channels = affine.dead.nonzero().flatten().tolist() if bool(affine.dead.any()) else []
 
 
@@ -110,6 +124,12 @@ def make_plans(model: nn.Module, reference: ActivationStats, mode: RepairMode, a
            ) -> tuple[list[SitePlan], list[SiteReport]]:
     """The sites to correct, and reports of the sites ``mode`` does not apply to."""
     plans, skipped = [], []
+    named = dict(model.named_modules())
+
+    def owner(fqn: str) -> tuple[nn.Module, str | None]:  # site_owner, from one walk of the modules
+        name, part = split_part(fqn)
+        return (named[name], part) if name in named else site_owner(model, fqn)
+
     for site in reference.sites:
         if site.kind == "block":
             raise ValueError(
@@ -117,7 +137,7 @@ def make_plans(model: nn.Module, reference: ActivationStats, mode: RepairMode, a
                 "architecture (a residual sum has no weights of its own); collect the goal without block_outputs="
             )
         try:
-            module, (producer, part) = site_owner(model, site)[0], site_owner(model, site.producer)
+            module, (producer, part) = owner(site.fqn)[0], owner(site.producer)
         except AttributeError:
             raise ValueError(
                 f"the reference statistics name layer '{site.fqn}', which the model does not have: "
@@ -133,14 +153,14 @@ def make_plans(model: nn.Module, reference: ActivationStats, mode: RepairMode, a
         if m is RepairMode.NONE:
             skipped.append(SiteReport(site.fqn, "skipped", site.channels, skipped="no BatchNorm to reset there"))
             continue
-        if add_bias and m in (RepairMode.REPAIR, RepairMode.RESHIFT) and not can_shift(model, site):
+        if add_bias and m in (RepairMode.REPAIR, RepairMode.RESHIFT) and not holds_shift(*owner(site.fqn)):
             if part is not None or isinstance(producer, nn.MultiheadAttention):
                 raise ValueError(f"attention '{site.producer}' has no in-projection bias to hold a shift, and "
                                  "adding one is not supported: repair without add_bias (the scale is applied)")
             weight = producer.weight
             producer.bias = nn.Parameter(torch.zeros(out, dtype=weight.dtype, device=weight.device))
-        plans.append(SitePlan(model, site, m, reference[site.fqn]))
-    names = {module: name for name, module in model.named_modules()}
+        plans.append(SitePlan(model, site, m, reference[site.fqn], owner))
+    names = {module: name for name, module in named.items()}
     for plan in plans:
         plan.where = names.get(plan.module, "")
     return plans, skipped

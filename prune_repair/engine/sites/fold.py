@@ -109,7 +109,11 @@ def fuse_bn(
 
 def can_shift(model: nn.Module, site: Site) -> bool:
     """Whether the architecture can hold a per-channel shift at ``site``."""
-    module, part = site_owner(model, site)
+    return holds_shift(*site_owner(model, site))
+
+
+def holds_shift(module: nn.Module, part: str | None = None) -> bool:
+    """Whether a site's module (``part``: the projection of an attention module) can hold a shift."""
     if isinstance(module, _BatchNorm):
         return True
     if part is not None:

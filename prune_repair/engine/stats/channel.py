@@ -154,38 +154,38 @@ def _shifted_moments(x: torch.Tensor, rows: bool) -> tuple[torch.Tensor, torch.T
     corrected exactly. So large offsets cause no cancellation and the
     activations are never copied whole (the temporary is one chunk).
     """
-    c = x.shape[1]
+    c, items = x.shape[1], x.shape[0]
     count = x.numel() // max(c, 1)
     short = not rows and x.shape[2] < SHORT_MAPS
     per_item = c * (1 if rows else x.shape[2])
     step = max(1, CHUNK_ELEMENTS.get(x.device.type, 1 << 22) // max(per_item, 1))
-    buffer = _scratch(min(step, x.shape[0]) * per_item, x.device)
-    sums = torch.zeros(2, c, dtype=torch.float64, device=x.device)  # of the centred values, their squares
-    shift = None
-    for start in range(0, x.shape[0], step):
-        chunk = x[start:start + step]
+    buffer = _scratch(min(step, items) * per_item, x.device)
+    shift = s1 = s2 = None  # few small ops per chunk: they cost more than the sums on small outputs
+    for start in range(0, items, step):
+        chunk = x if step >= items else x[start:start + step]
         n = chunk.shape[0]
+        out = buffer if n == min(step, items) else buffer[:n * per_item]
         if rows or short:  # centred channel-last rows (R, C): column sums
             src = chunk if rows else chunk.transpose(1, 2)
-            out = buffer[:n * per_item].view(src.shape)
             if shift is None:  # the first chunk copied, its mean taken in the buffer, centred there
-                d = out.copy_(src).view(-1, c)
+                d = out.view(src.shape).copy_(src).view(-1, c)
                 shift = d.sum(0).div_(d.shape[0])
                 d.sub_(shift)
             else:
-                d = torch.sub(src, shift, out=out).view(-1, c)
-            sums[0].add_(d.sum(0))
-            sums[1].add_(d.mul_(d).sum(0))
+                d = torch.sub(src, shift, out=out.view(src.shape)).view(-1, c)
+            p1, p2 = d.sum(0), d.mul_(d).sum(0)
         else:  # centred maps (n, C, S): float32 over each map, float64 across maps
-            out = buffer[:n * per_item].view(n, c, -1)
             if shift is None:
-                d = out.copy_(chunk)
+                d = out.view(chunk.shape).copy_(chunk)
                 shift = d.sum(2).sum(0).div_(n * d.shape[2])
                 d.sub_(shift.view(c, 1))
             else:
-                d = torch.sub(chunk, shift.view(c, 1), out=out)
-            sums[0].add_(d.sum(2).sum(0, dtype=torch.float64))
-            sums[1].add_(d.mul_(d).sum(2).sum(0, dtype=torch.float64))
-    s1, s2 = sums
+                d = torch.sub(chunk, shift.view(c, 1), out=out.view(chunk.shape))
+            p1, p2 = d.sum(2).sum(0, dtype=torch.float64), d.mul_(d).sum(2).sum(0, dtype=torch.float64)
+        if s1 is None:
+            s1, s2 = p1.to(torch.float64), p2.to(torch.float64)
+        else:
+            s1, s2 = s1.add_(p1), s2.add_(p2)
     offset = s1 / count
-    return shift.to(torch.float64) + offset, (s2 - s1 * offset).clamp_min(0)
+    m2 = s2.sub_(s1 * offset).clamp_min_(0)
+    return offset.add_(shift), m2
