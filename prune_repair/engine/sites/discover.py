@@ -77,7 +77,9 @@ class Discovery:
         self._running: set[int] = set()
         self._mask: torch.Tensor | None = None
         modules = list(self.names)
-        self._defer = {id(a) for a, b in zip(modules, modules[1:]) if is_producer(a) and isinstance(b, NORM_TYPES)}
+        self._producers = {id(m): (1 if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else -1, out_channels(m))
+                           for m in modules if is_producer(m)}  # id -> (channel dim, channels): asked once
+        self._defer = {id(a) for a, b in zip(modules, modules[1:]) if id(a) in self._producers and isinstance(b, NORM_TYPES)}
 
     # -- bookkeeping --
 
@@ -135,9 +137,10 @@ class Discovery:
         self.calls.append((fqn, module, self._stand(x), stand))
         if y is None:
             return
-        if is_producer(module):
-            cdim = 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else -1
-            self._producer_of[id(stand)] = (fqn, out_channels(module), cdim)
+        producer = self._producers.get(id(module))
+        if producer is not None:
+            cdim = producer[0]
+            self._producer_of[id(stand)] = (fqn, producer[1], cdim)
             if id(module) in self._defer:
                 self._pending = ((fqn, cdim, "module"), y, y._version)
             else:
@@ -185,7 +188,7 @@ class Discovery:
 
     def run(self, batch: Any) -> Any:
         """One batch through the model (no grad, eval mode); returns its output (None if stopped)."""
-        watched = [m for m in self.names if is_producer(m) or isinstance(m, NORM_TYPES + (nn.MultiheadAttention,))]
+        watched = [m for m in self.names if id(m) in self._producers or isinstance(m, NORM_TYPES + (nn.MultiheadAttention,))]
         watched += [m for m in self.extra if m not in watched]
         linears = {id(m.weight): m for m in self.names if isinstance(m, nn.Linear)}
         attentions = {id(m.in_proj_weight): m for m in watched if is_packed_attention(m)}

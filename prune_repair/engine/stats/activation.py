@@ -185,7 +185,7 @@ def collect_stats(
     if sites is None:  # discovery needs no statistics: two samples are enough
         sites = find_sites(model, head(batches[0], 2), select=select, include_classifier=include_classifier,
                            blocks=block_outputs, forward_fn=forward_fn)
-    for site in sites:
+    for site in sites if first is None else ():  # sites the pass found are the model's own
         try:
             site_owner(model, site)
         except AttributeError:
