@@ -186,16 +186,16 @@ class _Solver:
     def _add_quads(self, A, lam, idx, valid, rows, sol, ok, first):
         """Add ``x^T G[S, S] x`` of the solved rows (and, on the first attempt, of ``quad_of``'s rows) to
         :attr:`quad`: ``A`` is ``G[S, S]`` plus ``lam`` on the weight diagonal (1 on the padding, where ``x``
-        is 0)."""
+        is 0); both weights go through one product with ``A``."""
         damped = ((idx < self.d) & valid).to(A.dtype)[:, :, None] * lam[:, None, None]
-
-        def forms(x):
-            return ((x * torch.bmm(A, x)).sum(1) - (damped * x.square()).sum(1)).sum()
+        x = sol * ok[:, None, None]
+        c = x.shape[2]
         if first:
-            w0 = self.quad_of[rows[:, None, :], idx[:, :, None]] * valid[:, :, None]
-            self.quad[0] += forms(w0)
-        if bool(ok.any()):
-            self.quad[1] += forms(sol * ok[:, None, None])
+            x = torch.cat([x, self.quad_of[rows[:, None, :], idx[:, :, None]] * valid[:, :, None]], 2)
+        forms = ((x * torch.bmm(A, x)).sum(1) - (damped * x.square()).sum(1))  # (P, c or 2c)
+        self.quad[1] += forms[:, :c].sum()
+        if first:
+            self.quad[0] += forms[:, c:].sum()
 
     def _batches(self, pats, p_support, order, starts, counts, sizes, complement):
         """Patterns grouped by (bucket size, rows), as padded index tensors in memory-bounded chunks."""
