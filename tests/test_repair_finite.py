@@ -51,3 +51,18 @@ def test_finite_weights_with_overflowing_statistics_still_repair():
         model.features.fc1.weight[0].fill_(1e300)  # float64: finite weights, an infinite spread at one site
     report = repair_(model, goal, x, repair="repair")
     assert report.sites and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_huge_finite_tensors_whose_sums_overflow_pass_the_check_before_the_pass():
+    from torch import nn
+
+    from prune_repair.engine.correct.finite_sites import check_unvouched
+
+    model = nn.Sequential(nn.Linear(2, 4), nn.LayerNorm(4)).half()
+    with torch.no_grad():
+        model[1].weight.fill_(6e4)  # finite in float16; their float16 sum is not
+    check_unvouched(model, set())
+    with torch.no_grad():
+        model[1].bias[1] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN/Inf in 1\.bias \(1 values\)"):
+        check_unvouched(model, set())

@@ -55,13 +55,20 @@ def vouched_modules(plans: Sequence[SitePlan]) -> set[int]:
 def check_unvouched(model: nn.Module, vouched: set[int]) -> None:
     """Raise :func:`check_finite`'s error when a parameter or (persistent) buffer of a module not in
     ``vouched`` holds NaN or Inf."""
+    sums: dict[tuple, list[torch.Tensor]] = {}  # each tensor's sum in its dtype (NaN/Inf propagate), by kind
+    tensors = []
     for module in model.modules():
         if id(module) in vouched:
             continue
         skip = module._non_persistent_buffers_set
-        tensors = [*module._parameters.values(), *(b for n, b in module._buffers.items() if n not in skip)]
-        if not all(t is None or is_finite(t) for t in tensors):
-            check_finite(model)
+        for t in [*module._parameters.values(), *(b for n, b in module._buffers.items() if n not in skip)]:
+            if t is not None and t.is_floating_point() and t.numel():
+                tensors.append(t)
+                sums.setdefault((t.dtype, t.device), []).append(t.detach().sum())
+    if all(bool(torch.isfinite(torch.stack(group)).all()) for group in sums.values()):
+        return
+    if not all(is_finite(t) for t in tensors):  # a sum may have overflowed: value by value
+        check_finite(model)
 
 
 def check_after_pass(model: nn.Module, plans: Sequence[SitePlan]) -> None:

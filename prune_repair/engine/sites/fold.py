@@ -145,9 +145,9 @@ def fold_correction_(model: nn.Module, site: Site, correction: Correction) -> No
         if bias is None and bool((correction.shift != 0).any()):
             raise ValueError(f"layer '{site.fqn}' has no bias to hold a shift: apply the scale only")
         scale_rows_(weight, correction.scale)
-        if bias is not None:  # b' = s b + t in float64, as fold_affine
-            s, t = correction.scale.to(torch.float64), correction.shift.to(torch.float64)
-            bias.copy_((bias.to(torch.float64) * s.to(bias.device) + t.to(bias.device)).to(bias.dtype))
+        if bias is not None:  # b' = s b + t in float64, as fold_affine (copy_ rounds once to the bias dtype)
+            s = correction.scale.to(device=bias.device, dtype=torch.float64)
+            bias.copy_(bias.to(torch.float64).mul_(s).add_(correction.shift.to(device=bias.device, dtype=torch.float64)))
 
 
 FOLD_CHUNK = 1 << 18
@@ -189,7 +189,7 @@ def scale_rows_(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def _float32_exact(values: torch.Tensor) -> bool:
     """Whether float32 holds every value exactly (NaN never compares equal: False)."""
-    return bool((values.to(torch.float32).to(torch.float64) == values).all())
+    return torch.equal(values.to(torch.float32).to(torch.float64), values)
 
 
 def fold_corrections_(model: nn.Module, corrections: dict[str, Correction], sites: list[Site]) -> nn.Module:
