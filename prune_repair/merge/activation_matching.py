@@ -199,15 +199,17 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
         for k in sorted(moments):
             moments[k].settle()
         _Moments.all_reduce_([moments[k] for k in sorted(moments)])
-    corrs, dead = _correlations(groups, moments, probe_lists)
-    perms, started = {}, time.perf_counter()
-    for unit in units(groups):
+    perms, dead, assign_seconds, buffers = {}, {}, 0.0, {}
+    for unit in units(groups):  # each unit's correlations, then its assignment (buffers reused by the next)
+        corrs = _correlations(unit, moments, probe_lists, buffers, dead)
+        started = time.perf_counter()
         if unit[0].head_size is not None:  # attention: heads move as units, alike in q/k and v/out
             perms.update(zip([g.name for g in unit], assign_heads([corrs[g.name] for g in unit], unit)))
         else:
             perms[unit[0].name] = assign(corrs[unit[0].name], unit[0].labels)
+        assign_seconds += time.perf_counter() - started
     return Alignment(perms, "activation", time.perf_counter() - start, dead_units=dead,
-                     assign_seconds=time.perf_counter() - started)
+                     assign_seconds=assign_seconds)
 
 
 def _capture_spec(model: nn.Module, probe_lists: dict[str, list[Probe]], keeps_ties: dict[str, bool]
@@ -238,12 +240,14 @@ def _has_flat_unit(samples: torch.Tensor) -> bool:
     return bool((spread <= FLAT * spread.max()).any())
 
 
-def _correlations(groups: Sequence[PermGroup], moments: dict, probe_lists: dict) -> tuple[dict, dict[str, int]]:
-    """Each group's correlation matrix of A's units (rows) with B's (columns), probes weighted, and its count of
-    dead units (zero spread in A or B: their rows and columns are 0). The co-moments are scaled in place
-    (``moments`` is spent), block by block with their pending updates (:meth:`CrossMoments.scale_into_`)."""
-    corrs, dead = {}, {}
-    for g in groups:
+def _correlations(unit: Sequence[PermGroup], moments: dict, probe_lists: dict, buffers: dict,
+                  dead: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Each group's correlation matrix of A's units (rows) with B's (columns), probes weighted, and (into
+    ``dead``) its count of dead units (zero spread in A or B: their rows and columns are 0). Written into
+    ``buffers`` (one float64 buffer per position in a unit, reused by the next unit: no fresh C x C memory
+    per group), block by block with the moments' pending updates (:meth:`CrossMoments.scale_into_`)."""
+    corrs = {}
+    for slot, g in enumerate(unit):
         corr = None
         dead_any = torch.zeros(g.size, dtype=torch.bool)
         for key, m in moments.items():
@@ -256,12 +260,24 @@ def _correlations(groups: Sequence[PermGroup], moments: dict, probe_lists: dict)
             probe = probe_lists[g.name][key[1]]
             row_scale = torch.where(dead_a, 0.0, probe.weight / torch.where(dead_a, 1.0, std_a))
             col_scale = torch.where(dead_b, 0.0, 1.0 / torch.where(dead_b, 1.0, std_b))
-            corr = m.scale_into_(corr, row_scale, col_scale)
+            if corr is None:
+                corr = _buffer(buffers, slot, (g.size, g.size), std_a.device)
+                m.scale_into_(corr, row_scale, col_scale, add=False)
+            else:
+                m.scale_into_(corr, row_scale, col_scale, add=True)
             if probe.weight == 1.0:
                 dead_any |= (dead_a | dead_b).cpu()
         corrs[g.name] = corr.cpu()
         dead[g.name] = int(dead_any.sum())
-    return corrs, dead
+    return corrs
+
+
+def _buffer(buffers: dict, slot: int, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """A float64 ``shape`` view of ``buffers[(slot, device)]``, grown when too small."""
+    key, size = (slot, device), shape[0] * shape[1]
+    if key not in buffers or buffers[key].numel() < size:
+        buffers[key] = torch.empty(size, dtype=torch.float64, device=device)
+    return buffers[key][:size].view(shape)
 
 
 def _each_batch(data: Any) -> Iterator[Any]:

@@ -6,7 +6,8 @@ extra rows. Each batch is one GEMM (float32 for float32 activations, centred fir
 that is exact but cheap to state, the float32 centre's offset from the float64 mean and Chan's
 term between batches, is a rank-1 update kept aside as vectors and applied when the co-moment is
 read, row block by row block together with the correlation's scaling (one pass over the matrix in
-cache-sized blocks instead of one full pass each).
+cache-sized blocks instead of one full pass each). The first batch's product is kept as it is
+(float32: half the fresh memory of a float64 copy, and exact); a second batch widens it to float64.
 
 Example:
     >>> import torch
@@ -36,8 +37,8 @@ Update = tuple[float, torch.Tensor, torch.Tensor]
 
 class CrossMoments(_Moments):
     """Count, means ``(2, C)`` and co-moment ``(C + 2, C)`` of two models' units, merged exactly.
-    ``workspace``: float32 product buffers by shape, shared by the probes of one matching (a
-    fresh C x C buffer per probe adds its page faults)."""
+    ``workspace``: product buffers by shape for the batches after the first, shared by the probes of
+    one matching (a fresh C x C buffer per probe and batch adds its page faults)."""
 
     def __init__(self, workspace: dict | None = None):
         super().__init__()
@@ -47,22 +48,24 @@ class CrossMoments(_Moments):
     def add_pair(self, ya: torch.Tensor, yb: torch.Tensor) -> None:
         """``ya``, ``yb``: (n, C) copies (centred in place). Float32 blocks are centred on the
         float32 rounding of their float64 mean and multiplied in float32 (one GEMM), the product
-        added into the float64 co-moment (one pass); the centre's offset and Chan's term are kept
-        as rank-1 updates (:attr:`pending`)."""
+        kept (first batch) or added into the float64 co-moment (one pass); the centre's offset and
+        Chan's term are kept as rank-1 updates (:attr:`pending`)."""
         n = ya.shape[0]
         mean = torch.stack([ya.sum(0, dtype=torch.float64), yb.sum(0, dtype=torch.float64)]) / n
         centre = mean.to(ya.dtype)
         ya.sub_(centre[0])
         yb.sub_(centre[1])
-        product = self._comoment((ya, yb), self._buffer(ya, yb))
+        first = self.mean is None
+        product = self._comoment((ya, yb), None if first else self._buffer(ya, yb))
         if ya.dtype != torch.float64:  # moments about `centre`, not about `mean`: shift them back
             e = centre.to(torch.float64) - mean
             self.pending.append((-n, e[0], e[1]))
-        if self.mean is None:
-            self.n, self.mean, self.m2 = n, mean, product.to(torch.float64, copy=True)  # (never the workspace)
+        if first:  # kept as it is (float32 products are exact in float64: widened when a second batch comes)
+            self.n, self.mean, self.m2 = n, mean, product
             return
         total, delta = self.n + n, mean - self.mean
         self.pending.append((self.n * n / total, delta[0], delta[1]))
+        self.m2 = self.m2.to(torch.float64)
         self.m2.add_(product)
         self.n, self.mean = total, self.mean + delta * (n / total)
 
@@ -75,7 +78,8 @@ class CrossMoments(_Moments):
         return self.workspace[key]
 
     def settle(self) -> None:
-        """Apply the pending updates to :attr:`m2` (before pooling it over ranks)."""
+        """Apply the pending updates to :attr:`m2`, float64 (before pooling it over ranks)."""
+        self.m2 = self.m2.to(torch.float64)
         if self.pending:
             left, right = self._factors()
             self.m2[:-2].addmm_(left, right)
@@ -84,26 +88,30 @@ class CrossMoments(_Moments):
 
     def variances(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The two variance rows (sums of squared deviations), pending updates included."""
-        rows = self.m2[-2:] + self._variance_terms() if self.pending else self.m2[-2:]
+        rows = self.m2[-2:].to(torch.float64)
+        rows = rows + self._variance_terms() if self.pending else rows
         return rows[0], rows[1]
 
-    def scale_into_(self, corr: torch.Tensor | None, row_scale: torch.Tensor, col_scale: torch.Tensor
+    def scale_into_(self, out: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, add: bool
                     ) -> torch.Tensor:
-        """``corr + diag(row_scale) M diag(col_scale)`` (M the cross block with pending updates),
-        written into ``corr`` or, when it is ``None``, into M itself (which is spent): block by block."""
+        """``out = diag(row_scale) M diag(col_scale)`` (``out +=`` when ``add``), M the cross block with its
+        pending updates, into a float64 ``out``: block by block (:attr:`m2` itself is left as it is)."""
         cross = self.m2[:-2]
         left, right = self._factors() if self.pending else (None, None)
+        scratch = torch.empty(min(ROWS_PER_BLOCK, cross.shape[0]), cross.shape[1], dtype=torch.float64,
+                              device=cross.device) if add else None
         for i in range(0, cross.shape[0], ROWS_PER_BLOCK):
-            block = cross[i:i + ROWS_PER_BLOCK]
+            part = cross[i:i + ROWS_PER_BLOCK]
+            block = scratch[:part.shape[0]] if add else out[i:i + ROWS_PER_BLOCK]
+            block.copy_(part)
             if left is not None:
                 block.addmm_(left[i:i + ROWS_PER_BLOCK], right)
             block.mul_(row_scale[i:i + ROWS_PER_BLOCK, None])
-            if corr is None:
-                block.mul_(col_scale)
+            if add:
+                out[i:i + ROWS_PER_BLOCK].addcmul_(block, col_scale)
             else:
-                corr[i:i + ROWS_PER_BLOCK].addcmul_(block, col_scale)
-        self.pending = []
-        return cross if corr is None else corr
+                block.mul_(col_scale)
+        return out
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(C, r)`` and ``(r, C)``: the pending updates as one rank-r product."""
