@@ -116,6 +116,28 @@ def test_float32_paired_moments_equal_float64_over_batches():
     assert float((acc32.mean - torch.stack([a.mean(0), b.mean(0)])).abs().max()) < 1e-13 * 50
 
 
+def test_one_batch_kept_in_float32_reads_as_the_float64_copy():
+    """A single batch's float32 product is kept as it is; read (variances, correlations, with a second probe
+    added in) it gives the float64 copy's numbers bit for bit, and the correlation to float32 rounding."""
+    gen = torch.Generator().manual_seed(1)
+    a = 3.0 + torch.randn(400, 150, generator=gen)
+    b = a @ torch.randn(150, 150, generator=gen) / 12 - 1.0
+    kept, widened = CrossMoments(), CrossMoments({})
+    kept.add_pair(a.clone(), b.clone(), last=True)
+    widened.add_pair(a.clone(), b.clone())
+    assert kept.m2.dtype == torch.float32 and widened.m2.dtype == torch.float64
+    outs = []
+    for m in (kept, widened):
+        var_a, var_b = m.variances()
+        out = torch.full((150, 150), torch.nan, dtype=torch.float64)
+        m.scale_into_(out, 1 / var_a.sqrt(), 1 / var_b.sqrt(), add=False)
+        m.scale_into_(out, 1e-6 / var_a.sqrt(), 1 / var_b.sqrt(), add=True)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    exact = torch.corrcoef(torch.cat([a.double().T, b.double().T]))[:150, 150:] * (1 + 1e-6)
+    assert float((outs[0] - exact).abs().max()) < 1e-5  # float32 products (measured 1.3e-7 here)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_float32_matching_finds_the_float64_permutations(seed):
     torch.manual_seed(seed)

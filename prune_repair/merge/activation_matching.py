@@ -163,7 +163,7 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
     keeps_ties = {g: False for g, plist in probe_lists.items() if all(p.weight == 1.0 for p in plist)}
     # group -> its tie-breakers are measured (decided on the first batch; False: it has none)
     called: tuple[set, set] = (set(), set())  # per model: linears caught at F.linear (swin's attention)
-    for n_batch, batch in enumerate(_each_batch(data)):
+    for n_batch, (batch, last) in enumerate(_each_batch(data)):
         if n_batch == 1:  # the tie-breakers of groups the first batch cleared are not captured any more
             specs = [_capture_spec(model, probe_lists, keeps_ties) for model in (a, b)]
         ya = capture(a, batch, specs[0], forward_fn, called[0])
@@ -194,7 +194,7 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
                     may_be_dead = any(_has_flat_unit(side) for side in pair)
                 if key not in moments:
                     moments[key] = CrossMoments(workspace)
-                moments[key].add_pair(*pair)
+                moments[key].add_pair(*pair, last=last)
     if distributed.is_distributed():  # pooled over ranks
         for k in sorted(moments):
             moments[k].settle()
@@ -280,15 +280,18 @@ def _buffer(buffers: dict, slot: int, shape: tuple[int, int], device: torch.devi
     return buffers[key][:size].view(shape)
 
 
-def _each_batch(data: Any) -> Iterator[Any]:
-    """The batches of ``data`` (as :func:`as_batches`), one at a time: a DataLoader or a
-    generator is never held in memory whole."""
+def _each_batch(data: Any) -> Iterator[tuple[Any, bool]]:
+    """The batches of ``data`` (as :func:`as_batches`), one at a time, each with whether it is the last
+    (one batch read ahead): a DataLoader or a generator is never held in memory whole."""
     if isinstance(data, (torch.Tensor, dict, tuple)) or not isinstance(data, Iterable):
-        yield from as_batches(data)
-        return
-    empty = True
-    for batch in data:
-        empty = False
-        yield batch
-    if empty:
+        data = as_batches(data)
+    batches, none = iter(data), object()
+    batch = next(batches, none)
+    if batch is none:
         raise ValueError("the calibration data is empty: pass at least one batch")
+    while True:
+        after = next(batches, none)
+        yield batch, after is none
+        if after is none:
+            return
+        batch = after

@@ -6,8 +6,8 @@ extra rows. Each batch is one GEMM (float32 for float32 activations, centred fir
 that is exact but cheap to state, the float32 centre's offset from the float64 mean and Chan's
 term between batches, is a rank-1 update kept aside as vectors and applied when the co-moment is
 read, row block by row block together with the correlation's scaling (one pass over the matrix in
-cache-sized blocks instead of one full pass each). The first batch's product is kept as it is
-(float32: half the fresh memory of a float64 copy, and exact); a second batch widens it to float64.
+cache-sized blocks instead of one full pass each). When there is only one batch its product is
+kept as it is (float32: half the fresh memory of a float64 copy, and exact).
 
 Example:
     >>> import torch
@@ -37,35 +37,36 @@ Update = tuple[float, torch.Tensor, torch.Tensor]
 
 class CrossMoments(_Moments):
     """Count, means ``(2, C)`` and co-moment ``(C + 2, C)`` of two models' units, merged exactly.
-    ``workspace``: product buffers by shape for the batches after the first, shared by the probes of
-    one matching (a fresh C x C buffer per probe and batch adds its page faults)."""
+    ``workspace``: product buffers by shape, shared by the probes of one matching (a fresh C x C
+    buffer per probe and batch adds its page faults)."""
 
     def __init__(self, workspace: dict | None = None):
         super().__init__()
         self.workspace = workspace
         self.pending: list[Update] = []
 
-    def add_pair(self, ya: torch.Tensor, yb: torch.Tensor) -> None:
+    def add_pair(self, ya: torch.Tensor, yb: torch.Tensor, last: bool = False) -> None:
         """``ya``, ``yb``: (n, C) copies (centred in place). Float32 blocks are centred on the
         float32 rounding of their float64 mean and multiplied in float32 (one GEMM), the product
-        kept (first batch) or added into the float64 co-moment (one pass); the centre's offset and
-        Chan's term are kept as rank-1 updates (:attr:`pending`)."""
+        added into the float64 co-moment (one pass), or kept as it is when the first batch is also
+        the ``last``; the centre's offset and Chan's term are kept as rank-1 updates (:attr:`pending`)."""
         n = ya.shape[0]
         mean = torch.stack([ya.sum(0, dtype=torch.float64), yb.sum(0, dtype=torch.float64)]) / n
         centre = mean.to(ya.dtype)
         ya.sub_(centre[0])
         yb.sub_(centre[1])
-        first = self.mean is None
-        product = self._comoment((ya, yb), None if first else self._buffer(ya, yb))
+        only = self.mean is None and last
+        product = self._comoment((ya, yb), None if only else self._buffer(ya, yb))
         if ya.dtype != torch.float64:  # moments about `centre`, not about `mean`: shift them back
             e = centre.to(torch.float64) - mean
             self.pending.append((-n, e[0], e[1]))
-        if first:  # kept as it is (float32 products are exact in float64: widened when a second batch comes)
-            self.n, self.mean, self.m2 = n, mean, product
+        if self.mean is None:  # one batch: its product as it is (exact; widened when read), else in float64
+            self.n, self.mean = n, mean
+            self.m2 = product if only else product.to(torch.float64, copy=True)  # (never the workspace)
             return
         total, delta = self.n + n, mean - self.mean
         self.pending.append((self.n * n / total, delta[0], delta[1]))
-        self.m2 = self.m2.to(torch.float64)
+        self.m2 = self.m2.to(torch.float64)  # (a co-moment kept as one batch's, if more came after all)
         self.m2.add_(product)
         self.n, self.mean = total, self.mean + delta * (n / total)
 
