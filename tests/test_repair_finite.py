@@ -66,3 +66,15 @@ def test_huge_finite_tensors_whose_sums_overflow_pass_the_check_before_the_pass(
         model[1].bias[1] = float("inf")
     with pytest.raises(ValueError, match=r"NaN/Inf in 1\.bias \(1 values\)"):
         check_unvouched(model, set())
+
+
+def test_reset_reports_channels_with_no_spread_and_keeps_the_running_statistics_of_none():
+    name = "cnn-bn"
+    x = inputs_for(name)
+    goal = collect_stats(MODELS[name], x)
+    model = copy.deepcopy(MODELS[name])
+    with torch.no_grad():
+        model.features.conv1.weight[[1, 4]] = 0.0  # those channels' BatchNorm input is 0: no spread
+    report = repair_(model, goal, x, repair="reset")
+    assert report.dead_channels == {"features.bn1": [1, 4]}
+    assert torch.equal(model.features.bn1.running_var[[1, 4]], torch.zeros(2, dtype=torch.float64))

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -61,6 +62,7 @@ class SitePlan:
         self.rel_tol = 4 * torch.finfo(torch.float32).eps  # set from the measured dtype
         self.single = False  # whether the measured outputs are float32 or narrower
         self.affine: ChannelAffine | None = None
+        self.reset_ok: torch.Tensor | None = None  # reset: the channels whose statistics were taken
         self.report = SiteReport(site.fqn, mode.value, site.channels)
 
     @property
@@ -91,15 +93,13 @@ class SitePlan:
         if acc is None:  # the site never ran: nothing measured, nothing to correct
             self.report.mode, self.report.skipped = "skipped", NEVER_RAN
             return
-        if self.is_reset:
-            bn = self.module
-            dead = ~torch.isfinite(acc.mean) | ~torch.isfinite(acc.var) | (acc.var == 0)
-            self.report.dead_channels = dead.nonzero().flatten().tolist()
+        if self.is_reset:  # few small ops: this runs in the pass (NaN fails both comparisons)
+            bn, var = self.module, acc.var
+            self.reset_ok = ok = (var < math.inf) & (acc.mean.abs() < math.inf)  # the dead ones reported by finish()
             if bn.running_mean is not None:
-                ok = ~(~torch.isfinite(acc.mean) | ~torch.isfinite(acc.var))
                 with torch.no_grad():
-                    bn.running_mean.copy_(torch.where(ok, acc.mean, bn.running_mean.double()))
-                    bn.running_var.copy_(torch.where(ok, acc.var, bn.running_var.double()))
+                    bn.running_mean.copy_(torch.where(ok, acc.mean, bn.running_mean))
+                    bn.running_var.copy_(torch.where(ok, var, bn.running_var))
             return
         affine = channel_affine(self.mode, acc.mean, acc.std, self.goal.mean, self.goal_std, self.rel_tol,
                                 self.goal_ok)
@@ -109,9 +109,12 @@ class SitePlan:
         self.affine = affine  # the rest waits for finish(): every small op here slows the pass
 
     def finish(self) -> None:
-        """After the pass, before the fold: the dead channels reported; for float32 (or narrower)
+        """After the pass, before the fold: the dead channels reported (reset: a zero or non-finite
+        variance or a non-finite mean); for float32 (or narrower)
         outputs the scale rounded to float32, which the pass applied (2^-24 relative, below what
         such outputs resolve), so a float32 weight takes it exactly in float32 (``scale_rows_``)."""
+        if self.is_reset and self.acc is not None:
+            self.report.dead_channels = (~self.reset_ok | (self.acc.var == 0)).nonzero().flatten().tolist()
         affine = self.affine
         if affine is None:
             return
