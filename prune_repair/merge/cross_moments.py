@@ -31,6 +31,9 @@ from .moments import _Moments
 ROWS_PER_BLOCK = 64
 """Rows of the co-moment read at once when it is scaled into a correlation (a block stays in cache)."""
 
+SUM_BLOCK = 1 << 16
+"""Values of a float32 block widened to float64 at once to sum its columns (a 512 KiB buffer)."""
+
 Update = tuple[float, torch.Tensor, torch.Tensor]
 """``(coef, a, b)``: the co-moment gains ``coef * a b^T`` (and the variance rows ``coef * a^2``, ``coef * b^2``)."""
 
@@ -51,7 +54,7 @@ class CrossMoments(_Moments):
         added into the float64 co-moment (one pass), or kept as it is when the first batch is also
         the ``last``; the centre's offset and Chan's term are kept as rank-1 updates (:attr:`pending`)."""
         n = ya.shape[0]
-        mean = torch.stack([ya.sum(0, dtype=torch.float64), yb.sum(0, dtype=torch.float64)]) / n
+        mean = torch.stack([_column_sums(ya), _column_sums(yb)]) / n
         centre = mean.to(ya.dtype)
         ya.sub_(centre[0])
         yb.sub_(centre[1])
@@ -132,3 +135,22 @@ class CrossMoments(_Moments):
         out[-2] = torch.linalg.vecdot(a, a, dim=0)
         out[-1] = torch.linalg.vecdot(b, b, dim=0)
         return out
+
+
+def _column_sums(y: torch.Tensor) -> torch.Tensor:
+    """Float64 column sums of ``y`` (n, C), on the CPU widened row block by row block into one small buffer
+    (``y.sum(0, dtype=torch.float64)`` of a tall float32 block is about 10x slower there).
+
+    >>> y = torch.randn(5000, 3)
+    >>> torch.allclose(_column_sums(y), y.double().sum(0), rtol=1e-15, atol=0)
+    True
+    """
+    rows = max(1, SUM_BLOCK // max(1, y.shape[1]))
+    if y.dtype == torch.float64 or y.device.type != "cpu" or y.shape[0] <= rows:
+        return y.sum(0, dtype=torch.float64)
+    block = torch.empty(rows, y.shape[1], dtype=torch.float64)
+    total = torch.zeros(y.shape[1], dtype=torch.float64)
+    for i in range(0, y.shape[0], rows):
+        part = y[i:i + rows]
+        total += block[:part.shape[0]].copy_(part).sum(0)
+    return total
