@@ -26,6 +26,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -103,7 +105,7 @@ def add_correlation_gram_(out: torch.Tensor, xl: torch.Tensor, kernel: tuple[int
         taps_b, q0, q1 = _span(kw, v, wo)
         blocks = _product(xl[p0:p1, q0:q1].reshape(-1, c), xl[p0 + u:p1 + u, q0 + v:q1 + v].reshape(-1, c), g)[None]
         pairs = [(a, b) for a in taps_a for b in taps_b]
-        border = torch.stack([_border(a, b, p0, p1, q0, q1, ho, wo, wp) for a, b in pairs]).to(xl.device)
+        border = _borders(tuple(pairs), p0, p1, q0, q1, ho, wo, wp).to(xl.device)
         if border.shape[1]:  # every block of this offset has as many border positions: one batched product
             left = flat.index_select(0, border.reshape(-1)).view(len(pairs), -1, c)
             right = flat.index_select(0, border.reshape(-1) + (u * wp + v)).view(len(pairs), -1, c)
@@ -155,6 +157,13 @@ def _product(left: torch.Tensor, right: torch.Tensor, g: int) -> torch.Tensor:
     lhs = left.reshape(-1, m, g, c // g).permute(0, 2, 3, 1).reshape(-1, c // g, m)
     rhs = right.reshape(-1, m, g, c // g).permute(0, 2, 1, 3).reshape(-1, m, c // g)
     return torch.bmm(lhs, rhs).view(*batch, g, c // g, c // g)
+
+
+@functools.lru_cache(maxsize=256)
+def _borders(pairs: tuple[tuple[int, int], ...], p0: int, p1: int, q0: int, q1: int, ho: int, wo: int, wp: int
+             ) -> torch.Tensor:
+    """:func:`_border` of every tap pair of one offset, stacked (the same for every chunk of a layer: cached)."""
+    return torch.stack([_border(a, b, p0, p1, q0, q1, ho, wo, wp) for a, b in pairs])
 
 
 def _border(a: int, b: int, p0: int, p1: int, q0: int, q1: int, ho: int, wo: int, wp: int) -> torch.Tensor:
