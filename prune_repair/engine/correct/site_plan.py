@@ -110,9 +110,9 @@ class SitePlan:
 
     def finish(self) -> None:
         """After the pass, before the fold: the dead channels reported (reset: a zero or non-finite
-        variance or a non-finite mean); for float32 (or narrower)
-        outputs the scale rounded to float32, which the pass applied (2^-24 relative, below what
-        such outputs resolve), so a float32 weight takes it exactly in float32 (``scale_rows_``)."""
+        variance or a non-finite mean); for float32 (or narrower) outputs the scale rounded to
+        float32, which the pass applied (2^-24 relative, below what such outputs resolve), so a
+        float32 weight takes it exactly in float32 (``scale_rows_``)."""
         if self.is_reset and self.acc is not None:
             self.report.dead_channels = (~self.reset_ok | (self.acc.var == 0)).nonzero().flatten().tolist()
         affine = self.affine

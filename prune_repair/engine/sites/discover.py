@@ -79,7 +79,8 @@ class Discovery:
         modules = list(self.names)
         self._producers = {id(m): (1 if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else -1, out_channels(m))
                            for m in modules if is_producer(m)}  # id -> (channel dim, channels): asked once
-        self._defer = {id(a) for a, b in zip(modules, modules[1:]) if id(a) in self._producers and isinstance(b, NORM_TYPES)}
+        self._defer = {id(a) for a, b in zip(modules, modules[1:])
+                       if id(a) in self._producers and isinstance(b, NORM_TYPES)}
 
     # -- bookkeeping --
 
@@ -188,7 +189,8 @@ class Discovery:
 
     def run(self, batch: Any) -> Any:
         """One batch through the model (no grad, eval mode); returns its output (None if stopped)."""
-        watched = [m for m in self.names if id(m) in self._producers or isinstance(m, NORM_TYPES + (nn.MultiheadAttention,))]
+        watched = [m for m in self.names
+                   if id(m) in self._producers or isinstance(m, NORM_TYPES + (nn.MultiheadAttention,))]
         watched += [m for m in self.extra if m not in watched]
         linears = {id(m.weight): m for m in self.names if isinstance(m, nn.Linear)}
         attentions = {id(m.in_proj_weight): m for m in watched if is_packed_attention(m)}

@@ -146,8 +146,8 @@ def fold_correction_(model: nn.Module, site: Site, correction: Correction) -> No
             raise ValueError(f"layer '{site.fqn}' has no bias to hold a shift: apply the scale only")
         scale_rows_(weight, correction.scale)
         if bias is not None:  # b' = s b + t in float64, as fold_affine (copy_ rounds once to the bias dtype)
-            s = correction.scale.to(device=bias.device, dtype=torch.float64)
-            bias.copy_(bias.to(torch.float64).mul_(s).add_(correction.shift.to(device=bias.device, dtype=torch.float64)))
+            s, t = (c.to(device=bias.device, dtype=torch.float64) for c in (correction.scale, correction.shift))
+            bias.copy_(bias.to(torch.float64).mul_(s).add_(t))
 
 
 FOLD_CHUNK = 1 << 18

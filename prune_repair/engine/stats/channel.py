@@ -81,7 +81,8 @@ class ChannelStats:
             return cls(1, y.to(torch.float64), torch.zeros_like(y, dtype=torch.float64))
         if y.dtype in (torch.float32, torch.float16, torch.bfloat16) and y.numel() > 0:
             if cdim == y.dim() - 1 or (cdim == 1 and y.movedim(1, -1).is_contiguous()):
-                rows = (y if cdim == y.dim() - 1 else y.movedim(cdim, -1)).reshape(-1, channels)  # a view when contiguous
+                last = y if cdim == y.dim() - 1 else y.movedim(cdim, -1)
+                rows = last.reshape(-1, channels)  # a view when contiguous
                 return cls(rows.shape[0], *_shifted_moments(rows, rows=True))
             if cdim == 1:
                 maps = y.reshape(y.shape[0], channels, -1)
