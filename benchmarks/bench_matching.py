@@ -4,7 +4,7 @@ Random-init torchvision models (no downloads), the batches of bench_speed_target
 64 x 3x64x64, convnext_tiny 16 x 3x64x64; B is the same architecture with another seed.
 ``activation_matching(A, B, x, groups)`` and ``(A(x), B(x))`` run interleaved, ``--repeats``
 times after one warm-up; the table gives medians. The breakdown times the matching's own steps
-by wrapping them (one extra call layer each):
+by wrapping them (one extra call layer each; a step called inside another counts in its own part only):
 
 - forwards + capture: both models' forward passes with the probes' hooks (``capture``);
 - copies: each probed tensor as a (samples, units) block (``_samples``);
@@ -54,6 +54,7 @@ class Breakdown:
         self.module, self.clock = module, clock
         self.seconds: dict[str, float] = defaultdict(float)
         self.by_width: dict[int, list[float]] = defaultdict(list)
+        self.nested: list[float] = []
         self._wrap(module, "capture", "forwards + capture")
         self._wrap(module, "_samples", "copies")
         self._wrap(module, "_correlations", "correlations")
@@ -64,12 +65,18 @@ class Breakdown:
         inner = getattr(owner, name)
 
         def timed(*args, **kwargs):
+            self.nested.append(0.0)  # time of wrapped steps called inside this one (counted there)
             start = self.clock()
-            out = inner(*args, **kwargs)
-            spent = self.clock() - start
-            self.seconds[part] += spent
+            try:
+                out = inner(*args, **kwargs)
+            finally:
+                spent = self.clock() - start
+                inside = self.nested.pop()
+                if self.nested:
+                    self.nested[-1] += spent
+            self.seconds[part] += spent - inside
             if width:
-                self.by_width[int(args[0].shape[0])].append(spent)
+                self.by_width[int(args[0].shape[0])].append(spent - inside)
             return out
         setattr(owner, name, timed)
 

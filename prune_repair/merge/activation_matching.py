@@ -50,6 +50,7 @@ from .groups import PermGroup
 from .attention_groups import check_same_heads
 from .capture import capture, function_linears
 from .heads import assign_heads, units
+from .correlations import unit_correlations as _correlations
 from .cross_moments import CrossMoments
 from .moments import SiteMoments, _Moments, site_moments  # noqa: F401  (site_moments: public here too)
 from .permute import Alignment
@@ -117,11 +118,16 @@ def probes_of(model: nn.Module, group: PermGroup) -> list[Probe]:
     return ins + [Probe(p.module, p.side, p.dim, p.index, TIE_BREAK) for p in outs]
 
 
-def _samples(y: torch.Tensor, dim: int, index: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def _samples(y: torch.Tensor, dim: int, index: torch.Tensor, mask: torch.Tensor | None = None,
+             rows: int | None = None) -> torch.Tensor:
     """(samples, channels) copy of a probed tensor (blocks become samples), float32 for
     float32 and narrower activations (no float64 copy), else float64. ``mask`` (N, T) drops
-    the padded tokens of an (N, T, ..., C) tensor with channels last."""
+    the padded tokens of an (N, T, ..., C) tensor with channels last. ``rows``: at least the first
+    ``rows`` samples (read from the first items of dim 0 only, when that is where samples start)."""
     c, k = index.shape
+    if rows is not None and mask is None and y.dim() > 1 and dim % y.dim() != 0:
+        per_item = max(1, y[0].numel() // max(1, y.shape[dim]) * k)
+        y = y[:-(-rows // per_item)]
     if (mask is not None and y.dim() >= 3 and dim % y.dim() == y.dim() - 1
             and tuple(y.shape[:2]) == tuple(mask.shape)):
         y, dim = y[mask.to(y.device)], -1
@@ -163,6 +169,7 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
     keeps_ties = {g: False for g, plist in probe_lists.items() if all(p.weight == 1.0 for p in plist)}
     # group -> its tie-breakers are measured (decided on the first batch; False: it has none)
     called: tuple[set, set] = (set(), set())  # per model: linears caught at F.linear (swin's attention)
+    later: dict[str, list] = {}  # group -> the last batch's pairs, measured when its correlations are read
     for n_batch, (batch, last) in enumerate(_each_batch(data)):
         if n_batch == 1:  # the tie-breakers of groups the first batch cleared are not captured any more
             specs = [_capture_spec(model, probe_lists, keeps_ties) for model in (a, b)]
@@ -189,19 +196,24 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
                     raise ValueError(f"layer '{p.module}' has {ya[key].shape[p.dim] if ya[key].dim() else 0} "
                                      f"channels on dim {p.dim} of its {p.side}put {list(ya[key].shape)} but group "
                                      f"'{name}' needs {int(p.index.max()) + 1}: use align='weight' for this model")
-                pair = _samples(ya[key], p.dim, p.index, mask), _samples(yb[key], p.dim, p.index, mask)
                 if p.weight == 1.0 and name not in keeps_ties and not may_be_dead:
-                    may_be_dead = any(_has_flat_unit(side) for side in pair)
-                if key not in moments:
-                    moments[key] = CrossMoments(workspace)
-                moments[key].add_pair(*pair, last=last)
+                    may_be_dead = any(_has_flat_unit(_samples(y[key], p.dim, p.index, mask, FLAT_ROWS))
+                                      for y in (ya, yb))
+
+                def pair(ya_=ya[key], yb_=yb[key], p=p, mask=mask) -> tuple[torch.Tensor, torch.Tensor]:
+                    return _samples(ya_, p.dim, p.index, mask), _samples(yb_, p.dim, p.index, mask)
+                if last and not distributed.is_distributed():  # (pooling over ranks needs every moment first)
+                    later.setdefault(name, []).append((key, pair))
+                else:
+                    _moments_of(moments, key, workspace).add_pair(*pair())
     if distributed.is_distributed():  # pooled over ranks
         for k in sorted(moments):
             moments[k].settle()
         _Moments.all_reduce_([moments[k] for k in sorted(moments)])
     perms, dead, assign_seconds, buffers = {}, {}, 0.0, {}
     for unit in units(groups):  # each unit's correlations, then its assignment (buffers reused by the next)
-        corrs = _correlations(unit, moments, probe_lists, buffers, dead)
+        corrs = _correlations(unit, moments, probe_lists, buffers, dead, later,
+                              lambda key: _moments_of(moments, key, workspace))
         started = time.perf_counter()
         if unit[0].head_size is not None:  # attention: heads move as units, alike in q/k and v/out
             perms.update(zip([g.name for g in unit], assign_heads([corrs[g.name] for g in unit], unit)))
@@ -240,44 +252,11 @@ def _has_flat_unit(samples: torch.Tensor) -> bool:
     return bool((spread <= FLAT * spread.max()).any())
 
 
-def _correlations(unit: Sequence[PermGroup], moments: dict, probe_lists: dict, buffers: dict,
-                  dead: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Each group's correlation matrix of A's units (rows) with B's (columns), probes weighted, and (into
-    ``dead``) its count of dead units (zero spread in A or B: their rows and columns are 0). Written into
-    ``buffers`` (one float64 buffer per position in a unit, reused by the next unit: no fresh C x C memory
-    per group), block by block with the moments' pending updates (:meth:`CrossMoments.scale_into_`)."""
-    corrs = {}
-    for slot, g in enumerate(unit):
-        corr = None
-        dead_any = torch.zeros(g.size, dtype=torch.bool)
-        for key, m in moments.items():
-            if key[0] != g.name:
-                continue
-            var_a, var_b = m.variances()
-            std_a, std_b = var_a.clamp_min(0).sqrt(), var_b.clamp_min(0).sqrt()
-            dead_a = std_a <= 1e-12 * (std_a.max() + 1e-300)
-            dead_b = std_b <= 1e-12 * (std_b.max() + 1e-300)
-            probe = probe_lists[g.name][key[1]]
-            row_scale = torch.where(dead_a, 0.0, probe.weight / torch.where(dead_a, 1.0, std_a))
-            col_scale = torch.where(dead_b, 0.0, 1.0 / torch.where(dead_b, 1.0, std_b))
-            if corr is None:
-                corr = _buffer(buffers, slot, (g.size, g.size), std_a.device)
-                m.scale_into_(corr, row_scale, col_scale, add=False)
-            else:
-                m.scale_into_(corr, row_scale, col_scale, add=True)
-            if probe.weight == 1.0:
-                dead_any |= (dead_a | dead_b).cpu()
-        corrs[g.name] = corr.cpu()
-        dead[g.name] = int(dead_any.sum())
-    return corrs
-
-
-def _buffer(buffers: dict, slot: int, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """A float64 ``shape`` view of ``buffers[(slot, device)]``, grown when too small."""
-    key, size = (slot, device), shape[0] * shape[1]
-    if key not in buffers or buffers[key].numel() < size:
-        buffers[key] = torch.empty(size, dtype=torch.float64, device=device)
-    return buffers[key][:size].view(shape)
+def _moments_of(moments: dict, key: tuple[str, int], workspace: dict) -> CrossMoments:
+    """``moments[key]``, a new :class:`CrossMoments` sharing ``workspace`` the first time."""
+    if key not in moments:
+        moments[key] = CrossMoments(workspace)
+    return moments[key]
 
 
 def _each_batch(data: Any) -> Iterator[tuple[Any, bool]]:

@@ -7,7 +7,7 @@ that is exact but cheap to state, the float32 centre's offset from the float64 m
 term between batches, is a rank-1 update kept aside as vectors and applied when the co-moment is
 read, row block by row block together with the correlation's scaling (one pass over the matrix in
 cache-sized blocks instead of one full pass each). When there is only one batch its product is
-kept as it is (float32: half the fresh memory of a float64 copy, and exact).
+kept as it is (float32 and exact; no fresh C x C memory when it is read before the next product).
 
 Example:
     >>> import torch
@@ -52,14 +52,15 @@ class CrossMoments(_Moments):
         """``ya``, ``yb``: (n, C) copies (centred in place). Float32 blocks are centred on the
         float32 rounding of their float64 mean and multiplied in float32 (one GEMM), the product
         added into the float64 co-moment (one pass), or kept as it is when the first batch is also
-        the ``last``; the centre's offset and Chan's term are kept as rank-1 updates (:attr:`pending`)."""
+        the ``last`` (in the shared ``workspace`` when there is one: read it before the next pair of
+        this width); the centre's offset and Chan's term are kept as rank-1 updates (:attr:`pending`)."""
         n = ya.shape[0]
         mean = torch.stack([_column_sums(ya), _column_sums(yb)]) / n
         centre = mean.to(ya.dtype)
         ya.sub_(centre[0])
         yb.sub_(centre[1])
         only = self.mean is None and last
-        product = self._comoment((ya, yb), None if only else self._buffer(ya, yb))
+        product = self._comoment((ya, yb), self._buffer(ya, yb))
         if ya.dtype != torch.float64:  # moments about `centre`, not about `mean`: shift them back
             e = centre.to(torch.float64) - mean
             self.pending.append((-n, e[0], e[1]))
