@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prune_repair.engine.refit.conv_gram import conv_method, conv_patches, output_size, pad_input
+from prune_repair.engine.refit.chunk_products import add_centered_products_
 from prune_repair.engine.refit.gram import Gram
 from prune_repair.engine.refit.gram_options import GramMethod, current_options, gram_options
 from prune_repair.engine.refit.shared_gram import SharedInputs
@@ -129,3 +130,20 @@ def test_layers_reading_the_same_input_share_one_gram(make):
     other.mul_(2)  # changed in place after it was stored: not matched either
     Gram.for_layer(k).add(other, k(other).detach(), shared=shared)
     assert shared.hits == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_symmetric_block_products_equal_the_full_product(dtype):
+    """Wide chunks (several column blocks, two groups) multiply only the blocks on and above the diagonal,
+    then mirror them: the same ``X^T X`` and ``X^T Y`` as one product (float32 rows: about the chunk's means)."""
+    torch.manual_seed(2)
+    g, m, d, o = 2, 700, 1000, 3
+    x = torch.rand(g, m, d, dtype=dtype) + 3.0  # a common part, as post-ReLU activations have
+    y = torch.randn(g, m, o, dtype=dtype)
+    G = torch.zeros(g, d + 1, d + 1, dtype=torch.float64)
+    C = torch.zeros(g, d + 1, o, dtype=torch.float64)
+    add_centered_products_(G, C, x.clone(), y)
+    Xe = torch.cat([x.double(), torch.ones(g, m, 1, dtype=torch.float64)], 2)
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    assert _rel(G, Xe.transpose(1, 2) @ Xe) < tol and _rel(C, Xe.transpose(1, 2) @ y.double()) < tol
+    assert _rel(G, G.transpose(1, 2)) < 1e-15  # symmetric (the diagonal blocks up to the product's rounding)
