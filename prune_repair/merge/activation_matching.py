@@ -119,15 +119,13 @@ def probes_of(model: nn.Module, group: PermGroup) -> list[Probe]:
 
 
 def _samples(y: torch.Tensor, dim: int, index: torch.Tensor, mask: torch.Tensor | None = None,
-             rows: int | None = None) -> torch.Tensor:
+             items: int | None = None) -> torch.Tensor:
     """(samples, channels) copy of a probed tensor (blocks become samples), float32 for
     float32 and narrower activations (no float64 copy), else float64. ``mask`` (N, T) drops
-    the padded tokens of an (N, T, ..., C) tensor with channels last. ``rows``: at least the first
-    ``rows`` samples (read from the first items of dim 0 only, when that is where samples start)."""
+    the padded tokens of an (N, T, ..., C) tensor with channels last. ``items``: of the first
+    items of dim 0 only (:func:`_leading`)."""
     c, k = index.shape
-    if rows is not None and mask is None and y.dim() > 1 and dim % y.dim() != 0:
-        per_item = max(1, y[0].numel() // max(1, y.shape[dim]) * k)
-        y = y[:-(-rows // per_item)]
+    y = y if items is None else y[:items]
     if (mask is not None and y.dim() >= 3 and dim % y.dim() == y.dim() - 1
             and tuple(y.shape[:2]) == tuple(mask.shape)):
         y, dim = y[mask.to(y.device)], -1
@@ -140,6 +138,14 @@ def _samples(y: torch.Tensor, dim: int, index: torch.Tensor, mask: torch.Tensor 
         return torch.empty(picked.shape, dtype=dtype, device=y.device).copy_(picked).view(-1, c)
     picked = moved.index_select(-1, flat.to(y.device)).reshape(-1, c, k)
     return picked.transpose(1, 2).reshape(-1, c).to(dtype)
+
+
+def _leading(y: torch.Tensor, dim: int, index: torch.Tensor, rows: int, mask: torch.Tensor | None) -> int:
+    """How many items of dim 0 hold the first ``rows`` samples of :func:`_samples` (all where they do not
+    start there)."""
+    if mask is not None or y.dim() < 2 or dim % y.dim() == 0:
+        return y.shape[0] if y.dim() else 0
+    return min(y.shape[0], -(-rows // max(1, y[0].numel() // max(1, y.shape[dim]) * index.shape[1])))
 
 
 def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[PermGroup], *,
@@ -196,12 +202,15 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
                     raise ValueError(f"layer '{p.module}' has {ya[key].shape[p.dim] if ya[key].dim() else 0} "
                                      f"channels on dim {p.dim} of its {p.side}put {list(ya[key].shape)} but group "
                                      f"'{name}' needs {int(p.index.max()) + 1}: use align='weight' for this model")
+                heads = None  # the samples the flat-unit check reads, kept when they are all of them
                 if p.weight == 1.0 and name not in keeps_ties and not may_be_dead:
-                    may_be_dead = any(_has_flat_unit(_samples(y[key], p.dim, p.index, mask, FLAT_ROWS))
-                                      for y in (ya, yb))
+                    items = _leading(ya[key], p.dim, p.index, FLAT_ROWS, mask)
+                    heads = tuple(_samples(y[key], p.dim, p.index, mask, items) for y in (ya, yb))
+                    may_be_dead = any(_has_flat_unit(side) for side in heads)
+                    heads = heads if items == ya[key].shape[0] else None
 
-                def pair(ya_=ya[key], yb_=yb[key], p=p, mask=mask) -> tuple[torch.Tensor, torch.Tensor]:
-                    return _samples(ya_, p.dim, p.index, mask), _samples(yb_, p.dim, p.index, mask)
+                def pair(ya_=ya[key], yb_=yb[key], p=p, mask=mask, heads=heads) -> tuple[torch.Tensor, torch.Tensor]:
+                    return heads or (_samples(ya_, p.dim, p.index, mask), _samples(yb_, p.dim, p.index, mask))
                 if last and not distributed.is_distributed():  # (pooling over ranks needs every moment first)
                     later.setdefault(name, []).append((key, pair))
                 else:
