@@ -219,8 +219,17 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
         for k in sorted(moments):
             moments[k].settle()
         _Moments.all_reduce_([moments[k] for k in sorted(moments)])
+    perms, dead, assign_seconds = _assign_units(groups, moments, probe_lists, later, workspace)
+    return Alignment(perms, "activation", time.perf_counter() - start, dead_units=dead,
+                     assign_seconds=assign_seconds)
+
+
+def _assign_units(groups: Sequence[PermGroup], moments: dict, probe_lists: dict[str, list[Probe]], later: dict,
+                  workspace: dict) -> tuple[dict, dict, float]:
+    """``(perms, dead units, seconds in the assignments)``: each unit's correlations, then its assignment
+    (the correlation buffers are reused by the next unit)."""
     perms, dead, assign_seconds, buffers = {}, {}, 0.0, {}
-    for unit in units(groups):  # each unit's correlations, then its assignment (buffers reused by the next)
+    for unit in units(groups):
         corrs = _correlations(unit, moments, probe_lists, buffers, dead, later,
                               lambda key: _moments_of(moments, key, workspace))
         started = time.perf_counter()
@@ -229,8 +238,7 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
         else:
             perms[unit[0].name] = assign(corrs[unit[0].name], unit[0].labels)
         assign_seconds += time.perf_counter() - started
-    return Alignment(perms, "activation", time.perf_counter() - start, dead_units=dead,
-                     assign_seconds=assign_seconds)
+    return perms, dead, assign_seconds
 
 
 def _capture_spec(model: nn.Module, probe_lists: dict[str, list[Probe]], keeps_ties: dict[str, bool]
