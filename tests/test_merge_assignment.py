@@ -148,3 +148,16 @@ def test_float32_matching_finds_the_float64_permutations(seed):
     fast = activation_matching(a.float(), b.float(), [x[:100].float(), x[100:].float()], groups)
     for g in groups:
         assert torch.equal(fast.perms[g.name], exact.perms[g.name]), g.name
+
+
+def test_heavily_tied_candidates_go_to_the_dense_solver():
+    """Ties make scipy's sparse solver loop for minutes: a matrix whose candidates mostly tie is left to the
+    dense solver (and still gets an optimal assignment); a few dead rows do not send it there."""
+    rng = np.random.default_rng(3)
+    n = DENSE_UP_TO + 9
+    tied = np.round(rng.standard_normal((n, n)), 1) + 1e-9 * rng.standard_normal((n, n))
+    assert assignment._sparse_proven(tied) is None
+    assert score(tied, max_assignment(tied)) >= score(tied, dense(tied)) - 1e-9 * n * np.ptp(tied) * assignment.TOLERANCE
+    few_dead = rng.standard_normal((n, n))
+    few_dead[: n // 10] *= 1e-6
+    assert np.array_equal(assignment._sparse_proven(few_dead), dense(few_dead))
