@@ -50,20 +50,26 @@ def add_centered_products_(G: torch.Tensor, C: torch.Tensor, x: torch.Tensor, y:
     mu = x.mean(1, keepdim=True, dtype=torch.float64).to(x.dtype) if centre else None  # (g, 1, d), representable
     if mu is not None:
         x.sub_(mu)
-    cross = torch.bmm(x.transpose(1, 2), y).double()  # (g, d, o): Xc^T Y
-    y_sum = y.sum(1, dtype=torch.float64)  # (g, o)
-    if mu is not None:
-        cross.baddbmm_(mu.double().transpose(1, 2), y_sum[:, None, :])
-    C[:, :d] += cross
+    C[:, :d] += torch.bmm(x.transpose(1, 2), y).double()  # Xc^T Y
+    mu64 = mu.double()[:, 0] if mu is not None else x.new_zeros(x.shape[0], d, dtype=torch.float64)
+    t = x.sum(1, dtype=torch.float64) if with_gram else None  # (g, d): Xc^T 1
+    if t is not None:
+        add_symmetric_gram_(G[:, :d, :d], x, (t + (m / 2) * mu64, mu64) if mu is not None else None)
+    _add_mean_terms_(G, C, t, mu64, y.sum(1, dtype=torch.float64), m)
+
+
+def _add_mean_terms_(G: torch.Tensor, C: torch.Tensor, t: torch.Tensor | None, mu: torch.Tensor, y_sum: torch.Tensor,
+                     m: int) -> None:
+    """The terms of the subtracted means ``mu`` ``(g, d)`` outside ``Xc^T Xc`` and ``Xc^T Y``: ``mu (1^T Y)`` in
+    ``C``, and the ones column ``X^T 1 = t + m mu`` (``t = Xc^T 1``; ``None``: ``G`` is left alone) and ``m``."""
+    d = mu.shape[1]
+    C[:, :d] += mu[:, :, None] * y_sum[:, None, :]
     C[:, d] += y_sum
-    if not with_gram:
-        return
-    t = x.sum(1, dtype=torch.float64)  # (g, d): Xc^T 1
-    mu64 = mu.double()[:, 0] if mu is not None else torch.zeros_like(t)
-    add_symmetric_gram_(G[:, :d, :d], x, (t + (m / 2) * mu64, mu64) if mu is not None else None)
-    G[:, :d, d] += t + m * mu64
-    G[:, d, :d] += t + m * mu64
-    G[:, d, d] += m
+    if t is not None:
+        ones = t + m * mu
+        G[:, :d, d] += ones
+        G[:, d, :d] += ones
+        G[:, d, d] += m
 
 
 def add_symmetric_gram_(G: torch.Tensor, x: torch.Tensor, shift: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -89,8 +95,8 @@ def add_symmetric_gram_(G: torch.Tensor, x: torch.Tensor, shift: tuple[torch.Ten
             cols = slice(edges[bj], edges[bj + 1])
             inc = torch.bmm(xt[:, rows], x[:, :, cols]).to(G.dtype)
             if shift is not None:
-                u, mu = shift
-                inc.baddbmm_(u[:, rows, None], mu[:, None, cols]).baddbmm_(mu[:, rows, None], u[:, None, cols])
+                u, mu = shift  # u mu^T + mu u^T on this block: one product of inner size 2
+                inc.baddbmm_(torch.stack([u[:, rows], mu[:, rows]], 2), torch.stack([mu[:, cols], u[:, cols]], 1))
             G[:, rows, cols] += inc
             if bj != bi:
                 G[:, cols, rows] += inc.transpose(1, 2)
@@ -128,16 +134,12 @@ def add_correlation_products_(G: torch.Tensor, C: torch.Tensor, module: nn.Conv1
     mu = mu.view(g, -1, 1).expand(-1, -1, math.prod(kernel)).reshape(g, 1, -1)  # (g, 1, d): per patch column
     xl = positions_first(padded)
     y4 = y.reshape(y.shape[0], y.shape[1], *output_size(module, padded))
-    y_sum = y.sum([i for i in range(y.dim()) if i != 1], dtype=torch.float64).view(g, 1, -1)
+    y_sum = y.sum([i for i in range(y.dim()) if i != 1], dtype=torch.float64).view(g, -1)
     d = mu.shape[2]
     C[:, :d] += correlation_cross(xl, y4, kernel, g)
-    C[:, :d] += mu.transpose(1, 2) * y_sum
-    C[:, d] += y_sum[:, 0]
-    if not with_gram:
-        return
-    add_correlation_gram_(G[:, :d, :d], xl, kernel)
-    t = patch_sums(module, padded)[:, :, None]  # (g, d, 1): Xc^T 1 in float64
-    add_mean_shift_(G[:, :d, :d], t, mu, rows)
-    G[:, :d, d:] += t + rows * mu.transpose(1, 2)
-    G[:, d:, :d] += (t + rows * mu.transpose(1, 2)).transpose(1, 2)
-    G[:, d, d] += rows
+    t = None
+    if with_gram:
+        add_correlation_gram_(G[:, :d, :d], xl, kernel)
+        t = patch_sums(module, padded)  # (g, d): Xc^T 1 in float64
+        add_mean_shift_(G[:, :d, :d], t[:, :, None], mu, rows)
+    _add_mean_terms_(G, C, t, mu[:, 0], y_sum, rows)
