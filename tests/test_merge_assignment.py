@@ -161,3 +161,21 @@ def test_heavily_tied_candidates_go_to_the_dense_solver():
     few_dead = rng.standard_normal((n, n))
     few_dead[: n // 10] *= 1e-6
     assert np.array_equal(assignment._sparse_proven(few_dead), dense(few_dead))
+
+
+@pytest.mark.parametrize("long_row", [False, True])
+def test_tied_share_counts_each_rows_neighbours_within_the_tolerance(long_row):
+    """The share of candidates within ``tol`` of the next larger value of their row, by its definition (one
+    sort by row, then value), whether rows are sorted padded side by side or (one long row) all together."""
+    rng = np.random.default_rng(4)
+    n = 200
+    s = np.round(rng.standard_normal((n, n)), 2)
+    keys = np.sort(rng.choice(n * n, 20 * n, replace=False))
+    if long_row:
+        keys = np.union1d(keys, np.arange(n))  # row 0 whole: over PADDED_SORT times the mean
+    rows, values = keys // n, s.ravel()[keys]
+    order = np.lexsort((values, rows))
+    same_row = rows[order][1:] == rows[order][:-1]
+    for tol in (0.0, 0.01, 0.1):
+        expected = ((np.diff(values[order]) <= tol) & same_row).sum() / keys.size
+        assert assignment._tied_share(s, keys, tol) == pytest.approx(expected, abs=1e-15)
