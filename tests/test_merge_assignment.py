@@ -116,6 +116,27 @@ def test_float32_paired_moments_equal_float64_over_batches():
     assert float((acc32.mean - torch.stack([a.mean(0), b.mean(0)])).abs().max()) < 1e-13 * 50
 
 
+
+def test_conv_samples_copied_unit_by_unit_give_the_row_major_moments():
+    """A conv output (N, C, H, W) with H x W >= UNITS_FIRST is copied as (C, samples) and handed on column-major:
+    the same samples as the (samples, C) copy, and the same paired moments to float32 rounding."""
+    gen = torch.Generator().manual_seed(5)
+    ya = 2.0 + torch.randn(6, 24, 9, 8, generator=gen)
+    yb = torch.relu(ya.roll(3, 1) - 1.0 + 0.3 * torch.randn(6, 24, 9, 8, generator=gen))
+    index = torch.arange(4, 20)[:, None]
+    samples = importlib.import_module("prune_repair.merge.activation_matching")._samples
+    by_units = [samples(y, 1, index) for y in (ya, yb)]
+    by_rows = [y.movedim(1, -1)[..., 4:20].reshape(-1, 16) for y in (ya, yb)]
+    assert by_units[0].T.is_contiguous() and all(torch.equal(u, r) for u, r in zip(by_units, by_rows))
+    column_major, row_major = CrossMoments(), CrossMoments()
+    for half in (slice(0, 200), slice(200, None)):
+        column_major.add_pair(*[u[half].T.contiguous().T for u in by_units])
+        row_major.add_pair(*[r[half].contiguous() for r in by_rows])
+    column_major.settle()
+    row_major.settle()
+    assert float((column_major.m2 - row_major.m2).abs().max() / row_major.m2.abs().max()) < 1e-6
+    assert torch.allclose(column_major.mean, row_major.mean, rtol=1e-12, atol=1e-12)
+
 def test_one_batch_kept_in_float32_reads_as_the_float64_copy():
     """A single batch's float32 product is kept as it is; read (variances, correlations, with a second probe
     added in) it gives the float64 copy's numbers bit for bit, and the correlation to float32 rounding."""

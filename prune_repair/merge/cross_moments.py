@@ -133,19 +133,59 @@ class CrossMoments(_Moments):
         if out is None:
             out = torch.empty(a.shape[-1] + 2, b.shape[-1], dtype=a.dtype, device=a.device)
         torch.mm(a.T, b, out=out[:-2])
-        out[-2] = torch.linalg.vecdot(a, a, dim=0)
-        out[-1] = torch.linalg.vecdot(b, b, dim=0)
+        out[-2] = _column_squares(a)
+        out[-1] = _column_squares(b)
         return out
+
+
+def _column_squares(y: torch.Tensor) -> torch.Tensor:
+    """Column sums of squares of ``y`` (n, C), on the CPU block by block through one small buffer (rows of a
+    row-major ``y``, the blocks' sums added in float64; units of a column-major one, see :func:`_unit_rows`):
+    ``torch.linalg.vecdot`` of a tall block writes an (n, C) temporary, a pass over memory; here each block is
+    squared where it stays in cache.
+
+    >>> y = torch.randn(5000, 3)
+    >>> expected = (y.double() ** 2).sum(0)
+    >>> all(torch.allclose(_column_squares(x).double(), expected, rtol=1e-6, atol=0) for x in (y, y.T.contiguous().T))
+    True
+    """
+    units = _unit_rows(y)
+    if units is not None and y.device.type == "cpu":
+        per_block = max(1, SUM_BLOCK // max(1, units.shape[1]))
+        block = torch.empty(min(per_block, units.shape[0]), units.shape[1], dtype=y.dtype)
+        return torch.cat([torch.mul(part, part, out=block[:part.shape[0]]).sum(1)
+                          for part in units.split(per_block)])
+    rows = max(1, SUM_BLOCK // max(1, y.shape[1]))
+    if y.device.type != "cpu" or y.shape[0] <= rows:
+        return torch.linalg.vecdot(y, y, dim=0)
+    block = torch.empty(rows, y.shape[1], dtype=y.dtype)
+    total = torch.zeros(y.shape[1], dtype=torch.float64)
+    for i in range(0, y.shape[0], rows):
+        part = y[i:i + rows]
+        total += torch.mul(part, part, out=block[:part.shape[0]]).sum(0)
+    return total
+
+
+def _unit_rows(y: torch.Tensor) -> torch.Tensor | None:
+    """``y.T`` when ``y`` (n, C) is column-major (each unit's samples contiguous: a conv's channels copied
+    channel by channel), else ``None``."""
+    return y.T if y.dim() == 2 and y.shape[0] > 1 and y.T.is_contiguous() else None
 
 
 def _column_sums(y: torch.Tensor) -> torch.Tensor:
     """Float64 column sums of ``y`` (n, C), on the CPU widened row block by row block into one small buffer
-    (``y.sum(0, dtype=torch.float64)`` of a tall float32 block is about 10x slower there).
+    (``y.sum(0, dtype=torch.float64)`` of a tall float32 block is about 10x slower there); a column-major ``y``
+    by its units' rows.
 
     >>> y = torch.randn(5000, 3)
-    >>> torch.allclose(_column_sums(y), y.double().sum(0), rtol=1e-15, atol=0)
+    >>> all(torch.allclose(_column_sums(x), y.double().sum(0), rtol=1e-15, atol=0) for x in (y, y.T.contiguous().T))
     True
     """
+    units = _unit_rows(y)
+    if units is not None and y.dtype != torch.float64 and y.device.type == "cpu":  # by units, widened block by block
+        per_block = max(1, SUM_BLOCK // max(1, units.shape[1]))
+        block = torch.empty(min(per_block, units.shape[0]), units.shape[1], dtype=torch.float64)
+        return torch.cat([block[:part.shape[0]].copy_(part).sum(1) for part in units.split(per_block)])
     rows = max(1, SUM_BLOCK // max(1, y.shape[1]))
     if y.dtype == torch.float64 or y.device.type != "cpu" or y.shape[0] <= rows:
         return y.sum(0, dtype=torch.float64)
