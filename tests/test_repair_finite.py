@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.testing import assert_close
 
 from prune_repair import collect_stats, repair_
@@ -40,6 +42,36 @@ def test_a_non_finite_weight_is_named_and_the_model_left_as_it_was(name, tensor,
     after = model.state_dict()
     for k in before:
         assert_close(after[k], before[k], rtol=0, atol=0, equal_nan=True)
+
+
+class CallsWeights(nn.Module):
+    """A parent that calls its child's weight through F.linear (as swin_t does), then self-attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(F.linear(x, self.inner.weight, self.inner.bias))
+        return self.out(self.attn(h, h, h, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("tensor", ["inner.weight", "inner.bias", "attn.in_proj_weight", "attn.in_proj_bias",
+                                    "attn.out_proj.weight"])
+def test_a_non_finite_weight_of_a_call_caught_by_its_weight_is_named(tensor):
+    torch.manual_seed(0)
+    model, x = CallsWeights().double().eval(), torch.randn(6, 5, 4, dtype=torch.float64)
+    goal = collect_stats(model, x)
+    assert {s.call for s in goal.sites} == {"function", "attention"}
+    with torch.no_grad():
+        model.get_parameter(tensor).view(-1)[3] = float("nan")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=f"NaN/Inf in {tensor} \\(1 values\\): repair needs finite weights"):
+        repair_(model, goal, x)
+    for k, v in model.state_dict().items():
+        assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)
 
 
 def test_finite_weights_with_overflowing_statistics_still_repair():

@@ -38,7 +38,7 @@ from ..run.lockstep import Passes
 from ..run.pipeline import PassLog, calibrate
 from ..sites.fold import fold_correction_
 from ..stats.activation import ActivationStats, collect_stats
-from .finite_sites import check_after_pass, check_unvouched, vouched_modules
+from .finite_sites import check_after_pass, check_unvouched, vouched_tensors
 from .modes import RepairMode, Variant
 from .report import RepairReport, SiteReport
 from .site_plan import SitePlan, SiteSteps, make_plans
@@ -118,7 +118,7 @@ def repair_(
         check_finite(model)
     plans, skipped = ([], []) if mode is RepairMode.NONE else make_plans(model, goal, mode, add_bias)
     if not add_bias:  # the site producers' weights are checked by the statistics of the pass
-        check_unvouched(model, vouched_modules(plans))
+        check_unvouched(model, vouched_tensors(plans))
     if mode is RepairMode.RESET and not plans:
         raise ValueError("reset recomputes BatchNorm statistics, but no site of this model is followed by a "
                          "BatchNorm: use repair='repair' (or 'auto')")

@@ -48,12 +48,14 @@ class SitePlan:
     """Measurement, correction and bookkeeping of one site during a repair."""
 
     def __init__(self, model: nn.Module, site: Site, mode: RepairMode, goal: ChannelStats,
-                 owner: Callable[[str], tuple[nn.Module, str | None]] | None = None):
+                 owner: Callable[[str], tuple[nn.Module, str | None]] | None = None,
+                 goal_ok: torch.Tensor | bool | None = None):
         """``owner(fqn)``: :func:`~prune_repair.engine.producers.site_owner` on ``model`` (or a faster
-        lookup of the same)."""
+        lookup of the same); ``goal_ok``: :func:`~.modes.finite_goal` of ``goal`` when known."""
         owner = owner or (lambda fqn: site_owner(model, fqn))
         self.site, self.mode, self.goal = site, mode, goal
-        self.goal_std, self.goal_ok = goal.std, finite_goal(goal.mean, goal.std)  # once, not during the pass
+        self.goal_std = goal.std  # once, not during the pass
+        self.goal_ok = finite_goal(goal.mean, self.goal_std) if goal_ok is None else goal_ok
         self.name, self.where = site.fqn, ""  # where: the module's name (set by make_plans)
         self.module, part = owner(site.fqn)
         self.producer = owner(site.producer)[0]
@@ -133,6 +135,7 @@ def make_plans(model: nn.Module, reference: ActivationStats, mode: RepairMode, a
         name, part = split_part(fqn)
         return (named[name], part) if name in named else site_owner(model, fqn)
 
+    all_finite = _all_finite(reference)  # one check of every goal instead of one per site
     for site in reference.sites:
         if site.kind == "block":
             raise ValueError(
@@ -162,11 +165,20 @@ def make_plans(model: nn.Module, reference: ActivationStats, mode: RepairMode, a
                                  "adding one is not supported: repair without add_bias (the scale is applied)")
             weight = producer.weight
             producer.bias = nn.Parameter(torch.zeros(out, dtype=weight.dtype, device=weight.device))
-        plans.append(SitePlan(model, site, m, reference[site.fqn], owner))
+        plans.append(SitePlan(model, site, m, reference[site.fqn], owner, True if all_finite else None))
     names = {module: name for name, module in named.items()}
     for plan in plans:
         plan.where = names.get(plan.module, "")
     return plans, skipped
+
+
+def _all_finite(reference: ActivationStats) -> bool:
+    """Whether every site's goal mean and spread is finite (then no site needs its own check)."""
+    stats = [reference[site.fqn] for site in reference.sites if site.fqn in reference]
+    tensors = [t.reshape(-1) for s in stats for t in (s.mean, s.m2)]  # finite m2 and count > 0: finite std
+    if not tensors or len({t.device for t in tensors}) > 1 or any(s.count <= 0 for s in stats):
+        return False
+    return bool(torch.isfinite(torch.cat(tensors)).all())
 
 
 class SiteSteps:

@@ -1,8 +1,8 @@
 """The q/k/v of an ``nn.MultiheadAttention`` call, projected once and handed out on the way.
 
-A :class:`~torch.overrides.TorchFunctionMode` that catches ``F.multi_head_attention_forward``
-(the mode also turns off the fused fast path, which would bypass it) gets the call's
-arguments (:func:`bind`). For packed self-attention without masks or extra key/value rows
+Whatever catches ``F.multi_head_attention_forward`` (the taps and the discovery do, through
+the in-projection weight, :class:`~.watched.Watch`; a torch-function mode would too; either
+turns off the fused fast path, which would bypass it) gets the call's arguments (:func:`bind`). For packed self-attention without masks or extra key/value rows
 (ViT encoders: :func:`projects_once`), :func:`self_attention` computes the in-projection once,
 hands q, k and v (each ``(L, N, E)``) to ``parts``, which measures them and returns the ones
 to use (corrected, or as they are), and finishes the attention with them: scaled dot-product

@@ -33,7 +33,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from ..producers import PARTS, is_packed_attention, is_producer, out_channels, part_fqn
 from ..run.forward import ForwardFn, batch_mask, first_tensor, hooked_pass
@@ -41,6 +40,7 @@ from .attention_once import bind, projects_once, recomputed, self_attention
 from .find import Selector, Site, _per_channel_norm_dim, sites_of_calls
 from .trace import NORM_TYPES, Call, FunctionCall
 from .taps import LINEAR_FUNCS, output_mask, warn_unfit_mask
+from .watched import Watch
 
 Key = tuple[str, int, str]
 """``(site fqn, channel dim, how it is reached)``: ``"module"``, ``"function"``, ``"attention"`` or ``"block"``."""
@@ -100,7 +100,7 @@ class Discovery:
         if not fits:
             self.unfit[key] = (self._mask, y.shape)
         try:
-            with torch._C.DisableTorchFunction():  # the measurement's own ops skip the pass's mode
+            with torch._C.DisableTorchFunction():  # the measurement's own ops skip any torch-function mode
                 self.measure(key, y, mask)
         except Exception:  # an output that is no site may not be measurable; a site is measured again
             self.counts[key] = -1
@@ -203,7 +203,9 @@ class Discovery:
                 else:
                     handles.append(m.register_forward_pre_hook(self._pre))
                 handles.append(m.register_forward_hook(self._post))
-            with hooked_pass(self.model, forward_fn=self.forward_fn) as forward, _Calls(self, linears, attentions):
+            weights = [m.weight for m in linears.values()] + [m.in_proj_weight for m in attentions.values()]
+            calls = Watch(self.model, weights, _Calls(self, linears, attentions))
+            with hooked_pass(self.model, forward_fn=self.forward_fn) as forward, calls:
                 out = forward(batch)
             self._flush()
             return out
@@ -241,17 +243,16 @@ def _batch_first(y: torch.Tensor, mha: nn.MultiheadAttention) -> torch.Tensor:
     return y if mha.batch_first or y.dim() != 3 else y.transpose(0, 1)
 
 
-class _Calls(TorchFunctionMode):
+class _Calls:
     """Hands ``F.linear(x, layer.weight, ...)`` calls of the model's linear layers, and the
-    attention calls of its packed ``nn.MultiheadAttention`` modules, to the discovery."""
+    attention calls of its packed ``nn.MultiheadAttention`` modules, to the discovery (the
+    calls that use those weights, caught by :class:`~.watched.Watch`)."""
 
     def __init__(self, discovery: Discovery, linears: dict[int, nn.Linear],
                  attentions: dict[int, nn.MultiheadAttention]):
-        super().__init__()
         self.discovery, self.linears, self.attentions = discovery, linears, attentions
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+    def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         if func is F.multi_head_attention_forward and self.attentions:
             call = bind(args, kwargs)
             mha = self.attentions.get(id(call["in_proj_weight"]))

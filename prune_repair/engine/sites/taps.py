@@ -4,9 +4,11 @@ A site's output is reached in one of three ways, named by :attr:`Site.call`:
 
 - ``"module"``: a forward hook on the site's module (conv/linear/Conv1D/norm);
 - ``"function"``: an ``nn.Linear`` whose weight a parent passes to ``F.linear`` (swin_t), so
-  its own hooks never fire: a :class:`~torch.overrides.TorchFunctionMode` catches the call;
+  its own hooks never fire: the call is caught through the weight (:class:`~.watched.Watch`,
+  which leaves every other torch call of the pass alone);
 - ``"attention"``: the q/k/v projections and ``out_proj`` of an ``nn.MultiheadAttention``,
-  computed inside ``F.multi_head_attention_forward``, which the same mode catches. Packed
+  computed inside ``F.multi_head_attention_forward``, caught the same way (through the
+  in-projection weight, which also turns off the fused fast path that would bypass it). Packed
   self-attention without masks (ViT) is run with its in-projection computed once, q/k/v
   measured and corrected on the way (:mod:`.attention_once`); any other call gets q/k/v
   recomputed for measuring (``x @ W_q^T + b_q``, exactly linear in its inputs) and its
@@ -42,12 +44,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from ..run.forward import batch_mask, first_tensor
 from ..producers import PARTS, split_part
 from .attention_once import bind, projects_once, recomputed, self_attention
 from .find import Site
+from .watched import Watch
 
 Observe = Callable[[Site, torch.Tensor, "torch.Tensor | None"], None]
 """``observe(site, output, mask)``: ``mask`` (bool, the output's leading dims) or None."""
@@ -87,18 +89,16 @@ def warn_unfit_mask(fqn: str, mask: torch.Tensor, y: torch.Tensor, stacklevel: i
                   f"'{fqn}': its statistics count padded positions too", stacklevel=stacklevel)
 
 
-class _Calls(TorchFunctionMode):
-    """Catches ``F.linear(x, weight, bias)`` whose weight is a watched tensor, and
-    ``F.multi_head_attention_forward`` whose in-projection is a watched tensor."""
+class _Calls:
+    """The calls that use a watched tensor (:class:`~.watched.Watch`): ``F.linear(x, weight, bias)``
+    whose weight is watched, ``F.multi_head_attention_forward`` whose in-projection is; others run as they are."""
 
     def __init__(self, on_linear: Callable[[Any, torch.Tensor], torch.Tensor | None], linears: dict[int, Any],
                  on_attention: Callable[..., Any], attentions: dict[int, Any]):
-        super().__init__()
         self.on_linear, self.linears = on_linear, linears
         self.on_attention, self.attentions = on_attention, attentions
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+    def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         if func is F.multi_head_attention_forward and self.attentions:
             call = bind(args, kwargs)
             key = self.attentions.get(id(call["in_proj_weight"]))
@@ -197,7 +197,7 @@ class SiteTaps:
                     ys[i] = scale_shift(ys[i], c[0], c[1], -1)
                 return tuple(ys)
             return self_attention(call, hand)
-        weight, bias = mha.in_proj_weight, mha.in_proj_bias
+        weight, bias = call["in_proj_weight"], call["in_proj_bias"]  # the tensors themselves (no stand-ins)
         e = mha.embed_dim
         for i, site, c in measured(recomputed(call)):
             if not patches:  # fold into the in-projection for this call; restored after it
@@ -223,6 +223,7 @@ class SiteTaps:
         Everything is removed, and attention weights restored, on exit."""
         handles, self._patches = [], []
         function_sites: dict[int, Site] = {}
+        watched: list[torch.Tensor] = []  # the weights whose calls are caught
         attention: dict[str, dict[str, Any]] = {}
         for site in self.sites:
             if site.call == "attention":
@@ -233,7 +234,8 @@ class SiteTaps:
                 else:
                     entry["out"] = site
             elif site.call == "function":
-                function_sites[id(self.model.get_submodule(site.producer).weight)] = site
+                watched.append(self.model.get_submodule(site.producer).weight)
+                function_sites[id(watched[-1])] = site
             else:
                 module = self.model.get_submodule(site.fqn)
                 handles.append(module.register_forward_hook(self._module_hook(site)))
@@ -243,17 +245,18 @@ class SiteTaps:
                 mha, patches = self.model.get_submodule(owner), []
                 self._patches.append(patches)
                 if entry["parts"]:
+                    watched.append(mha.in_proj_weight)
                     held = attentions[id(mha.in_proj_weight)] = (mha, entry["parts"], patches)
                     handles.append(mha.register_forward_pre_hook(self._attention_pre(held), with_kwargs=True))
                 handles.append(mha.register_forward_hook(self._attention_post(mha, entry["out"], patches)))
-            mode = (_Calls(lambda site, y: self._tap(site, y), function_sites, self._attention_call, attentions)
-                    if function_sites or attentions else contextlib.nullcontext())
+            calls = _Calls(lambda site, y: self._tap(site, y), function_sites, self._attention_call, attentions)
+            watch = Watch(self.model, watched, calls) if watched else contextlib.nullcontext()
 
             def run(batch: Any) -> Any:
                 self.mask = batch_mask(batch)
                 self._local.caught = bool(attentions)
                 try:
-                    with mode:
+                    with watch:
                         return forward(batch)
                 finally:
                     self.mask, self._local.caught = None, False
