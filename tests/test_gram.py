@@ -39,6 +39,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     (nn.Conv2d(2, 3, 5, padding=2, bias=False), (9, 7)),
     (nn.Conv2d(3, 4, (2, 3), padding="same", padding_mode="reflect"), (6, 7)),
     (nn.Conv2d(2, 2, 5, padding=2), (4, 4)),                               # outputs = kernel - 1
+    (nn.Conv2d(3, 4, 5, padding=2), (2, 3)),                               # maps smaller than the kernel
+    (nn.Conv2d(2, 3, 3, padding=1), (1, 1)),                               # only the centre tap meets data
+    (nn.Conv2d(2, 3, 3, padding=(2, 0)), (3, 6)),                          # padding wider than needed
     (nn.Conv2d(3, 2, 1), (4, 3)),
     (nn.Conv1d(3, 4, 3, padding=2, padding_mode="circular"), (11,)),
 ])
@@ -56,15 +59,16 @@ def test_correlation_gram_equals_unfold_in_float64(conv, size):
 
 @pytest.mark.parametrize("kind", ["random", "relu", "image"])
 @pytest.mark.parametrize("method", ["im2col", "correlation"])
-def test_float32_products_stay_within_1e6_of_the_float64_gram(kind, method):
+@pytest.mark.parametrize("channels, padding_mode", [(32, "zeros"), (8, "zeros"), (32, "reflect")])
+def test_float32_products_stay_within_1e6_of_the_float64_gram(kind, method, channels, padding_mode):
     torch.manual_seed(0)
-    conv = nn.Conv2d(32, 48, 3, padding=1)
-    x = torch.randn(24, 32, 20, 20)
+    conv = nn.Conv2d(channels, 48, 3, padding=1, padding_mode=padding_mode)
+    x = torch.randn(24, channels, 20, 20)
     if kind == "relu":  # post-ReLU activations of a conv stack on smooth images, a positive mean
         image = F.avg_pool2d(torch.rand(24, 3, 24, 24), 5, stride=1)
-        x = torch.relu(nn.Conv2d(3, 32, 3, padding=0)(image) + 0.1).detach()
+        x = torch.relu(nn.Conv2d(3, channels, 3, padding=0)(image) + 0.1).detach()
     if kind == "image":  # normalized upsampled blobs: mostly one background value, like MNIST digits
-        x = F.interpolate((torch.rand(24, 32, 5, 5) > 0.8).float(), size=20, mode="bilinear")
+        x = F.interpolate((torch.rand(24, channels, 5, 5) > 0.8).float(), size=20, mode="bilinear")
         x = (x - x.mean()) / x.std()
     y = conv(x).detach()
     gram = Gram.for_layer(conv, method=method)
@@ -73,6 +77,17 @@ def test_float32_products_stay_within_1e6_of_the_float64_gram(kind, method):
     G, C, yy = _direct(conv, x, y)
     assert _rel(gram.G, G) < 1e-6 and _rel(gram.C, C) < 1e-6 and _rel(gram.yy, yy) < 1e-12
     assert float((gram.G - G).abs().max() / G.abs().max()) < 1e-6
+
+
+def test_float32_products_of_one_large_sample_sum_in_float64_beyond_8192_rows():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(16, 8, 3, padding=1)
+    x = torch.relu(torch.randn(1, 16, 100, 100) + 0.5)  # 10,000 positions in one sample
+    y = conv(x).detach()
+    gram = Gram.for_layer(conv, method="correlation")
+    gram.add(x, y)
+    G, C, _ = _direct(conv, x, y)
+    assert _rel(gram.G, G) < 1e-6 and _rel(gram.C, C) < 1e-6
 
 
 def test_float64_precision_and_linear_layers():

@@ -30,9 +30,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .conv_gram import kernel_of, output_size, patch_sums
+from .conv_gram import kernel_of, output_size, pad_input, zero_pads
 from .corr_gram import add_correlation_gram_, correlation_cross, positions_first
 
 
@@ -102,44 +103,63 @@ def add_symmetric_gram_(G: torch.Tensor, x: torch.Tensor, shift: tuple[torch.Ten
                 G[:, cols, rows] += inc.transpose(1, 2)
 
 
-def add_mean_shift_(block: torch.Tensor, t: torch.Tensor, mu: torch.Tensor, m: float) -> None:
-    """``block += t mu^T + mu t^T + m mu mu^T`` in place (``block`` ``(g, d, d)``, ``t`` ``(g, d, 1)``, ``mu``
-    ``(g, 1, d)``), as the symmetric rank-2 update ``u mu^T + mu u^T`` with ``u = t + m mu / 2``: one product
-    of inner size 2, one pass over the block and no ``d x d`` temporary.
-
-    >>> g, t = torch.zeros(1, 2, 2, dtype=torch.float64), torch.tensor([[[1.0], [0.0]]], dtype=torch.float64)
-    >>> mu = torch.tensor([[[0.0, 2.0]]], dtype=torch.float64)
-    >>> add_mean_shift_(g, t, mu, 3.0)
-    >>> g
-    tensor([[[ 0.,  2.],
-             [ 2., 12.]]], dtype=torch.float64)
-    """
-    mu_t = mu.transpose(1, 2)
-    u = t + (m / 2) * mu_t
-    block.baddbmm_(torch.cat([u, mu_t], 2), torch.cat([mu, u.transpose(1, 2)], 1))  # one pass over the block
-
-
-def add_correlation_products_(G: torch.Tensor, C: torch.Tensor, module: nn.Conv1d | nn.Conv2d, padded: torch.Tensor,
+def add_correlation_products_(G: torch.Tensor, C: torch.Tensor, module: nn.Conv1d | nn.Conv2d, x: torch.Tensor,
                               y: torch.Tensor, *, with_gram: bool = True) -> None:
     """Add ``X^T X`` to ``G`` and ``X^T Y`` to ``C`` (float64, ones column last) for a stride-1 conv's chunk,
-    by the correlation Gram (:mod:`~prune_repair.engine.refit.corr_gram`): ``padded`` is the padded input
-    in the compute dtype, ``y`` the targets ``(N, out, ...)``. A float32 input is centred per channel first
-    (padding included, so the patches shift by the repeated channel means) and shifted back as above."""
+    by the correlation Gram (:mod:`~prune_repair.engine.refit.corr_gram`): ``x`` is the chunk's input in
+    the compute dtype, ``y`` the targets ``(N, out, ...)``. A float32 input is centred per channel BEFORE
+    padding, so zero padding stays zero and the products skip it (other padding modes repeat the centred
+    input), and the means are put back per tap (:func:`_add_patch_means_`)."""
     g, kernel = module.groups, kernel_of(module)
-    rows = y.shape[0] * math.prod(y.shape[2:])
-    mu = torch.zeros(padded.shape[1], dtype=torch.float64, device=padded.device)
-    if padded.dtype != torch.float64:
-        mu32 = padded.mean((0, 2, 3), dtype=torch.float64).to(padded.dtype)
-        padded, mu = padded - mu32[None, :, None, None], mu32.double()
-    mu = mu.view(g, -1, 1).expand(-1, -1, math.prod(kernel)).reshape(g, 1, -1)  # (g, 1, d): per patch column
+    centred = x.dtype != torch.float64
+    mu = x.mean([i for i in range(x.dim()) if i != 1], dtype=torch.float64).to(x.dtype) if centred else None
+    padded = pad_input(module, x - mu.view(-1, *[1] * (x.dim() - 2)) if mu is not None else x)
+    top, bottom, left, right = zero_pads(module)
+    inside = ((top, padded.shape[2] - bottom), (left, padded.shape[3] - right))
     xl = positions_first(padded)
     y4 = y.reshape(y.shape[0], y.shape[1], *output_size(module, padded))
-    y_sum = y.sum([i for i in range(y.dim()) if i != 1], dtype=torch.float64).view(g, -1)
-    d = mu.shape[2]
-    C[:, :d] += correlation_cross(xl, y4, kernel, g)
-    t = None
+    C[:, :-1] += correlation_cross(xl, y4, kernel, g, inside=inside)
     if with_gram:
-        add_correlation_gram_(G[:, :d, :d], xl, kernel)
-        t = patch_sums(module, padded)  # (g, d): Xc^T 1 in float64
-        add_mean_shift_(G[:, :d, :d], t[:, :, None], mu, rows)
-    _add_mean_terms_(G, C, t, mu[:, 0], y_sum, rows)
+        add_correlation_gram_(G[:, :-1, :-1], xl, kernel, inside=inside)
+    _add_patch_means_(G if with_gram else None, C, module, x, padded, y4, mu.double() if mu is not None else None)
+
+
+def _add_patch_means_(G: torch.Tensor | None, C: torch.Tensor, module: nn.Conv1d | nn.Conv2d, x: torch.Tensor,
+                      padded: torch.Tensor, y: torch.Tensor, mu: torch.Tensor | None) -> None:
+    """The terms of the channel means ``mu`` (``None``: not centred) taken out of a conv's input before
+    padding, and the ones column. A patch is ``X = X' + M`` with ``M[p, (c, tap)] = mu_c`` where the tap
+    reads inside the input, 0 in zero padding (``inside``: the padded map of ones). With ``P`` the
+    ``(taps, positions)`` patches of ``inside``, ``U = X'^T P^T`` (box sums of the centred input) and
+    ``K = N P P^T`` (``N`` samples), per block of taps ``X^T X = X'^T X' + U mu^T + mu U^T + mu mu^T K``: one product of inner
+    size ``2 taps`` over ``G``. Likewise ``X^T 1 = X'^T 1 + N mu (P 1)`` and ``X^T Y = X'^T Y + mu (P Y)``."""
+    g, kernel = module.groups, kernel_of(module)
+    taps, out = math.prod(kernel), y.shape[1]
+    inside = pad_input(module, x.new_ones(1, 1, *x.shape[2:], dtype=torch.float64))
+    P = F.unfold(inside, kernel)[0]                                               # (taps, positions)
+    y_sum = y.sum(0, dtype=torch.float64).reshape(out, -1)                         # (out, positions)
+    C[:, -1] += y_sum.sum(1).view(g, -1)
+    patches = F.unfold(padded.sum(0, keepdim=True, dtype=torch.float64), kernel)[0]  # (C * taps, positions)
+    if mu is not None:
+        by_tap = (P @ y_sum.T).view(taps, g, 1, out // g)                          # P Y, (taps, g, 1, out/g)
+        C[:, :-1] += (mu.view(g, -1, 1, 1) * by_tap.permute(1, 0, 2, 3).transpose(1, 2)).reshape(g, -1, out // g)
+    if G is None:
+        return
+    d = patches.shape[0] // g
+    n = y.shape[0]
+    rows = n * y[0, 0].numel()
+    ones = patches.sum(1)
+    if mu is not None:
+        ones = ones + (mu[:, None] * (n * P.sum(1))[None]).reshape(-1)
+    G[:, :-1, -1] += ones.view(g, d)
+    G[:, -1, :-1] += ones.view(g, d)
+    G[:, -1, -1] += rows
+    if mu is None:
+        return
+    U = (patches @ P.T).view(g, d, taps)                                          # (g, (c, tap), tap')
+    K = n * (P @ P.T)                                                             # both taps inside, all samples
+    eye = torch.eye(taps, dtype=torch.float64, device=G.device)
+    mu_g = mu.view(g, -1)
+    lhs = torch.cat([U, (mu_g[:, :, None, None] * eye).reshape(g, d, taps)], 2)    # (g, d, 2 taps)
+    right_mu = (eye[None, :, None, :] * mu_g[:, None, :, None]).reshape(g, taps, d)   # delta(t'', t') mu_c'
+    right_u = U.transpose(1, 2) + (K[None, :, None, :] * mu_g[:, None, :, None]).reshape(g, taps, d)
+    G[:, :-1, :-1].baddbmm_(lhs, torch.cat([right_mu, right_u], 1))

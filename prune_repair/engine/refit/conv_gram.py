@@ -1,8 +1,7 @@
 """Pieces of a conv layer's Gram statistics: padded inputs, im2col views, the method choice, and the
 patch sums without unfolding anything.
 
-A Conv1d is handled as a Conv2d of height 1. The ones column of ``X`` gives ``X^T 1``, the sums of
-each patch column, which are box sums of the sample-summed input.
+A Conv1d is handled as a Conv2d of height 1.
 
 Example:
     >>> import torch
@@ -14,8 +13,6 @@ Example:
     >>> y = torch.einsum("gmd,god->mgo", p, w).reshape(3, 25, 4).transpose(1, 2)
     >>> torch.allclose(y.reshape(3, 4, 5, 5), conv(x) - conv.bias[:, None, None])
     True
-    >>> torch.allclose(patch_sums(conv, pad_input(conv, x)), p.sum(1))
-    True
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .corr_gram import correlation_cost, supports
+from .corr_gram import correlation_cost
 from .gram_options import GramMethod
 
 MIN_CORRELATION_CHANNELS = 8
@@ -79,6 +76,16 @@ def conv_patches(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor
     return view.reshape(g, n * view.shape[2] * view.shape[3], -1).to(torch.float64)
 
 
+def zero_pads(module: nn.Conv1d | nn.Conv2d) -> tuple[int, int, int, int]:
+    """The (top, bottom, left, right) padding of the layer where it pads with zeros, else zeros
+    (other padding modes repeat the input: those positions are data)."""
+    if module.padding_mode != "zeros":
+        return (0, 0, 0, 0)
+    left, right, *rest = module._reversed_padding_repeated_twice
+    top, bottom = rest if rest else (0, 0)
+    return top, bottom, left, right
+
+
 def output_size(module: nn.Conv1d | nn.Conv2d, padded: torch.Tensor) -> tuple[int, int]:
     """``(H_out, W_out)`` of the layer on a :func:`pad_input` input."""
     (kh, kw), (dh, dw), (sh, sw) = kernel_of(module), _pair(module, module.dilation), _pair(module, module.stride)
@@ -94,23 +101,15 @@ def conv_method(module: nn.Conv1d | nn.Conv2d, out_size: tuple[int, int], reques
     on a layer it does not apply to is a ``ValueError``."""
     requested = GramMethod.parse(requested, "Gram method")
     kernel = kernel_of(module)
-    fits = (_pair(module, module.stride) == (1, 1) and _pair(module, module.dilation) == (1, 1)
-            and supports(out_size, kernel))
+    fits = _pair(module, module.stride) == (1, 1) and _pair(module, module.dilation) == (1, 1)
     if requested is GramMethod.CORRELATION:
         if not fits:
-            raise ValueError(f"method='correlation' needs a stride-1, dilation-1 conv with outputs of at least the "
-                             f"kernel size - 1, not {module}: use method='auto' or 'im2col'")
+            raise ValueError(f"method='correlation' needs a stride-1, dilation-1 conv, not {module}: "
+                             "use method='auto' or 'im2col'")
         return requested
     rows = samples * math.prod(out_size)
     if (requested is GramMethod.AUTO and fits and module.in_channels // module.groups >= MIN_CORRELATION_CHANNELS
             and rows >= MIN_CORRELATION_ROWS):
-        if correlation_cost(out_size, kernel) <= CORRELATION_ADVANTAGE * math.prod(kernel) ** 2 * math.prod(out_size):
+        if correlation_cost(out_size, kernel, zero_pads(module)) <= CORRELATION_ADVANTAGE * math.prod(kernel) ** 2 * math.prod(out_size):
             return GramMethod.CORRELATION
     return GramMethod.IM2COL
-
-
-def patch_sums(module: nn.Conv1d | nn.Conv2d, padded: torch.Tensor) -> torch.Tensor:
-    """``X^T 1``: the sum of every patch column over samples and positions, ``(groups, d_in)`` float64."""
-    summed = padded.sum(0, keepdim=True, dtype=torch.float64)
-    view = patch_view(module, summed, padded=True)  # (g, 1, Ho, Wo, C/g, kh, kw)
-    return view.sum((1, 2, 3)).reshape(module.groups, -1)

@@ -225,7 +225,7 @@ class Gram:
         if conv_method(self.module, (ho, wo), self.method, n) is GramMethod.CORRELATION:
             step = min(most, max(1, chunk_bytes // max(1, ct.itemsize * padded_one[0].numel())))
             for start in range(0, n, step):
-                self._correlate(pad_input(self.module, x[start:start + step]).to(ct), y[start:start + step], with_gram)
+                self._correlate(x[start:start + step].to(ct), y[start:start + step], with_gram)
             return
         y_rows = _target_rows(self.module, y, out, self.name)
         step = min(most, max(1, chunk_bytes // max(ct.itemsize * ho * wo * g * (d + 1), 1)))
@@ -245,9 +245,9 @@ class Gram:
         self.yy.add_(y_rows.to(device=self.G.device, dtype=torch.float64).square().sum(0))
         self.rows += m
 
-    def _correlate(self, padded: torch.Tensor, y: torch.Tensor, with_gram: bool) -> None:
-        """One chunk of a conv by the correlation Gram (``padded`` in the compute dtype): no patch matrix."""
-        add_correlation_products_(self.G, self.C, self.module, padded, y.to(self.G.device), with_gram=with_gram)
+    def _correlate(self, x: torch.Tensor, y: torch.Tensor, with_gram: bool) -> None:
+        """One chunk of a conv by the correlation Gram (``x`` in the compute dtype): no patch matrix."""
+        add_correlation_products_(self.G, self.C, self.module, x, y.to(self.G.device), with_gram=with_gram)
         self.yy += y.to(device=self.G.device, dtype=torch.float64).square().sum([i for i in range(y.dim()) if i != 1])
         self.rows += y.shape[0] * math.prod(y.shape[2:])
 
