@@ -109,6 +109,8 @@ def test_auto_takes_the_correlation_gram_where_it_saves_products():
     assert conv_method(nn.Conv2d(64, 64, 3, padding=1, groups=64), (28, 28), "auto") is GramMethod.IM2COL
     assert conv_method(nn.Conv2d(64, 64, 1), (28, 28), "auto") is GramMethod.IM2COL
     assert conv_method(nn.Conv2d(64, 64, 3, padding=1), (28, 28), "im2col") is GramMethod.IM2COL
+    assert conv_method(nn.Conv2d(64, 64, 3, padding=1), (4, 4), "auto") is GramMethod.CORRELATION  # padding skipped
+    assert conv_method(nn.Conv2d(64, 64, 3), (2, 2), "auto") is GramMethod.IM2COL  # 4 outputs: assembly dominates
     conv = nn.Conv2d(4, 4, 3, dilation=2)
     with pytest.raises(ValueError, match="method='correlation' needs a stride-1, dilation-1 conv"):
         Gram.for_layer(conv, method="correlation").add(torch.randn(1, 4, 9, 9), conv(torch.randn(1, 4, 9, 9)))

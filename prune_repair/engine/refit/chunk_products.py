@@ -111,8 +111,8 @@ def add_correlation_products_(G: torch.Tensor, C: torch.Tensor, module: nn.Conv1
     padding, so zero padding stays zero and the products skip it (other padding modes repeat the centred
     input), and the means are put back per tap (:func:`_add_patch_means_`)."""
     g, kernel = module.groups, kernel_of(module)
-    centred = x.dtype != torch.float64
-    mu = x.mean([i for i in range(x.dim()) if i != 1], dtype=torch.float64).to(x.dtype) if centred else None
+    dims = [i for i in range(x.dim()) if i != 1]
+    mu = None if x.dtype == torch.float64 else x.mean(dims, dtype=torch.float64).to(x.dtype)
     padded = pad_input(module, x - mu.view(-1, *[1] * (x.dim() - 2)) if mu is not None else x)
     top, bottom, left, right = zero_pads(module)
     inside = ((top, padded.shape[2] - bottom), (left, padded.shape[3] - right))
@@ -130,8 +130,9 @@ def _add_patch_means_(G: torch.Tensor | None, C: torch.Tensor, module: nn.Conv1d
     padding, and the ones column. A patch is ``X = X' + M`` with ``M[p, (c, tap)] = mu_c`` where the tap
     reads inside the input, 0 in zero padding (``inside``: the padded map of ones). With ``P`` the
     ``(taps, positions)`` patches of ``inside``, ``U = X'^T P^T`` (box sums of the centred input) and
-    ``K = N P P^T`` (``N`` samples), per block of taps ``X^T X = X'^T X' + U mu^T + mu U^T + mu mu^T K``: one product of inner
-    size ``2 taps`` over ``G``. Likewise ``X^T 1 = X'^T 1 + N mu (P 1)`` and ``X^T Y = X'^T Y + mu (P Y)``."""
+    ``K = N P P^T`` (``N`` samples), per block of taps ``X^T X = X'^T X' + U mu^T + mu U^T + mu mu^T K``:
+    one product of inner size ``2 taps`` over ``G``. Likewise ``X^T 1 = X'^T 1 + N mu (P 1)`` and
+    ``X^T Y = X'^T Y + mu (P Y)``."""
     g, kernel = module.groups, kernel_of(module)
     taps, out = math.prod(kernel), y.shape[1]
     inside = pad_input(module, x.new_ones(1, 1, *x.shape[2:], dtype=torch.float64))
