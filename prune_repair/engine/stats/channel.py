@@ -161,12 +161,8 @@ def _shifted_moments(x: torch.Tensor, rows: bool) -> tuple[torch.Tensor, torch.T
     per_item = c * (1 if rows else x.shape[2])
     step = max(1, CHUNK_ELEMENTS.get(x.device.type, 1 << 22) // max(per_item, 1))
     buffer = _scratch(min(step, items) * per_item, x.device)
-    # the float32 partial sums of values and squares, one row per chunk (column sums) or per map,
-    # written in place and summed in float64 once at the end: few small ops per chunk
-    partials = items if not (rows or short) else -(-items // step)
-    parts = torch.empty((2, partials, c), dtype=torch.float32, device=x.device)
-    shift = None
-    for k, start in enumerate(range(0, items, step)):
+    shift = s1 = s2 = None  # few small ops per chunk: they cost more than the sums on small outputs
+    for start in range(0, items, step):
         chunk = x if step >= items else x[start:start + step]
         n = chunk.shape[0]
         out = buffer if n == min(step, items) else buffer[:n * per_item]
@@ -178,8 +174,7 @@ def _shifted_moments(x: torch.Tensor, rows: bool) -> tuple[torch.Tensor, torch.T
                 d.sub_(shift)
             else:
                 d = torch.sub(src, shift, out=out.view(src.shape)).view(-1, c)
-            torch.sum(d, 0, out=parts[0, k])
-            torch.sum(d.mul_(d), 0, out=parts[1, k])
+            p1, p2 = d.sum(0), d.mul_(d).sum(0)
         else:  # centred maps (n, C, S): float32 over each map, float64 across maps
             if shift is None:
                 d = out.view(chunk.shape).copy_(chunk)
@@ -187,9 +182,11 @@ def _shifted_moments(x: torch.Tensor, rows: bool) -> tuple[torch.Tensor, torch.T
                 d.sub_(shift.view(c, 1))
             else:
                 d = torch.sub(chunk, shift.view(c, 1), out=out.view(chunk.shape))
-            torch.sum(d, 2, out=parts[0, start:start + n])
-            torch.sum(d.mul_(d), 2, out=parts[1, start:start + n])
-    s1, s2 = parts.sum(1, dtype=torch.float64)
+            p1, p2 = d.sum(2).sum(0, dtype=torch.float64), d.mul_(d).sum(2).sum(0, dtype=torch.float64)
+        if s1 is None:
+            s1, s2 = p1.to(torch.float64), p2.to(torch.float64)
+        else:
+            s1, s2 = s1.add_(p1), s2.add_(p2)
     offset = s1 / count
     m2 = s2.sub_(s1 * offset).clamp_min_(0)
     return offset.add_(shift), m2
