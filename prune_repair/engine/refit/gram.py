@@ -242,13 +242,14 @@ class Gram:
         buf.view(x_rows.shape).copy_(x_rows)  # one copy: layout, dtype and device
         y = y_rows.to(device=self.G.device, dtype=ct).view(m, g, -1).transpose(0, 1)
         add_centered_products_(self.G, self.C, buf, y, with_gram=with_gram)  # float32: about the chunk's means
-        self.yy.add_(y_rows.to(device=self.G.device, dtype=torch.float64).square().sum(0))
+        self.yy.add_(y_rows.to(device=self.G.device, dtype=torch.float64, copy=True).square_().sum(0))
         self.rows += m
 
     def _correlate(self, x: torch.Tensor, y: torch.Tensor, with_gram: bool) -> None:
         """One chunk of a conv by the correlation Gram (``x`` in the compute dtype): no patch matrix."""
         add_correlation_products_(self.G, self.C, self.module, x, y.to(self.G.device), with_gram=with_gram)
-        self.yy += y.to(device=self.G.device, dtype=torch.float64).square().sum([i for i in range(y.dim()) if i != 1])
+        squares = y.to(device=self.G.device, dtype=torch.float64, copy=True).square_()
+        self.yy += squares.sum([i for i in range(y.dim()) if i != 1])
         self.rows += y.shape[0] * math.prod(y.shape[2:])
 
     def relative_error(self, weight: torch.Tensor, *, intercept: bool = True) -> torch.Tensor:
