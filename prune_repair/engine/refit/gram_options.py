@@ -44,8 +44,8 @@ class GramMethod(MethodEnum):
 
     AUTO = "auto", "correlation where it needs fewer multiplications (stride-1 convs), else im2col"
     IM2COL = "im2col", "products of the unfolded patch rows, a chunk of samples at a time"
-    CORRELATION = ("correlation", "shifted correlations of the input plus thin border terms (stride 1, "
-                   "dilation 1 only); exact, about 3x fewer multiplications for a 3x3 kernel")
+    CORRELATION = ("correlation", "shifted correlations of the input, summed per tap window (stride 1, "
+                   "dilation 1 only; zero padding skipped); exact, 3-6x fewer multiplications for a 3x3 kernel")
 
 
 _DEFAULTS: list[tuple[GramPrecision, GramMethod]] = [(GramPrecision.FLOAT32, GramMethod.AUTO)]
