@@ -54,3 +54,11 @@ def test_slots_are_restored_when_the_last_of_nested_entries_leaves_and_after_an_
             raise RuntimeError("boom")
     assert model.inner.weight is weight and model.twin.weight is weight
     assert [name for name, _ in model.named_parameters()] == ["inner.weight", "inner.bias", "twin.bias"]
+
+
+def test_a_lazy_layer_is_measured_as_before():
+    from prune_repair import collect_stats
+
+    model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))
+    stats = collect_stats(model, torch.randn(4, 3))
+    assert list(stats) == ["0"] and type(model[0].weight) is nn.Parameter

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 Handler = Callable[[Callable[..., Any], tuple, dict], Any]
 """``handler(func, args, kwargs)``: run the call (``func(*args, **kwargs)``) and return its result."""
@@ -94,8 +95,8 @@ class Watch:
         try:
             for module in self.model.modules():
                 for name, param in module._parameters.items():
-                    if param is None or id(param) not in self.params:
-                        continue
+                    if param is None or id(param) not in self.params or is_lazy(param):
+                        continue  # a lazy module's weight is materialized in place by its first call
                     if id(param) not in stands:
                         stand = torch.Tensor._make_subclass(_Stand, param, param.requires_grad)
                         stand._param, stand._handler = param, self.handler
