@@ -191,7 +191,8 @@ class Gram:
         and options) adds that instead of forming it again.
         """
         x_in, reused = x, (shared.lookup(self, x, mask) if shared is not None else None)
-        before = self.G.clone() if shared is not None and reused is None else None
+        fresh = self.rows == 0  # then the increment is G itself: no copy before, one after
+        before = self.G.clone() if shared is not None and reused is None and not fresh else None
         if mask is not None and reads_last_dim(self.module) and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
             keep = mask.to(device=x.device, dtype=torch.bool)
             x, y = x[keep], y.to(x.device)[keep]
@@ -201,8 +202,8 @@ class Gram:
             self._buf = None
         if reused is not None:
             self.G += reused
-        elif before is not None:
-            shared.store(self, x_in, mask, self.G - before)
+        elif shared is not None:
+            shared.store(self, x_in, mask, self.G - before if before is not None else self.G.clone())
 
     def _add(self, x: torch.Tensor, y: torch.Tensor, chunk_bytes: int, with_gram: bool = True) -> None:
         g, d, out = self.groups, self.d_in, self.out
