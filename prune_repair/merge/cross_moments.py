@@ -49,7 +49,7 @@ class CrossMoments(_Moments):
         self.pending: list[Update] = []
 
     def add_pair(self, ya: torch.Tensor, yb: torch.Tensor, last: bool = False) -> None:
-        """``ya``, ``yb``: (n, C) copies (centred in place). Float32 blocks are centred on the
+        """``ya``, ``yb``: (n, C) copies, row- or column-major (centred in place). Float32 blocks are centred on the
         float32 rounding of their float64 mean and multiplied in float32 (one GEMM), the product
         added into the float64 co-moment (one pass), or kept as it is when the first batch is also
         the ``last`` (in the shared ``workspace`` when there is one: read it before the next pair of
