@@ -166,8 +166,7 @@ def correlation_cross(xl: torch.Tensor, y: torch.Tensor, kernel: tuple[int, int]
                       inside: tuple[Span, Span] | None = None) -> torch.Tensor:
     """``X^T Y`` of a stride-1 conv, ``(groups, d, out/groups)`` float64 (products in ``xl``'s dtype), from the
     :func:`positions_first` input and the targets ``y`` ``(N, out, Ho, Wo)``: per kernel tap, one product over
-    whole rows of the input (the rows of its window, cut to ``inside``) against the targets laid out at the
-    input's width, zero beyond the outputs; no patch matrix, no copies of the input.
+    its window cut to ``inside`` (contiguous copies of the column bands, shared by the taps), no patch matrix.
 
     >>> import torch.nn.functional as F
     >>> x, y = torch.randn(2, 4, 5, 6, dtype=torch.float64), torch.randn(2, 6, 3, 4, dtype=torch.float64)
@@ -179,19 +178,15 @@ def correlation_cross(xl: torch.Tensor, y: torch.Tensor, kernel: tuple[int, int]
     kh, kw = kernel
     hp, wp, n, c = xl.shape
     ho, wo, out = hp - kh + 1, wp - kw + 1, y.shape[1]
-    in_rows = inside[0] if inside is not None else (0, hp)
     xl, step = _working(xl, min(c, out) // groups)
-    targets = xl.new_zeros(ho, wp, n, out)  # the targets at full input width, zero beyond the outputs
-    targets[:, :wo] = y.to(xl.dtype).permute(2, 3, 0, 1)
-    flat_x, flat_y = xl.view(-1, c), targets.view(-1, out)
+    in_rows, in_cols = inside if inside is not None else ((0, hp), (0, wp))
+    inputs, targets = _ColumnSlabs(xl), _ColumnSlabs(positions_first(y.to(xl.dtype)))  # (Ho, Wo, N, out)
     cross = xl.new_zeros(groups, c // groups, kh, kw, out // groups, dtype=torch.float64)
     for a in range(kh):
         r0, r1 = max(a, in_rows[0]), min(a + ho, in_rows[1])
         for b in range(kw):
-            # input (r, q + b) meets target (r - a, q) for every position q of the rows: row-major, both are
-            # one contiguous run; pairs past a target row's end meet its zero columns (b <= Wp - Wo)
-            length = ((r1 - r0) * wp - b) * n
-            x0, y0 = (r0 * wp + b) * n, (r0 - a) * wp * n
-            if length > 0:
-                cross[:, :, a, b] = _product(flat_x[x0:x0 + length], flat_y[y0:y0 + length], groups, step)
+            c0, c1 = max(b, in_cols[0]), min(b + wo, in_cols[1])
+            if r1 > r0 and c1 > c0:  # input (r, q) meets target (r - a, q - b) over the window, cut to inside
+                window = inputs.rows((c0, c1), (r0, r1))
+                cross[:, :, a, b] = _product(window, targets.rows((c0 - b, c1 - b), (r0 - a, r1 - a)), groups, step)
     return cross.view(groups, -1, out // groups)
