@@ -49,6 +49,7 @@ from ..run import distributed
 from ..producers import is_conv1d
 from .conv_gram import conv_method, conv_patches, output_size, pad_input, patch_view
 from .chunk_products import add_centered_products_, add_correlation_products_
+from .corr_gram import PRODUCT_ROWS
 from .fit_error import relative_errors
 from .gram_options import GramMethod, GramPrecision, compute_dtype, current_options
 
@@ -89,8 +90,8 @@ def rows_to_weight(module: nn.Module, rows: torch.Tensor, like: torch.Tensor) ->
 
 DEFAULT_MAX_GRAM_BYTES = 4 * 2**30
 DEFAULT_CHUNK_BYTES = 64 * 2**20
-FLOAT32_CHUNK_ROWS = 8192
-"""Most rows summed in one float32 product (its rounding grows with the rows)."""
+
+
 def layer_shape(module: nn.Module) -> tuple[int, int, int]:
     """``(groups, d_in, out)`` of a conv/linear layer: ``d_in`` columns per group, ``out`` rows in all.
 
@@ -214,7 +215,7 @@ class Gram:
             if len(x_rows) != len(y_rows):
                 raise ValueError(f"layer '{self.name}': {len(x_rows)} input rows but {len(y_rows)} target rows")
             step = max(1, chunk_bytes // (ct.itemsize * (d + 1)))
-            step = step if ct == torch.float64 else min(step, FLOAT32_CHUNK_ROWS)
+            step = step if ct == torch.float64 else min(step, PRODUCT_ROWS)
             for start in range(0, len(x_rows), step):
                 self._accumulate(x_rows[start:start + step].unsqueeze(0), y_rows[start:start + step], ct, with_gram)
             return
@@ -222,7 +223,7 @@ class Gram:
         n = x.shape[0]
         padded_one = pad_input(self.module, x[:1])
         ho, wo = output_size(self.module, padded_one)
-        most = n if ct == torch.float64 else max(1, FLOAT32_CHUNK_ROWS // (ho * wo))  # samples per chunk
+        most = n if ct == torch.float64 else max(1, PRODUCT_ROWS // (ho * wo))  # samples per chunk
         if conv_method(self.module, (ho, wo), self.method, n) is GramMethod.CORRELATION:
             step = min(most, max(1, chunk_bytes // max(1, ct.itemsize * padded_one[0].numel())))
             for start in range(0, n, step):
