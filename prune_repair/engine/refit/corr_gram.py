@@ -128,38 +128,53 @@ def add_correlation_gram_(out: torch.Tensor, xl: torch.Tensor, kernel: tuple[int
     ``weight.reshape(out, -1)`` order). ``inside``: the ``(rows, cols)`` of ``xl`` outside which it is zero.
 
     Products are formed in ``x``'s dtype (float64 where they are thin, :data:`THIN_CHANNELS`) and summed in
-    it over at most :data:`PRODUCT_ROWS` rows (in float64 beyond), assembled into one matrix and added to
-    ``out`` (float64) once.
+    it over at most :data:`PRODUCT_ROWS` rows (in float64 beyond), and added to ``out`` (float64) one row tap at
+    a time (:func:`_add_by_row_tap_`).
     """
     kh, kw = kernel
     g = out.shape[0]
     hp, wp, n, c = xl.shape
-    cg = c // g
+    cg, taps = c // g, kh * kw
     ho, wo = hp - kh + 1, wp - kw + 1
     in_rows, in_cols = inside if inside is not None else ((0, hp), (0, wp))
     xl, step = _working(xl, cg)
     step = step if step is not None and ho * wo * n > step else None
-    full = xl.new_empty(g, kh, kw, cg, kh, kw, cg)  # tap-major: a block is a slice of rows, written whole
+    blocks: dict[tuple[int, int], tuple[torch.Tensor, bool]] = {}  # (tap, tap') -> (block, stored transposed)
     slabs = _ColumnSlabs(xl)
     for u, v in _offsets(kh, kw):
         rows, cols = _reach(kh, u, ho, in_rows), _reach(kw, v, wo, in_cols)
-        pairs = [(a, b) for a in _taps(kh, u) for b in _taps(kw, v)]
-        ia, ib = torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs])
         if rows[1] <= rows[0] or cols[1] <= cols[0]:  # no pair of this offset meets inside: zero blocks
-            full[:, ia, ib, :, ia + u, ib + v] = 0
-            full[:, ia + u, ib + v, :, ia, ib] = 0
             continue
+        pairs = [(a, b) for a in _taps(kh, u) for b in _taps(kw, v)]
         row_bands, col_bands = _bands(kh, ho, rows), _bands(kw, wo, cols)
         cells = torch.stack([_product(slabs.rows((c0, c1), (r0, r1)), slabs.rows((c0 + v, c1 + v), (r0 + u, r1 + u)),
                                       g, step) for r0, r1 in row_bands for c0, c1 in col_bands])  # (cells, g, C/g, C/g)
         member = torch.tensor([[float(a <= r0 and r1 <= a + ho and b <= c0 and c1 <= b + wo)
                                 for r0, r1 in row_bands for c0, c1 in col_bands] for a, b in pairs],
                               dtype=cells.dtype, device=xl.device)
-        blocks = (member @ cells.view(len(cells), -1)).to(xl.dtype).view(len(pairs), g, cg, cg)
-        full[:, ia, ib, :, ia + u, ib + v] = blocks
-        if (u, v) != (0, 0):  # the blocks at the opposite offset are the transposes
-            full[:, ia + u, ib + v, :, ia, ib] = blocks.transpose(-1, -2)
-    out.view(g, cg, kh, kw, cg, kh, kw).add_(full.permute(0, 3, 1, 2, 6, 4, 5))
+        combined = (member @ cells.view(len(cells), -1)).view(len(pairs), g, cg, cg)
+        for (a, b), block in zip(pairs, combined):
+            tap, partner = a * kw + b, (a + u) * kw + b + v
+            blocks[tap, partner] = (block, False)
+            if (u, v) != (0, 0):
+                blocks[partner, tap] = (block, True)  # the opposite offset: the transpose
+    _add_by_row_tap_(out.view(g, cg, taps, cg * taps), blocks, taps)
+
+
+def _add_by_row_tap_(out: torch.Tensor, blocks: dict[tuple[int, int], tuple[torch.Tensor, bool]], taps: int) -> None:
+    """Add the ``(tap, tap')`` blocks ``(g, C/g, C/g)`` (missing: zero) to ``out`` ``(g, C/g, taps, C/g * taps)``
+    (the Gram in weight order) one row tap at a time: its blocks are interleaved into one float64 buffer that
+    stays in cache, then added to the tap's rows, each a contiguous row of ``out``."""
+    g, cg = out.shape[0], out.shape[1]
+    row = out.new_empty(g, cg, cg, taps)
+    for tap in range(taps):
+        for partner in range(taps):
+            block, transposed = blocks.get((tap, partner), (None, False))
+            if block is None:
+                row[..., partner] = 0
+            else:
+                row[..., partner] = block.transpose(-1, -2) if transposed else block
+        out[:, :, tap] += row.view(g, cg, cg * taps)
 
 
 def correlation_cross(xl: torch.Tensor, y: torch.Tensor, kernel: tuple[int, int], groups: int, *,

@@ -52,6 +52,7 @@ from .chunk_products import add_centered_products_, add_correlation_products_
 from .corr_gram import PRODUCT_ROWS
 from .fit_error import relative_errors
 from .gram_options import GramMethod, GramPrecision, compute_dtype, current_options
+from .gram_storage import GramStorage
 
 if TYPE_CHECKING:
     from .shared_gram import SharedInputs
@@ -169,16 +170,19 @@ class Gram:
     def for_layer(
         cls, module: nn.Module, *, name: str = "", max_bytes: int = DEFAULT_MAX_GRAM_BYTES,
         device: torch.device | str | None = None, precision: GramPrecision | str | None = None,
-        method: GramMethod | str | None = None,
+        method: GramMethod | str | None = None, storage: GramStorage | None = None,
     ) -> "Gram":
-        """Zero statistics for ``module`` on ``device`` (default: the layer's), after the memory check."""
+        """Zero statistics for ``module`` on ``device`` (default: the layer's), after the memory check;
+        ``G`` in ``storage``'s spare memory when it fits."""
         check_gram_memory(module, name or type(module).__name__, max_bytes)
         groups, d, out = layer_shape(module)
         if device is None:
             device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        device = torch.device(device)
         kw = dict(dtype=torch.float64, device=device)
-        return cls(module, torch.zeros(groups, d + 1, d + 1, **kw), torch.zeros(groups, d + 1, out // groups, **kw),
-                   torch.zeros(out, **kw), name, precision=precision, method=method)
+        G = storage.zeros((groups, d + 1, d + 1), device) if storage is not None else torch.zeros(groups, d + 1, d + 1, **kw)
+        return cls(module, G, torch.zeros(groups, d + 1, out // groups, **kw), torch.zeros(out, **kw), name,
+                   precision=precision, method=method)
 
     def add(self, x: torch.Tensor, y: torch.Tensor, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
             mask: torch.Tensor | None = None, shared: "SharedInputs | None" = None) -> None:

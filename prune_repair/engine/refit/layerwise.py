@@ -45,6 +45,7 @@ from ..run.pipeline import Arrive, Context, Reference, calibrate
 from ..run.reference import ReferenceOutputs
 from .attention_inputs import ReferenceCapture, attach_calls, owner_of, refresh_pruned_weight
 from .gram import DEFAULT_MAX_GRAM_BYTES, Gram
+from .gram_storage import GramStorage
 from .shared_gram import SharedInputs
 
 __all__ = ["LayerStep", "LayerSteps", "ReferenceOutputs", "layerwise_", "refresh_pruned_weight"]
@@ -57,20 +58,25 @@ class LayerStep:
     """One layer: its Gram statistics over the batches, then ``step(index, gram)``."""
 
     def __init__(self, index: int, name: str, module: nn.Module, step: StepFn, max_gram_bytes: int,
-                 kind: str = "module", owner: nn.Module | None = None, shared: SharedInputs | None = None):
+                 kind: str = "module", owner: nn.Module | None = None, shared: SharedInputs | None = None,
+                 storage: GramStorage | None = None):
         self.index, self.name, self.where, self.module = index, name, name, module
         self.step, self.max_gram_bytes = step, max_gram_bytes
         self.kind, self.owner, self.shared = kind, owner, shared  # see refit.attention_layers
+        self.storage = storage
         self.gram: Gram | None = None
+
+    def _new_gram(self) -> Gram:
+        return Gram.for_layer(self.module, name=self.name, max_bytes=self.max_gram_bytes, storage=self.storage)
 
     def add(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> None:
         if self.gram is None:
-            self.gram = Gram.for_layer(self.module, name=self.name, max_bytes=self.max_gram_bytes)
+            self.gram = self._new_gram()
         self.gram.add(x, y, mask=mask, shared=self.shared)
 
     def pool(self) -> None:
         if self.gram is None:  # nothing ran here on this rank: zeros, so every rank takes part
-            self.gram = Gram.for_layer(self.module, name=self.name, max_bytes=self.max_gram_bytes)
+            self.gram = self._new_gram()
         self.gram.all_reduce_()
 
     def decide(self) -> None:
@@ -79,6 +85,8 @@ class LayerStep:
             raise ValueError(f"layer '{self.name}' did not run on the calibration data: "
                              "check the data and forward_fn, or leave the layer out of the selection")
         self.step(self.index, gram)
+        if self.storage is not None:  # the step keeps nothing of the statistics
+            self.storage.give_back(gram.G)
 
 
 class LayerSteps:
@@ -86,17 +94,19 @@ class LayerSteps:
     (target: the layer's own output, then recomputed with the new weights) adds each batch.
     Attention projections and ``F.linear`` sites (``kinds``, ``owners``) are reached by
     :mod:`~prune_repair.engine.refit.attention_inputs`. Layers reading the same input tensor
-    share one ``X^T X``."""
+    share one ``X^T X``. ``recycle``: the steps keep nothing of the Gram they are given, so its memory
+    is reused by the next layer's (:class:`~prune_repair.engine.refit.gram_storage.GramStorage`)."""
 
     point = "layer"
 
     def __init__(self, layers: Sequence[Layer], step: StepFn, *, own_output: bool, what: str = "layers",
                  max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES, kinds: dict[str, str] | None = None,
-                 owners: dict[str, nn.Module] | None = None):
+                 owners: dict[str, nn.Module] | None = None, recycle: bool = False):
         self.what, self.own_output = what, own_output
         kinds, owners, shared = kinds or {}, owners or {}, SharedInputs()
+        storage = GramStorage() if recycle else None
         self.steps = [LayerStep(i, name, module, step, max_gram_bytes, kinds.get(name, "module"), owners.get(name),
-                                shared) for i, (name, module) in enumerate(layers)]
+                                shared, storage) for i, (name, module) in enumerate(layers)]
 
     @contextlib.contextmanager
     def attach(self, forward: Callable[[Any], Any], active: Sequence[int], arrive: Arrive,
@@ -146,6 +156,7 @@ def layerwise_(
     progress: Any = None,
     what: str = "layers",
     kinds: dict[str, str] | None = None,
+    recycle: bool = False,
 ) -> int:
     """Run ``step(i, gram)`` for every layer in order (see the module doc). Returns the forwards
     made (batches x passes; a segment run counts one); ``target.passes`` counts the reference's.
@@ -155,6 +166,8 @@ def layerwise_(
     layer's own output). ``blocks``, ``offload``: see ``passes="blockwise"``. ``progress``: see
     :mod:`~prune_repair.engine.run.progress`. ``kinds``: layer FQN -> ``"in_proj"``, ``"out_proj"`` or
     ``"function"`` for layers not called as modules (:mod:`~prune_repair.engine.refit.attention_layers`).
+    ``recycle``: ``step`` keeps no reference to the Gram (or its tensors) it is given, so the next layer's
+    ``G`` reuses its memory.
     """
     batches, kinds = as_batches(batches), dict(kinds or {})
     owners = {name: owner_of(model, name) for name, kind in kinds.items() if kind in ("in_proj", "out_proj")}
@@ -163,7 +176,7 @@ def layerwise_(
         capture = ReferenceCapture(kinds) if any(k != "module" for k in kinds.values()) else None
         reference = Reference(target.reference, target.keep, target.max_bytes, capture=capture)
     method = LayerSteps(layers, step, own_output=target is None, what=what, max_gram_bytes=max_gram_bytes,
-                        kinds=kinds, owners=owners)
+                        kinds=kinds, owners=owners, recycle=recycle)
     log = calibrate(model, batches, method, passes=passes, forward_fn=forward_fn, reference=reference,
                     blocks=blocks, offload=offload, progress=progress)
     if target is not None:

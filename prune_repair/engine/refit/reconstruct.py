@@ -163,7 +163,7 @@ def reconstruct_(
     try:
         made = layerwise_(model, batches, layers, step=step, target=targets, forward_fn=forward_fn,
                           max_gram_bytes=max_gram_bytes, passes=passes, blocks=blocks, offload=offload,
-                          progress=progress, what="reconstruct", kinds=kinds)
+                          progress=progress, what="reconstruct", kinds=kinds, recycle=True)
     except BaseException:
         model.load_state_dict(saved)
         raise

@@ -183,19 +183,18 @@ class _Solver:
         self.quad_of: torch.Tensor | None = None
         self.quad = torch.zeros(2, dtype=torch.float64, device=G.device)
 
-    def _add_quads(self, A, lam, idx, valid, rows, sol, ok, first):
-        """Add ``x^T G[S, S] x`` of the solved rows (and, on the first attempt, of ``quad_of``'s rows) to
-        :attr:`quad`: ``A`` is ``G[S, S]`` plus ``lam`` on the weight diagonal (1 on the padding, where ``x``
-        is 0); both weights go through one product with ``A``."""
-        damped = ((idx < self.d) & valid).to(A.dtype)[:, :, None] * lam[:, None, None]
-        x = sol * ok[:, None, None]
-        c = x.shape[2]
-        if first:
-            x = torch.cat([x, self.quad_of[rows[:, None, :], idx[:, :, None]] * valid[:, :, None]], 2)
-        forms = ((x * torch.bmm(A, x)).sum(1) - (damped * x.square()).sum(1))  # (P, c or 2c)
-        self.quad[1] += forms[:, :c].sum()
-        if first:
-            self.quad[0] += forms[:, c:].sum()
+    def _add_quads(self, system, lam, idx, valid, rows, sol, ok, *, factored):
+        """Add ``x^T G[S, S] x`` of the solved rows and of ``quad_of``'s rows to :attr:`quad`, for the systems
+        solved (``ok``). ``system`` is ``A = G[S, S] + lam I`` (weight diagonal; 1 on the padding, where ``x`` is
+        0), or with ``factored`` its Cholesky factor ``L`` (``x^T A x = ||L^T x||^2``); both weights go through
+        one product."""
+        damped = ((idx < self.d) & valid).to(sol.dtype)[:, :, None] * lam[:, None, None]
+        c = sol.shape[2]
+        x = torch.cat([sol, self.quad_of[rows[:, None, :], idx[:, :, None]] * valid[:, :, None]], 2)
+        forms = torch.bmm(system.mT, x).square().sum(1) if factored else (x * torch.bmm(system, x)).sum(1)
+        forms = forms - (damped * x.square()).sum(1)  # (P, 2c)
+        forms = torch.where(ok[:, None], forms, 0)  # a failed factor is not a factor of A
+        self.quad += torch.stack([forms[:, c:].sum(), forms[:, :c].sum()])
 
     def _batches(self, pats, p_support, order, starts, counts, sizes, complement):
         """Patterns grouped by (bucket size, rows), as padded index tensors in memory-bounded chunks."""
@@ -216,8 +215,8 @@ class _Solver:
                 rows = order[starts[chunk][:, None] + torch.arange(c, device=self.G.device)]
                 yield chunk, idx, valid, rows
 
-    def _system(self, M, grp, idx, valid, lam):
-        A = gather_blocks(M, grp, idx, valid)
+    def _system(self, M, grp, idx, valid, lam, lower=True):
+        A = gather_blocks(M, grp, idx, valid, lower=lower)
         damp = torch.where(idx < self.d, lam[:, None], torch.zeros_like(lam)[:, None])
         A.diagonal(dim1=1, dim2=2).add_(torch.where(valid, damp, torch.ones_like(damp)))
         return A
@@ -230,17 +229,21 @@ class _Solver:
             for attempt in range(MAX_RETRIES + 1):
                 g_, i_, v_, r_ = grp[todo], idx[todo], valid[todo], rows[todo]
                 lam = self.scale[g_] * rel[todo]
-                A = self._system(self.G, g_, i_, v_, lam)
+                A = self._system(self.G, g_, i_, v_, lam, lower=not self.refine)  # refinement needs all of A
                 B = self.C[g_[:, None, None], i_[:, :, None], local[r_][:, None, :]]
                 if self.prior is not None:
                     w0 = self.prior.reshape(-1, self.d)[r_[:, None, :], i_.clamp_max(self.d - 1)[:, :, None]]
                     B = B + torch.where(i_ < self.d, lam[:, None], 0)[:, :, None] * w0
                 B = B * v_[:, :, None]
-                sol, ok, refined = solve_spd(A, B, refine=self.refine)
-                self.refined_rows += refined
+                if self.refine:
+                    sol, ok, refined = solve_spd(A, B, refine=True)
+                    self.refined_rows += refined
+                else:
+                    A, info = torch.linalg.cholesky_ex(A)  # reads A's lower triangle
+                    sol, ok = cholesky_solve_tri(A, B), info == 0
                 _scatter(out, r_[ok], i_[ok], v_[ok], sol[ok])
                 if self.quad_of is not None:
-                    self._add_quads(A, lam, i_, v_, r_, sol, ok, attempt == 0)
+                    self._add_quads(A, lam, i_, v_, r_, sol, ok, factored=not self.refine)
                 if bool(ok.all()):
                     break
                 if attempt == MAX_RETRIES:

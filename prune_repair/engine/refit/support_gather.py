@@ -30,12 +30,20 @@ def support_positions(support: torch.Tensor, width: int) -> tuple[torch.Tensor, 
     return idx, torch.gather(support, 1, idx)
 
 
-def gather_blocks(M: torch.Tensor, group: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def gather_blocks(M: torch.Tensor, group: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, *,
+                  lower: bool = False) -> torch.Tensor:
     """``A[p] = M[group[p]][idx[p]][:, idx[p]]`` ``(p, K, K)``, zero where ``valid`` is False
-    (row or column). ``M``: ``(groups, n, n)``."""
+    (row or column). ``M``: ``(groups, n, n)``. ``lower``: only the lower triangle (diagonal included)
+    is read for a symmetric ``M`` that a Cholesky factorization will take; the entries above the
+    diagonal are left unspecified. Since ``idx`` is ascending, that is the lower triangle of ``M``:
+    half the memory traffic of the gather, the part of its time that is not in cache (resnet18's layers
+    at 90% sparsity, one core: 4609 wide 365 -> 210 ms, 2305 wide 189 -> 127 ms)."""
     n, (p, k) = M.shape[1], idx.shape
     pos = idx.to(torch.int32) if M.shape[0] * n * n < 2**31 else idx
-    flat = (group.to(pos.dtype)[:, None, None] * n + pos[:, :, None]) * n + pos[:, None, :]
+    row_starts = (group.to(pos.dtype)[:, None] * n + pos) * n
+    # lower: entry (a, b > a) reads (a, a), which is in cache: a row stops at the diagonal
+    cols = torch.minimum(pos[:, None, :], pos[:, :, None]) if lower else pos[:, None, :]
+    flat = row_starts[:, :, None] + cols
     A = M.contiguous().view(-1).index_select(0, flat.view(-1)).view(p, k, k)
     if not bool(valid.all()):
         _zero_padding_(A, valid)
