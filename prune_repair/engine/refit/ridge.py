@@ -7,8 +7,8 @@ when ``intercept``)::
                                                                            the bias is not damped)
 
 and ``w = 0`` off the support, exactly. Rows with the same support (dense rows, rows of a
-structured mask) share one factorization; the others are padded to a few bucket sizes and
-solved with batched Cholesky (``torch.linalg.cholesky_ex``) in cache-sized chunks (float32 factors
+structured mask) share one factorization; the others are taken in order of size, padded to the
+largest of a few, and solved with batched Cholesky (``torch.linalg.cholesky_ex``) in cache-sized chunks (float32 factors
 refined in float64 on CUDA: :mod:`~prune_repair.engine.refit.ridge_refine`).
 When most weights are kept, the complement formula with one shared ``H = (G + lam I)^-1``
 is cheaper: ``w = H c - H[:, Z] H[Z, Z]^-1 (H c)[Z]`` (``Z`` = the zeroed positions). Rows
@@ -166,12 +166,6 @@ def _choose_methods(sizes: list[int], counts: list[int], p_group: torch.Tensor, 
     return methods if saved > shared else ["direct"] * len(sizes)
 
 
-def _bucket(k: int) -> int:
-    """Round a support size up so that few distinct batch sizes remain (at most ~6% padding)."""
-    q = max(8, 1 << max(0, k.bit_length() - 5))
-    return -(-k // q) * q
-
-
 class _Solver:
     def __init__(self, G, C, prior, d, scale, damping, work_bytes, refine):
         self.G, self.C, self.prior, self.d, self.scale = G, C, prior, d, scale
@@ -186,29 +180,36 @@ class _Solver:
     def _add_quads(self, system, lam, idx, valid, rows, sol, ok, *, factored):
         """Add ``x^T G[S, S] x`` of the solved rows and of ``quad_of``'s rows to :attr:`quad`, for the systems
         solved (``ok``). ``system`` is ``A = G[S, S] + lam I`` (weight diagonal; 1 on the padding, where ``x`` is
-        0), or with ``factored`` its Cholesky factor ``L`` (``x^T A x = ||L^T x||^2``); both weights go through
-        one product."""
+        0; symmetric), or with ``factored`` its Cholesky factor ``L`` (``x^T A x = ||x^T L||^2``); both weights go
+        through one product."""
         damped = ((idx < self.d) & valid).to(sol.dtype)[:, :, None] * lam[:, None, None]
         c = sol.shape[2]
         x = torch.cat([sol, self.quad_of[rows[:, None, :], idx[:, :, None]] * valid[:, :, None]], 2)
-        forms = torch.bmm(system.mT, x).square().sum(1) if factored else (x * torch.bmm(system, x)).sum(1)
+        # x^T L and x^T A: products with the system untransposed run 2.5x faster than L^T x and A x
+        forms = torch.bmm(x.mT, system).square().sum(2) if factored else (x.mT * torch.bmm(x.mT, system)).sum(2)
         forms = forms - (damped * x.square()).sum(1)  # (P, 2c)
         forms = torch.where(ok[:, None], forms, 0)  # a failed factor is not a factor of A
         self.quad += torch.stack([forms[:, c:].sum(), forms[:, :c].sum()])
 
     def _batches(self, pats, p_support, order, starts, counts, sizes, complement):
-        """Patterns grouped by (bucket size, rows), as padded index tensors in memory-bounded chunks."""
+        """Patterns of the same row count as padded index tensors in memory-bounded chunks, largest systems
+        first: a chunk is padded to its first system's size, and neighbours in size order differ by little
+        (resnet18's layers: a fraction of a percent, against up to 6% with fixed size buckets)."""
         n = self.G.shape[1]
-        keys: dict[tuple[int, int], list[int]] = {}
+        by_count: dict[int, list[tuple[int, int]]] = {}
         for p in pats:
             k = n - sizes[p] if complement else sizes[p]
             if k:
-                keys.setdefault((_bucket(k), counts[p]), []).append(p)
-        for (K, c), ps in sorted(keys.items()):
-            per = 8 * (3 * K * K + 3 * K * c + (n * K + n * c if complement else 0))
-            step = max(1, min(self.work_bytes, CHUNK_BYTES) // per)
-            for i in range(0, len(ps), step):
-                chunk = torch.tensor(ps[i:i + step], device=self.G.device)
+                by_count.setdefault(counts[p], []).append((k, p))
+        for c, items in sorted(by_count.items()):
+            items.sort(reverse=True)
+            i = 0
+            while i < len(items):
+                K = items[i][0]
+                per = 8 * (3 * K * K + 3 * K * c + (n * K + n * c if complement else 0))
+                step = max(1, min(self.work_bytes, CHUNK_BYTES) // per)
+                chunk = torch.tensor([p for _, p in items[i:i + step]], device=self.G.device)
+                i += step
                 sup = p_support[chunk]
                 sel = ~sup if complement else sup
                 idx, valid = support_positions(sel, K)
