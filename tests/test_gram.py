@@ -149,6 +149,17 @@ def test_layers_reading_the_same_input_share_one_gram(make):
     assert shared.hits == 2
 
 
+def test_shared_inputs_keep_a_gram_only_for_a_layer_yet_to_come_of_the_same_geometry():
+    """Given the readers, ``X^T X`` is stored (a copy of ``G``) only while a layer that could reuse it has not
+    started: q/k/v still share; the downsampling conv beside a 3x3 conv (same input, other geometry) stores none."""
+    q, k, conv, down = nn.Linear(6, 4), nn.Linear(6, 3), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 8, 1)
+    shared = SharedInputs(readers=[q, k, conv, down])
+    x, img = torch.randn(5, 6), torch.randn(2, 4, 6, 6)
+    for layer, inp in ((q, x), (k, x), (conv, img), (down, img)):
+        Gram.for_layer(layer).add(inp, layer(inp).detach(), shared=shared)
+    assert shared.hits == 1 and len(shared._entries) == 1  # q's, for k; nothing for the convs
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_symmetric_block_products_equal_the_full_product(dtype):
     """Wide chunks (several column blocks, two groups) multiply only the blocks on and above the diagonal,

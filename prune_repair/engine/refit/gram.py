@@ -196,8 +196,9 @@ class Gram:
         and options) adds that instead of forming it again.
         """
         x_in, reused = x, (shared.lookup(self, x, mask) if shared is not None else None)
+        store = shared is not None and reused is None and shared.wanted(self)
         fresh = self.rows == 0  # then the increment is G itself: no copy before, one after
-        before = self.G.clone() if shared is not None and reused is None and not fresh else None
+        before = self.G.clone() if store and not fresh else None
         if mask is not None and reads_last_dim(self.module) and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
             keep = mask.to(device=x.device, dtype=torch.bool)
             x, y = x[keep], y.to(x.device)[keep]
@@ -207,7 +208,7 @@ class Gram:
             self._buf = None
         if reused is not None:
             self.G += reused
-        elif shared is not None:
+        elif store:
             shared.store(self, x_in, mask, self.G - before if before is not None else self.G.clone())
 
     def _add(self, x: torch.Tensor, y: torch.Tensor, chunk_bytes: int, with_gram: bool = True) -> None:

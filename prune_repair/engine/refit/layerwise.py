@@ -103,7 +103,7 @@ class LayerSteps:
                  max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES, kinds: dict[str, str] | None = None,
                  owners: dict[str, nn.Module] | None = None, recycle: bool = False):
         self.what, self.own_output = what, own_output
-        kinds, owners, shared = kinds or {}, owners or {}, SharedInputs()
+        kinds, owners, shared = kinds or {}, owners or {}, SharedInputs(readers=[module for _, module in layers])
         storage = GramStorage() if recycle else None
         self.steps = [LayerStep(i, name, module, step, max_gram_bytes, kinds.get(name, "module"), owners.get(name),
                                 shared, storage) for i, (name, module) in enumerate(layers)]

@@ -6,7 +6,9 @@ to the :meth:`~prune_repair.engine.refit.gram.Gram.add` of every layer of a pass
 that reads a tensor forms its ``X^T X`` and leaves it here; a later layer reading the SAME tensor
 object, unchanged (its version counter), with the same geometry, mask and options adds the
 stored matrix and forms only its own ``X^T Y``. Entries hold a weak reference to the input (a
-freed tensor is never matched) and are dropped oldest first beyond ``max_bytes``.
+freed tensor is never matched) and are dropped oldest first beyond ``max_bytes``. Given the
+``readers`` (every layer of the pass), an input's ``X^T X`` is kept only while a layer of the same
+geometry has yet to start: a conv net whose layers all differ copies no Gram.
 
 Example:
     >>> import torch
@@ -24,6 +26,8 @@ Example:
 from __future__ import annotations
 
 import weakref
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -40,20 +44,37 @@ def _geometry(module: nn.Module) -> tuple[Any, ...]:
     return ("rows",)
 
 
+def _signature(module: nn.Module) -> tuple[Any, ...]:
+    """Layers with different signatures never share an ``X^T X``."""
+    from .gram import layer_shape  # gram imports this module
+    return _geometry(module), layer_shape(module)[:2]
+
+
 class SharedInputs:
     """``X^T X`` of the inputs seen last, keyed by the input tensor (see the module doc)."""
 
-    def __init__(self, max_bytes: int = DEFAULT_SHARED_BYTES):
+    def __init__(self, max_bytes: int = DEFAULT_SHARED_BYTES, readers: Iterable[nn.Module] | None = None):
         self.max_bytes = max_bytes
         self.hits = 0
         self._entries: list[tuple[tuple, weakref.ref, Any, torch.Tensor]] = []
+        self._waiting = Counter(_signature(m) for m in readers) if readers is not None else None
+        self._started: set[int] = set()
+
+    def wanted(self, gram: Any) -> bool:
+        """Whether a layer that has not started could reuse what ``gram``'s layer forms (always, without
+        ``readers``)."""
+        return self._waiting is None or self._waiting[_signature(gram.module)] > 0
 
     def _key(self, gram: Any, x: torch.Tensor, mask: torch.Tensor | None) -> tuple:
         return (id(x), x._version, tuple(x.shape), x.dtype, str(x.device), id(mask), _geometry(gram.module),
                 gram.d_in, gram.groups, str(gram.precision), str(gram.method), str(gram.G.device))
 
     def lookup(self, gram: Any, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-        """The stored ``X^T X`` increment for ``x`` read by ``gram``'s layer, or ``None``."""
+        """The stored ``X^T X`` increment for ``x`` read by ``gram``'s layer, or ``None`` (the layer counts as
+        started)."""
+        if self._waiting is not None and id(gram.module) not in self._started:
+            self._started.add(id(gram.module))
+            self._waiting[_signature(gram.module)] -= 1
         key = self._key(gram, x, mask)
         for k, x_ref, mask_ref, increment in self._entries:
             if k == key and x_ref() is x and (mask_ref is None or mask_ref() is mask):
