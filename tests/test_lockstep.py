@@ -307,3 +307,26 @@ def test_layerwise_lockstep_equals_per_layer_passes_with_torch_prune_masks():
         assert_close(G1, G2, rtol=1e-12, atol=1e-12)
         assert_close(C1, C2, rtol=1e-12, atol=1e-12)
     assert_close(y1, y2, rtol=1e-12, atol=1e-12)
+
+
+def test_a_streamed_reference_lends_the_output_asked_for_and_copies_outputs_kept_ahead():
+    """While the streamed reference waits at a module, that module's output is handed out as formed (no copy);
+    an output formed on the way to a later one is copied, since the reference goes on past it."""
+    from prune_repair.engine.run.reference import ReferenceOutputs
+
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)).double()
+    formed = {}
+    for name in ("0", "2"):
+        reference.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: formed.__setitem__(name, o))
+    x = torch.randn(4, 5, dtype=torch.float64)
+    outputs = ReferenceOutputs(reference, [x], ["0", "2"])
+    with torch.no_grad(), outputs.streaming():
+        first = outputs(0, 0)
+        assert first is formed["0"] and bool((first < 0).any())  # not yet through the in-place ReLU
+        assert outputs(0, 1) is formed["2"]
+    outputs = ReferenceOutputs(reference, [x], ["2", "0"])  # "2" asked for first: "0" is formed on the way
+    with torch.no_grad(), outputs.streaming():
+        assert outputs(0, 0) is formed["2"]
+        kept = outputs(0, 1)
+        assert kept is not formed["0"] and bool((kept < 0).any()) and not bool((formed["0"] < 0).any())

@@ -174,7 +174,7 @@ def layerwise_(
     reference = None
     if target is not None:
         capture = ReferenceCapture(kinds) if any(k != "module" for k in kinds.values()) else None
-        reference = Reference(target.reference, target.keep, target.max_bytes, capture=capture)
+        reference = Reference(target.reference, target.keep, target.max_bytes, capture=capture, lend=target.lend)
     method = LayerSteps(layers, step, own_output=target is None, what=what, max_gram_bytes=max_gram_bytes,
                         kinds=kinds, owners=owners, recycle=recycle)
     log = calibrate(model, batches, method, passes=passes, forward_fn=forward_fn, reference=reference,

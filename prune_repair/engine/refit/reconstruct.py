@@ -159,7 +159,8 @@ def reconstruct_(
 
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     targets = ReferenceOutputs(reference, batches, [f for f, _ in layers], keep=_kept_channels(kept),
-                               forward_fn=forward_fn, max_bytes=reference_cache_bytes)
+                               lend=_kept_channels(kept, copy=False), forward_fn=forward_fn,
+                               max_bytes=reference_cache_bytes)
     try:
         made = layerwise_(model, batches, layers, step=step, target=targets, forward_fn=forward_fn,
                           max_gram_bytes=max_gram_bytes, passes=passes, blocks=blocks, offload=offload,
@@ -195,12 +196,14 @@ def _chosen_layers(model: nn.Module, reference: nn.Module, batches: list[Any], s
     return layers, {f: bn if isinstance(bn, _BatchNorm) else None for f, bn in bns.items()}, skipped, kinds
 
 
-def _kept_channels(kept: dict[str, torch.Tensor]) -> Callable[[str, nn.Module, torch.Tensor], torch.Tensor]:
-    """What is kept of a reference layer's output: the channels the pruned layer kept, else all (a copy)."""
+def _kept_channels(kept: dict[str, torch.Tensor], *, copy: bool = True
+                   ) -> Callable[[str, nn.Module, torch.Tensor], torch.Tensor]:
+    """What is kept of a reference layer's output: the channels the pruned layer kept, else all (a copy,
+    or with ``copy=False`` the output itself)."""
     def keep(fqn: str, ref_module: nn.Module, y: torch.Tensor) -> torch.Tensor:
         if fqn in kept:
             return y.index_select(-1 if reads_last_dim(ref_module) else 1, kept[fqn].to(y.device))
-        return y.clone()
+        return y.clone() if copy else y
     return keep
 
 

@@ -45,9 +45,8 @@ def _geometry(module: nn.Module) -> tuple[Any, ...]:
 
 
 def _signature(module: nn.Module) -> tuple[Any, ...]:
-    """Layers with different signatures never share an ``X^T X``."""
-    from .gram import layer_shape  # gram imports this module
-    return _geometry(module), layer_shape(module)[:2]
+    """Layers with different signatures never share an ``X^T X`` (a conv's geometry holds its input width)."""
+    return _geometry(module), getattr(module, "in_features", None)
 
 
 class SharedInputs:

@@ -7,7 +7,9 @@ reference on the same batch. :class:`ReferenceOutputs` hands out those outputs o
 - :meth:`ReferenceOutputs.streaming`: the reference runs ONCE per batch, in a thread that
   pauses at each named module until its output is asked for
   (:class:`~prune_repair.engine.run.lockstep.Stream`): one output alive at a time, nothing
-  re-run (one inline pass, or batches in lockstep);
+  re-run (one inline pass, or batches in lockstep). The output asked for is handed out as the
+  reference formed it, not copied (``lend``): it stays as it is until the next output is asked
+  for, since the reference waits at that module until then;
 - otherwise a prefix pass of the reference caches the outputs of upcoming modules up to a
   memory budget; a further pass refills the cache only when the budget was reached (one
   prefix pass per step, one batch at a time).
@@ -69,19 +71,27 @@ def copy_output(name: str, module: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return y.clone()
 
 
+def whole_output(name: str, module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """The whole output itself (lent while the streamed reference waits at its module)."""
+    return y
+
+
 class ReferenceOutputs:
     """Outputs of the reference model's modules named ``names``, per batch (see the module doc).
 
-    ``keep`` chooses what is kept of each output (default: a copy of all of it);
-    ``max_bytes`` bounds what the cached (not streamed) mode holds ahead; ``capture`` reaches
-    the named outputs (default: forward hooks on modules of those names).
+    ``keep`` chooses what is kept of each output (default: a copy of all of it); ``lend``, the
+    same part without a copy, for the output asked for while the streamed reference waits at its
+    module (default: the output itself for the default ``keep``, else ``keep``): the caller uses it
+    before asking for the next one. ``max_bytes`` bounds what the cached (not streamed) mode holds
+    ahead; ``capture`` reaches the named outputs (default: forward hooks on modules of those names).
     """
 
     def __init__(self, reference: nn.Module, batches: Sequence[Any], names: Sequence[str], *,
                  keep: Keep = copy_output, forward_fn: ForwardFn | None = None, max_bytes: int = 2**30,
-                 capture: Capture | None = None):
+                 capture: Capture | None = None, lend: Keep | None = None):
         self.reference, self.batches, self.names = reference, list(batches), list(names)
         self.keep, self.forward_fn, self.max_bytes = keep, forward_fn, max_bytes
+        self.lend = lend if lend is not None else (whole_output if keep is copy_output else keep)
         self.capture = capture or module_outputs
         self.per_batch = max(1, max_bytes // max(1, len(self.batches)))
         self.cache: dict[tuple[int, int], torch.Tensor] = {}
@@ -98,11 +108,10 @@ class ReferenceOutputs:
             self._fill(b, i)
         return self.cache.pop((b, i))
 
-    def _capture(self, names: Sequence[str], on_output: Callable[[int, torch.Tensor], None]
+    def _capture(self, names: Sequence[str], on_output: Callable[[int, str, nn.Module, torch.Tensor], None]
                  ) -> AbstractContextManager[Callable[[Callable[[], Any]], Any]]:
         index = {n: j for j, n in enumerate(self.names)}
-        return self.capture(self.reference, names, lambda name, module, y: on_output(index[name],
-                                                                                    self.keep(name, module, y)))
+        return self.capture(self.reference, names, lambda name, module, y: on_output(index[name], name, module, y))
 
     @contextlib.contextmanager
     def streaming(self) -> Iterator["ReferenceOutputs"]:
@@ -110,7 +119,7 @@ class ReferenceOutputs:
         module until its output is asked for; the paused forwards are stopped on exit."""
         local = threading.local()
         with (hooked_pass(self.reference, forward_fn=self.forward_fn) as run,
-              self._capture(self.names, lambda j, y: local.emit((j, y))) as within):
+              self._capture(self.names, lambda *output: local.emit(output)) as within):
 
             def produce(b: int) -> Callable:
                 def forward(emit: Callable[[Any], None]) -> None:
@@ -134,16 +143,18 @@ class ReferenceOutputs:
             more, item = self._streams[b].next()
             if not more:
                 raise ValueError(f"layer '{self.names[i]}' of the reference did not run on the calibration data")
-            j, y = item
-            if j >= i:  # an earlier module the model has passed is not needed any more
-                self.cache[(b, j)] = y
+            j, name, module, y = item
+            if j == i:  # used before the next output is asked for, while the reference waits here
+                self.cache[(b, j)] = self.lend(name, module, y)
+            elif j > i:  # kept while the reference goes on (an earlier module is not needed any more)
+                self.cache[(b, j)] = self.keep(name, module, y)
 
     def _fill(self, b: int, i: int) -> None:
         used = 0
 
-        def keep(j: int, y: torch.Tensor) -> None:
+        def keep(j: int, name: str, module: nn.Module, y: torch.Tensor) -> None:
             nonlocal used
-            self.cache[(b, j)] = y
+            y = self.cache[(b, j)] = self.keep(name, module, y)
             used += y.numel() * y.element_size()
             if used >= self.per_batch and j >= i or j == len(self.names) - 1:
                 raise StopForward

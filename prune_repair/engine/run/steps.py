@@ -73,7 +73,8 @@ class Context:
         return self.masks[self.batch]
 
     def reference(self, k: int) -> torch.Tensor:
-        """The reference model's output of step ``k``'s module on this batch."""
+        """The reference model's output of step ``k``'s module on this batch; use it before asking for
+        another (it may be the reference's own tensor, which its forward goes on with afterwards)."""
         if self.targets is None:
             raise RuntimeError("this calibration runs no reference model beside the model")
         return self.targets(self.batch, self.index_of[k])
@@ -88,6 +89,7 @@ class Reference:
     keep: Keep = copy_output
     cache_bytes: int = 2**30
     capture: Capture | None = None
+    lend: Keep | None = None
 
 
 @dataclass

@@ -87,7 +87,8 @@ class Runner:
         self.context.index_of = {k: i for i, k in enumerate(active)}
         self.context.targets = ReferenceOutputs(
             self.reference.model, inputs, [self.steps[k].where for k in active], keep=self.reference.keep,
-            forward_fn=forward_fn, max_bytes=self.reference.cache_bytes, capture=self.reference.capture)
+            forward_fn=forward_fn, max_bytes=self.reference.cache_bytes, capture=self.reference.capture,
+            lend=self.reference.lend)
         return self.context.targets
 
     def _count_reference(self, targets: ReferenceOutputs | None) -> None:
