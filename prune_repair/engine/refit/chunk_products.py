@@ -124,20 +124,23 @@ def add_correlation_products_(G: torch.Tensor, C: torch.Tensor, module: nn.Conv1
     xl = positions_first(padded)
     y4 = y.reshape(y.shape[0], y.shape[1], *output_size(module, padded))
     C[:, :-1] += correlation_cross(xl, y4, kernel, g, inside=inside)
+    low_rank = _add_patch_means_(G if with_gram else None, C, module, x, padded, y4,
+                                 mu.double() if mu is not None else None)
     if with_gram:
-        add_correlation_gram_(G[:, :-1, :-1], xl, kernel, inside=inside)
-    _add_patch_means_(G if with_gram else None, C, module, x, padded, y4, mu.double() if mu is not None else None)
+        add_correlation_gram_(G[:, :-1, :-1], xl, kernel, inside=inside, low_rank=low_rank)
 
 
 def _add_patch_means_(G: torch.Tensor | None, C: torch.Tensor, module: nn.Conv1d | nn.Conv2d, x: torch.Tensor,
-                      padded: torch.Tensor, y: torch.Tensor, mu: torch.Tensor | None) -> None:
+                      padded: torch.Tensor, y: torch.Tensor, mu: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The terms of the channel means ``mu`` (``None``: not centred) taken out of a conv's input before
     padding, and the ones column. A patch is ``X = X' + M`` with ``M[p, (c, tap)] = mu_c`` where the tap
     reads inside the input, 0 in zero padding (``inside``: the padded map of ones). With ``P`` the
     ``(taps, positions)`` patches of ``inside``, ``U = X'^T P^T`` (box sums of the centred input) and
     ``K = N P P^T`` (``N`` samples), per block of taps ``X^T X = X'^T X' + U mu^T + mu U^T + mu mu^T K``:
-    one product of inner size ``2 taps`` over ``G``. Likewise ``X^T 1 = X'^T 1 + N mu (P 1)`` and
-    ``X^T Y = X'^T Y + mu (P Y)``."""
+    one product of inner size ``2 taps``, returned as its two factors (``None``: nothing to add) for the
+    correlation Gram to add while it writes those rows of ``G``. Likewise ``X^T 1 = X'^T 1 + N mu (P 1)`` and
+    ``X^T Y = X'^T Y + mu (P Y)`` are added here."""
     g, kernel = module.groups, kernel_of(module)
     taps, out = math.prod(kernel), y.shape[1]
     inside = pad_input(module, x.new_ones(1, 1, *x.shape[2:], dtype=torch.float64))
@@ -149,7 +152,7 @@ def _add_patch_means_(G: torch.Tensor | None, C: torch.Tensor, module: nn.Conv1d
         by_tap = (P @ y_sum.T).view(taps, g, 1, out // g)                          # P Y, (taps, g, 1, out/g)
         C[:, :-1] += (mu.view(g, -1, 1, 1) * by_tap.permute(1, 0, 2, 3).transpose(1, 2)).reshape(g, -1, out // g)
     if G is None:
-        return
+        return None
     d = patches.shape[0] // g
     n = y.shape[0]
     rows = n * y[0, 0].numel()
@@ -160,7 +163,7 @@ def _add_patch_means_(G: torch.Tensor | None, C: torch.Tensor, module: nn.Conv1d
     G[:, -1, :-1] += ones.view(g, d)
     G[:, -1, -1] += rows
     if mu is None:
-        return
+        return None
     U = (patches @ P.T).view(g, d, taps)                                          # (g, (c, tap), tap')
     K = n * (P @ P.T)                                                             # both taps inside, all samples
     eye = torch.eye(taps, dtype=torch.float64, device=G.device)
@@ -168,4 +171,4 @@ def _add_patch_means_(G: torch.Tensor | None, C: torch.Tensor, module: nn.Conv1d
     lhs = torch.cat([U, (mu_g[:, :, None, None] * eye).reshape(g, d, taps)], 2)    # (g, d, 2 taps)
     right_mu = (eye[None, :, None, :] * mu_g[:, None, :, None]).reshape(g, taps, d)   # delta(t'', t') mu_c'
     right_u = U.transpose(1, 2) + (K[None, :, None, :] * mu_g[:, None, :, None]).reshape(g, taps, d)
-    G[:, :-1, :-1].baddbmm_(lhs, torch.cat([right_mu, right_u], 1))
+    return lhs, torch.cat([right_mu, right_u], 1)

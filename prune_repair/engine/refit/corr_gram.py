@@ -122,10 +122,13 @@ class _ColumnSlabs:
 
 
 def add_correlation_gram_(out: torch.Tensor, xl: torch.Tensor, kernel: tuple[int, int], *,
-                          inside: tuple[Span, Span] | None = None) -> None:
+                          inside: tuple[Span, Span] | None = None,
+                          low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Add the stride-1 patch Gram of a padded input, given as :func:`positions_first`'s
     ``(Hp, Wp, N, C)``, to ``out`` ``(groups, d, d)`` (``d = C/groups * kh * kw``, columns in
     ``weight.reshape(out, -1)`` order). ``inside``: the ``(rows, cols)`` of ``xl`` outside which it is zero.
+    ``low_rank``: float64 factors ``(L, R)`` ``(groups, d, r)``, ``(groups, r, d)`` of a term ``L R`` to add
+    as well (in the same pass over ``out``).
 
     Products are formed in ``x``'s dtype (float64 where they are thin, :data:`THIN_CHANNELS`) and summed in
     it over at most :data:`PRODUCT_ROWS` rows (in float64 beyond), and added to ``out`` (float64) one row tap at
@@ -158,15 +161,18 @@ def add_correlation_gram_(out: torch.Tensor, xl: torch.Tensor, kernel: tuple[int
             blocks[tap, partner] = (block, False)
             if (u, v) != (0, 0):
                 blocks[partner, tap] = (block, True)  # the opposite offset: the transpose
-    _add_by_row_tap_(out.view(g, cg, taps, cg * taps), blocks, taps)
+    _add_by_row_tap_(out.view(g, cg, taps, cg * taps), blocks, taps, low_rank)
 
 
-def _add_by_row_tap_(out: torch.Tensor, blocks: dict[tuple[int, int], tuple[torch.Tensor, bool]], taps: int) -> None:
+def _add_by_row_tap_(out: torch.Tensor, blocks: dict[tuple[int, int], tuple[torch.Tensor, bool]], taps: int,
+                     low_rank: tuple[torch.Tensor, torch.Tensor] | None) -> None:
     """Add the ``(tap, tap')`` blocks ``(g, C/g, C/g)`` (missing: zero) to ``out`` ``(g, C/g, taps, C/g * taps)``
     (the Gram in weight order) one row tap at a time: its blocks are interleaved into one float64 buffer that
-    stays in cache, then added to the tap's rows, each a contiguous row of ``out``."""
+    stays in cache (with the tap's rows of ``low_rank``), then added to the tap's rows, each a contiguous row
+    of ``out``."""
     g, cg = out.shape[0], out.shape[1]
     row = out.new_empty(g, cg, cg, taps)
+    left = low_rank[0].view(g, cg, taps, -1) if low_rank is not None else None
     for tap in range(taps):
         for partner in range(taps):
             block, transposed = blocks.get((tap, partner), (None, False))
@@ -174,6 +180,8 @@ def _add_by_row_tap_(out: torch.Tensor, blocks: dict[tuple[int, int], tuple[torc
                 row[..., partner] = 0
             else:
                 row[..., partner] = block.transpose(-1, -2) if transposed else block
+        if left is not None:
+            row.view(g, cg, cg * taps).baddbmm_(left[:, :, tap], low_rank[1])
         out[:, :, tap] += row.view(g, cg, cg * taps)
 
 
