@@ -123,7 +123,7 @@ def add_correlation_products_(G: torch.Tensor, C: torch.Tensor, module: nn.Conv1
     inside = ((top, padded.shape[2] - bottom), (left, padded.shape[3] - right))
     xl = positions_first(padded)
     y4 = y.reshape(y.shape[0], y.shape[1], *output_size(module, padded))
-    C[:, :-1] += correlation_cross(xl, y4, kernel, g, inside=inside)
+    correlation_cross(xl, y4, kernel, g, inside=inside, out=C[:, :-1])
     low_rank = _add_patch_means_(G if with_gram else None, C, module, x, padded, y4,
                                  mu.double() if mu is not None else None)
     if with_gram:

@@ -186,10 +186,11 @@ def _add_by_row_tap_(out: torch.Tensor, blocks: dict[tuple[int, int], tuple[torc
 
 
 def correlation_cross(xl: torch.Tensor, y: torch.Tensor, kernel: tuple[int, int], groups: int, *,
-                      inside: tuple[Span, Span] | None = None) -> torch.Tensor:
+                      inside: tuple[Span, Span] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``X^T Y`` of a stride-1 conv, ``(groups, d, out/groups)`` float64 (products in ``xl``'s dtype), from the
     :func:`positions_first` input and the targets ``y`` ``(N, out, Ho, Wo)``: per kernel tap, one product over
     its window cut to ``inside`` (contiguous copies of the column bands, shared by the taps), no patch matrix.
+    ``out``: a float64 ``(groups, d, out/groups)`` to add the products to (and return), instead of a new one.
 
     >>> import torch.nn.functional as F
     >>> x, y = torch.randn(2, 4, 5, 6, dtype=torch.float64), torch.randn(2, 6, 3, 4, dtype=torch.float64)
@@ -200,16 +201,18 @@ def correlation_cross(xl: torch.Tensor, y: torch.Tensor, kernel: tuple[int, int]
     """
     kh, kw = kernel
     hp, wp, n, c = xl.shape
-    ho, wo, out = hp - kh + 1, wp - kw + 1, y.shape[1]
-    xl, step = _working(xl, min(c, out) // groups)
+    ho, wo, m = hp - kh + 1, wp - kw + 1, y.shape[1]
+    xl, step = _working(xl, min(c, m) // groups)
     in_rows, in_cols = inside if inside is not None else ((0, hp), (0, wp))
     inputs, targets = _ColumnSlabs(xl), _ColumnSlabs(positions_first(y.to(xl.dtype)))  # (Ho, Wo, N, out)
-    cross = xl.new_zeros(groups, c // groups, kh, kw, out // groups, dtype=torch.float64)
+    if out is None:
+        out = xl.new_zeros(groups, c // groups * kh * kw, m // groups, dtype=torch.float64)
+    by_tap = out.view(groups, c // groups, kh, kw, m // groups)
     for a in range(kh):
         r0, r1 = max(a, in_rows[0]), min(a + ho, in_rows[1])
         for b in range(kw):
             c0, c1 = max(b, in_cols[0]), min(b + wo, in_cols[1])
             if r1 > r0 and c1 > c0:  # input (r, q) meets target (r - a, q - b) over the window, cut to inside
                 window = inputs.rows((c0, c1), (r0, r1))
-                cross[:, :, a, b] = _product(window, targets.rows((c0 - b, c1 - b), (r0 - a, r1 - a)), groups, step)
-    return cross.view(groups, -1, out // groups)
+                by_tap[:, :, a, b] += _product(window, targets.rows((c0 - b, c1 - b), (r0 - a, r1 - a)), groups, step)
+    return out
