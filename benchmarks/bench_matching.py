@@ -8,7 +8,9 @@ by wrapping them (one extra call layer each; a step called inside another counts
 
 - forwards + capture: both models' forward passes with the probes' hooks (``capture``);
 - copies: each probed tensor as a (samples, units) block (``_samples``);
-- paired moments: the float32 GEMM per probe and its float64 accumulation (``CrossMoments.add_pair``);
+- paired moments: the float32 GEMM per probe and its float64 accumulation (``CrossMoments.add_pair``), or
+  for a probe's only batch with fewer samples than units its product widened into the correlation
+  (``CrossMoments.scale_only_pair_into_``);
 - correlations: co-moments to correlations, probes weighted (``_correlations``);
 - assignment: one linear assignment per group (``assign``), also listed by width;
 - other: the rest (probe lists, checks).
@@ -59,7 +61,10 @@ class Breakdown:
         self._wrap(module, "_samples", "copies")
         self._wrap(module, "_correlations", "correlations")
         self._wrap(module, "assign", "assignment", width=True)
-        self._wrap(getattr(module, "CrossMoments", None) or module._Cross, "add_pair", "paired moments")
+        cross = getattr(module, "CrossMoments", None) or module._Cross
+        self._wrap(cross, "add_pair", "paired moments")
+        if hasattr(cross, "scale_only_pair_into_"):  # (a one-batch probe read at once: product and its widening)
+            self._wrap(cross, "scale_only_pair_into_", "paired moments")
 
     def _wrap(self, owner, name: str, part: str, width: bool = False) -> None:
         inner = getattr(owner, name)
@@ -125,7 +130,8 @@ def without_tie_breaks(module, matching, a, b, x, groups, repeats: int, clock) -
     """Median seconds of the matching with the producers' tie-breaking probes left out (not a
     mode of the package: what they cost, measured by filtering ``probes_of``)."""
     probes_of = module.probes_of
-    module.probes_of = lambda model, g: [p for p in probes_of(model, g) if p.weight == 1.0] or probes_of(model, g)
+    module.probes_of = lambda model, g, **kw: ([p for p in probes_of(model, g, **kw) if p.weight == 1.0]
+                                               or probes_of(model, g, **kw))
     try:
         times = []
         for _ in range(repeats):

@@ -200,3 +200,32 @@ def test_tied_share_counts_each_rows_neighbours_within_the_tolerance(long_row):
     for tol in (0.0, 0.01, 0.1):
         expected = ((np.diff(values[order]) <= tol) & same_row).sum() / keys.size
         assert assignment._tied_share(s, keys, tol) == pytest.approx(expected, abs=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_only_pair_scaled_before_its_product_gives_the_scaled_moments(dtype):
+    """A probe's only batch read at once with its units scaled before the product: the scales see the very
+    variance sums of ``add_pair`` (dead units alike), and the block equals ``scale_into_``'s to the product's
+    rounding, written or added (a dead unit: zero row). 250 x 300: the squares are summed by row blocks."""
+    gen = torch.Generator().manual_seed(2)
+    a = 3.0 + torch.randn(250, 300, generator=gen, dtype=dtype)
+    a[:, 7] = 0.1234567  # a dead unit (constant, not exactly representable)
+    b = a[:, torch.randperm(300, generator=gen)] + 0.5 * torch.randn(250, 300, generator=gen, dtype=dtype)
+    seen = []
+
+    def scales(var_a, var_b):
+        seen.append((var_a, var_b))
+        return torch.where(var_a > 1e-20, 1e-6 / var_a.clamp_min(1e-300).sqrt(), 0.0), 1.0 / var_b.sqrt()
+
+    reference = CrossMoments({})
+    reference.add_pair(a.clone(), b.clone(), last=True)
+    row, col = scales(*reference.variances())
+    start = torch.randn(300, 300, generator=gen, dtype=torch.float64)
+    for add in (False, True):
+        expected, found = start.clone(), start.clone()
+        reference.scale_into_(expected, row, col, add)
+        CrossMoments({}).scale_only_pair_into_(a.clone(), b.clone(), scales, found, add)
+        assert all(torch.equal(x, y) for x, y in zip(seen[0], seen[-1]))
+        assert torch.equal(found[7] - start[7] * add, torch.zeros(300, dtype=torch.float64))
+        tolerance = 1e-12 if dtype == torch.float64 else 1e-12 + 1e-6 * 1e-6  # (correlations of weight 1e-6)
+        assert float((found - expected).abs().max()) < tolerance

@@ -93,11 +93,11 @@ CHANNELS_FIRST_NORMS = ("LayerNorm2d",)
 """LayerNorm subclasses (torchvision's, timm's) that normalize dim 1 of (N, C, H, W) inputs."""
 
 
-def probes_of(model: nn.Module, group: PermGroup) -> list[Probe]:
+def probes_of(model: nn.Module, group: PermGroup, *, modules: dict[str, nn.Module] | None = None) -> list[Probe]:
     """Probes of ``group``: the inputs of its consumers (weight 1) plus its producers' outputs
-    as tie-breakers, or the producers' outputs alone (weight 1) when nothing consumes it."""
-    modules = dict(model.named_modules())
-    inside_attention = {f"{n}.out_proj" for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
+    as tie-breakers, or the producers' outputs alone (weight 1) when nothing consumes it.
+    ``modules``: ``dict(model.named_modules())``, when the caller has it (one walk for all groups)."""
+    modules = dict(model.named_modules()) if modules is None else modules
     ins, outs = [], []
     for axis in group.axes:
         name, _, param = axis.key.rpartition(".")
@@ -105,7 +105,7 @@ def probes_of(model: nn.Module, group: PermGroup) -> list[Probe]:
         if isinstance(m, nn.MultiheadAttention) and param == "in_proj_weight" and axis.dim == 0:
             ins.append(Probe(name, "proj", -1, axis.index))  # q/k/v of each token, pooled over tokens
             continue
-        if m is None or param not in ("weight", "running_mean") or name in inside_attention:
+        if m is None or param not in ("weight", "running_mean") or _inside_attention(name, modules):
             continue  # (an attention's out_proj runs inside F.multi_head_attention_forward: no hooks fire)
         if is_conv1d(m) and param == "weight":  # HF Conv1D: weight [in, out]
             (outs if axis.dim == 1 else ins).append(Probe(name, "out" if axis.dim == 1 else "in", -1, axis.index))
@@ -123,6 +123,12 @@ def probes_of(model: nn.Module, group: PermGroup) -> list[Probe]:
     if not ins:
         return outs
     return ins + [Probe(p.module, p.side, p.dim, p.index, TIE_BREAK) for p in outs]
+
+
+def _inside_attention(name: str, modules: dict[str, nn.Module]) -> bool:
+    """Whether module ``name`` is the ``out_proj`` of an ``nn.MultiheadAttention``."""
+    parent, _, child = name.rpartition(".")
+    return child == "out_proj" and isinstance(modules.get(parent), nn.MultiheadAttention)
 
 
 def _samples(y: torch.Tensor, dim: int, index: torch.Tensor, mask: torch.Tensor | None = None,
@@ -175,12 +181,13 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
     start = time.perf_counter()
     a, b = distributed.unwrap(a), distributed.unwrap(b)
     check_same_heads([a, b], ["the reference", "the model to align"])
-    probe_lists = {g.name: probes_of(a, g) for g in groups}
+    modules = [dict(model.named_modules()) for model in (a, b)]
+    probe_lists = {g.name: probes_of(a, g, modules=modules[0]) for g in groups}
     for g in groups:
         if not probe_lists[g.name]:
             raise ValueError(f"group '{g.name}' has no layer whose activations can be observed: "
                              "use align='weight' or pass groups that name a conv/linear/norm layer")
-    specs = [_capture_spec(model, probe_lists, {}) for model in (a, b)]
+    specs = [_capture_spec(table, probe_lists, {}) for table in modules]
     moments: dict[tuple[str, int], CrossMoments] = {}
     workspace: dict = {}  # float32 product buffers, reused by every probe of one width
     keeps_ties = {g: False for g, plist in probe_lists.items() if all(p.weight == 1.0 for p in plist)}
@@ -189,7 +196,7 @@ def activation_matching(a: nn.Module, b: nn.Module, data: Any, groups: Sequence[
     later: dict[str, list] = {}  # group -> the last batch's pairs, measured when its correlations are read
     for n_batch, (batch, last) in enumerate(_each_batch(data)):
         if n_batch == 1:  # the tie-breakers of groups the first batch cleared are not captured any more
-            specs = [_capture_spec(model, probe_lists, keeps_ties) for model in (a, b)]
+            specs = [_capture_spec(table, probe_lists, keeps_ties) for table in modules]
         ya = capture(a, batch, specs[0], forward_fn, called[0])
         yb = capture(b, batch, specs[1], forward_fn, called[1])
         if function_linears(specs[0], ya, called[0]) | function_linears(specs[1], yb, called[1]):
@@ -252,11 +259,10 @@ def _assign_units(groups: Sequence[PermGroup], moments: dict, probe_lists: dict[
     return perms, dead, assign_seconds
 
 
-def _capture_spec(model: nn.Module, probe_lists: dict[str, list[Probe]], keeps_ties: dict[str, bool]
+def _capture_spec(modules: dict[str, nn.Module], probe_lists: dict[str, list[Probe]], keeps_ties: dict[str, bool]
                   ) -> dict[nn.Module, list]:
-    """What :func:`capture` records: module -> ``((group, probe index), side)``; tie-breakers only of the
-    groups ``keeps_ties`` does not rule out."""
-    modules = dict(model.named_modules())
+    """What :func:`capture` records of a model (``modules``: by name): module -> ``((group, probe index), side)``;
+    tie-breakers only of the groups ``keeps_ties`` does not rule out."""
     spec: dict[nn.Module, list] = {}
     for name, plist in probe_lists.items():
         for i, p in enumerate(plist):

@@ -36,42 +36,52 @@ def unit_correlations(unit: Sequence[PermGroup], moments: dict, probe_lists: dic
     """Each group's correlation matrix of A's units (rows) with B's (columns), probes weighted, and (into
     ``dead``) its count of dead units (zero spread in A or B: their rows and columns are 0). The last
     batch's pairs (``later``) are added here to ``moments_of(key)``, each read at once (its product stays
-    in a shared workspace); written into ``buffers`` (one float64 buffer per position in a unit, reused by the
-    next unit): no fresh C x C memory per probe or group, block by block with the moments' pending
-    updates (:meth:`CrossMoments.scale_into_`)."""
+    in a shared workspace; a probe's only batch with fewer samples than units is scaled before its product,
+    :meth:`CrossMoments.scale_only_pair_into_`); written into ``buffers`` (one float64 buffer per position in a
+    unit, reused by the next unit): no fresh C x C memory per probe or group, block by block with the moments'
+    pending updates (:meth:`CrossMoments.scale_into_`)."""
     corrs = {}
     for slot, g in enumerate(unit):
         corr = None
         dead_any = torch.zeros(g.size, dtype=torch.bool)
         last = dict(later.pop(g.name, []))
         for key in [(g.name, i) for i in range(len(probe_lists[g.name]))]:  # (the probes' order)
+            probe = probe_lists[g.name][key[1]]
+
+            def scales(var_a: torch.Tensor, var_b: torch.Tensor, weight: float = probe.weight
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                nonlocal dead_any
+                std_a, std_b = var_a.clamp_min(0).sqrt(), var_b.clamp_min(0).sqrt()
+                dead_a = std_a <= 1e-12 * (std_a.max() + 1e-300)
+                dead_b = std_b <= 1e-12 * (std_b.max() + 1e-300)
+                if weight == 1.0:
+                    dead_any = dead_any | (dead_a | dead_b).cpu()
+                return (torch.where(dead_a, 0.0, weight / torch.where(dead_a, 1.0, std_a)),
+                        torch.where(dead_b, 0.0, 1.0 / torch.where(dead_b, 1.0, std_b)))
             if key in last:
-                moments_of(key).add_pair(*last[key](), last=True)
+                ya, yb = last[key]()
+                if key not in moments and ya.shape[0] < ya.shape[1]:  # its only batch, fewer samples than units:
+                    add = corr is not None  # each side scaled before the product (no scaling pass over C x C)
+                    corr = corr if add else _buffer(buffers, slot, g.size, ya.device)
+                    moments_of(key).scale_only_pair_into_(ya, yb, scales, corr, add)
+                    moments.pop(key)
+                    continue
+                moments_of(key).add_pair(ya, yb, last=True)
             if key not in moments:
                 continue
             m = moments.pop(key)
-            var_a, var_b = m.variances()
-            std_a, std_b = var_a.clamp_min(0).sqrt(), var_b.clamp_min(0).sqrt()
-            dead_a = std_a <= 1e-12 * (std_a.max() + 1e-300)
-            dead_b = std_b <= 1e-12 * (std_b.max() + 1e-300)
-            probe = probe_lists[g.name][key[1]]
-            row_scale = torch.where(dead_a, 0.0, probe.weight / torch.where(dead_a, 1.0, std_a))
-            col_scale = torch.where(dead_b, 0.0, 1.0 / torch.where(dead_b, 1.0, std_b))
-            if corr is None:
-                corr = _buffer(buffers, slot, (g.size, g.size), std_a.device)
-                m.scale_into_(corr, row_scale, col_scale, add=False)
-            else:
-                m.scale_into_(corr, row_scale, col_scale, add=True)
-            if probe.weight == 1.0:
-                dead_any |= (dead_a | dead_b).cpu()
+            row_scale, col_scale = scales(*m.variances())
+            add, corr = corr is not None, corr if corr is not None else _buffer(buffers, slot, g.size, m.m2.device)
+            m.scale_into_(corr, row_scale, col_scale, add)
         corrs[g.name] = corr.cpu()
         dead[g.name] = int(dead_any.sum())
     return corrs
 
 
-def _buffer(buffers: dict, slot: int, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """A float64 ``shape`` view of ``buffers[(slot, device)]``, grown when too small."""
-    key, size = (slot, device), shape[0] * shape[1]
+def _buffer(buffers: dict, slot: int, width: int, device: torch.device) -> torch.Tensor:
+    """A float64 ``(width, width)`` view of ``buffers[(slot, device)]``, grown when too small."""
+    shape = (width, width)
+    key, size = (slot, device), width * width
     if key not in buffers or buffers[key].numel() < size:
         buffers[key] = torch.empty(size, dtype=torch.float64, device=device)
     return buffers[key][:size].view(shape)

@@ -7,7 +7,9 @@ that is exact but cheap to state, the float32 centre's offset from the float64 m
 term between batches, is a rank-1 update kept aside as vectors and applied when the co-moment is
 read, row block by row block together with the correlation's scaling (one pass over the matrix in
 cache-sized blocks instead of one full pass each). When there is only one batch its product is
-kept as it is (float32 and exact; no fresh C x C memory when it is read before the next product).
+kept as it is (float32 and exact; no fresh C x C memory when it is read before the next product),
+or, read at once as a correlation (:meth:`CrossMoments.scale_only_pair_into_`), each side's units are
+scaled before the product, which then needs no scaling pass of its own.
 
 Example:
     >>> import torch
@@ -24,6 +26,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .moments import _Moments
@@ -33,6 +37,13 @@ ROWS_PER_BLOCK = 64
 
 SUM_BLOCK = 1 << 16
 """Values of a float32 block widened to float64 at once to sum its columns (a 512 KiB buffer)."""
+
+UNIT_BLOCK = 1 << 18
+"""Values of a column-major block's units summed (or squared and summed) at once, each unit's samples whole
+(a 2 MiB float64 buffer: 20-30% faster than :data:`SUM_BLOCK` on resnet18's units, the same sums)."""
+
+Scales = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``scales(var_a, var_b) -> (row_scale, col_scale)``: float64 factors of A's and B's units from their variance sums."""
 
 Update = tuple[float, torch.Tensor, torch.Tensor]
 """``(coef, a, b)``: the co-moment gains ``coef * a b^T`` (and the variance rows ``coef * a^2``, ``coef * b^2``)."""
@@ -54,16 +65,9 @@ class CrossMoments(_Moments):
         added into the float64 co-moment (one pass), or kept as it is when the first batch is also
         the ``last`` (in the shared ``workspace`` when there is one: read it before the next pair of
         this width); the centre's offset and Chan's term are kept as rank-1 updates (:attr:`pending`)."""
-        n = ya.shape[0]
-        mean = torch.stack([_column_sums(ya), _column_sums(yb)]) / n
-        centre = mean.to(ya.dtype)
-        ya.sub_(centre[0])
-        yb.sub_(centre[1])
+        n, mean = self._centre(ya, yb)
         only = self.mean is None and last
         product = self._comoment((ya, yb), self._buffer(ya, yb))
-        if ya.dtype != torch.float64:  # moments about `centre`, not about `mean`: shift them back
-            e = centre.to(torch.float64) - mean
-            self.pending.append((-n, e[0], e[1]))
         if self.mean is None:  # one batch: its product as it is (exact; widened when read), else in float64
             self.n, self.mean = n, mean
             self.m2 = product if only else product.to(torch.float64, copy=True)  # (never the workspace)
@@ -73,6 +77,39 @@ class CrossMoments(_Moments):
         self.m2 = self.m2.to(torch.float64)  # (a co-moment kept as one batch's, if more came after all)
         self.m2.add_(product)
         self.n, self.mean = total, self.mean + delta * (n / total)
+
+    def scale_only_pair_into_(self, ya: torch.Tensor, yb: torch.Tensor, scales: Scales, out: torch.Tensor,
+                              add: bool) -> None:
+        """The probe's one and only batch (nothing added before), read at once: ``out = diag(r) M diag(c)``
+        (``out +=`` when ``add``) as :meth:`scale_into_` after ``add_pair(ya, yb, last=True)`` gives it, ``(r, c)`` =
+        ``scales(var_a, var_b)`` of the variance rows, but with each side's units multiplied by its factor before
+        the one product: the product is the scaled block (float32 for float32 samples), widened into ``out`` with
+        the centre's rank-1 term and no pass of scaling (the same numbers to float32 rounding). The moments are not
+        kept."""
+        n, _ = self._centre(ya, yb)
+        squares = torch.stack([_column_squares(y).to(y.dtype) for y in (ya, yb)]).to(torch.float64)  # (add_pair's)
+        row_scale, col_scale = scales(*(squares + self._variance_terms() if self.pending else squares))
+        ya.mul_(row_scale.to(ya.dtype))
+        yb.mul_(col_scale.to(yb.dtype))
+        product = self._buffer(ya, yb)
+        product = torch.mm(ya.T, yb, out=None if product is None else product[:-2])
+        left, right = self._factors() if self.pending else (None, None)
+        _scaled_into(out, product, None if left is None else (left * row_scale[:, None], right * col_scale),
+                     None, None, add)
+        self.pending = []
+
+    def _centre(self, ya: torch.Tensor, yb: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Centre ``ya``, ``yb`` in place on (the float32 rounding of) their float64 column means: ``(n, means)``; the
+        offset of a float32 centre is kept as a rank-1 update."""
+        n = ya.shape[0]
+        mean = torch.stack([_column_sums(ya), _column_sums(yb)]) / n
+        centre = mean.to(ya.dtype)
+        ya.sub_(centre[0])
+        yb.sub_(centre[1])
+        if ya.dtype != torch.float64:  # moments about `centre`, not about `mean`: shift them back
+            e = centre.to(torch.float64) - mean
+            self.pending.append((-n, e[0], e[1]))
+        return n, mean
 
     def _buffer(self, ya: torch.Tensor, yb: torch.Tensor) -> torch.Tensor | None:
         if self.workspace is None:
@@ -101,22 +138,7 @@ class CrossMoments(_Moments):
                     ) -> torch.Tensor:
         """``out = diag(row_scale) M diag(col_scale)`` (``out +=`` when ``add``), M the cross block with its
         pending updates, into a float64 ``out``: block by block (:attr:`m2` itself is left as it is)."""
-        cross = self.m2[:-2]
-        left, right = self._factors() if self.pending else (None, None)
-        scratch = torch.empty(min(ROWS_PER_BLOCK, cross.shape[0]), cross.shape[1], dtype=torch.float64,
-                              device=cross.device) if add else None
-        for i in range(0, cross.shape[0], ROWS_PER_BLOCK):
-            part = cross[i:i + ROWS_PER_BLOCK]
-            block = scratch[:part.shape[0]] if add else out[i:i + ROWS_PER_BLOCK]
-            block.copy_(part)
-            if left is not None:
-                block.addmm_(left[i:i + ROWS_PER_BLOCK], right)
-            block.mul_(row_scale[i:i + ROWS_PER_BLOCK, None])
-            if add:
-                out[i:i + ROWS_PER_BLOCK].addcmul_(block, col_scale)
-            else:
-                block.mul_(col_scale)
-        return out
+        return _scaled_into(out, self.m2[:-2], self._factors() if self.pending else None, row_scale, col_scale, add)
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(C, r)`` and ``(r, C)``: the pending updates as one rank-r product."""
@@ -138,6 +160,31 @@ class CrossMoments(_Moments):
         return out
 
 
+def _scaled_into(out: torch.Tensor, cross: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None,
+                 row_scale: torch.Tensor | None, col_scale: torch.Tensor | None, add: bool) -> torch.Tensor:
+    """``out = diag(row_scale) (cross + left right) diag(col_scale)`` (``out +=`` when ``add``; a missing scale: none,
+    missing ``factors``: no update) into a float64 ``out``, :data:`ROWS_PER_BLOCK` rows at a time (each block stays in
+    cache through its passes)."""
+    left, right = factors if factors is not None else (None, None)
+    scratch = torch.empty(min(ROWS_PER_BLOCK, cross.shape[0]), cross.shape[1], dtype=torch.float64,
+                          device=cross.device) if add else None
+    for i in range(0, cross.shape[0], ROWS_PER_BLOCK):
+        part = cross[i:i + ROWS_PER_BLOCK]
+        block = scratch[:part.shape[0]] if add else out[i:i + ROWS_PER_BLOCK]
+        block.copy_(part)
+        if left is not None:
+            block.addmm_(left[i:i + ROWS_PER_BLOCK], right)
+        if row_scale is not None:
+            block.mul_(row_scale[i:i + ROWS_PER_BLOCK, None])
+        if add and col_scale is not None:
+            out[i:i + ROWS_PER_BLOCK].addcmul_(block, col_scale)
+        elif add:
+            out[i:i + ROWS_PER_BLOCK].add_(block)
+        elif col_scale is not None:
+            block.mul_(col_scale)
+    return out
+
+
 def _column_squares(y: torch.Tensor) -> torch.Tensor:
     """Column sums of squares of ``y`` (n, C), on the CPU block by block through one small buffer (rows of a
     row-major ``y``, the blocks' sums added in float64; units of a column-major one, see :func:`_unit_rows`):
@@ -151,7 +198,7 @@ def _column_squares(y: torch.Tensor) -> torch.Tensor:
     """
     units = _unit_rows(y)
     if units is not None and y.device.type == "cpu":
-        per_block = max(1, SUM_BLOCK // max(1, units.shape[1]))
+        per_block = max(1, UNIT_BLOCK // max(1, units.shape[1]))
         block = torch.empty(min(per_block, units.shape[0]), units.shape[1], dtype=y.dtype)
         return torch.cat([torch.mul(part, part, out=block[:part.shape[0]]).sum(1)
                           for part in units.split(per_block)])
@@ -183,7 +230,7 @@ def _column_sums(y: torch.Tensor) -> torch.Tensor:
     """
     units = _unit_rows(y)
     if units is not None and y.dtype != torch.float64 and y.device.type == "cpu":  # by units, widened block by block
-        per_block = max(1, SUM_BLOCK // max(1, units.shape[1]))
+        per_block = max(1, UNIT_BLOCK // max(1, units.shape[1]))
         block = torch.empty(min(per_block, units.shape[0]), units.shape[1], dtype=torch.float64)
         return torch.cat([block[:part.shape[0]].copy_(part).sum(1) for part in units.split(per_block)])
     rows = max(1, SUM_BLOCK // max(1, y.shape[1]))
