@@ -204,6 +204,13 @@ class _Solver:
             k = n - sizes[p] if complement else sizes[p]
             if k:
                 by_count.setdefault(counts[p], []).append((k, p))
+        if not by_count:
+            return
+        listed = torch.tensor([p for items in by_count.values() for _, p in items], device=self.G.device)
+        sel = ~p_support[listed] if complement else p_support[listed]
+        positions = support_positions(sel, max(k for items in by_count.values() for k, _ in items))[0]
+        row_of = torch.full((len(p_support),), -1, dtype=torch.long, device=self.G.device)
+        row_of[listed] = torch.arange(len(listed), device=self.G.device)  # pattern -> its row of positions
         for c, items in sorted(by_count.items()):
             items.sort(reverse=True)
             i = 0
@@ -215,10 +222,10 @@ class _Solver:
                 while end > i + 1 and items[end - 1][0] < floor:  # sizes descend: cut where they fall too far
                     end -= 1
                 chunk = torch.tensor([p for _, p in items[i:end]], device=self.G.device)
+                sizes_k = torch.tensor([k for k, _ in items[i:end]], device=self.G.device)
                 i = end
-                sup = p_support[chunk]
-                sel = ~sup if complement else sup
-                idx, valid = support_positions(sel, K)
+                idx = positions[row_of[chunk], :K]
+                valid = torch.arange(K, device=self.G.device)[None] < sizes_k[:, None]
                 rows = order[starts[chunk][:, None] + torch.arange(c, device=self.G.device)]
                 yield chunk, idx, valid, rows
 

@@ -25,9 +25,13 @@ __all__ = ["gather_blocks", "support_positions"]
 
 def support_positions(support: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(idx, valid)`` ``(p, width)``: each row's selected positions first (ascending), then
-    padding (``valid`` False). ``support``: ``(p, n)`` bool with at most ``width`` True per row."""
-    idx = torch.argsort((~support).to(torch.int8), dim=1, stable=True)[:, :width]
-    return idx, torch.gather(support, 1, idx)
+    padding (position 0, ``valid`` False). ``support``: ``(p, n)`` bool with at most ``width`` True per row."""
+    counts = support.sum(1)
+    rows, cols = support.nonzero(as_tuple=True)  # row by row, ascending
+    rank = torch.arange(len(cols), device=support.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    idx = torch.zeros(support.shape[0], width, dtype=torch.long, device=support.device)
+    idx[rows, rank] = cols
+    return idx, torch.arange(width, device=support.device)[None] < counts[:, None]
 
 
 def gather_blocks(M: torch.Tensor, group: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, *,
