@@ -104,7 +104,8 @@ def test_reference_targets_are_not_changed_by_an_in_place_relu(splits):
     reference = nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)).double()
     x = torch.randn(20, 5, dtype=torch.float64)
     report = repair_(copy.deepcopy(reference), reference, list(x.split(splits)), repair="reconstruct")
-    assert [layer["error_before"] for layer in report.extra["reconstruct"]["layers"]] == [0.0, 0.0]
+    # the model is the reference: its error is rounding (about 1e-8); a changed target would give about 0.1-1
+    assert all(layer["error_before"] < 1e-6 for layer in report.extra["reconstruct"]["layers"])
 
 
 def test_per_site_is_refused_where_it_does_not_apply():
