@@ -243,21 +243,21 @@ class _Solver:
             for attempt in range(MAX_RETRIES + 1):
                 g_, i_, v_, r_ = grp[todo], idx[todo], valid[todo], rows[todo]
                 lam = self.scale[g_] * rel[todo]
-                A = self._system(self.G, g_, i_, v_, lam, lower=not self.refine)  # refinement needs all of A
+                system = self._system(self.G, g_, i_, v_, lam, lower=not self.refine)  # refinement needs all of it
                 B = self.C[g_[:, None, None], i_[:, :, None], local[r_][:, None, :]]
                 if self.prior is not None:
                     w0 = self.prior.reshape(-1, self.d)[r_[:, None, :], i_.clamp_max(self.d - 1)[:, :, None]]
                     B = B + torch.where(i_ < self.d, lam[:, None], 0)[:, :, None] * w0
                 B = B * v_[:, :, None]
                 if self.refine:
-                    sol, ok, refined = solve_spd(A, B, refine=True)
+                    sol, ok, refined = solve_spd(system, B, refine=True)
                     self.refined_rows += refined
-                else:
-                    A, info = torch.linalg.cholesky_ex(A)  # reads A's lower triangle
-                    sol, ok = cholesky_solve_tri(A, B), info == 0
+                else:  # the factor replaces the system (it reads the lower triangle only)
+                    system, info = torch.linalg.cholesky_ex(system)
+                    sol, ok = cholesky_solve_tri(system, B), info == 0
                 _scatter(out, r_[ok], i_[ok], v_[ok], sol[ok])
                 if self.quad_of is not None:
-                    self._add_quads(A, lam, i_, v_, r_, sol, ok, factored=not self.refine)
+                    self._add_quads(system, lam, i_, v_, r_, sol, ok, factored=not self.refine)
                 if bool(ok.all()):
                     break
                 if attempt == MAX_RETRIES:
