@@ -148,6 +148,8 @@ class Gram:
         self.groups, self.d_in, self.out = layer_shape(module)
         self.G, self.C, self.yy = G, C, yy
         self.rows = 0
+        self.product_dtype: torch.dtype | None = None
+        """The dtype the products were formed in (float64 once any was): what the solve may round to."""
         default_precision, default_method = current_options()
         self.precision = GramPrecision.parse(precision if precision is not None else default_precision, "Gram precision")
         self.method = GramMethod.parse(method if method is not None else default_method, "Gram method")
@@ -214,6 +216,7 @@ class Gram:
     def _add(self, x: torch.Tensor, y: torch.Tensor, chunk_bytes: int, with_gram: bool = True) -> None:
         g, d, out = self.groups, self.d_in, self.out
         ct = compute_dtype(self.precision, x.dtype)
+        self.product_dtype = ct if self.product_dtype in (None, ct) else torch.float64
         if reads_last_dim(self.module):
             y_rows = _target_rows(self.module, y, out, self.name)
             x_rows = x.reshape(-1, d)

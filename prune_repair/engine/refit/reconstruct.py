@@ -224,7 +224,9 @@ def _solve_layer(fqn: str, module: nn.Module, gram: Gram, bn: _BatchNorm | None,
     current, mask = current_rows(module, gram, fit)
     G, C = (gram.G, gram.C) if fit else (gram.G[:, :-1, :-1], gram.C[:, :-1])
     prior = current[..., : gram.d_in]  # a weight without signal on the data keeps its value (not 0)
-    sol = masked_ridge(G, C, mask, damping=damping, intercept=fit, prior=prior, quad_of=current)
+    # float32 products: a float32 factorization rounds about as much as they did (and is 1.2-1.5x faster)
+    factor = "float32" if gram.product_dtype == torch.float32 else None
+    sol = masked_ridge(G, C, mask, damping=damping, intercept=fit, prior=prior, quad_of=current, factor=factor)
     before, after = gram.relative_errors(current, sol.weight, intercept=fit, quad=sol.quad).tolist()
     write_rows_(module, bn, intercept, sol.weight)
     return LayerReconstruction(fqn, gram.rows, gram.d_in, int(mask.sum(-1).max()), sol.damping, float(before),

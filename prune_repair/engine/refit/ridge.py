@@ -8,8 +8,10 @@ when ``intercept``)::
 
 and ``w = 0`` off the support, exactly. Rows with the same support (dense rows, rows of a
 structured mask) share one factorization; the others are taken in order of size, padded to the
-largest of a few, and solved with batched Cholesky (``torch.linalg.cholesky_ex``) in cache-sized chunks (float32 factors
-refined in float64 on CUDA: :mod:`~prune_repair.engine.refit.ridge_refine`).
+largest of a few, and solved with batched Cholesky (``torch.linalg.cholesky_ex``) in cache-sized chunks
+(``factor``: float64 factors; float32 factors refined in float64, the default on CUDA:
+:mod:`~prune_repair.engine.refit.ridge_refine`; or float32 factors alone, for Gram statistics
+whose products were float32 anyway, see :func:`masked_ridge`).
 When most weights are kept, the complement formula with one shared ``H = (G + lam I)^-1``
 is cheaper: ``w = H c - H[:, Z] H[Z, Z]^-1 (H c)[Z]`` (``Z`` = the zeroed positions). Rows
 whose supports are large but far from full (around 50% sparsity of a wide layer) are
@@ -49,6 +51,7 @@ CHUNK_BYTES = 16 * 2**20
 stay in cache from their gather to their solve (measured on resnet18's layers at 90% sparsity,
 one core: 30% faster than 256 MiB chunks; 4 MiB chunks lose it again to per-call overhead)."""
 METHODS = ("auto", "direct", "complement", "iterative")
+FACTORS = ("float64", "refined", "float32")
 PAD_FRACTION = 32
 """A chunk of systems holds sizes down to ``1 - 1/32`` of its largest (the padding it solves is bounded)."""
 
@@ -79,7 +82,7 @@ def masked_ridge(
     prior: torch.Tensor | None = None,
     work_bytes: int = DEFAULT_WORK_BYTES,
     method: str = "auto",
-    refine: bool | None = None,
+    factor: str | None = None,
     quad_of: torch.Tensor | None = None,
 ) -> RidgeSolution:
     """Solve every row of ``mask`` over its support (see the module doc).
@@ -95,11 +98,14 @@ def masked_ridge(
         work_bytes: memory bound of one batched solve.
         method: ``auto`` (cheapest by flop count), or force ``direct``, ``complement`` or
             ``iterative`` for every row (rows that fail still fall back to ``direct``).
-        refine: direct solves factor in float32 and refine in float64 to a float64 backward
-            error (:mod:`~prune_repair.engine.refit.ridge_refine`; the systems that do not get
-            there are factored in float64); False: float64 factorizations only. Default: on
-            CUDA only (on a CPU core float32 factors are 2x faster, but the refinement's
-            float64 residuals cost as much as that saves: measured break-even).
+        factor: how direct solves factor their systems. ``float64``; ``refined``: in float32,
+            refined in float64 to a float64 backward error (:mod:`~prune_repair.engine.refit.ridge_refine`;
+            the systems that do not get there are factored in float64); ``float32``: gathered and
+            factored in float32 (from a float32 copy of ``G``), for statistics whose products were
+            float32: its rounding (about ``k * 2^-24`` of ``||G[S, S]||``) is of the order of theirs, and
+            it is about 2x faster on a CPU core (a system whose float32 factor fails is factored in
+            float64). Default: ``refined`` on CUDA, ``float64`` elsewhere (on a CPU core the refinement's
+            float64 residuals cost as much as the float32 factor saves: measured break-even).
         quad_of: optional ``(groups, rows, n)`` weights zero off the mask (the layer before the
             refit): :attr:`RidgeSolution.quad` then holds the sums of ``w^T G w`` of these and of
             the solution, read from each system ``G[S, S]`` while it is in memory, where every row
@@ -118,8 +124,10 @@ def masked_ridge(
     diag = G.diagonal(dim1=1, dim2=2)[:, :d]
     scale = diag.mean(1) if d else torch.ones(g, dtype=G.dtype, device=G.device)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    refine = G.device.type == "cuda" if refine is None else bool(refine)
-    solver = _Solver(G, C, prior, d, scale, float(damping), work_bytes, refine)
+    factor = ("refined" if G.device.type == "cuda" else "float64") if factor is None else factor
+    if factor not in FACTORS:
+        raise ValueError(f"factor must be one of {', '.join(FACTORS)}, got {factor!r}")
+    solver = _Solver(G, C, prior, d, scale, float(damping), work_bytes, factor)
     solver.quad_of = quad_of.reshape(g * m, n).to(device=G.device, dtype=torch.float64) if quad_of is not None else None
     support = torch.ones(g * m, n, dtype=torch.bool, device=G.device)
     support[:, :d] = mask.reshape(g * m, d)
@@ -169,9 +177,10 @@ def _choose_methods(sizes: list[int], counts: list[int], p_group: torch.Tensor, 
 
 
 class _Solver:
-    def __init__(self, G, C, prior, d, scale, damping, work_bytes, refine):
+    def __init__(self, G, C, prior, d, scale, damping, work_bytes, factor):
         self.G, self.C, self.prior, self.d, self.scale = G, C, prior, d, scale
-        self.damping, self.work_bytes, self.refine, self.refined_rows = damping, work_bytes, refine, 0
+        self.damping, self.work_bytes, self.factor, self.refined_rows = damping, work_bytes, factor, 0
+        self._G32: torch.Tensor | None = None
         self.rel = torch.full_like(scale, damping)  # relative damping per group (raised on failure)
         self.max_rel, self.retried, self.comp_failed_rows = damping, 0, 0
         self.cg_failed_rows, self.cg_iterations = 0, 0
@@ -184,11 +193,15 @@ class _Solver:
         solved (``ok``). ``system`` is ``A = G[S, S] + lam I`` (weight diagonal; 1 on the padding, where ``x`` is
         0; symmetric), or with ``factored`` its Cholesky factor ``L`` (``x^T A x = ||x^T L||^2``); both weights go
         through one product."""
+        if self.quad_of is None:
+            return
         damped = ((idx < self.d) & valid).to(sol.dtype)[:, :, None] * lam[:, None, None]
         c = sol.shape[2]
         x = torch.cat([sol, self.quad_of[rows[:, None, :], idx[:, :, None]] * valid[:, :, None]], 2)
         # x^T L and x^T A: products with the system untransposed run 2.5x faster than L^T x and A x
-        forms = torch.bmm(x.mT, system).square().sum(2) if factored else (x.mT * torch.bmm(x.mT, system)).sum(2)
+        xt = x.mT.to(system.dtype)
+        forms = (torch.bmm(xt, system).to(x.dtype).square().sum(2) if factored
+                 else (x.mT * torch.bmm(xt, system)).sum(2))
         forms = forms - (damped * x.square()).sum(1)  # (P, 2c)
         forms = torch.where(ok[:, None], forms, 0)  # a failed factor is not a factor of A
         self.quad += torch.stack([forms[:, c:].sum(), forms[:, :c].sum()])
@@ -243,21 +256,13 @@ class _Solver:
             for attempt in range(MAX_RETRIES + 1):
                 g_, i_, v_, r_ = grp[todo], idx[todo], valid[todo], rows[todo]
                 lam = self.scale[g_] * rel[todo]
-                system = self._system(self.G, g_, i_, v_, lam, lower=not self.refine)  # refinement needs all of it
                 B = self.C[g_[:, None, None], i_[:, :, None], local[r_][:, None, :]]
                 if self.prior is not None:
                     w0 = self.prior.reshape(-1, self.d)[r_[:, None, :], i_.clamp_max(self.d - 1)[:, :, None]]
                     B = B + torch.where(i_ < self.d, lam[:, None], 0)[:, :, None] * w0
                 B = B * v_[:, :, None]
-                if self.refine:
-                    sol, ok, refined = solve_spd(system, B, refine=True)
-                    self.refined_rows += refined
-                else:  # the factor replaces the system (it reads the lower triangle only)
-                    system, info = torch.linalg.cholesky_ex(system)
-                    sol, ok = cholesky_solve_tri(system, B), info == 0
+                sol, ok = self._solve(g_, i_, v_, r_, lam, B)
                 _scatter(out, r_[ok], i_[ok], v_[ok], sol[ok])
-                if self.quad_of is not None:
-                    self._add_quads(system, lam, i_, v_, r_, sol, ok, factored=not self.refine)
                 if bool(ok.all()):
                     break
                 if attempt == MAX_RETRIES:
@@ -267,6 +272,34 @@ class _Solver:
                 rel[todo] = (rel[todo] * 10).clamp_min(MIN_RETRY_DAMPING)
                 self.retried += int(rows[todo].numel())
             self.max_rel = max(self.max_rel, float(rel.max()))
+
+    def _solve(self, g_, i_, v_, r_, lam, B) -> tuple[torch.Tensor, torch.Tensor]:
+        """Solutions ``(P, K, c)`` float64 of one batch of systems, and which were solved (False: the
+        float64 factorization failed too); adds their quadratic forms when asked."""
+        if self.factor == "refined":  # the refinement needs all of the system
+            system = self._system(self.G, g_, i_, v_, lam, lower=False)
+            sol, ok, refined = solve_spd(system, B, refine=True)
+            self.refined_rows += refined
+            self._add_quads(system, lam, i_, v_, r_, sol, ok, factored=False)
+            return sol, ok
+        if self.factor == "float32":
+            if self._G32 is None:
+                self._G32 = self.G.to(torch.float32)
+            L, info = torch.linalg.cholesky_ex(self._system(self._G32, g_, i_, v_, lam.to(torch.float32)))
+            sol, ok = cholesky_solve_tri(L, B.to(torch.float32)).to(torch.float64), info == 0
+            self._add_quads(L, lam, i_, v_, r_, sol, ok, factored=True)
+            if not bool(ok.all()):  # too ill-conditioned for float32: these systems in float64
+                rest = (~ok).nonzero().flatten()
+                sol[rest], ok[rest] = self._solve64(g_[rest], i_[rest], v_[rest], r_[rest], lam[rest], B[rest])
+            return sol, ok
+        return self._solve64(g_, i_, v_, r_, lam, B)
+
+    def _solve64(self, g_, i_, v_, r_, lam, B) -> tuple[torch.Tensor, torch.Tensor]:
+        # the factor replaces the system (the Cholesky reads the lower triangle only)
+        L, info = torch.linalg.cholesky_ex(self._system(self.G, g_, i_, v_, lam))
+        sol, ok = cholesky_solve_tri(L, B), info == 0
+        self._add_quads(L, lam, i_, v_, r_, sol, ok, factored=True)
+        return sol, ok
 
     def inverse(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(A, H, lam)``: ``A = G + lam I`` (weight columns) and ``H = A^-1`` per group, computed
