@@ -41,7 +41,7 @@ import torch
 
 from .ridge_cg import masked_pcg
 from .ridge_refine import cholesky_solve_tri, solve_spd
-from .support_gather import gather_blocks, support_positions
+from .support_gather import cholesky_in_place_, gather_blocks, support_positions
 
 MAX_RETRIES = 12
 MIN_RETRY_DAMPING = 1e-10
@@ -285,7 +285,7 @@ class _Solver:
         if self.factor == "float32":
             if self._G32 is None:
                 self._G32 = self.G.to(torch.float32)
-            L, info = torch.linalg.cholesky_ex(self._system(self._G32, g_, i_, v_, lam.to(torch.float32)))
+            L, info = cholesky_in_place_(self._system(self._G32, g_, i_, v_, lam.to(torch.float32)))
             sol, ok = cholesky_solve_tri(L, B.to(torch.float32)).to(torch.float64), info == 0
             self._add_quads(L, lam, i_, v_, r_, sol, ok, factored=True)
             if not bool(ok.all()):  # too ill-conditioned for float32: these systems in float64
@@ -296,7 +296,7 @@ class _Solver:
 
     def _solve64(self, g_, i_, v_, r_, lam, B) -> tuple[torch.Tensor, torch.Tensor]:
         # the factor replaces the system (the Cholesky reads the lower triangle only)
-        L, info = torch.linalg.cholesky_ex(self._system(self.G, g_, i_, v_, lam))
+        L, info = cholesky_in_place_(self._system(self.G, g_, i_, v_, lam))
         sol, ok = cholesky_solve_tri(L, B), info == 0
         self._add_quads(L, lam, i_, v_, r_, sol, ok, factored=True)
         return sol, ok

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gather_blocks", "support_positions"]
+__all__ = ["cholesky_in_place_", "gather_blocks", "support_positions"]
 
 
 def support_positions(support: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,19 +39,38 @@ def gather_blocks(M: torch.Tensor, group: torch.Tensor, idx: torch.Tensor, valid
     """``A[p] = M[group[p]][idx[p]][:, idx[p]]`` ``(p, K, K)``, zero where ``valid`` is False
     (row or column). ``M``: ``(groups, n, n)``. ``lower``: only the lower triangle (diagonal included)
     is read for a symmetric ``M`` that a Cholesky factorization will take; the entries above the
-    diagonal are left unspecified. Since ``idx`` is ascending, that is the lower triangle of ``M``:
-    half the memory traffic of the gather, the part of its time that is not in cache (resnet18's layers
-    at 90% sparsity, one core: 4609 wide 365 -> 210 ms, 2305 wide 189 -> 127 ms)."""
+    diagonal are left unspecified, and the blocks are column-major (``A.mT`` is contiguous), the
+    layout LAPACK factors in place (:func:`cholesky_in_place_`). Half the memory traffic of the
+    gather, the part of its time that is not in cache (resnet18's layers at 90% sparsity, one core:
+    4609 wide 365 -> 210 ms, 2305 wide 189 -> 127 ms)."""
     n, (p, k) = M.shape[1], idx.shape
     pos = idx.to(torch.int32) if M.shape[0] * n * n < 2**31 else idx
     row_starts = (group.to(pos.dtype)[:, None] * n + pos) * n
-    # lower: entry (a, b > a) reads (a, a), which is in cache: a row stops at the diagonal
-    cols = torch.minimum(pos[:, None, :], pos[:, :, None]) if lower else pos[:, None, :]
+    # lower, gathered as the upper triangle of A^T = A row by row: entry (a, b < a) of a row reads
+    # (a, a), which is in cache, so a row reads M's row from its diagonal on
+    cols = torch.maximum(pos[:, None, :], pos[:, :, None]) if lower else pos[:, None, :]
     flat = row_starts[:, :, None] + cols
     A = M.contiguous().view(-1).index_select(0, flat.view(-1)).view(p, k, k)
     if not bool(valid.all()):
         _zero_padding_(A, valid)
-    return A
+    return A.mT if lower else A
+
+
+def cholesky_in_place_(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, info)`` of :func:`torch.linalg.cholesky_ex`, the factor written over ``A`` when ``A`` is
+    column-major (``lower`` blocks of :func:`gather_blocks`): no copy of the systems (15-20% faster on
+    batches of 240 x 240 systems, one core); otherwise into new memory.
+
+    Example:
+        >>> A = torch.tensor([[[4.0, 2.0], [2.0, 5.0]]]).mT.contiguous().mT   # column-major
+        >>> L, info = cholesky_in_place_(A)
+        >>> L.tolist(), info.tolist(), L.data_ptr() == A.data_ptr()
+        ([[[2.0, 0.0], [1.0, 2.0]]], [0], True)
+    """
+    if A.dim() == 3 and A.mT.is_contiguous():
+        info = torch.empty(A.shape[0], dtype=torch.int32, device=A.device)
+        return torch.linalg.cholesky_ex(A, out=(A, info))
+    return torch.linalg.cholesky_ex(A)
 
 
 LOOP_SYSTEMS = 64
