@@ -160,6 +160,17 @@ def test_shared_inputs_keep_a_gram_only_for_a_layer_yet_to_come_of_the_same_geom
     assert shared.hits == 1 and len(shared._entries) == 1  # q's, for k; nothing for the convs
 
 
+def test_a_layer_outside_the_readers_neither_keeps_a_gram_nor_uses_up_a_reader():
+    """An output projection of q's width (same signature, another input) runs before q and k: its own
+    ``X^T X`` is not copied, and k still finds q's."""
+    out, q, k = nn.Linear(6, 6), nn.Linear(6, 4), nn.Linear(6, 3)
+    shared = SharedInputs(readers=[q, k])
+    h, x = torch.randn(5, 6), torch.randn(5, 6)
+    for layer, inp in ((out, h), (q, x), (k, x)):
+        Gram.for_layer(layer).add(inp, layer(inp).detach(), shared=shared)
+    assert shared.hits == 1 and len(shared._entries) == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_symmetric_block_products_equal_the_full_product(dtype):
     """Wide chunks (several column blocks, two groups) multiply only the blocks on and above the diagonal,

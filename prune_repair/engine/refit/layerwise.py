@@ -94,16 +94,18 @@ class LayerSteps:
     (target: the layer's own output, then recomputed with the new weights) adds each batch.
     Attention projections and ``F.linear`` sites (``kinds``, ``owners``) are reached by
     :mod:`~prune_repair.engine.refit.attention_inputs`. Layers reading the same input tensor
-    share one ``X^T X``. ``recycle``: the steps keep nothing of the Gram they are given, so its memory
+    share one ``X^T X`` (``readers``: the layers that may, default all). ``recycle``: the steps keep nothing of the Gram they are given, so its memory
     is reused by the next layer's (:class:`~prune_repair.engine.refit.gram_storage.GramStorage`)."""
 
     point = "layer"
 
     def __init__(self, layers: Sequence[Layer], step: StepFn, *, own_output: bool, what: str = "layers",
                  max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES, kinds: dict[str, str] | None = None,
-                 owners: dict[str, nn.Module] | None = None, recycle: bool = False):
+                 owners: dict[str, nn.Module] | None = None, recycle: bool = False,
+                 readers: Sequence[nn.Module] | None = None):
         self.what, self.own_output = what, own_output
-        kinds, owners, shared = kinds or {}, owners or {}, SharedInputs(readers=[module for _, module in layers])
+        kinds, owners = kinds or {}, owners or {}
+        shared = SharedInputs(readers=[module for _, module in layers] if readers is None else readers)
         storage = GramStorage() if recycle else None
         self.steps = [LayerStep(i, name, module, step, max_gram_bytes, kinds.get(name, "module"), owners.get(name),
                                 shared, storage) for i, (name, module) in enumerate(layers)]
@@ -157,6 +159,7 @@ def layerwise_(
     what: str = "layers",
     kinds: dict[str, str] | None = None,
     recycle: bool = False,
+    readers: Sequence[nn.Module] | None = None,
 ) -> int:
     """Run ``step(i, gram)`` for every layer in order (see the module doc). Returns the forwards
     made (batches x passes; a segment run counts one); ``target.passes`` counts the reference's.
@@ -167,7 +170,8 @@ def layerwise_(
     :mod:`~prune_repair.engine.run.progress`. ``kinds``: layer FQN -> ``"in_proj"``, ``"out_proj"`` or
     ``"function"`` for layers not called as modules (:mod:`~prune_repair.engine.refit.attention_layers`).
     ``recycle``: ``step`` keeps no reference to the Gram (or its tensors) it is given, so the next layer's
-    ``G`` reuses its memory.
+    ``G`` reuses its memory. ``readers``: the layers that may share an ``X^T X`` with another (default: all;
+    :func:`~prune_repair.engine.refit.shared_gram.shared_readers`).
     """
     batches, kinds = as_batches(batches), dict(kinds or {})
     owners = {name: owner_of(model, name) for name, kind in kinds.items() if kind in ("in_proj", "out_proj")}
@@ -176,7 +180,7 @@ def layerwise_(
         capture = ReferenceCapture(kinds) if any(k != "module" for k in kinds.values()) else None
         reference = Reference(target.reference, target.keep, target.max_bytes, capture=capture, lend=target.lend)
     method = LayerSteps(layers, step, own_output=target is None, what=what, max_gram_bytes=max_gram_bytes,
-                        kinds=kinds, owners=owners, recycle=recycle)
+                        kinds=kinds, owners=owners, recycle=recycle, readers=readers)
     log = calibrate(model, batches, method, passes=passes, forward_fn=forward_fn, reference=reference,
                     blocks=blocks, offload=offload, progress=progress)
     if target is not None:

@@ -45,6 +45,7 @@ from .layer_rows import check_gram, current_rows, intercept_kind, write_rows_
 from ..producers import is_packed_attention
 from .attention_layers import covered_owners, layer_module, refit_layers
 from .ridge import masked_ridge
+from .shared_gram import shared_readers
 from ..sites.find import Selector, make_filter, sites_from_calls
 from ..sites.trace import trace_calls
 
@@ -150,7 +151,8 @@ def reconstruct_(
     if reference is model:
         raise ValueError("the reference must be a separate copy of the unoperated model, not the model itself")
     batches, kept = as_batches(data), dict(kept or {})
-    layers, bns, skipped, kinds = _chosen_layers(model, reference, batches, select, kept, forward_fn, max_gram_bytes)
+    layers, bns, skipped, kinds, readers = _chosen_layers(model, reference, batches, select, kept, forward_fn,
+                                                          max_gram_bytes)
     reports: list[LayerReconstruction] = []
 
     def step(i: int, gram: Gram) -> None:
@@ -164,7 +166,7 @@ def reconstruct_(
     try:
         made = layerwise_(model, batches, layers, step=step, target=targets, forward_fn=forward_fn,
                           max_gram_bytes=max_gram_bytes, passes=passes, blocks=blocks, offload=offload,
-                          progress=progress, what="reconstruct", kinds=kinds, recycle=True)
+                          progress=progress, what="reconstruct", kinds=kinds, recycle=True, readers=readers)
     except BaseException:
         model.load_state_dict(saved)
         raise
@@ -175,9 +177,12 @@ def reconstruct_(
 
 def _chosen_layers(model: nn.Module, reference: nn.Module, batches: list[Any], select: Selector,
                    kept: dict[str, torch.Tensor], forward_fn: ForwardFn | None, max_gram_bytes: int
-                   ) -> tuple[list[tuple[str, nn.Module]], dict[str, _BatchNorm | None], dict[str, str], dict[str, str]]:
+                   ) -> tuple[list[tuple[str, nn.Module]], dict[str, _BatchNorm | None], dict[str, str], dict[str, str],
+                              list[nn.Module]]:
     """The layers to refit in execution order, the BatchNorm after each (or None), the layers
-    left out with the reason (a warning names them) and each layer's kind; after the checks of both models."""
+    left out with the reason (a warning names them), each layer's kind, and the layers that may share
+    an ``X^T X`` (:func:`~prune_repair.engine.refit.shared_gram.shared_readers`); after the checks of both
+    models."""
     for net, what in ((model, "the model"), (reference, "the reference")):
         check_finite(net, what, needs="reconstruction")
     calls = trace_calls(model, head(batches[0], 2), forward_fn=forward_fn)
@@ -193,7 +198,8 @@ def _chosen_layers(model: nn.Module, reference: nn.Module, batches: list[Any], s
     norms = {s.producer: s.norm for s in sites_from_calls(calls, include_classifier=True)}
     modules = dict(model.named_modules())
     bns = {fqn: modules.get(norms.get(fqn) or "") for fqn, _ in layers}
-    return layers, {f: bn if isinstance(bn, _BatchNorm) else None for f, bn in bns.items()}, skipped, kinds
+    bns = {f: bn if isinstance(bn, _BatchNorm) else None for f, bn in bns.items()}
+    return layers, bns, skipped, kinds, shared_readers(calls, layers, kinds)
 
 
 def _kept_channels(kept: dict[str, torch.Tensor], *, copy: bool = True

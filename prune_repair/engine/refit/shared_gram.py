@@ -8,7 +8,8 @@ object, unchanged (its version counter), with the same geometry, mask and option
 stored matrix and forms only its own ``X^T Y``. Entries hold a weak reference to the input (a
 freed tensor is never matched) and are dropped oldest first beyond ``max_bytes``. Given the
 ``readers`` (every layer of the pass), an input's ``X^T X`` is kept only while a layer of the same
-geometry has yet to start: a conv net whose layers all differ copies no Gram.
+geometry has yet to start: a conv net whose layers all differ copies no Gram. :func:`shared_readers`
+narrows the readers to the layers a traced forward saw reading one tensor with another.
 
 Example:
     >>> import torch
@@ -49,6 +50,27 @@ def _signature(module: nn.Module) -> tuple[Any, ...]:
     return _geometry(module), getattr(module, "in_features", None)
 
 
+def shared_readers(calls: Iterable[tuple[str, Any, Any, Any]], layers: Iterable[tuple[str, Any]],
+                   kinds: dict[str, str]) -> list[Any]:
+    """The ``layers`` that may share an ``X^T X``: those whose input in the traced ``calls`` (``(fqn,
+    module, input, output)``) another of them reads too, and every layer not called as a module
+    (attention projections, ``F.linear`` calls: their inputs are reached elsewhere). resnet18's
+    layers read 21 different tensors: no reader, so no Gram is copied for a reuse that cannot come.
+
+    Example:
+        >>> from torch import nn
+        >>> q, k, out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        >>> x, h = object(), object()
+        >>> calls = [("q", q, x, None), ("k", k, x, None), ("out", out, h, None)]
+        >>> shared_readers(calls, [("q", q), ("k", k), ("out", out)], {}) == [q, k]
+        True
+    """
+    read = {id(module): id(x) for _, module, x, _ in calls if x is not None}
+    tensors = Counter(read.get(id(module)) for _, module in layers)
+    return [module for fqn, module in layers if kinds.get(fqn, "module") != "module"
+            or (id(module) in read and tensors[read[id(module)]] > 1)]
+
+
 class SharedInputs:
     """``X^T X`` of the inputs seen last, keyed by the input tensor (see the module doc)."""
 
@@ -56,13 +78,15 @@ class SharedInputs:
         self.max_bytes = max_bytes
         self.hits = 0
         self._entries: list[tuple[tuple, weakref.ref, Any, torch.Tensor]] = []
+        readers = list(readers) if readers is not None else None
         self._waiting = Counter(_signature(m) for m in readers) if readers is not None else None
+        self._readers = {id(m) for m in readers} if readers is not None else set()
         self._started: set[int] = set()
 
     def wanted(self, gram: Any) -> bool:
         """Whether a layer that has not started could reuse what ``gram``'s layer forms (always, without
         ``readers``)."""
-        return self._waiting is None or self._waiting[_signature(gram.module)] > 0
+        return self._waiting is None or (id(gram.module) in self._readers and self._waiting[_signature(gram.module)] > 0)
 
     def _key(self, gram: Any, x: torch.Tensor, mask: torch.Tensor | None) -> tuple:
         return (id(x), x._version, tuple(x.shape), x.dtype, str(x.device), id(mask), _geometry(gram.module),
@@ -71,7 +95,7 @@ class SharedInputs:
     def lookup(self, gram: Any, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The stored ``X^T X`` increment for ``x`` read by ``gram``'s layer, or ``None`` (the layer counts as
         started)."""
-        if self._waiting is not None and id(gram.module) not in self._started:
+        if self._waiting is not None and id(gram.module) in self._readers and id(gram.module) not in self._started:
             self._started.add(id(gram.module))
             self._waiting[_signature(gram.module)] -= 1
         key = self._key(gram, x, mask)
