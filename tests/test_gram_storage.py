@@ -32,12 +32,14 @@ def test_reused_memory_is_zero_and_keeps_its_whole_size():
     assert again.data_ptr() == big.data_ptr() and float(again.abs().sum()) == 0.0
 
 
-def test_other_dtypes_and_devices_are_not_kept():
+def test_each_dtype_has_its_own_spare_and_strided_tensors_are_not_kept():
     storage = GramStorage()
     storage.give_back(torch.ones(16, dtype=torch.float32))
     storage.give_back(torch.ones(4, 8, dtype=torch.float64).T)  # not contiguous
     fresh = storage.zeros((2, 2), CPU)
     assert fresh.numel() == 4 and float(fresh.sum()) == 0.0
+    single = storage.empty((2, 2), CPU, torch.float32)  # the float32 spare, values as they were
+    assert single.dtype == torch.float32 and float(single.sum()) == 4.0
 
 
 def test_layerwise_grams_are_the_same_with_recycled_memory():

@@ -148,6 +148,8 @@ class Gram:
         self.groups, self.d_in, self.out = layer_shape(module)
         self.G, self.C, self.yy = G, C, yy
         self.rows = 0
+        self.storage: GramStorage | None = None
+        """Where ``G``'s memory came from (:meth:`for_layer`): the solve may borrow from it too."""
         self.product_dtype: torch.dtype | None = None
         """The dtype the products were formed in (float64 once any was): what the solve may round to."""
         default_precision, default_method = current_options()
@@ -183,8 +185,10 @@ class Gram:
         device = torch.device(device)
         kw = dict(dtype=torch.float64, device=device)
         G = storage.zeros((groups, d + 1, d + 1), device) if storage is not None else torch.zeros(groups, d + 1, d + 1, **kw)
-        return cls(module, G, torch.zeros(groups, d + 1, out // groups, **kw), torch.zeros(out, **kw), name,
+        gram = cls(module, G, torch.zeros(groups, d + 1, out // groups, **kw), torch.zeros(out, **kw), name,
                    precision=precision, method=method)
+        gram.storage = storage
+        return gram
 
     def add(self, x: torch.Tensor, y: torch.Tensor, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
             mask: torch.Tensor | None = None, shared: "SharedInputs | None" = None) -> None:

@@ -232,7 +232,8 @@ def _solve_layer(fqn: str, module: nn.Module, gram: Gram, bn: _BatchNorm | None,
     prior = current[..., : gram.d_in]  # a weight without signal on the data keeps its value (not 0)
     # float32 products: a float32 factorization rounds about as much as they did (and is 1.2-1.5x faster)
     factor = "float32" if gram.product_dtype == torch.float32 else None
-    sol = masked_ridge(G, C, mask, damping=damping, intercept=fit, prior=prior, quad_of=current, factor=factor)
+    sol = masked_ridge(G, C, mask, damping=damping, intercept=fit, prior=prior, quad_of=current, factor=factor,
+                       storage=gram.storage)
     before, after = gram.relative_errors(current, sol.weight, intercept=fit, quad=sol.quad).tolist()
     write_rows_(module, bn, intercept, sol.weight)
     return LayerReconstruction(fqn, gram.rows, gram.d_in, int(mask.sum(-1).max()), sol.damping, float(before),

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from .ridge_cg import masked_pcg
+from .gram_storage import GramStorage
 from .ridge_refine import cholesky_solve_tri, solve_spd
 from .support_gather import cholesky_in_place_, gather_blocks, support_positions
 
@@ -84,6 +85,7 @@ def masked_ridge(
     method: str = "auto",
     factor: str | None = None,
     quad_of: torch.Tensor | None = None,
+    storage: GramStorage | None = None,
 ) -> RidgeSolution:
     """Solve every row of ``mask`` over its support (see the module doc).
 
@@ -110,6 +112,9 @@ def masked_ridge(
             refit): :attr:`RidgeSolution.quad` then holds the sums of ``w^T G w`` of these and of
             the solution, read from each system ``G[S, S]`` while it is in memory, where every row
             is solved directly (a residual from ``G`` alone would gather the same blocks again).
+        storage: lends the memory of the float32 copy of ``G`` (``factor="float32"``) and takes it back
+            (:class:`~prune_repair.engine.refit.gram_storage.GramStorage`; a fresh copy's pages cost
+            about as much as converting into reused ones).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -127,7 +132,7 @@ def masked_ridge(
     factor = ("refined" if G.device.type == "cuda" else "float64") if factor is None else factor
     if factor not in FACTORS:
         raise ValueError(f"factor must be one of {', '.join(FACTORS)}, got {factor!r}")
-    solver = _Solver(G, C, prior, d, scale, float(damping), work_bytes, factor)
+    solver = _Solver(G, C, prior, d, scale, float(damping), work_bytes, factor, storage)
     solver.quad_of = quad_of.reshape(g * m, n).to(device=G.device, dtype=torch.float64) if quad_of is not None else None
     support = torch.ones(g * m, n, dtype=torch.bool, device=G.device)
     support[:, :d] = mask.reshape(g * m, d)
@@ -150,6 +155,8 @@ def masked_ridge(
     if iterative:
         direct += solver.iterative(iterative, p_group, p_support, order, starts, counts_l, rows % m, out)
     solver.direct(direct, p_group, p_support, order, starts, counts_l, sizes, rows % m, out)
+    if storage is not None and solver.G32 is not None:
+        storage.give_back(solver.G32)
     out[:, :d] *= support[:, :d]  # exact zeros off the support
     quad = solver.quad if quad_of is not None and not comp and not iterative else None
     return RidgeSolution(out.view(g, m, n), solver.max_rel, solver.retried,
@@ -177,10 +184,10 @@ def _choose_methods(sizes: list[int], counts: list[int], p_group: torch.Tensor, 
 
 
 class _Solver:
-    def __init__(self, G, C, prior, d, scale, damping, work_bytes, factor):
+    def __init__(self, G, C, prior, d, scale, damping, work_bytes, factor, storage):
         self.G, self.C, self.prior, self.d, self.scale = G, C, prior, d, scale
         self.damping, self.work_bytes, self.factor, self.refined_rows = damping, work_bytes, factor, 0
-        self._G32: torch.Tensor | None = None
+        self.storage, self.G32 = storage, None
         self.rel = torch.full_like(scale, damping)  # relative damping per group (raised on failure)
         self.max_rel, self.retried, self.comp_failed_rows = damping, 0, 0
         self.cg_failed_rows, self.cg_iterations = 0, 0
@@ -283,9 +290,10 @@ class _Solver:
             self._add_quads(system, lam, i_, v_, r_, sol, ok, factored=False)
             return sol, ok
         if self.factor == "float32":
-            if self._G32 is None:
-                self._G32 = self.G.to(torch.float32)
-            L, info = cholesky_in_place_(self._system(self._G32, g_, i_, v_, lam.to(torch.float32)))
+            if self.G32 is None:
+                self.G32 = (self.storage.empty(self.G.shape, self.G.device, torch.float32).copy_(self.G)
+                            if self.storage is not None else self.G.to(torch.float32))
+            L, info = cholesky_in_place_(self._system(self.G32, g_, i_, v_, lam.to(torch.float32)))
             sol, ok = cholesky_solve_tri(L, B.to(torch.float32)).to(torch.float64), info == 0
             self._add_quads(L, lam, i_, v_, r_, sol, ok, factored=True)
             if not bool(ok.all()):  # too ill-conditioned for float32: these systems in float64
