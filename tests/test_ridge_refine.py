@@ -121,3 +121,17 @@ def test_unknown_factor_is_refused():
     G, C, mask = _problem(6, 0.8)
     with pytest.raises(ValueError, match="factor must be one of"):
         masked_ridge(G, C, mask, factor="float16")
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e36])
+def test_float32_factor_works_at_any_scale_float64_can_hold(magnitude):
+    # G of 1e36 * ... overflows float32 (3.4e38) unless the systems are solved in units of their diagonal
+    G, C, mask = _problem(7, 0.8)
+    G, C = G * magnitude, C * magnitude
+    current = torch.randn(1, mask.shape[1], G.shape[1], dtype=torch.float64)
+    current[..., :-1] *= mask
+    exact = masked_ridge(G, C, mask, method="direct", factor="float64", quad_of=current)
+    sol = masked_ridge(G, C, mask, method="direct", factor="float32", quad_of=current)
+    gap = (sol.weight - exact.weight).norm(dim=-1) / exact.weight.norm(dim=-1)
+    assert float(gap.max()) < 1e-4
+    torch.testing.assert_close(sol.quad, exact.quad, rtol=1e-5, atol=0)
