@@ -199,3 +199,20 @@ def test_symmetric_block_products_equal_the_full_product(dtype):
     tol = 1e-13 if dtype == torch.float64 else 1e-6
     assert _rel(G, Xe.transpose(1, 2) @ Xe) < tol and _rel(C, Xe.transpose(1, 2) @ y.double()) < tol
     assert _rel(G, G.transpose(1, 2)) < 1e-15  # symmetric (the diagonal blocks up to the product's rounding)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+@pytest.mark.parametrize("make", [lambda: nn.Linear(6, 4), lambda: nn.Conv2d(16, 16, 3, padding=1)])
+def test_a_non_finite_input_makes_the_statistics_non_finite(make, bad):
+    """One bad input value (1e30 overflows the float32 products) shows on ``G``'s diagonal, which is what
+    ``is_finite`` reads of it."""
+    torch.manual_seed(4)
+    layer = make()
+    x = torch.randn(8, 16, 9, 9) if isinstance(layer, nn.Conv2d) else torch.randn(20, 6)
+    gram = Gram.for_layer(layer)
+    gram.add(x, layer(x).detach())
+    assert gram.is_finite()
+    x.view(-1)[7] = bad
+    gram = Gram.for_layer(layer)
+    gram.add(x, torch.randn_like(layer(x)))
+    assert not gram.is_finite() and not bool(torch.isfinite(gram.G.diagonal(dim1=-2, dim2=-1)).all())

@@ -283,8 +283,11 @@ class Gram:
         return relative_errors(stacked, G, C, self.yy, quad)
 
     def is_finite(self) -> bool:
-        """Whether every accumulated value is finite (one host sync)."""
-        return bool(torch.isfinite(self.G.sum() + self.C.sum() + self.yy.sum()))
+        """Whether every accumulated value is finite (one host sync). ``G`` is read on its diagonal: a NaN/Inf
+        input shows there (squared), and ``|G_ij| <= sqrt(G_ii G_jj)`` bounds the rest (summing all of a
+        4609-wide ``G`` took 20 ms)."""
+        diagonal = self.G.diagonal(dim1=-2, dim2=-1)
+        return bool(torch.isfinite(diagonal.sum() + self.C.sum() + self.yy.sum()))
 
 
 def _check_conv_target(module: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str) -> None:
