@@ -33,9 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv_gram import (WEIGHT_GRADIENT_CHANNELS, WEIGHT_GRADIENT_POSITIONS, cross_by_weight_gradient,
-                        kernel_of, output_size, pad_input, zero_pads)
-from .corr_gram import PRODUCT_ROWS, THIN_CHANNELS, add_correlation_gram_, correlation_cross, positions_first
+from .conv_gram import kernel_of, output_size, pad_input, zero_pads
+from .corr_gram import add_correlation_gram_, correlation_cross, positions_first
 
 
 SYMMETRIC_BLOCK = 384
@@ -124,25 +123,11 @@ def add_correlation_products_(G: torch.Tensor, C: torch.Tensor, module: nn.Conv1
     inside = ((top, padded.shape[2] - bottom), (left, padded.shape[3] - right))
     xl = positions_first(padded)
     y4 = y.reshape(y.shape[0], y.shape[1], *output_size(module, padded))
-    if _by_weight_gradient(module, padded, y4):
-        C[:, :-1] += cross_by_weight_gradient(padded, y4, module)
-    else:
-        correlation_cross(xl, y4, kernel, g, inside=inside, out=C[:, :-1])
+    correlation_cross(xl, y4, kernel, g, inside=inside, out=C[:, :-1])
     low_rank = _add_patch_means_(G if with_gram else None, C, module, x, padded, y4,
                                  mu.double() if mu is not None else None)
     if with_gram:
         add_correlation_gram_(G[:, :-1, :-1], xl, kernel, inside=inside, low_rank=low_rank)
-
-
-def _by_weight_gradient(module: nn.Conv1d | nn.Conv2d, padded: torch.Tensor, y: torch.Tensor) -> bool:
-    """Whether a chunk's ``X^T Y`` is taken as the conv's weight gradient: on a CPU (a GPU's conv backward may
-    round to TF32), float32 products (not thin, :data:`~.corr_gram.THIN_CHANNELS`) over at most
-    :data:`~.corr_gram.PRODUCT_ROWS` rows, where it is faster (:data:`~.conv_gram.WEIGHT_GRADIENT_CHANNELS`)."""
-    positions, width = math.prod(y.shape[2:]), module.in_channels // module.groups
-    return (padded.device.type == "cpu" and padded.dtype == torch.float32
-            and min(module.in_channels, module.out_channels) // module.groups >= THIN_CHANNELS
-            and y.shape[0] * positions <= PRODUCT_ROWS and positions >= WEIGHT_GRADIENT_POSITIONS
-            and width <= WEIGHT_GRADIENT_CHANNELS)
 
 
 def _add_patch_means_(G: torch.Tensor | None, C: torch.Tensor, module: nn.Conv1d | nn.Conv2d, x: torch.Tensor,

@@ -37,39 +37,6 @@ without padding on 6x6 maps (0.24) 0.29 s by im2col, 0.19 s by correlation; on 4
 0.12 s, where the assembly of the blocks outweighs the products."""
 
 
-WEIGHT_GRADIENT_POSITIONS = 25
-WEIGHT_GRADIENT_CHANNELS = 128
-"""A stride-1 conv's ``X^T Y`` is taken as its weight gradient (:func:`cross_by_weight_gradient`) on maps of at
-least :data:`WEIGHT_GRADIENT_POSITIONS` output positions with at most this many input channels per group;
-elsewhere the per-tap products of :func:`~.corr_gram.correlation_cross` are as fast or faster. Whole Gram
-statistics of 3x3 convs with as many outputs as inputs, 1 thread, medians of 5 alternating: 64 channels on
-28x28 maps 386 -> 341 ms, on 56x56 (32 samples) 487 -> 428 ms, 128 on 14x14 275 -> 259 ms, 128 on 28x28 1137
--> 1054 ms, 32 on 28x28 119 -> 110 ms; 256 on 7x7 224 -> 223 ms, 256 on 14x14 903 -> 881 ms, but 512 on 7x7
-838 -> 928 ms and 64 / 128 on 4x4 8 / 22 -> 10 / 24 ms."""
-
-
-def cross_by_weight_gradient(padded: torch.Tensor, y: torch.Tensor, module: nn.Conv1d | nn.Conv2d) -> torch.Tensor:
-    """``X^T Y`` ``(groups, d, out/groups)`` float64 of a conv over its padded input ``(N, C, H, W)``
-    (:func:`pad_input`) and targets ``y`` ``(N, out, Ho, Wo)``: the gradient of the weight for output gradient
-    ``y``, one conv backward (the sums of the im2col product in the library's order; a float32 input is summed
-    in float32).
-
-    Example:
-        >>> conv = nn.Conv2d(4, 6, 3, groups=2).double()
-        >>> x, y = torch.randn(2, 4, 5, 5, dtype=torch.float64), torch.randn(2, 6, 3, 3, dtype=torch.float64)
-        >>> X = conv_patches(conv, x)                                  # (groups, rows, d)
-        >>> Y = y.permute(0, 2, 3, 1).reshape(-1, 2, 3).transpose(0, 1)
-        >>> torch.allclose(cross_by_weight_gradient(pad_input(conv, x), y, conv), X.mT @ Y)
-        True
-    """
-    g, out = module.groups, module.out_channels
-    weight = padded.new_empty(out, module.in_channels // g, *kernel_of(module))  # only its shape is read
-    grad = torch.ops.aten.convolution_backward(
-        y.to(padded.dtype), padded, weight, None, list(_pair(module, module.stride)), [0, 0],
-        list(_pair(module, module.dilation)), False, [0, 0], g, [False, True, False])[1]
-    return grad.double().view(g, out // g, -1).transpose(1, 2)
-
-
 def _pair(module: nn.Conv1d | nn.Conv2d, value) -> tuple[int, int]:
     return (1,) + tuple(value) if isinstance(module, nn.Conv1d) else tuple(value)
 
