@@ -79,6 +79,19 @@ def test_float32_products_stay_within_1e6_of_the_float64_gram(kind, method, chan
     assert float((gram.G - G).abs().max() / G.abs().max()) < 1e-6
 
 
+@pytest.mark.parametrize("conv", [nn.Conv1d(24, 32, 5, padding=2), nn.Conv2d(32, 32, 3, padding=1, groups=2),
+                                  nn.Conv2d(32, 16, (1, 3), padding=(0, 1), padding_mode="circular")])
+def test_float32_correlation_statistics_of_other_convs_stay_within_1e6(conv):
+    """1-D, grouped and circular stride-1 convs by the correlation Gram, float32 products."""
+    torch.manual_seed(3)
+    x = torch.relu(torch.randn(12, conv.in_channels, *([40] if isinstance(conv, nn.Conv1d) else [9, 11])) + 0.3)
+    y = conv(x).detach()
+    gram = Gram.for_layer(conv, method="correlation")
+    gram.add(x, y)
+    G, C, _ = _direct(conv, x, y)
+    assert _rel(gram.G, G) < 1e-6 and _rel(gram.C, C) < 1e-6
+
+
 def test_float32_products_of_one_large_sample_sum_in_float64_beyond_8192_rows():
     torch.manual_seed(2)
     conv = nn.Conv2d(16, 8, 3, padding=1)
