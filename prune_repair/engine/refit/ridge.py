@@ -41,7 +41,7 @@ import torch
 
 from .gram_storage import GramStorage
 from .ridge_complement import SharedInverseSolver
-from .ridge_direct import FACTORS, FLOAT32_DIAGONAL
+from .ridge_direct import resolve_factor
 
 DEFAULT_WORK_BYTES = 256 * 2**20
 METHODS = ("auto", "direct", "complement", "iterative")
@@ -90,15 +90,9 @@ def masked_ridge(
         work_bytes: memory bound of one batched solve.
         method: ``auto`` (cheapest by flop count), or force ``direct``, ``complement`` or
             ``iterative`` for every row (rows that fail still fall back to ``direct``).
-        factor: how direct solves factor their systems. ``float64``; ``refined``: in float32,
-            refined in float64 to a float64 backward error (:mod:`~prune_repair.engine.refit.ridge_refine`;
-            the systems that do not get there are factored in float64); ``float32``: gathered and
-            factored in float32 (from a float32 copy of ``G``), for statistics whose products were
-            float32: its rounding (about ``k * 2^-24`` of ``||G[S, S]||``) is of the order of theirs, and
-            it is about 2x faster on a CPU core (a system whose float32 factor fails is factored in
-            float64, and so is a ``G`` outside :data:`~.ridge_direct.FLOAT32_DIAGONAL`). Default:
-            ``refined`` on CUDA, ``float64`` elsewhere (on a CPU core the refinement's float64
-            residuals cost as much as the float32 factor saves: measured break-even).
+        factor: how direct solves factor their systems, one of
+            :data:`~prune_repair.engine.refit.ridge_direct.FACTORS` (default: ``refined`` on CUDA,
+            ``float64`` elsewhere; :func:`~prune_repair.engine.refit.ridge_direct.resolve_factor`).
         quad_of: optional ``(groups, rows, n)`` weights zero off the mask (the layer before the
             refit): :attr:`RidgeSolution.quad` then holds the sums of ``w^T G w`` of these and of
             the solution, read from each system ``G[S, S]`` while it is in memory, where every row
@@ -120,24 +114,13 @@ def masked_ridge(
     diag = G.diagonal(dim1=1, dim2=2)[:, :d]
     scale = diag.mean(1) if d else torch.ones(g, dtype=G.dtype, device=G.device)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    factor = ("refined" if G.device.type == "cuda" else "float64") if factor is None else factor
-    if factor not in FACTORS:
-        raise ValueError(f"factor must be one of {', '.join(FACTORS)}, got {factor!r}")
-    if factor == "float32" and not FLOAT32_DIAGONAL[0] <= float(G.diagonal(dim1=1, dim2=2).amax()) <= FLOAT32_DIAGONAL[1]:
-        factor = "float64"  # G itself would not fit float32
-    solver = SharedInverseSolver(G, C, prior, d, scale, float(damping), work_bytes, factor, storage)
+    solver = SharedInverseSolver(G, C, prior, d, scale, float(damping), work_bytes, resolve_factor(factor, G), storage)
     solver.quad_of = quad_of.reshape(g * m, n).to(device=G.device, dtype=torch.float64) if quad_of is not None else None
     support = torch.ones(g * m, n, dtype=torch.bool, device=G.device)
     support[:, :d] = mask.reshape(g * m, d)
     rows = torch.arange(g * m, device=G.device)
-    key = torch.cat([(rows // m)[:, None].to(torch.int32), support.to(torch.int32)], 1) if g > 1 else support.to(torch.int32)
-    patterns, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
-    p_group = patterns[:, 0].long() if g > 1 else torch.zeros(len(patterns), dtype=torch.long, device=G.device)
-    p_support = patterns[:, -n:].bool()
-    order = torch.argsort(inverse, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    sizes, counts_l = p_support.sum(1).tolist(), counts.tolist()
-
+    p_group, p_support, order, starts, counts_l = _patterns(support, rows // m, g)
+    sizes = p_support.sum(1).tolist()
     methods = _choose_methods(sizes, counts_l, p_group, n) if method == "auto" else [method] * len(sizes)
     direct = [p for p, how in enumerate(methods) if how == "direct"]
     comp = [p for p, how in enumerate(methods) if how == "complement"]
@@ -159,6 +142,20 @@ def masked_ridge(
 
 
 CG_ITERATIONS_ESTIMATE = 25  # for the cost model; measured 10-20 on post-ReLU conv Grams
+
+
+def _patterns(support: torch.Tensor, group: torch.Tensor, groups: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """The distinct ``(group, support)`` patterns of the rows: each one's group and support, the rows in
+    pattern order, where each pattern's rows start in that order, and how many rows each has."""
+    key = support.to(torch.int32)
+    if groups > 1:
+        key = torch.cat([group[:, None].to(torch.int32), key], 1)
+    patterns, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
+    p_group = patterns[:, 0].long() if groups > 1 else torch.zeros(len(patterns), dtype=torch.long,
+                                                                   device=support.device)
+    order = torch.argsort(inverse, stable=True)
+    return p_group, patterns[:, -support.shape[1]:].bool(), order, torch.cumsum(counts, 0) - counts, counts.tolist()
 
 
 def _choose_methods(sizes: list[int], counts: list[int], p_group: torch.Tensor, n: int) -> list[str]:
