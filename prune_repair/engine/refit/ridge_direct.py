@@ -46,6 +46,10 @@ FLOAT32_DIAGONAL = (1e-30, 1e30)
 lies in this range; elsewhere the factors are float64."""
 PAD_FRACTION = 32
 """A chunk of systems holds sizes down to ``1 - 1/32`` of its largest (the padding it solves is bounded)."""
+SINGULAR = ("the least-squares system stays singular even with 10^12 times more damping: "
+            "the Gram statistics hold NaN/Inf or are degenerate")
+
+
 def resolve_factor(factor: str | None, G: torch.Tensor) -> str:
     """The factorization to use: ``factor`` (one of :data:`FACTORS`), by default
     ``refined`` on CUDA and ``float64`` elsewhere; ``float64`` instead of ``float32`` for a ``G`` that float32
@@ -61,10 +65,6 @@ def resolve_factor(factor: str | None, G: torch.Tensor) -> str:
     if factor == "float32" and not FLOAT32_DIAGONAL[0] <= largest <= FLOAT32_DIAGONAL[1]:
         return "float64"
     return factor
-
-
-SINGULAR = ("the least-squares system stays singular even with 10^12 times more damping: "
-            "the Gram statistics hold NaN/Inf or are degenerate")
 
 
 class RowSolver:
