@@ -94,8 +94,9 @@ class LayerSteps:
     (target: the layer's own output, then recomputed with the new weights) adds each batch.
     Attention projections and ``F.linear`` sites (``kinds``, ``owners``) are reached by
     :mod:`~prune_repair.engine.refit.attention_inputs`. Layers reading the same input tensor
-    share one ``X^T X`` (``readers``: the layers that may, default all). ``recycle``: the steps keep nothing of the Gram they are given, so its memory
-    is reused by the next layer's (:class:`~prune_repair.engine.refit.gram_storage.GramStorage`)."""
+    share one ``X^T X`` (``readers``: the layers that may, default all). ``recycle``: the steps keep
+    nothing of the Gram they are given, so its memory is reused by the next layer's
+    (:class:`~prune_repair.engine.refit.gram_storage.GramStorage`)."""
 
     point = "layer"
 

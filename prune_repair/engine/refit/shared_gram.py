@@ -54,8 +54,9 @@ def shared_readers(calls: Iterable[tuple[str, Any, Any, Any]], layers: Iterable[
                    kinds: dict[str, str]) -> list[Any]:
     """The ``layers`` that may share an ``X^T X``: those whose input in the traced ``calls`` (``(fqn,
     module, input, output)``) another of them reads too, and every layer not called as a module
-    (attention projections, ``F.linear`` calls: their inputs are reached elsewhere). resnet18's
-    layers read 21 different tensors: no reader, so no Gram is copied for a reuse that cannot come.
+    (attention projections, ``F.linear`` calls: their inputs are reached elsewhere). In resnet18 only
+    a stage's first conv and its downsample read one tensor, with different geometries: no Gram is
+    copied for a reuse that cannot come (before: 9 copies, 0.19 s of a reconstruction at 112x112).
 
     Example:
         >>> from torch import nn
